@@ -1,0 +1,47 @@
+// nvembed_ext._C as a Python module: importing it runs the static TORCH_LIBRARY registrations of this library,
+// and build_info() says how it was built.
+#include <pybind11/pybind11.h>
+
+#include "cpu/blas.h"
+
+#ifndef NVEMBED_VERSION
+#define NVEMBED_VERSION "0.0.0"
+#endif
+#ifndef NVEMBED_CPU_ISA_FLAGS
+#define NVEMBED_CPU_ISA_FLAGS "generic"
+#endif
+
+namespace py = pybind11;
+
+static const char* cpu_isa() {
+#if defined(__AVX512F__)
+  return "avx512";
+#elif defined(__AVX2__)
+  return "avx2";
+#elif defined(__SSE4_2__)
+  return "sse4.2";
+#elif defined(__aarch64__)
+  return "aarch64-neon";
+#else
+  return "generic";
+#endif
+}
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "nvembed kernels (ops are registered under torch.ops.nvembed)";
+  m.def("build_info", []() {
+    py::dict d;
+    d["version"] = NVEMBED_VERSION;
+#ifdef NVEMBED_WITH_CUDA
+    d["with_cuda"] = true;
+    d["cuda_archs"] = NVEMBED_CUDA_ARCHS_STR;
+#else
+    d["with_cuda"] = false;
+    d["cuda_archs"] = "";
+#endif
+    d["cpu_isa"] = cpu_isa();
+    d["cpu_flags"] = NVEMBED_CPU_ISA_FLAGS;
+    d["cpu_blas"] = nvembed::cpu::blas_name();
+    return d;
+  });
+}

@@ -1,0 +1,80 @@
+#include "cpu/blas.h"
+
+#include <vector>
+
+// torch's x86-64 wheels link MKL statically and export its Fortran-style BLAS entry points. They are declared
+// weak so that a torch build without them (e.g. an OpenBLAS-less aarch64 wheel) still loads: we then use loops.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace nvembed::cpu {
+namespace {
+
+template <typename T>
+void gemm_loops(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
+                int64_t ldb, T beta, T* c, int64_t ldc) {
+  std::vector<T> acc(n);
+  for (int64_t i = 0; i < m; ++i) {
+    for (int64_t j = 0; j < n; ++j) acc[j] = 0;
+    for (int64_t p = 0; p < k; ++p) {
+      const T av = ta ? a[p * lda + i] : a[i * lda + p];
+      if (tb) {
+        for (int64_t j = 0; j < n; ++j) acc[j] += av * b[j * ldb + p];
+      } else {
+        const T* brow = b + p * ldb;
+        for (int64_t j = 0; j < n; ++j) acc[j] += av * brow[j];
+      }
+    }
+    T* crow = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) crow[j] = alpha * acc[j] + (beta == T(0) ? T(0) : beta * crow[j]);
+  }
+}
+
+// Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: swap the operands, keep the flags.
+template <typename T, typename Fn>
+void gemm_fortran(Fn fn, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                  const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
+  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  // BLAS rejects leading dimensions smaller than the stored row length even when that dim is 1.
+  const int la = static_cast<int>(std::max<int64_t>(ldb, tb ? k : n));
+  const int lb = static_cast<int>(std::max<int64_t>(lda, ta ? m : k));
+  const int lc = static_cast<int>(std::max<int64_t>(ldc, n));
+  fn(&tA, &tB, &M, &N, &K, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+
+}  // namespace
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+    return;
+  }
+  if (sgemm_) return gemm_fortran<float>(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_loops<float>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0. ? 0. : beta * c[i * ldc + j];
+    return;
+  }
+  if (dgemm_) return gemm_fortran<double>(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  gemm_loops<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+const char* blas_name() { return (sgemm_ && dgemm_) ? "mkl" : "reference-loops"; }
+
+}  // namespace nvembed::cpu

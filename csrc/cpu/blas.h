@@ -1,0 +1,18 @@
+// Row-major GEMM tiles for the CPU kernels: C[m x n] = alpha * op(A)[m x k] * op(B)[k x n] + beta * C.
+// Torch-free interface; the implementation (blas.cpp) calls the BLAS that torch ships (MKL on x86-64) and falls
+// back to a plain blocked loop where that BLAS is not exported. Each call is single-threaded when issued from
+// inside a parallel region: the kernels parallelize over (batch, head, block) themselves.
+#pragma once
+#include <cstdint>
+
+namespace nvembed::cpu {
+
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
+          const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+
+// Name of the BLAS the tiles run on ("mkl" or "reference-loops"), for build_info().
+const char* blas_name();
+
+}  // namespace nvembed::cpu

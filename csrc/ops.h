@@ -1,0 +1,51 @@
+// Declarations of every kernel entry point registered in torch_bindings.cpp.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <tuple>
+
+namespace nvembed {
+using at::Tensor;
+
+// ---- non-causal flash attention ------------------------------------------------------------------------------
+// q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D]; returns out [B, Lq, Hq, D] and lse [B, Hq, Lq] (fp32, +inf where every
+// key of the row is masked).
+std::tuple<Tensor, Tensor> flash_attn_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                              const std::optional<Tensor>& key_padding_mask,
+                                              std::optional<double> scale);
+std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                      const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                      const std::optional<Tensor>& key_padding_mask,
+                                                      std::optional<double> scale);
+// packed q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens int32 [B+1]; lse [Hq, Tq].
+std::tuple<Tensor, Tensor> flash_attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                     const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                     int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                     std::optional<double> scale);
+std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                             const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                             const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                             int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                             std::optional<double> scale);
+
+// ---- InfoNCE over grouped docs, tiled (never materializes B x N) ---------------------------------------------
+// returns (loss 0-dim fp32, lse [B] fp32 per query row)
+std::tuple<Tensor, Tensor> infonce_fwd_cpu(const Tensor& queries, const Tensor& docs, int64_t group_size,
+                                           double temperature, bool in_batch_negatives);
+std::tuple<Tensor, Tensor> infonce_bwd_cpu(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
+                                           const Tensor& lse, int64_t group_size, double temperature,
+                                           bool in_batch_negatives);
+#ifdef NVEMBED_WITH_CUDA
+std::tuple<Tensor, Tensor> infonce_fwd_cuda(const Tensor& queries, const Tensor& docs, int64_t group_size,
+                                            double temperature, bool in_batch_negatives);
+std::tuple<Tensor, Tensor> infonce_bwd_cuda(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
+                                            const Tensor& lse, int64_t group_size, double temperature,
+                                            bool in_batch_negatives);
+#endif
+
+// ---- fused latent-attention pooling (NV-Embed) -----------------------------------------------------------------
+// LATENT_POOL_DECLS_BEGIN
+// LATENT_POOL_DECLS_END
+
+}  // namespace nvembed

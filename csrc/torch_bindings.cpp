@@ -1,0 +1,99 @@
+// Every nvembed op schema, and which kernel serves which dispatch key.
+// Public ops (flash_attn, flash_attn_varlen, infonce, latent_pool) are CompositeImplicitAutograd wrappers over
+// internal ops that also return the softmax statistics the backward needs (_*_fwd); autograd, fake kernels and
+// the pure-PyTorch references live in nvembed_ext/.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+namespace nvembed {
+namespace {
+
+std::tuple<Tensor, Tensor> call_flash_attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                               const std::optional<Tensor>& mask, std::optional<double> scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("nvembed::_flash_attn_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                         const std::optional<Tensor>&, std::optional<double>)>();
+  return op.call(q, k, v, mask, scale);
+}
+
+Tensor flash_attn_composite(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& mask,
+                            std::optional<double> scale) {
+  return std::get<0>(call_flash_attn_fwd(q, k, v, mask, scale));
+}
+
+Tensor flash_attn_varlen_composite(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_q,
+                                   const Tensor& cu_k, int64_t max_q, int64_t max_k, std::optional<double> scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("nvembed::_flash_attn_varlen_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                         const Tensor&, int64_t, int64_t, std::optional<double>)>();
+  return std::get<0>(op.call(q, k, v, cu_q, cu_k, max_q, max_k, scale));
+}
+
+Tensor infonce_composite(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
+                         bool in_batch_negatives) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("nvembed::_infonce_fwd", "")
+                       .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double, bool)>();
+  return std::get<0>(op.call(queries, docs, group_size, temperature, in_batch_negatives));
+}
+
+}  // namespace
+}  // namespace nvembed
+
+TORCH_LIBRARY(nvembed, m) {
+  // Non-causal attention. q [B, Lq, Hq, D], k/v [B, Lk, Hkv, D], Hq % Hkv == 0 (GQA: query head h reads kv head
+  // h / (Hq / Hkv)); key_padding_mask [B, Lk] bool, True = attend; scale defaults to 1/sqrt(D). A query row with
+  // every key masked returns zeros (and zero gradients).
+  m.def("flash_attn(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float? scale=None) -> Tensor");
+  m.def("_flash_attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? key_padding_mask=None, float? scale=None)"
+        " -> (Tensor out, Tensor lse)");
+  m.def("_flash_attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor? key_padding_mask=None, float? scale=None) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Packed variable-length sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens int32 [B+1].
+  m.def("flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+        " int max_seqlen_q, int max_seqlen_k, float? scale=None) -> Tensor");
+  m.def("_flash_attn_varlen_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k,"
+        " int max_seqlen_q, int max_seqlen_k, float? scale=None) -> (Tensor out, Tensor lse)");
+  m.def("_flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
+        " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float? scale=None)"
+        " -> (Tensor dq, Tensor dk, Tensor dv)");
+  // InfoNCE: queries [B, d], docs [B*G, d] grouped per query (docs[i*G] positive, the rest hard negatives).
+  m.def("infonce(Tensor queries, Tensor docs, int group_size, float temperature, bool in_batch_negatives=True)"
+        " -> Tensor");
+  m.def("_infonce_fwd(Tensor queries, Tensor docs, int group_size, float temperature,"
+        " bool in_batch_negatives=True) -> (Tensor loss, Tensor lse)");
+  m.def("_infonce_bwd(Tensor grad_loss, Tensor queries, Tensor docs, Tensor lse, int group_size,"
+        " float temperature, bool in_batch_negatives=True) -> (Tensor grad_queries, Tensor grad_docs)");
+  // LATENT_POOL_SCHEMAS_BEGIN
+  // LATENT_POOL_SCHEMAS_END
+}
+
+TORCH_LIBRARY_IMPL(nvembed, CompositeImplicitAutograd, m) {
+  m.impl("flash_attn", &nvembed::flash_attn_composite);
+  m.impl("flash_attn_varlen", &nvembed::flash_attn_varlen_composite);
+  m.impl("infonce", &nvembed::infonce_composite);
+  // LATENT_POOL_COMPOSITE_BEGIN
+  // LATENT_POOL_COMPOSITE_END
+}
+
+TORCH_LIBRARY_IMPL(nvembed, CPU, m) {
+  m.impl("_flash_attn_fwd", &nvembed::flash_attn_fwd_cpu);
+  m.impl("_flash_attn_bwd", &nvembed::flash_attn_bwd_cpu);
+  m.impl("_flash_attn_varlen_fwd", &nvembed::flash_attn_varlen_fwd_cpu);
+  m.impl("_flash_attn_varlen_bwd", &nvembed::flash_attn_varlen_bwd_cpu);
+  m.impl("_infonce_fwd", &nvembed::infonce_fwd_cpu);
+  m.impl("_infonce_bwd", &nvembed::infonce_bwd_cpu);
+  // LATENT_POOL_CPU_BEGIN
+  // LATENT_POOL_CPU_END
+}
+
+#ifdef NVEMBED_WITH_CUDA
+TORCH_LIBRARY_IMPL(nvembed, CUDA, m) {
+  m.impl("_infonce_fwd", &nvembed::infonce_fwd_cuda);
+  m.impl("_infonce_bwd", &nvembed::infonce_bwd_cuda);
+}
+#endif

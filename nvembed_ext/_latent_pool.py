@@ -1,0 +1,1 @@
+"""Fake kernels and autograd for nvembed::latent_pool (owned by the latent-pool work)."""

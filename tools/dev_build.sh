@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Developer loop: build the extension in place (nvembed_ext/_C*.so in the source tree), incrementally.
+# Use with: PYTHONPATH=$PWD:$PWD/python pytest tests/...   (NVEMBED_CUDA=1 to compile the CUDA kernels too)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+SP=$(python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+export CPATH="${SP}/nvidia/cu13/include${CPATH:+:$CPATH}"
+NVEMBED_CUDA="${NVEMBED_CUDA:-0}" python setup.py -q build_ext --inplace
