@@ -9,6 +9,11 @@ import torch
 _lib = "nvembed::"
 
 
+def _lse_dtype(q):
+    # the log-sum-exp is kept in the accumulation type: fp64 for fp64 inputs (gradcheck), fp32 otherwise
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake(_lib + "_flash_attn_fwd")
 def _flash_attn_fwd_fake(q, k, v, key_padding_mask=None, scale=None):
     torch._check(q.dim() == 4, lambda: "nvembed::flash_attn: q must be 4-D [B, Lq, Hq, D]")
@@ -19,7 +24,7 @@ def _flash_attn_fwd_fake(q, k, v, key_padding_mask=None, scale=None):
     torch._check(k.shape == v.shape, lambda: "nvembed::flash_attn: k and v must have the same shape")
     torch._check(Hq % k.shape[2] == 0, lambda: "nvembed::flash_attn: q heads must be a multiple of kv heads")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = q.new_empty((B, Hq, Lq), dtype=torch.float32)
+    lse = q.new_empty((B, Hq, Lq), dtype=_lse_dtype(q))
     return out, lse
 
 
@@ -56,7 +61,7 @@ def _flash_attn_varlen_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_
     torch._check(q.shape[1] % k.shape[1] == 0,
                  lambda: "nvembed::flash_attn_varlen: q heads must be a multiple of kv heads")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+    lse = q.new_empty((q.shape[1], q.shape[0]), dtype=_lse_dtype(q))
     return out, lse
 
 

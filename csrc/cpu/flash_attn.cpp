@@ -1,21 +1,258 @@
-// PLACEHOLDER
+// CPU launchers for nvembed::_flash_attn_{fwd,bwd} and their varlen twins: argument checks, dtype handling
+// (bf16 runs in fp32, fp64 in fp64), then the torch-free kernels in flash_attn.h.
+#include "cpu/flash_attn.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
 #include "checks.h"
 #include "ops.h"
+
 namespace nvembed {
+namespace {
+
+constexpr const char* kOp = "flash_attn";
+constexpr const char* kVarlenOp = "flash_attn_varlen";
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+at::Tensor as_compute(const at::Tensor& t) { return t.to(compute_type(t.scalar_type())).contiguous(); }
+
+double resolve_scale(std::optional<double> scale, int64_t head_dim, const char* op) {
+  if (!scale.has_value()) return 1.0 / std::sqrt(static_cast<double>(head_dim));
+  NVE_CHECK_VALUE(std::isfinite(*scale), op, "scale must be finite, got ", *scale);
+  return *scale;
+}
+
+// Shared checks of q/k/v; `rank` is 4 for dense [B, L, H, D], 3 for varlen [T, H, D].
+void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t rank, const char* op) {
+  const char* layout = rank == 4 ? "[B, L, H, D]" : "[total, H, D]";
+  check_rank(q, op, "q", rank, layout);
+  check_rank(k, op, "k", rank, layout);
+  check_rank(v, op, "v", rank, layout);
+  check_dtype(q, op, "q", {at::kFloat, at::kBFloat16, at::kDouble});
+  check_same_dtype(k, q, op, "k", "q");
+  check_same_dtype(v, q, op, "v", "q");
+  check_same_device(k, q, op, "k", "q");
+  check_same_device(v, q, op, "v", "q");
+  NVE_CHECK_VALUE(q.device().is_cpu(), op, "q is on ", q.device(), "; this kernel runs on CPU");
+  NVE_CHECK_VALUE(k.sizes() == v.sizes(), op, "k has shape ", k.sizes(), " but v has shape ", v.sizes());
+  const int64_t D = q.size(rank - 1);
+  NVE_CHECK_VALUE(D > 0, op, "q.size(", rank - 1, ") (head dim) must be > 0");
+  NVE_CHECK_VALUE(k.size(rank - 1) == D, op, "k.size(", rank - 1, ")=", k.size(rank - 1), " (head dim) is not q.size(",
+                  rank - 1, ")=", D);
+  const int64_t hq = q.size(rank - 2), hkv = k.size(rank - 2);
+  NVE_CHECK_VALUE(hkv > 0 && hq > 0, op, "q and k need at least one head, got q heads ", hq, ", k heads ", hkv);
+  NVE_CHECK_VALUE(hq % hkv == 0, op, "q heads (", hq, ") must be a multiple of k/v heads (", hkv, ")");
+}
+
+void check_dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::optional<at::Tensor>& mask) {
+  check_qkv(q, k, v, 4, kOp);
+  NVE_CHECK_VALUE(q.size(0) > 0, kOp, "q has an empty batch (q.size(0) == 0)");
+  NVE_CHECK_VALUE(k.size(0) == q.size(0), kOp, "k.size(0)=", k.size(0), " (batch) is not q.size(0)=", q.size(0));
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    NVE_CHECK_TYPE(m.scalar_type() == at::kBool, kOp, "key_padding_mask must be bool (True = attend), got ",
+                   m.scalar_type());
+    check_same_device(m, q, kOp, "key_padding_mask", "q");
+    NVE_CHECK_VALUE(m.dim() == 2 && m.size(0) == q.size(0) && m.size(1) == k.size(1), kOp,
+                    "key_padding_mask must have shape [B, Lk] = [", q.size(0), ", ", k.size(1), "], got ", m.sizes());
+  }
+}
+
+// Validates cu_seqlens and returns them as a contiguous int32 CPU tensor.
+at::Tensor check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
+                            const char* max_name, const at::Tensor& q) {
+  NVE_CHECK_TYPE(cu.scalar_type() == at::kInt, kVarlenOp, name, " must be int32, got ", cu.scalar_type());
+  check_same_device(cu, q, kVarlenOp, name, "q");
+  NVE_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, kVarlenOp, name, " must be 1-D [B+1] with B >= 1, got shape ",
+                  cu.sizes());
+  auto c = cu.contiguous();
+  const int* p = c.data_ptr<int>();
+  NVE_CHECK_VALUE(p[0] == 0, kVarlenOp, name, "[0] must be 0, got ", p[0]);
+  int64_t longest = 0;
+  for (int64_t i = 1; i < c.size(0); ++i) {
+    NVE_CHECK_VALUE(p[i] >= p[i - 1], kVarlenOp, name, " must be non-decreasing, but ", name, "[", i, "]=", p[i],
+                    " < ", name, "[", i - 1, "]=", p[i - 1]);
+    longest = std::max<int64_t>(longest, p[i] - p[i - 1]);
+  }
+  NVE_CHECK_VALUE(p[c.size(0) - 1] == total, kVarlenOp, name, "[-1]=", p[c.size(0) - 1],
+                  " must equal the packed length ", total);
+  NVE_CHECK_VALUE(max_seqlen >= longest, kVarlenOp, max_name, "=", max_seqlen, " is smaller than the longest sequence (",
+                  longest, ")");
+  return c;
+}
+
+template <typename T>
+void fill_common(cpu::FlashAttnParams<T>& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 at::Tensor& out, at::Tensor& lse, double scale) {
+  p.q = q.data_ptr<T>();
+  p.k = k.data_ptr<T>();
+  p.v = v.data_ptr<T>();
+  p.out = out.data_ptr<T>();
+  p.lse = lse.data_ptr<T>();
+  p.scale = static_cast<T>(scale);
+  p.mask = nullptr;
+  p.cu_q = p.cu_k = nullptr;
+}
+
+// Query-range splits for the backward, so that B * Hkv * splits tasks keep every thread busy.
+int64_t bwd_splits(int64_t batch, int64_t heads_kv, int64_t max_lq) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t q_blocks = std::max<int64_t>(1, (max_lq + cpu::kBlockQ - 1) / cpu::kBlockQ);
+  const int64_t want = (2 * threads + batch * heads_kv - 1) / (batch * heads_kv);
+  return std::max<int64_t>(1, std::min(want, q_blocks));
+}
+
+struct Outputs {
+  at::Tensor out, lse;
+};
+
+// Runs the forward for dense (cu == undefined) or varlen inputs already in compute dtype.
+Outputs run_fwd(const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& mask,
+                const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk,
+                double scale) {
+  const bool varlen = cu_q.defined();
+  const int64_t hq = qc.size(-2), hkv = kc.size(-2), D = qc.size(-1);
+  const int64_t total_q = varlen ? qc.size(0) : batch * lq;
+  at::Tensor out = at::empty_like(qc);
+  at::Tensor lse = varlen ? at::empty({hq, total_q}, qc.options()) : at::empty({batch, hq, lq}, qc.options());
+  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "nvembed_flash_attn_fwd", [&] {
+    cpu::FlashAttnParams<scalar_t> p{};
+    fill_common(p, qc, kc, vc, out, lse, scale);
+    p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    p.cu_q = varlen ? cu_q.data_ptr<int>() : nullptr;
+    p.cu_k = varlen ? cu_k.data_ptr<int>() : nullptr;
+    p.batch = batch;
+    p.seqlen_q = lq;
+    p.seqlen_k = lk;
+    p.total_q = total_q;
+    p.heads_q = hq;
+    p.heads_kv = hkv;
+    p.head_dim = D;
+    cpu::flash_attn_fwd_kernel(p);
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(const at::Tensor& dout, const at::Tensor& qc,
+                                                       const at::Tensor& kc, const at::Tensor& vc,
+                                                       const at::Tensor& outc, const at::Tensor& lsec,
+                                                       const at::Tensor& mask, const at::Tensor& cu_q,
+                                                       const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk,
+                                                       double scale) {
+  const bool varlen = cu_q.defined();
+  const int64_t hq = qc.size(-2), hkv = kc.size(-2), D = qc.size(-1);
+  const int64_t splits = bwd_splits(batch, hkv, lq);
+  at::Tensor dq = at::zeros_like(qc);
+  at::Tensor dk_acc, dv_acc;
+  if (splits > 1) {
+    auto shape = kc.sizes().vec();
+    shape.insert(shape.begin(), splits);
+    dk_acc = at::zeros(shape, kc.options());
+    dv_acc = at::zeros(shape, kc.options());
+  } else {
+    dk_acc = at::zeros_like(kc);
+    dv_acc = at::zeros_like(vc);
+  }
+  at::Tensor doutc = as_compute(dout);
+  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "nvembed_flash_attn_bwd", [&] {
+    cpu::FlashAttnBwdParams<scalar_t> p{};
+    at::Tensor out_mut = outc, lse_mut = lsec;
+    fill_common<scalar_t>(p, qc, kc, vc, out_mut, lse_mut, scale);
+    p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    p.cu_q = varlen ? cu_q.data_ptr<int>() : nullptr;
+    p.cu_k = varlen ? cu_k.data_ptr<int>() : nullptr;
+    p.batch = batch;
+    p.seqlen_q = lq;
+    p.seqlen_k = lk;
+    p.total_q = varlen ? qc.size(0) : batch * lq;
+    p.heads_q = hq;
+    p.heads_kv = hkv;
+    p.head_dim = D;
+    p.dout = doutc.data_ptr<scalar_t>();
+    p.dq = dq.data_ptr<scalar_t>();
+    p.dk = dk_acc.data_ptr<scalar_t>();
+    p.dv = dv_acc.data_ptr<scalar_t>();
+    p.splits = splits;
+    p.split_stride = splits > 1 ? kc.numel() : 0;
+    cpu::flash_attn_bwd_kernel(p);
+  });
+  at::Tensor dk = splits > 1 ? dk_acc.sum(0) : dk_acc;
+  at::Tensor dv = splits > 1 ? dv_acc.sum(0) : dv_acc;
+  return {dq, dk, dv};
+}
+
+void check_bwd_tensors(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
+                       at::IntArrayRef lse_shape, const char* op) {
+  NVE_CHECK_VALUE(dout.sizes() == q.sizes(), op, "dout has shape ", dout.sizes(), " but q has shape ", q.sizes());
+  NVE_CHECK_VALUE(out.sizes() == q.sizes(), op, "out has shape ", out.sizes(), " but q has shape ", q.sizes());
+  check_same_device(dout, q, op, "dout", "q");
+  check_same_device(out, q, op, "out", "q");
+  check_same_device(lse, q, op, "lse", "q");
+  NVE_CHECK_VALUE(lse.sizes() == lse_shape, op, "lse must have shape ", lse_shape, ", got ", lse.sizes());
+}
+
+}  // namespace
+
 std::tuple<Tensor, Tensor> flash_attn_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                               const std::optional<Tensor>& key_padding_mask,
-                                              std::optional<double> scale) { TORCH_CHECK(false, "todo"); }
+                                              std::optional<double> scale) {
+  check_dense(q, k, v, key_padding_mask);
+  const double sc = resolve_scale(scale, q.size(3), kOp);
+  at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  auto r = run_fwd(as_compute(q), as_compute(k), as_compute(v), mask, {}, {}, q.size(0), q.size(1), k.size(1), sc);
+  return {r.out.to(q.scalar_type()), r.lse};
+}
+
 std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                       const Tensor& v, const Tensor& out, const Tensor& lse,
                                                       const std::optional<Tensor>& key_padding_mask,
-                                                      std::optional<double> scale) { TORCH_CHECK(false, "todo"); }
+                                                      std::optional<double> scale) {
+  check_dense(q, k, v, key_padding_mask);
+  check_bwd_tensors(dout, q, out, lse, {q.size(0), q.size(2), q.size(1)}, kOp);
+  const double sc = resolve_scale(scale, q.size(3), kOp);
+  at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
+  auto [dq, dk, dv] = run_bwd(dout, as_compute(q), as_compute(k), as_compute(v), as_compute(out),
+                              lse.to(compute_type(q.scalar_type())).contiguous(), mask, {}, {}, q.size(0), q.size(1),
+                              k.size(1), sc);
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
 std::tuple<Tensor, Tensor> flash_attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
                                                      const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                      int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                                     std::optional<double> scale) { TORCH_CHECK(false, "todo"); }
+                                                     std::optional<double> scale) {
+  check_qkv(q, k, v, 3, kVarlenOp);
+  auto cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q", q);
+  auto cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k", q);
+  NVE_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), kVarlenOp, "cu_seqlens_q has ", cu_q.size(0) - 1,
+                  " sequences but cu_seqlens_k has ", cu_k.size(0) - 1);
+  const double sc = resolve_scale(scale, q.size(2), kVarlenOp);
+  auto r = run_fwd(as_compute(q), as_compute(k), as_compute(v), {}, cu_q, cu_k, cu_q.size(0) - 1, max_seqlen_q,
+                   max_seqlen_k, sc);
+  return {r.out.to(q.scalar_type()), r.lse};
+}
+
 std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
                                                              const Tensor& v, const Tensor& out, const Tensor& lse,
                                                              const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                              int64_t max_seqlen_q, int64_t max_seqlen_k,
-                                                             std::optional<double> scale) { TORCH_CHECK(false, "todo"); }
+                                                             std::optional<double> scale) {
+  check_qkv(q, k, v, 3, kVarlenOp);
+  auto cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q", q);
+  auto cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k", q);
+  NVE_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), kVarlenOp, "cu_seqlens_q has ", cu_q.size(0) - 1,
+                  " sequences but cu_seqlens_k has ", cu_k.size(0) - 1);
+  check_bwd_tensors(dout, q, out, lse, {q.size(1), q.size(0)}, kVarlenOp);
+  const double sc = resolve_scale(scale, q.size(2), kVarlenOp);
+  auto [dq, dk, dv] = run_bwd(dout, as_compute(q), as_compute(k), as_compute(v), as_compute(out),
+                              lse.to(compute_type(q.scalar_type())).contiguous(), {}, cu_q, cu_k, cu_q.size(0) - 1,
+                              max_seqlen_q, max_seqlen_k, sc);
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
 }  // namespace nvembed

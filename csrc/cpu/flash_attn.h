@@ -1,0 +1,277 @@
+// Non-causal flash attention on the CPU: torch-free kernel templates over one params struct (FA2 style).
+//
+// Dense [B, L, H, D] and packed varlen [T, H, D] inputs share one kernel: a dense batch is the packed layout with
+// uniform sequence offsets (cu_seqlens == nullptr). Work is split into (sequence, head, query block) tasks; each
+// task streams key blocks through two BLAS tiles (S = scale * Q K^T, O += P V) with an online softmax, so memory
+// is O(block) per thread whatever the sequence length. When every key fits in one block (the common embedding case,
+// L <= 512) the softmax is exact in one pass with no rescaling.
+//
+// Numerics: fp32 accumulation for fp32/bf16 inputs (the launcher converts bf16 to fp32), fp64 for fp64.
+// A query row whose keys are all masked gets out = 0 and lse = +inf, so the backward's P = exp(S - lse) is 0.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu/blas.h"
+#include "cpu/parallel.h"
+
+namespace nvembed::cpu {
+
+template <typename T>
+struct FlashAttnParams {
+  const T* q;
+  const T* k;
+  const T* v;
+  T* out;
+  T* lse;             // dense: [B, Hq, Lq]; varlen: [Hq, Tq]
+  const bool* mask;   // dense only: [B, Lk], true = attend; nullptr = none
+  const int* cu_q;    // varlen only: [B + 1]; nullptr = dense
+  const int* cu_k;
+  int64_t batch, seqlen_q, seqlen_k;  // dense lengths (varlen: max lengths)
+  int64_t total_q;                    // rows of the packed q (B * Lq for dense)
+  int64_t heads_q, heads_kv, head_dim;
+  T scale;
+
+  int64_t q_start(int64_t b) const { return cu_q ? cu_q[b] : b * seqlen_q; }
+  int64_t q_len(int64_t b) const { return cu_q ? cu_q[b + 1] - cu_q[b] : seqlen_q; }
+  int64_t k_start(int64_t b) const { return cu_k ? cu_k[b] : b * seqlen_k; }
+  int64_t k_len(int64_t b) const { return cu_k ? cu_k[b + 1] - cu_k[b] : seqlen_k; }
+  // lse element of (sequence b, head h, row i of the sequence)
+  int64_t lse_index(int64_t b, int64_t h, int64_t i) const {
+    return cu_q ? h * total_q + cu_q[b] + i : (b * heads_q + h) * seqlen_q + i;
+  }
+};
+
+template <typename T>
+struct FlashAttnBwdParams : FlashAttnParams<T> {
+  const T* dout;
+  T* dq;
+  T* dk;                  // [splits, Tk, Hkv, D] when splits > 1 (summed by the launcher), else [Tk, Hkv, D]
+  T* dv;
+  int64_t splits = 1;     // query-range splits per (sequence, kv head), for parallelism when B * Hkv is small
+  int64_t split_stride = 0;
+};
+
+// exp for the softmax: range reduction to r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial (rel. error
+// < 1e-8 before rounding). Branch-free so the compiler vectorizes the row loops; x = -inf gives exactly 0.
+#pragma omp declare simd
+inline float softmax_exp(float x) {
+  const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
+  const float xc = std::max(x, -87.0f);
+  const float n = std::nearbyint(xc * kLog2e);
+  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
+  float p = 1.f / 5040.f;
+  p = p * r + 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return x < -87.0f ? 0.f : p * scale;
+}
+inline double softmax_exp(double x) { return std::exp(x); }
+
+template <typename T>
+constexpr T neg_inf() {
+  return -std::numeric_limits<T>::infinity();
+}
+
+// max over a row with 16 independent lanes: a plain max loop is one serial dependency chain (no fast-math here,
+// since -inf must survive), which made this loop as slow as the GEMMs.
+template <typename T>
+inline T max_of(const T* x, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  T lanes[kLanes];
+  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = neg_inf<T>();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > x[j + l] ? lanes[l] : x[j + l];
+  T mx = neg_inf<T>();
+  for (; j < n; ++j) mx = mx > x[j] ? mx : x[j];
+  for (int64_t l = 0; l < kLanes; ++l) mx = mx > lanes[l] ? mx : lanes[l];
+  return mx;
+}
+
+// Block sizes: 64 query rows keep the S tile (64 x 512 fp32 = 128 KiB) and the O accumulator in L2.
+constexpr int64_t kBlockQ = 64;
+constexpr int64_t kBlockK = 512;
+constexpr int64_t kBwdBlockK = 256;
+
+// Masks the S tile's columns whose key is padding. Returns the number of valid keys in [k0, k0 + n).
+template <typename T>
+int64_t apply_key_mask(const bool* mask_row, int64_t k0, int64_t n, int64_t m, T* s, int64_t lds) {
+  if (!mask_row) return n;
+  int64_t valid = 0;
+  for (int64_t j = 0; j < n; ++j) valid += mask_row[k0 + j] ? 1 : 0;
+  if (valid == n) return n;
+  for (int64_t r = 0; r < m; ++r) {
+    T* row = s + r * lds;
+    for (int64_t j = 0; j < n; ++j)
+      if (!mask_row[k0 + j]) row[j] = neg_inf<T>();
+  }
+  return valid;
+}
+
+template <typename T>
+void flash_attn_fwd_kernel(const FlashAttnParams<T>& p) {
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, D = p.head_dim;
+  const int64_t group = Hq / Hkv;
+  const int64_t ldq = Hq * D, ldk = Hkv * D;
+  const int64_t max_lq = p.cu_q ? p.seqlen_q : p.seqlen_q;
+  const int64_t q_blocks = (max_lq + kBlockQ - 1) / kBlockQ;
+  const int64_t tasks = B * Hq * q_blocks;
+
+  parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s_buf(kBlockQ * kBlockK), o_acc(kBlockQ * D), row_max(kBlockQ), row_sum(kBlockQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t qb = t % q_blocks, h = (t / q_blocks) % Hq, b = t / (q_blocks * Hq);
+      const int64_t lq = p.q_len(b), lk = p.k_len(b);
+      const int64_t i0 = qb * kBlockQ;
+      if (i0 >= lq) continue;
+      const int64_t m = std::min(kBlockQ, lq - i0);
+      const int64_t hk = h / group;
+      const T* qp = p.q + (p.q_start(b) + i0) * ldq + h * D;
+      const T* kp = p.k + p.k_start(b) * ldk + hk * D;
+      const T* vp = p.v + p.k_start(b) * ldk + hk * D;
+      const bool* mask_row = p.mask ? p.mask + b * p.seqlen_k : nullptr;
+      T* s = s_buf.data();
+      T* o = o_acc.data();
+      std::fill(row_max.begin(), row_max.begin() + m, neg_inf<T>());
+      std::fill(row_sum.begin(), row_sum.begin() + m, T(0));
+      std::fill(o_acc.begin(), o_acc.begin() + m * D, T(0));
+      for (int64_t k0 = 0; k0 < lk; k0 += kBlockK) {
+        const int64_t n = std::min(kBlockK, lk - k0);
+        gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBlockK);
+        if (apply_key_mask(mask_row, k0, n, m, s, kBlockK) == 0) continue;
+        const bool first = k0 == 0;
+        for (int64_t r = 0; r < m; ++r) {
+          T* row = s + r * kBlockK;
+          T mx = row_max[r];
+          mx = std::max(mx, max_of(row, n));
+          if (mx == neg_inf<T>()) {  // every key so far masked: contributes nothing
+            std::fill(row, row + n, T(0));
+            continue;
+          }
+          const T corr = softmax_exp(row_max[r] - mx);
+          T sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t j = 0; j < n; ++j) {
+            const T e = softmax_exp(row[j] - mx);
+            row[j] = e;
+            sum += e;
+          }
+          row_sum[r] = row_sum[r] * corr + sum;
+          row_max[r] = mx;
+          if (!first && corr != T(1)) {
+            T* orow = o + r * D;
+            for (int64_t d = 0; d < D; ++d) orow[d] *= corr;
+          }
+        }
+        gemm(false, false, m, D, n, T(1), s, kBlockK, vp + k0 * ldk, ldk, T(1), o, D);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        T* dst = p.out + (p.q_start(b) + i0 + r) * ldq + h * D;
+        const T l = row_sum[r];
+        const T inv = l > T(0) ? T(1) / l : T(0);
+        for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
+        p.lse[p.lse_index(b, h, i0 + r)] =
+            l > T(0) ? row_max[r] + std::log(l) : std::numeric_limits<T>::infinity();
+      }
+    }
+  });
+  // dense rows beyond nothing; varlen: nothing else to write (every packed row belongs to one sequence)
+}
+
+// Backward (FA2 algorithm, recomputing P from the saved lse). Tasks own (sequence, kv head, query split): they
+// accumulate dK / dV of their kv head race-free (all query heads of the GQA group are processed by the same task)
+// and own the dQ rows of their query range.
+template <typename T>
+void flash_attn_bwd_kernel(const FlashAttnBwdParams<T>& p) {
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, D = p.head_dim;
+  const int64_t group = Hq / Hkv;
+  const int64_t ldq = Hq * D, ldk = Hkv * D;
+  const int64_t splits = p.splits;
+  const int64_t tasks = B * Hkv * splits;
+
+  parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<T> s_buf(kBlockQ * kBwdBlockK), dp_buf(kBlockQ * kBwdBlockK), dq_acc(kBlockQ * D),
+        delta(kBlockQ), lse_row(kBlockQ);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t sidx = t % splits, hk = (t / splits) % Hkv, b = t / (splits * Hkv);
+      const int64_t lq = p.q_len(b), lk = p.k_len(b);
+      const int64_t q_blocks = (lq + kBlockQ - 1) / kBlockQ;
+      const int64_t blk_begin = q_blocks * sidx / splits, blk_end = q_blocks * (sidx + 1) / splits;
+      if (blk_begin >= blk_end || lk == 0) continue;
+      const T* kp = p.k + p.k_start(b) * ldk + hk * D;
+      const T* vp = p.v + p.k_start(b) * ldk + hk * D;
+      T* dkp = p.dk + sidx * p.split_stride + p.k_start(b) * ldk + hk * D;
+      T* dvp = p.dv + sidx * p.split_stride + p.k_start(b) * ldk + hk * D;
+      const bool* mask_row = p.mask ? p.mask + b * p.seqlen_k : nullptr;
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t qb = blk_begin; qb < blk_end; ++qb) {
+          const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, lq - i0);
+          const int64_t row0 = p.q_start(b) + i0;
+          const T* qp = p.q + row0 * ldq + h * D;
+          const T* op = p.out + row0 * ldq + h * D;
+          const T* dop = p.dout + row0 * ldq + h * D;
+          T* dqp = p.dq + row0 * ldq + h * D;
+          const bool single_block = lk <= kBwdBlockK;
+          for (int64_t r = 0; r < m && !single_block; ++r) {
+            T acc = 0;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < D; ++d) acc += op[r * ldq + d] * dop[r * ldq + d];
+            delta[r] = acc;
+          }
+          for (int64_t r = 0; r < m; ++r) lse_row[r] = p.lse[p.lse_index(b, h, i0 + r)];
+          std::fill(dq_acc.begin(), dq_acc.begin() + m * D, T(0));
+          T* s = s_buf.data();
+          T* dp = dp_buf.data();
+          for (int64_t k0 = 0; k0 < lk; k0 += kBwdBlockK) {
+            const int64_t n = std::min(kBwdBlockK, lk - k0);
+            gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBwdBlockK);
+            if (apply_key_mask(mask_row, k0, n, m, s, kBwdBlockK) == 0) continue;
+            // P = exp(S - lse); a fully masked row has lse = +inf and so P = 0.
+            for (int64_t r = 0; r < m; ++r) {
+              T* row = s + r * kBwdBlockK;
+              const T l = lse_row[r];
+#pragma omp simd
+              for (int64_t j = 0; j < n; ++j) row[j] = softmax_exp(row[j] - l);
+            }
+            // dV += P^T dO
+            gemm(true, false, n, D, m, T(1), s, kBwdBlockK, dop, ldq, T(1), dvp + k0 * ldk, ldk);
+            // dP = dO V^T ; dS = P * (dP - delta) * scale
+            gemm(false, true, m, n, D, T(1), dop, ldq, vp + k0 * ldk, ldk, T(0), dp, kBwdBlockK);
+            for (int64_t r = 0; r < m; ++r) {
+              T* prow = s + r * kBwdBlockK;
+              T* dprow = dp + r * kBwdBlockK;
+              if (single_block) {  // delta = rowsum(P * dP): equal to rowsum(dO * O), but cancels exactly
+                T acc = 0;
+#pragma omp simd reduction(+ : acc)
+                for (int64_t j = 0; j < n; ++j) acc += prow[j] * dprow[j];
+                delta[r] = acc;
+              }
+              const T dl = delta[r];
+#pragma omp simd
+              for (int64_t j = 0; j < n; ++j) dprow[j] = prow[j] * (dprow[j] - dl) * p.scale;
+            }
+            // dQ += dS K ; dK += dS^T Q
+            gemm(false, false, m, D, n, T(1), dp, kBwdBlockK, kp + k0 * ldk, ldk, T(1), dq_acc.data(), D);
+            gemm(true, false, n, D, m, T(1), dp, kBwdBlockK, qp, ldq, T(1), dkp + k0 * ldk, ldk);
+          }
+          for (int64_t r = 0; r < m; ++r)
+            std::memcpy(dqp + r * ldq, dq_acc.data() + r * D, sizeof(T) * D);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace nvembed::cpu
