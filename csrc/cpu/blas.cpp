@@ -1,5 +1,7 @@
 #include "cpu/blas.h"
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 // torch's x86-64 wheels link MKL statically and export its Fortran-style BLAS entry points. They are declared
@@ -11,6 +13,10 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// CBLAS enums: CblasRowMajor = 101, CblasNoTrans = 111, CblasTrans = 112.
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc)
+    __attribute__((weak));
 }
 
 namespace nvembed::cpu {
@@ -73,6 +79,33 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
   }
   if (dgemm_) return gemm_fortran<double>(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   gemm_loops<double>(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a, int64_t lda,
+          const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k > 0 && cblas_gemm_bf16bf16f32) {
+    cblas_gemm_bf16bf16f32(101, ta ? 112 : 111, tb ? 112 : 111, static_cast<int>(m), static_cast<int>(n),
+                           static_cast<int>(k), alpha, a, static_cast<int>(std::max<int64_t>(lda, ta ? m : k)), b,
+                           static_cast<int>(std::max<int64_t>(ldb, tb ? k : n)), beta, c,
+                           static_cast<int>(std::max<int64_t>(ldc, n)));
+    return;
+  }
+  auto widen = [](const uint16_t* src, int64_t rows, int64_t cols, int64_t ld) {
+    std::vector<float> dst(rows * cols);
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) {
+        uint32_t u = static_cast<uint32_t>(src[i * ld + j]) << 16;
+        float f;
+        std::memcpy(&f, &u, sizeof(f));
+        dst[i * cols + j] = f;
+      }
+    return dst;
+  };
+  const int64_t ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+  auto af = widen(a, ar, ac, lda);
+  auto bf = widen(b, br, bc, ldb);
+  gemm(ta, tb, m, n, k, alpha, af.data(), ac, bf.data(), bc, beta, c, ldc);
 }
 
 const char* blas_name() { return (sgemm_ && dgemm_) ? "mkl" : "reference-loops"; }

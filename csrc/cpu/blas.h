@@ -12,6 +12,11 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
           const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
 
+// bfloat16 tiles (raw bit patterns) with fp32 accumulation and output: MKL's cblas_gemm_bf16bf16f32 (AMX /
+// AVX512-BF16 where the CPU has them) when torch exports it, else converted to fp32 tiles.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
+          int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
 // Name of the BLAS the tiles run on ("mkl" or "reference-loops"), for build_info().
 const char* blas_name();
 

@@ -18,7 +18,22 @@ constexpr const char* kVarlenOp = "flash_attn_varlen";
 
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-at::Tensor as_compute(const at::Tensor& t) { return t.to(compute_type(t.scalar_type())).contiguous(); }
+// Runs fn.template operator()<In, T>() for the input dtype: bf16 stays bf16 (bf16 BLAS tiles, fp32 softmax and
+// accumulation); fp32 and fp64 compute in their own type.
+template <typename Fn>
+void dispatch_io(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn.template operator()<float, float>(); break;
+    case at::kDouble: fn.template operator()<double, double>(); break;
+    case at::kBFloat16: fn.template operator()<cpu::bf16_t, float>(); break;
+    default: TORCH_CHECK(false, "nvembed::flash_attn: unsupported dtype ", t);
+  }
+}
+
+template <typename In>
+In* ptr(const at::Tensor& t) {
+  return reinterpret_cast<In*>(t.data_ptr());
+}
 
 double resolve_scale(std::optional<double> scale, int64_t head_dim, const char* op) {
   if (!scale.has_value()) return 1.0 / std::sqrt(static_cast<double>(head_dim));
@@ -86,23 +101,32 @@ at::Tensor check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t tota
   return c;
 }
 
-template <typename T>
-void fill_common(cpu::FlashAttnParams<T>& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 at::Tensor& out, at::Tensor& lse, double scale) {
-  p.q = q.data_ptr<T>();
-  p.k = k.data_ptr<T>();
-  p.v = v.data_ptr<T>();
-  p.out = out.data_ptr<T>();
-  p.lse = lse.data_ptr<T>();
+template <typename In, typename T>
+void fill_common(cpu::FlashAttnParams<In, T>& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& out, const at::Tensor& lse, const at::Tensor& mask, const at::Tensor& cu_q,
+                 const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk, double scale) {
+  p.q = ptr<In>(q);
+  p.k = ptr<In>(k);
+  p.v = ptr<In>(v);
+  p.out = ptr<In>(out);
+  p.lse = ptr<T>(lse);
   p.scale = static_cast<T>(scale);
-  p.mask = nullptr;
-  p.cu_q = p.cu_k = nullptr;
+  p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  p.cu_q = cu_q.defined() ? cu_q.data_ptr<int>() : nullptr;
+  p.cu_k = cu_k.defined() ? cu_k.data_ptr<int>() : nullptr;
+  p.batch = batch;
+  p.seqlen_q = lq;
+  p.seqlen_k = lk;
+  p.total_q = cu_q.defined() ? q.size(0) : batch * lq;
+  p.heads_q = q.size(-2);
+  p.heads_kv = k.size(-2);
+  p.head_dim = q.size(-1);
 }
 
 // Query-range splits for the backward, so that B * Hkv * splits tasks keep every thread busy.
 int64_t bwd_splits(int64_t batch, int64_t heads_kv, int64_t max_lq) {
   const int64_t threads = at::get_num_threads();
-  const int64_t q_blocks = std::max<int64_t>(1, (max_lq + cpu::kBlockQ - 1) / cpu::kBlockQ);
+  const int64_t q_blocks = std::max<int64_t>(1, (max_lq + cpu::kBwdBlockQ - 1) / cpu::kBwdBlockQ);
   const int64_t want = (2 * threads + batch * heads_kv - 1) / (batch * heads_kv);
   return std::max<int64_t>(1, std::min(want, q_blocks));
 }
@@ -111,79 +135,51 @@ struct Outputs {
   at::Tensor out, lse;
 };
 
-// Runs the forward for dense (cu == undefined) or varlen inputs already in compute dtype.
-Outputs run_fwd(const at::Tensor& qc, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& mask,
+// Runs the forward for dense (cu == undefined) or varlen inputs (contiguous, input dtype).
+Outputs run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                 const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk,
                 double scale) {
   const bool varlen = cu_q.defined();
-  const int64_t hq = qc.size(-2), hkv = kc.size(-2), D = qc.size(-1);
-  const int64_t total_q = varlen ? qc.size(0) : batch * lq;
-  at::Tensor out = at::empty_like(qc);
-  at::Tensor lse = varlen ? at::empty({hq, total_q}, qc.options()) : at::empty({batch, hq, lq}, qc.options());
-  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "nvembed_flash_attn_fwd", [&] {
-    cpu::FlashAttnParams<scalar_t> p{};
-    fill_common(p, qc, kc, vc, out, lse, scale);
-    p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    p.cu_q = varlen ? cu_q.data_ptr<int>() : nullptr;
-    p.cu_k = varlen ? cu_k.data_ptr<int>() : nullptr;
-    p.batch = batch;
-    p.seqlen_q = lq;
-    p.seqlen_k = lk;
-    p.total_q = total_q;
-    p.heads_q = hq;
-    p.heads_kv = hkv;
-    p.head_dim = D;
+  const int64_t hq = q.size(-2);
+  const int64_t total_q = varlen ? q.size(0) : batch * lq;
+  at::Tensor out = at::empty_like(q);
+  auto lse_opts = q.options().dtype(compute_type(q.scalar_type()));
+  at::Tensor lse = varlen ? at::empty({hq, total_q}, lse_opts) : at::empty({batch, hq, lq}, lse_opts);
+  dispatch_io(q.scalar_type(), [&]<typename In, typename T>() {
+    cpu::FlashAttnParams<In, T> p{};
+    fill_common(p, q, k, v, out, lse, mask, cu_q, cu_k, batch, lq, lk, scale);
     cpu::flash_attn_fwd_kernel(p);
   });
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(const at::Tensor& dout, const at::Tensor& qc,
-                                                       const at::Tensor& kc, const at::Tensor& vc,
-                                                       const at::Tensor& outc, const at::Tensor& lsec,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(const at::Tensor& dout, const at::Tensor& q,
+                                                       const at::Tensor& k, const at::Tensor& v,
+                                                       const at::Tensor& out, const at::Tensor& lse,
                                                        const at::Tensor& mask, const at::Tensor& cu_q,
                                                        const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk,
                                                        double scale) {
-  const bool varlen = cu_q.defined();
-  const int64_t hq = qc.size(-2), hkv = kc.size(-2), D = qc.size(-1);
+  const int64_t hkv = k.size(-2);
   const int64_t splits = bwd_splits(batch, hkv, lq);
-  at::Tensor dq = at::zeros_like(qc);
-  at::Tensor dk_acc, dv_acc;
-  if (splits > 1) {
-    auto shape = kc.sizes().vec();
-    shape.insert(shape.begin(), splits);
-    dk_acc = at::zeros(shape, kc.options());
-    dv_acc = at::zeros(shape, kc.options());
-  } else {
-    dk_acc = at::zeros_like(kc);
-    dv_acc = at::zeros_like(vc);
-  }
-  at::Tensor doutc = as_compute(dout);
-  AT_DISPATCH_FLOATING_TYPES(qc.scalar_type(), "nvembed_flash_attn_bwd", [&] {
-    cpu::FlashAttnBwdParams<scalar_t> p{};
-    at::Tensor out_mut = outc, lse_mut = lsec;
-    fill_common<scalar_t>(p, qc, kc, vc, out_mut, lse_mut, scale);
-    p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
-    p.cu_q = varlen ? cu_q.data_ptr<int>() : nullptr;
-    p.cu_k = varlen ? cu_k.data_ptr<int>() : nullptr;
-    p.batch = batch;
-    p.seqlen_q = lq;
-    p.seqlen_k = lk;
-    p.total_q = varlen ? qc.size(0) : batch * lq;
-    p.heads_q = hq;
-    p.heads_kv = hkv;
-    p.head_dim = D;
-    p.dout = doutc.data_ptr<scalar_t>();
-    p.dq = dq.data_ptr<scalar_t>();
-    p.dk = dk_acc.data_ptr<scalar_t>();
-    p.dv = dv_acc.data_ptr<scalar_t>();
+  const auto acc = q.options().dtype(compute_type(q.scalar_type()));
+  at::Tensor dq = at::zeros(q.sizes(), acc);
+  auto kv_shape = k.sizes().vec();
+  if (splits > 1) kv_shape.insert(kv_shape.begin(), splits);
+  at::Tensor dk_acc = at::zeros(kv_shape, acc), dv_acc = at::zeros(kv_shape, acc);
+  dispatch_io(q.scalar_type(), [&]<typename In, typename T>() {
+    cpu::FlashAttnBwdParams<In, T> p{};
+    fill_common<In, T>(p, q, k, v, out, lse, mask, cu_q, cu_k, batch, lq, lk, scale);
+    p.dout = ptr<In>(dout);
+    p.dq = ptr<T>(dq);
+    p.dk = ptr<T>(dk_acc);
+    p.dv = ptr<T>(dv_acc);
     p.splits = splits;
-    p.split_stride = splits > 1 ? kc.numel() : 0;
+    p.split_stride = splits > 1 ? k.numel() : 0;
     cpu::flash_attn_bwd_kernel(p);
   });
   at::Tensor dk = splits > 1 ? dk_acc.sum(0) : dk_acc;
   at::Tensor dv = splits > 1 ? dv_acc.sum(0) : dv_acc;
-  return {dq, dk, dv};
+  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
 }
 
 void check_bwd_tensors(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
@@ -204,8 +200,9 @@ std::tuple<Tensor, Tensor> flash_attn_fwd_cpu(const Tensor& q, const Tensor& k, 
   check_dense(q, k, v, key_padding_mask);
   const double sc = resolve_scale(scale, q.size(3), kOp);
   at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  auto r = run_fwd(as_compute(q), as_compute(k), as_compute(v), mask, {}, {}, q.size(0), q.size(1), k.size(1), sc);
-  return {r.out.to(q.scalar_type()), r.lse};
+  auto r = run_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask, {}, {}, q.size(0), q.size(1), k.size(1),
+                   sc);
+  return {r.out, r.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -216,10 +213,9 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cpu(const Tensor& dout, const 
   check_bwd_tensors(dout, q, out, lse, {q.size(0), q.size(2), q.size(1)}, kOp);
   const double sc = resolve_scale(scale, q.size(3), kOp);
   at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  auto [dq, dk, dv] = run_bwd(dout, as_compute(q), as_compute(k), as_compute(v), as_compute(out),
-                              lse.to(compute_type(q.scalar_type())).contiguous(), mask, {}, {}, q.size(0), q.size(1),
-                              k.size(1), sc);
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  return run_bwd(dout.to(q.scalar_type()).contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                 out.to(q.scalar_type()).contiguous(), lse.to(compute_type(q.scalar_type())).contiguous(), mask, {},
+                 {}, q.size(0), q.size(1), k.size(1), sc);
 }
 
 std::tuple<Tensor, Tensor> flash_attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -232,9 +228,9 @@ std::tuple<Tensor, Tensor> flash_attn_varlen_fwd_cpu(const Tensor& q, const Tens
   NVE_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), kVarlenOp, "cu_seqlens_q has ", cu_q.size(0) - 1,
                   " sequences but cu_seqlens_k has ", cu_k.size(0) - 1);
   const double sc = resolve_scale(scale, q.size(2), kVarlenOp);
-  auto r = run_fwd(as_compute(q), as_compute(k), as_compute(v), {}, cu_q, cu_k, cu_q.size(0) - 1, max_seqlen_q,
+  auto r = run_fwd(q.contiguous(), k.contiguous(), v.contiguous(), {}, cu_q, cu_k, cu_q.size(0) - 1, max_seqlen_q,
                    max_seqlen_k, sc);
-  return {r.out.to(q.scalar_type()), r.lse};
+  return {r.out, r.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
@@ -249,10 +245,9 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cpu(const Tensor& dout,
                   " sequences but cu_seqlens_k has ", cu_k.size(0) - 1);
   check_bwd_tensors(dout, q, out, lse, {q.size(1), q.size(0)}, kVarlenOp);
   const double sc = resolve_scale(scale, q.size(2), kVarlenOp);
-  auto [dq, dk, dv] = run_bwd(dout, as_compute(q), as_compute(k), as_compute(v), as_compute(out),
-                              lse.to(compute_type(q.scalar_type())).contiguous(), {}, cu_q, cu_k, cu_q.size(0) - 1,
-                              max_seqlen_q, max_seqlen_k, sc);
-  return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+  return run_bwd(dout.to(q.scalar_type()).contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
+                 out.to(q.scalar_type()).contiguous(), lse.to(compute_type(q.scalar_type())).contiguous(), {}, cu_q,
+                 cu_k, cu_q.size(0) - 1, max_seqlen_q, max_seqlen_k, sc);
 }
 
 }  // namespace nvembed

@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/blas.h"
@@ -21,12 +22,13 @@
 
 namespace nvembed::cpu {
 
-template <typename T>
+// In: element type of q/k/v/out/dout (float, double, or bf16_t); T: accumulation type (float or double).
+template <typename In, typename T>
 struct FlashAttnParams {
-  const T* q;
-  const T* k;
-  const T* v;
-  T* out;
+  const In* q;
+  const In* k;
+  const In* v;
+  In* out;
   T* lse;             // dense: [B, Hq, Lq]; varlen: [Hq, Tq]
   const bool* mask;   // dense only: [B, Lk], true = attend; nullptr = none
   const int* cu_q;    // varlen only: [B + 1]; nullptr = dense
@@ -46,15 +48,71 @@ struct FlashAttnParams {
   }
 };
 
-template <typename T>
-struct FlashAttnBwdParams : FlashAttnParams<T> {
-  const T* dout;
-  T* dq;
+template <typename In, typename T>
+struct FlashAttnBwdParams : FlashAttnParams<In, T> {
+  const In* dout;
+  T* dq;                  // accumulation type; the launcher converts to the input dtype
   T* dk;                  // [splits, Tk, Hkv, D] when splits > 1 (summed by the launcher), else [Tk, Hkv, D]
   T* dv;
   int64_t splits = 1;     // query-range splits per (sequence, kv head), for parallelism when B * Hkv is small
   int64_t split_stride = 0;
 };
+
+// bfloat16 as raw bits, so the kernels stay torch-free.
+struct bf16_t {
+  uint16_t bits;
+};
+inline float to_float(bf16_t x) {
+  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof(f));
+  return f;
+}
+inline bf16_t to_bf16(float f) {  // round to nearest even, NaN stays NaN
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{0x7fc0};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16_t{static_cast<uint16_t>(u >> 16)};
+}
+template <typename T>
+inline T load(float x) { return x; }
+template <typename T>
+inline T load(double x) { return x; }
+template <typename T>
+inline T load(bf16_t x) { return to_float(x); }
+template <typename In, typename T>
+inline In store(T x) {
+  if constexpr (std::is_same_v<In, bf16_t>) return to_bf16(x); else return static_cast<In>(x);
+}
+
+// GEMM tiles on input-typed operands (bf16 tiles run on the bf16 BLAS with fp32 accumulation).
+inline void tile_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const bf16_t* a, int64_t lda,
+                      const bf16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(ta, tb, m, n, k, alpha, reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b),
+       ldb, beta, c, ldc);
+}
+template <typename T>
+inline void tile_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+                      const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+// GEMM whose A operand is an accumulation-typed tile (P or dS, rows x cols stored with leading dim ldt) and whose
+// B operand is input-typed: for bf16 inputs the tile is rounded to bf16 in `scratch` first (as FlashAttention does
+// on GPUs), so both products run on the bf16 BLAS.
+template <typename In, typename T>
+inline void mixed_gemm(bool ta, int64_t m, int64_t n, int64_t k, T alpha, const T* tile, int64_t ldt, In* scratch,
+                       const In* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if constexpr (std::is_same_v<In, T>) {
+    (void)scratch;
+    gemm(ta, false, m, n, k, alpha, tile, ldt, b, ldb, beta, c, ldc);
+  } else {
+    const int64_t rows = ta ? k : m, cols = ta ? m : k;
+    for (int64_t i = 0; i < rows; ++i)
+      for (int64_t j = 0; j < cols; ++j) scratch[i * cols + j] = to_bf16(tile[i * ldt + j]);
+    tile_gemm(ta, false, m, n, k, alpha, scratch, cols, b, ldb, beta, c, ldc);
+  }
+}
 
 // exp for the softmax: range reduction to r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial (rel. error
 // < 1e-8 before rounding). Branch-free so the compiler vectorizes the row loops; x = -inf gives exactly 0.
@@ -100,8 +158,10 @@ inline T max_of(const T* x, int64_t n) {
   return mx;
 }
 
-// Block sizes: 64 query rows keep the S tile (64 x 512 fp32 = 128 KiB) and the O accumulator in L2.
-constexpr int64_t kBlockQ = 64;
+// Block sizes: 128 query rows x 512 keys keep the S tile (256 KiB fp32) and the O accumulator in L2 while the
+// BLAS tiles stay large enough to amortize operand packing. The backward holds four tiles, so it uses 64 rows.
+constexpr int64_t kBlockQ = 128;
+constexpr int64_t kBwdBlockQ = 64;
 constexpr int64_t kBlockK = 512;
 constexpr int64_t kBwdBlockK = 256;
 
@@ -120,8 +180,8 @@ int64_t apply_key_mask(const bool* mask_row, int64_t k0, int64_t n, int64_t m, T
   return valid;
 }
 
-template <typename T>
-void flash_attn_fwd_kernel(const FlashAttnParams<T>& p) {
+template <typename In, typename T>
+void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, D = p.head_dim;
   const int64_t group = Hq / Hkv;
   const int64_t ldq = Hq * D, ldk = Hkv * D;
@@ -131,6 +191,7 @@ void flash_attn_fwd_kernel(const FlashAttnParams<T>& p) {
 
   parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> s_buf(kBlockQ * kBlockK), o_acc(kBlockQ * D), row_max(kBlockQ), row_sum(kBlockQ);
+    std::vector<In> p_low(std::is_same_v<In, T> ? 0 : kBlockQ * kBlockK);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t qb = t % q_blocks, h = (t / q_blocks) % Hq, b = t / (q_blocks * Hq);
       const int64_t lq = p.q_len(b), lk = p.k_len(b);
@@ -138,9 +199,9 @@ void flash_attn_fwd_kernel(const FlashAttnParams<T>& p) {
       if (i0 >= lq) continue;
       const int64_t m = std::min(kBlockQ, lq - i0);
       const int64_t hk = h / group;
-      const T* qp = p.q + (p.q_start(b) + i0) * ldq + h * D;
-      const T* kp = p.k + p.k_start(b) * ldk + hk * D;
-      const T* vp = p.v + p.k_start(b) * ldk + hk * D;
+      const In* qp = p.q + (p.q_start(b) + i0) * ldq + h * D;
+      const In* kp = p.k + p.k_start(b) * ldk + hk * D;
+      const In* vp = p.v + p.k_start(b) * ldk + hk * D;
       const bool* mask_row = p.mask ? p.mask + b * p.seqlen_k : nullptr;
       T* s = s_buf.data();
       T* o = o_acc.data();
@@ -149,7 +210,7 @@ void flash_attn_fwd_kernel(const FlashAttnParams<T>& p) {
       std::fill(o_acc.begin(), o_acc.begin() + m * D, T(0));
       for (int64_t k0 = 0; k0 < lk; k0 += kBlockK) {
         const int64_t n = std::min(kBlockK, lk - k0);
-        gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBlockK);
+        tile_gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBlockK);
         if (apply_key_mask(mask_row, k0, n, m, s, kBlockK) == 0) continue;
         const bool first = k0 == 0;
         for (int64_t r = 0; r < m; ++r) {
@@ -175,13 +236,13 @@ void flash_attn_fwd_kernel(const FlashAttnParams<T>& p) {
             for (int64_t d = 0; d < D; ++d) orow[d] *= corr;
           }
         }
-        gemm(false, false, m, D, n, T(1), s, kBlockK, vp + k0 * ldk, ldk, T(1), o, D);
+        mixed_gemm(false, m, D, n, T(1), s, kBlockK, p_low.data(), vp + k0 * ldk, ldk, T(1), o, D);
       }
       for (int64_t r = 0; r < m; ++r) {
-        T* dst = p.out + (p.q_start(b) + i0 + r) * ldq + h * D;
+        In* dst = p.out + (p.q_start(b) + i0 + r) * ldq + h * D;
         const T l = row_sum[r];
         const T inv = l > T(0) ? T(1) / l : T(0);
-        for (int64_t d = 0; d < D; ++d) dst[d] = o[r * D + d] * inv;
+        for (int64_t d = 0; d < D; ++d) dst[d] = store<In, T>(o[r * D + d] * inv);
         p.lse[p.lse_index(b, h, i0 + r)] =
             l > T(0) ? row_max[r] + std::log(l) : std::numeric_limits<T>::infinity();
       }
@@ -193,8 +254,8 @@ void flash_attn_fwd_kernel(const FlashAttnParams<T>& p) {
 // Backward (FA2 algorithm, recomputing P from the saved lse). Tasks own (sequence, kv head, query split): they
 // accumulate dK / dV of their kv head race-free (all query heads of the GQA group are processed by the same task)
 // and own the dQ rows of their query range.
-template <typename T>
-void flash_attn_bwd_kernel(const FlashAttnBwdParams<T>& p) {
+template <typename In, typename T>
+void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, D = p.head_dim;
   const int64_t group = Hq / Hkv;
   const int64_t ldq = Hq * D, ldk = Hkv * D;
@@ -202,32 +263,33 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<T>& p) {
   const int64_t tasks = B * Hkv * splits;
 
   parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s_buf(kBlockQ * kBwdBlockK), dp_buf(kBlockQ * kBwdBlockK), dq_acc(kBlockQ * D),
-        delta(kBlockQ), lse_row(kBlockQ);
+    std::vector<T> s_buf(kBwdBlockQ * kBwdBlockK), dp_buf(kBwdBlockQ * kBwdBlockK), dq_acc(kBwdBlockQ * D),
+        delta(kBwdBlockQ), lse_row(kBwdBlockQ);
+    std::vector<In> t_low(std::is_same_v<In, T> ? 0 : kBwdBlockQ * kBwdBlockK);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t sidx = t % splits, hk = (t / splits) % Hkv, b = t / (splits * Hkv);
       const int64_t lq = p.q_len(b), lk = p.k_len(b);
-      const int64_t q_blocks = (lq + kBlockQ - 1) / kBlockQ;
+      const int64_t q_blocks = (lq + kBwdBlockQ - 1) / kBwdBlockQ;
       const int64_t blk_begin = q_blocks * sidx / splits, blk_end = q_blocks * (sidx + 1) / splits;
       if (blk_begin >= blk_end || lk == 0) continue;
-      const T* kp = p.k + p.k_start(b) * ldk + hk * D;
-      const T* vp = p.v + p.k_start(b) * ldk + hk * D;
+      const In* kp = p.k + p.k_start(b) * ldk + hk * D;
+      const In* vp = p.v + p.k_start(b) * ldk + hk * D;
       T* dkp = p.dk + sidx * p.split_stride + p.k_start(b) * ldk + hk * D;
       T* dvp = p.dv + sidx * p.split_stride + p.k_start(b) * ldk + hk * D;
       const bool* mask_row = p.mask ? p.mask + b * p.seqlen_k : nullptr;
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t qb = blk_begin; qb < blk_end; ++qb) {
-          const int64_t i0 = qb * kBlockQ, m = std::min(kBlockQ, lq - i0);
+          const int64_t i0 = qb * kBwdBlockQ, m = std::min(kBwdBlockQ, lq - i0);
           const int64_t row0 = p.q_start(b) + i0;
-          const T* qp = p.q + row0 * ldq + h * D;
-          const T* op = p.out + row0 * ldq + h * D;
-          const T* dop = p.dout + row0 * ldq + h * D;
+          const In* qp = p.q + row0 * ldq + h * D;
+          const In* op = p.out + row0 * ldq + h * D;
+          const In* dop = p.dout + row0 * ldq + h * D;
           T* dqp = p.dq + row0 * ldq + h * D;
           const bool single_block = lk <= kBwdBlockK;
           for (int64_t r = 0; r < m && !single_block; ++r) {
             T acc = 0;
 #pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < D; ++d) acc += op[r * ldq + d] * dop[r * ldq + d];
+            for (int64_t d = 0; d < D; ++d) acc += load<T>(op[r * ldq + d]) * load<T>(dop[r * ldq + d]);
             delta[r] = acc;
           }
           for (int64_t r = 0; r < m; ++r) lse_row[r] = p.lse[p.lse_index(b, h, i0 + r)];
@@ -236,7 +298,7 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<T>& p) {
           T* dp = dp_buf.data();
           for (int64_t k0 = 0; k0 < lk; k0 += kBwdBlockK) {
             const int64_t n = std::min(kBwdBlockK, lk - k0);
-            gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBwdBlockK);
+            tile_gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBwdBlockK);
             if (apply_key_mask(mask_row, k0, n, m, s, kBwdBlockK) == 0) continue;
             // P = exp(S - lse); a fully masked row has lse = +inf and so P = 0.
             for (int64_t r = 0; r < m; ++r) {
@@ -246,9 +308,9 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<T>& p) {
               for (int64_t j = 0; j < n; ++j) row[j] = softmax_exp(row[j] - l);
             }
             // dV += P^T dO
-            gemm(true, false, n, D, m, T(1), s, kBwdBlockK, dop, ldq, T(1), dvp + k0 * ldk, ldk);
+            mixed_gemm(true, n, D, m, T(1), s, kBwdBlockK, t_low.data(), dop, ldq, T(1), dvp + k0 * ldk, ldk);
             // dP = dO V^T ; dS = P * (dP - delta) * scale
-            gemm(false, true, m, n, D, T(1), dop, ldq, vp + k0 * ldk, ldk, T(0), dp, kBwdBlockK);
+            tile_gemm(false, true, m, n, D, T(1), dop, ldq, vp + k0 * ldk, ldk, T(0), dp, kBwdBlockK);
             for (int64_t r = 0; r < m; ++r) {
               T* prow = s + r * kBwdBlockK;
               T* dprow = dp + r * kBwdBlockK;
@@ -263,8 +325,13 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<T>& p) {
               for (int64_t j = 0; j < n; ++j) dprow[j] = prow[j] * (dprow[j] - dl) * p.scale;
             }
             // dQ += dS K ; dK += dS^T Q
-            gemm(false, false, m, D, n, T(1), dp, kBwdBlockK, kp + k0 * ldk, ldk, T(1), dq_acc.data(), D);
-            gemm(true, false, n, D, m, T(1), dp, kBwdBlockK, qp, ldq, T(1), dkp + k0 * ldk, ldk);
+            mixed_gemm(false, m, D, n, T(1), dp, kBwdBlockK, t_low.data(), kp + k0 * ldk, ldk, T(1), dq_acc.data(),
+                       D);
+            if constexpr (std::is_same_v<In, T>) {
+              gemm(true, false, n, D, m, T(1), dp, kBwdBlockK, qp, ldq, T(1), dkp + k0 * ldk, ldk);
+            } else {  // t_low already holds dS in bf16 (m x n, ld n) from the dQ product
+              tile_gemm(true, false, n, D, m, T(1), t_low.data(), n, qp, ldq, T(1), dkp + k0 * ldk, ldk);
+            }
           }
           for (int64_t r = 0; r < m; ++r)
             std::memcpy(dqp + r * ldq, dq_acc.data() + r * D, sizeof(T) * D);
