@@ -161,9 +161,9 @@ inline T max_of(const T* x, int64_t n) {
 // Block sizes: 128 query rows x 512 keys keep the S tile (256 KiB fp32) and the O accumulator in L2 while the
 // BLAS tiles stay large enough to amortize operand packing. The backward holds four tiles, so it uses 64 rows.
 constexpr int64_t kBlockQ = 128;
-constexpr int64_t kBwdBlockQ = 64;
+constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBlockK = 512;
-constexpr int64_t kBwdBlockK = 256;
+constexpr int64_t kBwdBlockK = 512;
 
 // Masks the S tile's columns whose key is padding. Returns the number of valid keys in [k0, k0 + n).
 template <typename T>

@@ -1,0 +1,50 @@
+"""pytest-benchmark glue: every benchmark sets `benchmark.group` (one configuration) and
+`benchmark.extra_info["variant"]`; the variant named in extra_info["anchor"] is the baseline of its group. At the
+end of the session one CSV row per variant is written with its p20/p50/p80 time and the speedup over the anchor
+(anchor time / variant time, so > 1 means faster than the anchor), to $NVEMBED_BENCH_CSV (default
+bench/results/cpu_benchmarks.csv)."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import environment, write_csv  # noqa: E402
+
+
+def pytest_sessionfinish(session, exitstatus):
+    bs = getattr(session.config, "_benchmarksession", None)
+    if bs is None or not getattr(bs, "benchmarks", None):
+        return
+    groups = {}
+    for b in bs.benchmarks:
+        if not b.stats or not b.stats.data:
+            continue
+        groups.setdefault(b.group, []).append(b)
+    env = environment()
+    rows = []
+    for group, items in groups.items():
+        anchor = None
+        for b in items:
+            if b.extra_info.get("variant") == b.extra_info.get("anchor"):
+                anchor = b
+        for b in items:
+            data = sorted(b.stats.data)
+            q = lambda p: data[min(len(data) - 1, int(p * len(data)))] * 1e3  # noqa: E731
+            row = {"group": group, "variant": b.extra_info.get("variant", b.name), "rounds": len(data),
+                   "p20_ms": round(q(0.2), 4), "p50_ms": round(b.stats.median * 1e3, 4), "p80_ms": round(q(0.8), 4)}
+            if anchor is not None:
+                row["anchor"] = anchor.extra_info.get("variant")
+                row["speedup_vs_anchor"] = round(anchor.stats.median / b.stats.median, 3)
+            for k, v in b.extra_info.items():
+                if k not in ("variant", "anchor"):
+                    row[k] = v
+            row.update(env)
+            rows.append(row)
+    path = os.environ.get("NVEMBED_BENCH_CSV") or os.path.join(os.path.dirname(__file__), "results",
+                                                               "cpu_benchmarks.csv")
+    write_csv(path, rows)
+    print(f"\nnvembed: wrote {len(rows)} benchmark rows to {path}")
+    for r in rows:
+        if "speedup_vs_anchor" in r and r["variant"] != r.get("anchor"):
+            print(f"  {r['group']:<48} {r['variant']:<12} {r['p50_ms']:>10.3f} ms  "
+                  f"{r['speedup_vs_anchor']:.2f}x vs {r['anchor']}")
