@@ -1,0 +1,498 @@
+// Fused NV-Embed latent-attention pooling on CPU, forward and backward. Torch-free templates on the compute type S
+// (float for float32/bfloat16 inputs, double for float64); the launcher (latent_pool.cpp) converts and checks.
+//
+// Per token t (queries are tokens, keys/values come from the N latents, every token is independent):
+//   xn = LN(x); p_h = softmax(scale * xn Wq_h^T K_h^T); attn = sum_h p_h V_h Wo_h^T; y1 = attn + x
+//   z = LN_ff(y1); [a | gate] = z Win^T + bin; g = a * gelu(gate); y2 = g Wff^T + bff + y1
+//   pooled_b = sum_t w_t y2_t with w_t = m_t / max(M_b, 1); out = pooled / max(|pooled|, 1e-12) (normalize)
+// Exact algebra used to cut work:
+//   * K, V depend only on the latents: computed once per call. When it is cheaper (dim_head large, e.g. the release's
+//     dim_head = d), the query and output projections are folded into them: Kx_h = K_h Wq_h [N, d] and
+//     Cx_h = V_h Wo_h^T [N, d], so scores = xn Kx^T and attn = P Cx are single GEMMs over [T, H*N].
+//   * Wff is linear, so it is applied after the masked mean: pooled = gbar Wff^T + c_b bff + ybar (a [B, F] GEMM
+//     instead of [T, F]).
+//   * Tokens with m_t == 0 cannot influence the output: they are skipped (their gradient is exactly 0).
+// Backward recomputes the per-token activations block by block (nothing of size [T, H*N] is stored), accumulates
+// the weight gradients per chunk of blocks (one chunk per thread) and reduces them, then chains the latent side.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/blas.h"
+#include "cpu/parallel.h"
+
+namespace nvembed::cpu::latent_pool {
+
+template <typename S>
+struct Params {
+  int64_t B = 0, L = 0, d = 0, N = 0, H = 0, dh = 0, F = 0;  // I = H * dh; ff_in is [2F, d]
+  S eps = S(1e-5);
+  bool normalize = true;
+  bool fold = true;  // fold Wq / Wo into the latent keys / values (see above)
+  const S* x = nullptr;     // [B, L, d]
+  const S* mask = nullptr;  // [B, L] weights, or nullptr (all tokens)
+  const S *latents = nullptr, *norm_w = nullptr, *norm_b = nullptr, *ctx_w = nullptr, *ctx_b = nullptr;
+  const S *wq = nullptr, *wkv = nullptr, *wo = nullptr;  // [I, d], [2I, d], [d, I]
+  const S *ff_norm_w = nullptr, *ff_norm_b = nullptr;
+  const S *ff_in_w = nullptr, *ff_in_b = nullptr, *ff_out_w = nullptr, *ff_out_b = nullptr;  // [2F, d], [d, F]
+  int64_t I() const { return H * dh; }
+};
+
+template <typename S>
+struct Grads {  // every pointer is written in full (dx rows of skipped tokens are zeroed)
+  S *x, *latents, *norm_w, *norm_b, *ctx_w, *ctx_b, *wq, *wkv, *wo, *ff_norm_w, *ff_norm_b, *ff_in_w, *ff_in_b,
+      *ff_out_w, *ff_out_b;
+};
+
+// Cost model for the fold: per active token the folded path costs 2*H*N*d multiply-adds (scores + attn), the plain
+// one 2*I*d + 2*N*I (q / out projections + scores + P V); folding adds 2*N*I*d once per call.
+inline bool fold_is_cheaper(int64_t T, int64_t d, int64_t N, int64_t H, int64_t dh) {
+  const double I = double(H) * dh;
+  const double folded = double(T) * 2.0 * H * N * d + 2.0 * N * I * d;
+  const double plain = double(T) * (2.0 * I * d + 2.0 * N * I);
+  return folded < plain;
+}
+
+namespace detail {
+
+constexpr int64_t kBlock = 64;  // tokens per block: GEMM tiles of [64 x k]
+
+template <typename S>
+inline void ln_fwd(const S* in, int64_t rows, int64_t d, const S* w, const S* b, S eps, S* out, S* mean, S* rstd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* xi = in + r * d;
+    S* yo = out + r * d;
+    S s = 0;
+    for (int64_t j = 0; j < d; ++j) s += xi[j];
+    const S mu = s / S(d);
+    S v = 0;
+    for (int64_t j = 0; j < d; ++j) v += (xi[j] - mu) * (xi[j] - mu);  // two-pass: no cancellation
+    const S rs = S(1) / std::sqrt(v / S(d) + eps);
+    for (int64_t j = 0; j < d; ++j) yo[j] = (xi[j] - mu) * rs * w[j] + b[j];
+    mean[r] = mu;
+    rstd[r] = rs;
+  }
+}
+
+// dx += LN backward of dy; dw += sum dy * xhat; db += sum dy.
+template <typename S>
+inline void ln_bwd(const S* in, const S* mean, const S* rstd, const S* w, const S* dy, int64_t rows, int64_t d,
+                   S* dx, S* dw, S* db) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* xi = in + r * d;
+    const S* gi = dy + r * d;
+    S* dxi = dx + r * d;
+    const S mu = mean[r], rs = rstd[r];
+    S sg = 0, sgx = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const S xh = (xi[j] - mu) * rs;
+      const S g = gi[j] * w[j];
+      dw[j] += gi[j] * xh;
+      db[j] += gi[j];
+      sg += g;
+      sgx += g * xh;
+    }
+    sg /= S(d);
+    sgx /= S(d);
+    for (int64_t j = 0; j < d; ++j) {
+      const S xh = (xi[j] - mu) * rs;
+      dxi[j] += rs * (gi[j] * w[j] - sg - xh * sgx);
+    }
+  }
+}
+
+template <typename S>
+inline void softmax_rows(S* p, int64_t rows, int64_t n, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    S* pr = p + r * ld;
+    S m = pr[0];
+    for (int64_t j = 1; j < n; ++j) m = std::max(m, pr[j]);
+    S s = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      pr[j] = std::exp(pr[j] - m);
+      s += pr[j];
+    }
+    const S inv = S(1) / s;
+    for (int64_t j = 0; j < n; ++j) pr[j] *= inv;
+  }
+}
+
+// dP <- scale * P * (dP - <P, dP>) row by row (softmax backward, with the score scale folded in).
+template <typename S>
+inline void softmax_bwd_rows(const S* p, S* dp, int64_t rows, int64_t n, int64_t ld, S scale) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* pr = p + r * ld;
+    S* dr = dp + r * ld;
+    S dot = 0;
+    for (int64_t j = 0; j < n; ++j) dot += pr[j] * dr[j];
+    for (int64_t j = 0; j < n; ++j) dr[j] = scale * pr[j] * (dr[j] - dot);
+  }
+}
+
+template <typename S>
+inline S gelu(S v) {
+  return S(0.5) * v * (S(1) + std::erf(v * S(0.70710678118654752440)));
+}
+template <typename S>
+inline S gelu_grad(S v) {
+  return S(0.5) * (S(1) + std::erf(v * S(0.70710678118654752440))) +
+         v * std::exp(S(-0.5) * v * v) * S(0.39894228040143267794);
+}
+
+// Active tokens (pool weight != 0), their batch row and pooling weight.
+template <typename S>
+struct Tokens {
+  std::vector<int64_t> row, batch;  // row = b * L + l
+  std::vector<S> w;                  // m_t / max(M_b, 1)
+  std::vector<S> bias_coef;          // M_b / max(M_b, 1): how much of bff enters pooled_b
+  std::vector<char> any;             // row b has at least one active token
+  int64_t size() const { return int64_t(row.size()); }
+};
+
+template <typename S>
+Tokens<S> gather_tokens(const Params<S>& p) {
+  Tokens<S> t;
+  t.bias_coef.assign(p.B, S(0));
+  t.any.assign(p.B, 0);
+  for (int64_t b = 0; b < p.B; ++b) {
+    S M = 0;
+    if (p.mask) {
+      for (int64_t l = 0; l < p.L; ++l) M += p.mask[b * p.L + l];
+    } else {
+      M = S(p.L);
+    }
+    const S denom = std::max(M, S(1));  // the reference's cnt.clamp_min(1)
+    t.bias_coef[b] = M / denom;
+    for (int64_t l = 0; l < p.L; ++l) {
+      const S m = p.mask ? p.mask[b * p.L + l] : S(1);
+      if (m == S(0)) continue;
+      t.row.push_back(b * p.L + l);
+      t.batch.push_back(b);
+      t.w.push_back(m / denom);
+      t.any[b] = 1;
+    }
+  }
+  return t;
+}
+
+// Everything that depends on the latents only.
+template <typename S>
+struct LatentSide {
+  std::vector<S> ctx, ctx_mean, ctx_rstd;  // LN_ctx(latents) [N, d]
+  std::vector<S> K, V;                     // [N, I]
+  std::vector<S> Kx, Cx;                   // fold only: [H*N, d]
+};
+
+template <typename S>
+LatentSide<S> latent_side(const Params<S>& p) {
+  const int64_t N = p.N, d = p.d, I = p.I(), H = p.H, dh = p.dh;
+  LatentSide<S> s;
+  s.ctx.resize(N * d);
+  s.ctx_mean.resize(N);
+  s.ctx_rstd.resize(N);
+  ln_fwd(p.latents, N, d, p.ctx_w, p.ctx_b, p.eps, s.ctx.data(), s.ctx_mean.data(), s.ctx_rstd.data());
+  s.K.resize(N * I);
+  s.V.resize(N * I);
+  gemm(false, true, N, I, d, S(1), s.ctx.data(), d, p.wkv, d, S(0), s.K.data(), I);
+  gemm(false, true, N, I, d, S(1), s.ctx.data(), d, p.wkv + I * d, d, S(0), s.V.data(), I);
+  if (p.fold) {
+    s.Kx.resize(H * N * d);
+    s.Cx.resize(H * N * d);
+    parallel_for(H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) {
+        gemm(false, false, N, d, dh, S(1), s.K.data() + h * dh, I, p.wq + h * dh * d, d, S(0),
+             s.Kx.data() + h * N * d, d);
+        gemm(false, true, N, d, dh, S(1), s.V.data() + h * dh, I, p.wo + h * dh, I, S(0),
+             s.Cx.data() + h * N * d, d);
+      }
+    });
+  }
+  return s;
+}
+
+// Per-thread block buffers.
+template <typename S>
+struct Work {
+  std::vector<S> x, xn, mean1, rstd1, q, P, o, attn, y1, z, mean2, rstd2, u, g;  // forward
+  std::vector<S> du, dz, dy1, dP, dq, dxn, dx, dout;                               // backward
+  Work(const Params<S>& p, bool bwd) {
+    const int64_t R = kBlock, d = p.d, I = p.I(), HN = p.H * p.N, F = p.F;
+    x.resize(R * d), xn.resize(R * d), mean1.resize(R), rstd1.resize(R), P.resize(R * HN), attn.resize(R * d);
+    y1.resize(R * d), z.resize(R * d), mean2.resize(R), rstd2.resize(R), u.resize(R * 2 * F), g.resize(R * F);
+    if (!p.fold) q.resize(R * I), o.resize(R * I);
+    if (bwd) {
+      du.resize(R * 2 * F), dz.resize(R * d), dy1.resize(R * d), dP.resize(R * HN), dxn.resize(R * d);
+      dx.resize(R * d);
+      if (!p.fold) dq.resize(R * I), dout.resize(R * I);
+    }
+  }
+};
+
+// Forward of tokens [t0, t0 + R) up to g = GEGLU(...); fills w.x, xn, (q, o), P, y1, z, u, g and the LN stats.
+template <typename S>
+void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& tok, int64_t t0, int64_t R,
+                   Work<S>& w) {
+  const int64_t d = p.d, N = p.N, H = p.H, dh = p.dh, I = p.I(), HN = H * N, F = p.F;
+  const S scale = S(1) / std::sqrt(S(dh));
+  for (int64_t r = 0; r < R; ++r) std::memcpy(&w.x[r * d], p.x + tok.row[t0 + r] * d, sizeof(S) * d);
+  ln_fwd(w.x.data(), R, d, p.norm_w, p.norm_b, p.eps, w.xn.data(), w.mean1.data(), w.rstd1.data());
+  if (p.fold) {
+    gemm(false, true, R, HN, d, scale, w.xn.data(), d, s.Kx.data(), d, S(0), w.P.data(), HN);
+    softmax_rows(w.P.data(), R * H, N, N);  // rows of P are [H][N] contiguous: treat as R*H rows of N
+    gemm(false, false, R, d, HN, S(1), w.P.data(), HN, s.Cx.data(), d, S(0), w.attn.data(), d);
+  } else {
+    gemm(false, true, R, I, d, S(1), w.xn.data(), d, p.wq, d, S(0), w.q.data(), I);
+    for (int64_t h = 0; h < H; ++h)
+      gemm(false, true, R, N, dh, scale, w.q.data() + h * dh, I, s.K.data() + h * dh, I, S(0), w.P.data() + h * N,
+           HN);
+    softmax_rows(w.P.data(), R * H, N, N);
+    for (int64_t h = 0; h < H; ++h)
+      gemm(false, false, R, dh, N, S(1), w.P.data() + h * N, HN, s.V.data() + h * dh, I, S(0), w.o.data() + h * dh,
+           I);
+    gemm(false, true, R, d, I, S(1), w.o.data(), I, p.wo, I, S(0), w.attn.data(), d);
+  }
+  for (int64_t i = 0; i < R * d; ++i) w.y1[i] = w.attn[i] + w.x[i];
+  ln_fwd(w.y1.data(), R, d, p.ff_norm_w, p.ff_norm_b, p.eps, w.z.data(), w.mean2.data(), w.rstd2.data());
+  gemm(false, true, R, 2 * F, d, S(1), w.z.data(), d, p.ff_in_w, d, S(0), w.u.data(), 2 * F);
+  for (int64_t r = 0; r < R; ++r) {
+    S* ur = &w.u[r * 2 * F];
+    S* gr = &w.g[r * F];
+    for (int64_t j = 0; j < 2 * F; ++j) ur[j] += p.ff_in_b[j];
+    for (int64_t j = 0; j < F; ++j) gr[j] = ur[j] * gelu(ur[F + j]);
+  }
+}
+
+// Split the active tokens into at most num_threads() contiguous chunks of whole blocks.
+inline int64_t num_chunks(int64_t T) {
+  const int64_t blocks = (T + kBlock - 1) / kBlock;
+  return std::max<int64_t>(1, std::min<int64_t>(num_threads(), blocks));
+}
+inline void chunk_range(int64_t T, int64_t chunks, int64_t c, int64_t& t0, int64_t& t1) {
+  const int64_t blocks = (T + kBlock - 1) / kBlock;
+  const int64_t b0 = blocks * c / chunks, b1 = blocks * (c + 1) / chunks;
+  t0 = std::min(T, b0 * kBlock);
+  t1 = std::min(T, b1 * kBlock);
+}
+
+template <typename S>
+void add_into(std::vector<S>& dst, const std::vector<S>& src) {
+  for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
+}
+
+}  // namespace detail
+
+// out [B, d] (normalized if p.normalize), pooled [B, d] (before normalization: the backward's statistic).
+template <typename S>
+void forward(const Params<S>& p, S* out, S* pooled) {
+  using namespace detail;
+  const int64_t B = p.B, d = p.d, F = p.F;
+  const Tokens<S> tok = gather_tokens(p);
+  const int64_t T = tok.size();
+  const LatentSide<S> side = latent_side(p);
+  const int64_t chunks = num_chunks(T);
+  // per chunk: gbar [B, F] and ybar [B, d] partial sums
+  std::vector<std::vector<S>> acc(chunks, std::vector<S>(B * (F + d), S(0)));
+  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+    Work<S> w(p, false);
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t t0, t1;
+      chunk_range(T, chunks, c, t0, t1);
+      S* gbar = acc[c].data();
+      S* ybar = gbar + B * F;
+      for (int64_t tb = t0; tb < t1; tb += kBlock) {
+        const int64_t R = std::min(kBlock, t1 - tb);
+        block_forward(p, side, tok, tb, R, w);
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t b = tok.batch[tb + r];
+          const S wt = tok.w[tb + r];
+          for (int64_t j = 0; j < F; ++j) gbar[b * F + j] += wt * w.g[r * F + j];
+          for (int64_t j = 0; j < d; ++j) ybar[b * d + j] += wt * w.y1[r * d + j];
+        }
+      }
+    }
+  });
+  for (int64_t c = 1; c < chunks; ++c) add_into(acc[0], acc[c]);
+  const S* gbar = acc[0].data();
+  const S* ybar = gbar + B * F;
+  gemm(false, true, B, d, F, S(1), gbar, F, p.ff_out_w, F, S(0), pooled, d);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j < d; ++j) pooled[b * d + j] += tok.bias_coef[b] * p.ff_out_b[j] + ybar[b * d + j];
+  for (int64_t b = 0; b < B; ++b) {
+    S nrm = 1;
+    if (p.normalize) {
+      S ss = 0;
+      for (int64_t j = 0; j < d; ++j) ss += pooled[b * d + j] * pooled[b * d + j];
+      nrm = std::max(std::sqrt(ss), S(1e-12));  // F.normalize(eps=1e-12)
+    }
+    for (int64_t j = 0; j < d; ++j) out[b * d + j] = pooled[b * d + j] / nrm;
+  }
+}
+
+template <typename S>
+void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grads<S>& gr) {
+  using namespace detail;
+  const int64_t B = p.B, L = p.L, d = p.d, N = p.N, H = p.H, dh = p.dh, I = p.I(), HN = H * N, F = p.F;
+  const S scale = S(1) / std::sqrt(S(dh));
+  const Tokens<S> tok = gather_tokens(p);
+  const int64_t T = tok.size();
+  const LatentSide<S> side = latent_side(p);
+
+  // de = d loss / d pooled (through the L2 normalization); rows without active tokens get none.
+  std::vector<S> de(B * d, S(0));
+  for (int64_t b = 0; b < B; ++b) {
+    if (!tok.any[b]) continue;
+    const S* pb = pooled + b * d;
+    const S* gb = grad_out + b * d;
+    if (!p.normalize) {
+      for (int64_t j = 0; j < d; ++j) de[b * d + j] = gb[j];
+      continue;
+    }
+    S ss = 0;
+    for (int64_t j = 0; j < d; ++j) ss += pb[j] * pb[j];
+    const S n = std::sqrt(ss);
+    if (n > S(1e-12)) {
+      S dot = 0;
+      for (int64_t j = 0; j < d; ++j) dot += pb[j] * gb[j];
+      dot /= n * n;
+      for (int64_t j = 0; j < d; ++j) de[b * d + j] = (gb[j] - pb[j] * dot) / n;
+    } else {
+      for (int64_t j = 0; j < d; ++j) de[b * d + j] = gb[j] / S(1e-12);
+    }
+  }
+  // dg_t = w_t * (de_b Wff): one [B, F] GEMM instead of [T, F].
+  std::vector<S> dgb(B * F);
+  gemm(false, false, B, F, d, S(1), de.data(), d, p.ff_out_w, F, S(0), dgb.data(), F);
+
+  struct Acc {
+    std::vector<S> gbar, dwin, dbin, dfw, dfb, dnw, dnb, dk, dv, dwq, dwo;  // fold: dk = dKx, dv = dCx [H*N, d]
+  };
+  const int64_t chunks = num_chunks(T);
+  std::vector<Acc> acc(chunks);
+  for (auto& a : acc) {
+    a.gbar.assign(B * F, S(0)), a.dwin.assign(2 * F * d, S(0)), a.dbin.assign(2 * F, S(0));
+    a.dfw.assign(d, S(0)), a.dfb.assign(d, S(0)), a.dnw.assign(d, S(0)), a.dnb.assign(d, S(0));
+    if (p.fold) {
+      a.dk.assign(HN * d, S(0)), a.dv.assign(HN * d, S(0));
+    } else {
+      a.dk.assign(N * I, S(0)), a.dv.assign(N * I, S(0)), a.dwq.assign(I * d, S(0)), a.dwo.assign(d * I, S(0));
+    }
+  }
+  std::fill(gr.x, gr.x + B * L * d, S(0));
+
+  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
+    Work<S> w(p, true);
+    for (int64_t c = c0; c < c1; ++c) {
+      Acc& a = acc[c];
+      int64_t t0, t1;
+      chunk_range(T, chunks, c, t0, t1);
+      for (int64_t tb = t0; tb < t1; tb += kBlock) {
+        const int64_t R = std::min(kBlock, t1 - tb);
+        block_forward(p, side, tok, tb, R, w);
+        // GEGLU backward; dy1 starts as the residual path's w_t * de_b.
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t b = tok.batch[tb + r];
+          const S wt = tok.w[tb + r];
+          const S* ur = &w.u[r * 2 * F];
+          S* dur = &w.du[r * 2 * F];
+          const S* dg = &dgb[b * F];
+          for (int64_t j = 0; j < F; ++j) {
+            a.gbar[b * F + j] += wt * w.g[r * F + j];
+            const S gv = wt * dg[j];
+            dur[j] = gv * gelu(ur[F + j]);
+            dur[F + j] = gv * ur[j] * gelu_grad(ur[F + j]);
+          }
+          for (int64_t j = 0; j < 2 * F; ++j) a.dbin[j] += dur[j];
+          for (int64_t j = 0; j < d; ++j) w.dy1[r * d + j] = wt * de[b * d + j];
+        }
+        gemm(true, false, 2 * F, d, R, S(1), w.du.data(), 2 * F, w.z.data(), d, S(1), a.dwin.data(), d);
+        gemm(false, false, R, d, 2 * F, S(1), w.du.data(), 2 * F, p.ff_in_w, d, S(0), w.dz.data(), d);
+        ln_bwd(w.y1.data(), w.mean2.data(), w.rstd2.data(), p.ff_norm_w, w.dz.data(), R, d, w.dy1.data(),
+               a.dfw.data(), a.dfb.data());
+        // attention backward: dattn = dy1
+        if (p.fold) {
+          gemm(false, true, R, HN, d, S(1), w.dy1.data(), d, side.Cx.data(), d, S(0), w.dP.data(), HN);
+          gemm(true, false, HN, d, R, S(1), w.P.data(), HN, w.dy1.data(), d, S(1), a.dv.data(), d);
+          softmax_bwd_rows(w.P.data(), w.dP.data(), R * H, N, N, scale);
+          gemm(false, false, R, d, HN, S(1), w.dP.data(), HN, side.Kx.data(), d, S(0), w.dxn.data(), d);
+          gemm(true, false, HN, d, R, S(1), w.dP.data(), HN, w.xn.data(), d, S(1), a.dk.data(), d);
+        } else {
+          gemm(true, false, d, I, R, S(1), w.dy1.data(), d, w.o.data(), I, S(1), a.dwo.data(), I);
+          gemm(false, false, R, I, d, S(1), w.dy1.data(), d, p.wo, I, S(0), w.dout.data(), I);
+          for (int64_t h = 0; h < H; ++h) {
+            gemm(false, true, R, N, dh, S(1), w.dout.data() + h * dh, I, side.V.data() + h * dh, I, S(0),
+                 w.dP.data() + h * N, HN);
+            gemm(true, false, N, dh, R, S(1), w.P.data() + h * N, HN, w.dout.data() + h * dh, I, S(1),
+                 a.dv.data() + h * dh, I);
+          }
+          softmax_bwd_rows(w.P.data(), w.dP.data(), R * H, N, N, scale);
+          for (int64_t h = 0; h < H; ++h) {
+            gemm(false, false, R, dh, N, S(1), w.dP.data() + h * N, HN, side.K.data() + h * dh, I, S(0),
+                 w.dq.data() + h * dh, I);
+            gemm(true, false, N, dh, R, S(1), w.dP.data() + h * N, HN, w.q.data() + h * dh, I, S(1),
+                 a.dk.data() + h * dh, I);
+          }
+          gemm(false, false, R, d, I, S(1), w.dq.data(), I, p.wq, d, S(0), w.dxn.data(), d);
+          gemm(true, false, I, d, R, S(1), w.dq.data(), I, w.xn.data(), d, S(1), a.dwq.data(), d);
+        }
+        std::memcpy(w.dx.data(), w.dy1.data(), sizeof(S) * R * d);  // residual
+        ln_bwd(w.x.data(), w.mean1.data(), w.rstd1.data(), p.norm_w, w.dxn.data(), R, d, w.dx.data(),
+               a.dnw.data(), a.dnb.data());
+        for (int64_t r = 0; r < R; ++r) std::memcpy(gr.x + tok.row[tb + r] * d, &w.dx[r * d], sizeof(S) * d);
+      }
+    }
+  });
+  Acc& a = acc[0];
+  for (int64_t c = 1; c < chunks; ++c) {
+    add_into(a.gbar, acc[c].gbar), add_into(a.dwin, acc[c].dwin), add_into(a.dbin, acc[c].dbin);
+    add_into(a.dfw, acc[c].dfw), add_into(a.dfb, acc[c].dfb), add_into(a.dnw, acc[c].dnw);
+    add_into(a.dnb, acc[c].dnb), add_into(a.dk, acc[c].dk), add_into(a.dv, acc[c].dv);
+    if (!p.fold) add_into(a.dwq, acc[c].dwq), add_into(a.dwo, acc[c].dwo);
+  }
+  std::copy(a.dwin.begin(), a.dwin.end(), gr.ff_in_w);
+  std::copy(a.dbin.begin(), a.dbin.end(), gr.ff_in_b);
+  std::copy(a.dfw.begin(), a.dfw.end(), gr.ff_norm_w);
+  std::copy(a.dfb.begin(), a.dfb.end(), gr.ff_norm_b);
+  std::copy(a.dnw.begin(), a.dnw.end(), gr.norm_w);
+  std::copy(a.dnb.begin(), a.dnb.end(), gr.norm_b);
+  // Wff and its bias see only the pooled rows.
+  gemm(true, false, d, F, B, S(1), de.data(), d, a.gbar.data(), F, S(0), gr.ff_out_w, F);
+  for (int64_t j = 0; j < d; ++j) {
+    S s = 0;
+    for (int64_t b = 0; b < B; ++b) s += tok.bias_coef[b] * de[b * d + j];
+    gr.ff_out_b[j] = s;
+  }
+  // Latent side: dK, dV [N, I] (scores scale already applied in softmax_bwd_rows).
+  std::vector<S> dK, dV;
+  if (p.fold) {
+    dK.assign(N * I, S(0)), dV.assign(N * I, S(0));
+    parallel_for(H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) {
+        const S* dKx = a.dk.data() + h * N * d;
+        const S* dCx = a.dv.data() + h * N * d;
+        gemm(false, true, N, dh, d, S(1), dKx, d, p.wq + h * dh * d, d, S(0), dK.data() + h * dh, I);
+        gemm(true, false, dh, d, N, S(1), side.K.data() + h * dh, I, dKx, d, S(0), gr.wq + h * dh * d, d);
+        gemm(false, false, N, dh, d, S(1), dCx, d, p.wo + h * dh, I, S(0), dV.data() + h * dh, I);
+        gemm(true, false, d, dh, N, S(1), dCx, d, side.V.data() + h * dh, I, S(0), gr.wo + h * dh, I);
+      }
+    });
+  } else {
+    dK.swap(a.dk), dV.swap(a.dv);
+    std::copy(a.dwq.begin(), a.dwq.end(), gr.wq);
+    std::copy(a.dwo.begin(), a.dwo.end(), gr.wo);
+  }
+  gemm(true, false, I, d, N, S(1), dK.data(), I, side.ctx.data(), d, S(0), gr.wkv, d);
+  gemm(true, false, I, d, N, S(1), dV.data(), I, side.ctx.data(), d, S(0), gr.wkv + I * d, d);
+  std::vector<S> dctx(N * d);
+  gemm(false, false, N, d, I, S(1), dK.data(), I, p.wkv, d, S(0), dctx.data(), d);
+  gemm(false, false, N, d, I, S(1), dV.data(), I, p.wkv + I * d, d, S(1), dctx.data(), d);
+  std::fill(gr.latents, gr.latents + N * d, S(0));
+  std::fill(gr.ctx_w, gr.ctx_w + d, S(0));
+  std::fill(gr.ctx_b, gr.ctx_b + d, S(0));
+  ln_bwd(p.latents, side.ctx_mean.data(), side.ctx_rstd.data(), p.ctx_w, dctx.data(), N, d, gr.latents, gr.ctx_w,
+         gr.ctx_b);
+}
+
+}  // namespace nvembed::cpu::latent_pool
