@@ -76,9 +76,12 @@ def _latent_pool_fwd_fake(hidden_states, pool_mask, latents, norm_weight, norm_b
 
 
 @torch.library.register_fake(_lib + "_latent_pool_bwd")
-def _latent_pool_bwd_fake(grad_out, pooled, hidden_states, pool_mask, *rest):
-    weights = rest[:14]
-    num_heads, eps = rest[14], rest[16]
+def _latent_pool_bwd_fake(grad_out, pooled, hidden_states, pool_mask, latents, norm_weight, norm_bias,
+                          norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
+                          ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
+                          num_heads, normalize=True, eps=1e-5):
+    weights = (latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight,
+               to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias)
     B, d = _check_args(hidden_states, pool_mask, weights, num_heads, eps)
     torch._check(grad_out.shape == (B, d), lambda: _OP + "grad_out must have shape [B, d]")
     torch._check(pooled.shape == (B, d), lambda: _OP + "pooled must have shape [B, d]")
