@@ -182,7 +182,8 @@ SHAPES = [  # B, L, d, N, H, dh, F
     (3, 17, 16, 7, 4, 8, 64),
     (2, 33, 32, 7, 4, 32, 128),  # dim_head = d as in the release
     (4, 9, 32, 5, 1, 24, 48),    # dim_head != d, F != 4d
-    (2, 70, 24, 9, 4, 6, 96),    # more than one 64-token block
+    (2, 70, 24, 9, 4, 6, 96),    # tokens split over threads
+    (3, 401, 16, 5, 2, 8, 32),   # several blocks per thread
 ]
 
 

@@ -58,19 +58,89 @@ inline bool fold_is_cheaper(int64_t T, int64_t d, int64_t N, int64_t H, int64_t 
 
 namespace detail {
 
-constexpr int64_t kBlock = 64;  // tokens per block: GEMM tiles of [64 x k]
+// Tokens go to at most num_threads() contiguous chunks (>= kMinChunk tokens each), each chunk is walked in blocks of
+// <= kMaxBlock rows: the GEMM tiles are [block x k], and large blocks amortize the BLAS packing of the weights.
+constexpr int64_t kMinChunk = 64;
+constexpr int64_t kMaxBlock = 512;
+
+// ---- vectorizable pointwise pieces ----------------------------------------------------------------------------
+// Reductions in kLanes independent partial sums, so the compiler vectorizes them without -ffast-math.
+constexpr int kLanes = 16;
+template <typename S, typename Fn>
+inline S reduce_sum(int64_t n, Fn f) {
+  S acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += f(j + k);
+  S s = 0;
+  for (; j < n; ++j) s += f(j);
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+template <typename S>
+inline S reduce_max(const S* x, int64_t n) {
+  S acc[kLanes];
+  for (int k = 0; k < kLanes; ++k) acc[k] = x[0];
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] = std::max(acc[k], x[j + k]);
+  S m = x[0];
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  for (int k = 0; k < kLanes; ++k) m = std::max(m, acc[k]);
+  return m;
+}
+
+// exp / erf: float32 uses branch-free approximations that vectorize (the libm calls do not): exp by 2^n * degree-6
+// polynomial on |r| <= ln2/2 (~2 ulp; inputs clamped to [-87, 88], so exp underflows to 1.6e-38, not 0), erf by
+// Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7), the formula ATen's vectorized float erf uses. float64 (gradcheck)
+// keeps libm.
+template <typename S>
+inline S vexp(S x) {
+  return std::exp(x);
+}
+template <>
+inline float vexp<float>(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &e, sizeof(scale));
+  return p * scale;
+}
+template <typename S>
+inline S verf(S x) {
+  return std::erf(x);
+}
+template <>
+inline float verf<float>(float x) {
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (0.3275911f * ax + 1.0f);
+  float r = 1.061405429f;
+  r = r * t - 1.453152027f;
+  r = r * t + 1.421413741f;
+  r = r * t - 0.284496736f;
+  r = r * t + 0.254829592f;
+  return std::copysign(1.0f - r * t * vexp(-ax * ax), x);
+}
 
 template <typename S>
 inline void ln_fwd(const S* in, int64_t rows, int64_t d, const S* w, const S* b, S eps, S* out, S* mean, S* rstd) {
   for (int64_t r = 0; r < rows; ++r) {
     const S* xi = in + r * d;
     S* yo = out + r * d;
-    S s = 0;
-    for (int64_t j = 0; j < d; ++j) s += xi[j];
-    const S mu = s / S(d);
-    S v = 0;
-    for (int64_t j = 0; j < d; ++j) v += (xi[j] - mu) * (xi[j] - mu);  // two-pass: no cancellation
-    const S rs = S(1) / std::sqrt(v / S(d) + eps);
+    const S mu = reduce_sum<S>(d, [&](int64_t j) { return xi[j]; }) / S(d);
+    // two-pass variance: no cancellation
+    const S v = reduce_sum<S>(d, [&](int64_t j) { return (xi[j] - mu) * (xi[j] - mu); }) / S(d);
+    const S rs = S(1) / std::sqrt(v + eps);
     for (int64_t j = 0; j < d; ++j) yo[j] = (xi[j] - mu) * rs * w[j] + b[j];
     mean[r] = mu;
     rstd[r] = rs;
@@ -86,21 +156,13 @@ inline void ln_bwd(const S* in, const S* mean, const S* rstd, const S* w, const 
     const S* gi = dy + r * d;
     S* dxi = dx + r * d;
     const S mu = mean[r], rs = rstd[r];
-    S sg = 0, sgx = 0;
     for (int64_t j = 0; j < d; ++j) {
-      const S xh = (xi[j] - mu) * rs;
-      const S g = gi[j] * w[j];
-      dw[j] += gi[j] * xh;
+      dw[j] += gi[j] * ((xi[j] - mu) * rs);
       db[j] += gi[j];
-      sg += g;
-      sgx += g * xh;
     }
-    sg /= S(d);
-    sgx /= S(d);
-    for (int64_t j = 0; j < d; ++j) {
-      const S xh = (xi[j] - mu) * rs;
-      dxi[j] += rs * (gi[j] * w[j] - sg - xh * sgx);
-    }
+    const S sg = reduce_sum<S>(d, [&](int64_t j) { return gi[j] * w[j]; }) / S(d);
+    const S sgx = reduce_sum<S>(d, [&](int64_t j) { return gi[j] * w[j] * ((xi[j] - mu) * rs); }) / S(d);
+    for (int64_t j = 0; j < d; ++j) dxi[j] += rs * (gi[j] * w[j] - sg - (xi[j] - mu) * rs * sgx);
   }
 }
 
@@ -108,14 +170,9 @@ template <typename S>
 inline void softmax_rows(S* p, int64_t rows, int64_t n, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     S* pr = p + r * ld;
-    S m = pr[0];
-    for (int64_t j = 1; j < n; ++j) m = std::max(m, pr[j]);
-    S s = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      pr[j] = std::exp(pr[j] - m);
-      s += pr[j];
-    }
-    const S inv = S(1) / s;
+    const S m = reduce_max(pr, n);
+    for (int64_t j = 0; j < n; ++j) pr[j] = vexp(pr[j] - m);
+    const S inv = S(1) / reduce_sum<S>(n, [&](int64_t j) { return pr[j]; });
     for (int64_t j = 0; j < n; ++j) pr[j] *= inv;
   }
 }
@@ -126,20 +183,30 @@ inline void softmax_bwd_rows(const S* p, S* dp, int64_t rows, int64_t n, int64_t
   for (int64_t r = 0; r < rows; ++r) {
     const S* pr = p + r * ld;
     S* dr = dp + r * ld;
-    S dot = 0;
-    for (int64_t j = 0; j < n; ++j) dot += pr[j] * dr[j];
+    const S dot = reduce_sum<S>(n, [&](int64_t j) { return pr[j] * dr[j]; });
     for (int64_t j = 0; j < n; ++j) dr[j] = scale * pr[j] * (dr[j] - dot);
   }
 }
 
+// GEGLU: g = a * gelu(gate), exact (erf) GELU.
 template <typename S>
-inline S gelu(S v) {
-  return S(0.5) * v * (S(1) + std::erf(v * S(0.70710678118654752440)));
+inline void geglu_fwd(const S* u, int64_t F, S* g) {
+  for (int64_t j = 0; j < F; ++j) {
+    const S v = u[F + j];
+    g[j] = u[j] * (S(0.5) * v * (S(1) + verf(v * S(0.70710678118654752440))));
+  }
 }
+// du = [dg * gelu(gate) | dg * a * gelu'(gate)] with dg = wt * dgb.
 template <typename S>
-inline S gelu_grad(S v) {
-  return S(0.5) * (S(1) + std::erf(v * S(0.70710678118654752440))) +
-         v * std::exp(S(-0.5) * v * v) * S(0.39894228040143267794);
+inline void geglu_bwd(const S* u, const S* dgb, S wt, int64_t F, S* du) {
+  for (int64_t j = 0; j < F; ++j) {
+    const S v = u[F + j];
+    const S cdf = S(0.5) * (S(1) + verf(v * S(0.70710678118654752440)));
+    const S pdf = vexp(S(-0.5) * v * v) * S(0.39894228040143267794);
+    const S dg = wt * dgb[j];
+    du[j] = dg * v * cdf;
+    du[F + j] = dg * u[j] * (cdf + v * pdf);
+  }
 }
 
 // Active tokens (pool weight != 0), their batch row and pooling weight.
@@ -218,8 +285,8 @@ template <typename S>
 struct Work {
   std::vector<S> x, xn, mean1, rstd1, q, P, o, attn, y1, z, mean2, rstd2, u, g;  // forward
   std::vector<S> du, dz, dy1, dP, dq, dxn, dx, dout;                               // backward
-  Work(const Params<S>& p, bool bwd) {
-    const int64_t R = kBlock, d = p.d, I = p.I(), HN = p.H * p.N, F = p.F;
+  Work(const Params<S>& p, bool bwd, int64_t R) {
+    const int64_t d = p.d, I = p.I(), HN = p.H * p.N, F = p.F;
     x.resize(R * d), xn.resize(R * d), mean1.resize(R), rstd1.resize(R), P.resize(R * HN), attn.resize(R * d);
     y1.resize(R * d), z.resize(R * d), mean2.resize(R), rstd2.resize(R), u.resize(R * 2 * F), g.resize(R * F);
     if (!p.fold) q.resize(R * I), o.resize(R * I);
@@ -261,20 +328,21 @@ void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& 
     S* ur = &w.u[r * 2 * F];
     S* gr = &w.g[r * F];
     for (int64_t j = 0; j < 2 * F; ++j) ur[j] += p.ff_in_b[j];
-    for (int64_t j = 0; j < F; ++j) gr[j] = ur[j] * gelu(ur[F + j]);
+    geglu_fwd(ur, F, gr);
   }
 }
 
-// Split the active tokens into at most num_threads() contiguous chunks of whole blocks.
 inline int64_t num_chunks(int64_t T) {
-  const int64_t blocks = (T + kBlock - 1) / kBlock;
-  return std::max<int64_t>(1, std::min<int64_t>(num_threads(), blocks));
+  return std::max<int64_t>(1, std::min<int64_t>(num_threads(), (T + kMinChunk - 1) / kMinChunk));
 }
 inline void chunk_range(int64_t T, int64_t chunks, int64_t c, int64_t& t0, int64_t& t1) {
-  const int64_t blocks = (T + kBlock - 1) / kBlock;
-  const int64_t b0 = blocks * c / chunks, b1 = blocks * (c + 1) / chunks;
-  t0 = std::min(T, b0 * kBlock);
-  t1 = std::min(T, b1 * kBlock);
+  t0 = T * c / chunks;
+  t1 = T * (c + 1) / chunks;
+}
+// Rows per block for a chunk of n tokens: equal blocks of at most kMaxBlock.
+inline int64_t block_rows(int64_t n) {
+  const int64_t nb = std::max<int64_t>(1, (n + kMaxBlock - 1) / kMaxBlock);
+  return std::max<int64_t>(1, (n + nb - 1) / nb);
 }
 
 template <typename S>
@@ -296,14 +364,21 @@ void forward(const Params<S>& p, S* out, S* pooled) {
   // per chunk: gbar [B, F] and ybar [B, d] partial sums
   std::vector<std::vector<S>> acc(chunks, std::vector<S>(B * (F + d), S(0)));
   parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
-    Work<S> w(p, false);
+    int64_t cmax = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t t0, t1;
+      chunk_range(T, chunks, c, t0, t1);
+      cmax = std::max(cmax, block_rows(t1 - t0));
+    }
+    Work<S> w(p, false, cmax);
     for (int64_t c = c0; c < c1; ++c) {
       int64_t t0, t1;
       chunk_range(T, chunks, c, t0, t1);
       S* gbar = acc[c].data();
       S* ybar = gbar + B * F;
-      for (int64_t tb = t0; tb < t1; tb += kBlock) {
-        const int64_t R = std::min(kBlock, t1 - tb);
+      const int64_t Rb = block_rows(t1 - t0);
+      for (int64_t tb = t0; tb < t1; tb += Rb) {
+        const int64_t R = std::min(Rb, t1 - tb);
         block_forward(p, side, tok, tb, R, w);
         for (int64_t r = 0; r < R; ++r) {
           const int64_t b = tok.batch[tb + r];
@@ -383,13 +458,20 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
   std::fill(gr.x, gr.x + B * L * d, S(0));
 
   parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
-    Work<S> w(p, true);
+    int64_t cmax = 0;
+    for (int64_t c = c0; c < c1; ++c) {
+      int64_t t0, t1;
+      chunk_range(T, chunks, c, t0, t1);
+      cmax = std::max(cmax, block_rows(t1 - t0));
+    }
+    Work<S> w(p, true, cmax);
     for (int64_t c = c0; c < c1; ++c) {
       Acc& a = acc[c];
       int64_t t0, t1;
       chunk_range(T, chunks, c, t0, t1);
-      for (int64_t tb = t0; tb < t1; tb += kBlock) {
-        const int64_t R = std::min(kBlock, t1 - tb);
+      const int64_t Rb = block_rows(t1 - t0);
+      for (int64_t tb = t0; tb < t1; tb += Rb) {
+        const int64_t R = std::min(Rb, t1 - tb);
         block_forward(p, side, tok, tb, R, w);
         // GEGLU backward; dy1 starts as the residual path's w_t * de_b.
         for (int64_t r = 0; r < R; ++r) {
@@ -398,12 +480,8 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
           const S* ur = &w.u[r * 2 * F];
           S* dur = &w.du[r * 2 * F];
           const S* dg = &dgb[b * F];
-          for (int64_t j = 0; j < F; ++j) {
-            a.gbar[b * F + j] += wt * w.g[r * F + j];
-            const S gv = wt * dg[j];
-            dur[j] = gv * gelu(ur[F + j]);
-            dur[F + j] = gv * ur[j] * gelu_grad(ur[F + j]);
-          }
+          for (int64_t j = 0; j < F; ++j) a.gbar[b * F + j] += wt * w.g[r * F + j];
+          geglu_bwd(ur, dg, wt, F, dur);
           for (int64_t j = 0; j < 2 * F; ++j) a.dbin[j] += dur[j];
           for (int64_t j = 0; j < d; ++j) w.dy1[r * d + j] = wt * de[b * d + j];
         }
