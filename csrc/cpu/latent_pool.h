@@ -61,7 +61,7 @@ namespace detail {
 // Tokens go to at most num_threads() contiguous chunks (>= kMinChunk tokens each), each chunk is walked in blocks of
 // <= kMaxBlock rows: the GEMM tiles are [block x k], and large blocks amortize the BLAS packing of the weights.
 constexpr int64_t kMinChunk = 64;
-constexpr int64_t kMaxBlock = 512;
+constexpr int64_t kMaxBlock = 256;
 
 // ---- vectorizable pointwise pieces ----------------------------------------------------------------------------
 // Reductions in kLanes independent partial sums, so the compiler vectorizes them without -ffast-math.
