@@ -58,10 +58,11 @@ inline bool fold_is_cheaper(int64_t T, int64_t d, int64_t N, int64_t H, int64_t 
 
 namespace detail {
 
-// Tokens go to at most num_threads() contiguous chunks (>= kMinChunk tokens each), each chunk is walked in blocks of
-// <= kMaxBlock rows: the GEMM tiles are [block x k], and large blocks amortize the BLAS packing of the weights.
-constexpr int64_t kMinChunk = 64;
-constexpr int64_t kMaxBlock = 256;
+// Tokens are walked in blocks of <= kMaxBlock rows. Within a block every GEMM covers all its rows and is threaded
+// by the BLAS (one packing of each weight per block, no per-thread gradient copies to reduce); the row-wise
+// pieces (LayerNorm, softmax, GEGLU) run under parallel_for over rows, column sums under parallel_for over columns.
+// The result does not depend on the thread count's partition of the pointwise work (deterministic).
+constexpr int64_t kMaxBlock = 512;
 
 // ---- vectorizable pointwise pieces ----------------------------------------------------------------------------
 // Reductions in kLanes independent partial sums, so the compiler vectorizes them without -ffast-math.
@@ -147,22 +148,32 @@ inline void ln_fwd(const S* in, int64_t rows, int64_t d, const S* w, const S* b,
   }
 }
 
-// dx += LN backward of dy; dw += sum dy * xhat; db += sum dy.
+// dx += LN backward of dy (rows [0, rows)).
 template <typename S>
-inline void ln_bwd(const S* in, const S* mean, const S* rstd, const S* w, const S* dy, int64_t rows, int64_t d,
-                   S* dx, S* dw, S* db) {
+inline void ln_bwd_dx(const S* in, const S* mean, const S* rstd, const S* w, const S* dy, int64_t rows, int64_t d,
+                      S* dx) {
   for (int64_t r = 0; r < rows; ++r) {
     const S* xi = in + r * d;
     const S* gi = dy + r * d;
     S* dxi = dx + r * d;
     const S mu = mean[r], rs = rstd[r];
-    for (int64_t j = 0; j < d; ++j) {
-      dw[j] += gi[j] * ((xi[j] - mu) * rs);
-      db[j] += gi[j];
-    }
     const S sg = reduce_sum<S>(d, [&](int64_t j) { return gi[j] * w[j]; }) / S(d);
     const S sgx = reduce_sum<S>(d, [&](int64_t j) { return gi[j] * w[j] * ((xi[j] - mu) * rs); }) / S(d);
     for (int64_t j = 0; j < d; ++j) dxi[j] += rs * (gi[j] * w[j] - sg - (xi[j] - mu) * rs * sgx);
+  }
+}
+// dw[j] += sum_r dy * xhat, db[j] += sum_r dy for columns [j0, j1).
+template <typename S>
+inline void ln_bwd_dwdb(const S* in, const S* mean, const S* rstd, const S* dy, int64_t rows, int64_t d, int64_t j0,
+                        int64_t j1, S* dw, S* db) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* xi = in + r * d;
+    const S* gi = dy + r * d;
+    const S mu = mean[r], rs = rstd[r];
+    for (int64_t j = j0; j < j1; ++j) {
+      dw[j] += gi[j] * ((xi[j] - mu) * rs);
+      db[j] += gi[j];
+    }
   }
 }
 
@@ -268,19 +279,16 @@ LatentSide<S> latent_side(const Params<S>& p) {
   if (p.fold) {
     s.Kx.resize(H * N * d);
     s.Cx.resize(H * N * d);
-    parallel_for(H, 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t h = h0; h < h1; ++h) {
-        gemm(false, false, N, d, dh, S(1), s.K.data() + h * dh, I, p.wq + h * dh * d, d, S(0),
-             s.Kx.data() + h * N * d, d);
-        gemm(false, true, N, d, dh, S(1), s.V.data() + h * dh, I, p.wo + h * dh, I, S(0),
-             s.Cx.data() + h * N * d, d);
-      }
-    });
+    for (int64_t h = 0; h < H; ++h) {
+      gemm(false, false, N, d, dh, S(1), s.K.data() + h * dh, I, p.wq + h * dh * d, d, S(0), s.Kx.data() + h * N * d,
+           d);
+      gemm(false, true, N, d, dh, S(1), s.V.data() + h * dh, I, p.wo + h * dh, I, S(0), s.Cx.data() + h * N * d, d);
+    }
   }
   return s;
 }
 
-// Per-thread block buffers.
+// Block buffers.
 template <typename S>
 struct Work {
   std::vector<S> x, xn, mean1, rstd1, q, P, o, attn, y1, z, mean2, rstd2, u, g;  // forward
@@ -298,56 +306,95 @@ struct Work {
   }
 };
 
+// fn(r0, r1) over [0, n) in parallel; `work` = rough cost of one item, to size the grain.
+template <typename Fn>
+inline void par(int64_t n, int64_t work, Fn fn) {
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(work, 1));
+  parallel_for(n, grain, [&](int64_t a, int64_t b) { fn(a, b); });
+}
+
+template <typename S>
+void ln_fwd_par(const S* in, int64_t rows, int64_t d, const S* w, const S* b, S eps, S* out, S* mean, S* rstd) {
+  par(rows, 4 * d, [&](int64_t r0, int64_t r1) {
+    ln_fwd(in + r0 * d, r1 - r0, d, w, b, eps, out + r0 * d, mean + r0, rstd + r0);
+  });
+}
+// dx += LN backward; dw, db += their sums over the rows.
+template <typename S>
+void ln_bwd_par(const S* in, const S* mean, const S* rstd, const S* w, const S* dy, int64_t rows, int64_t d, S* dx,
+                S* dw, S* db) {
+  par(rows, 6 * d, [&](int64_t r0, int64_t r1) {
+    ln_bwd_dx(in + r0 * d, mean + r0, rstd + r0, w, dy + r0 * d, r1 - r0, d, dx + r0 * d);
+  });
+  par(d, 3 * rows, [&](int64_t j0, int64_t j1) { ln_bwd_dwdb(in, mean, rstd, dy, rows, d, j0, j1, dw, db); });
+}
+// dst[batch[r], j] += wt[r] * src[r, j] (the masked mean's sums), parallel over columns: no two threads share a
+// destination element, and each element's summation order is fixed.
+template <typename S>
+void pool_rows(const S* src, int64_t rows, int64_t n, const int64_t* batch, const S* wt, S* dst) {
+  par(n, 2 * rows, [&](int64_t j0, int64_t j1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const S* sr = src + r * n;
+      S* dr = dst + batch[r] * n;
+      const S wr = wt[r];
+      for (int64_t j = j0; j < j1; ++j) dr[j] += wr * sr[j];
+    }
+  });
+}
+template <typename S>
+void colsum_add(const S* src, int64_t rows, int64_t n, S* dst) {
+  par(n, rows, [&](int64_t j0, int64_t j1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = j0; j < j1; ++j) dst[j] += src[r * n + j];
+  });
+}
+
 // Forward of tokens [t0, t0 + R) up to g = GEGLU(...); fills w.x, xn, (q, o), P, y1, z, u, g and the LN stats.
 template <typename S>
 void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& tok, int64_t t0, int64_t R,
                    Work<S>& w) {
   const int64_t d = p.d, N = p.N, H = p.H, dh = p.dh, I = p.I(), HN = H * N, F = p.F;
   const S scale = S(1) / std::sqrt(S(dh));
-  for (int64_t r = 0; r < R; ++r) std::memcpy(&w.x[r * d], p.x + tok.row[t0 + r] * d, sizeof(S) * d);
-  ln_fwd(w.x.data(), R, d, p.norm_w, p.norm_b, p.eps, w.xn.data(), w.mean1.data(), w.rstd1.data());
+  par(R, d, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) std::memcpy(&w.x[r * d], p.x + tok.row[t0 + r] * d, sizeof(S) * d);
+  });
+  ln_fwd_par(w.x.data(), R, d, p.norm_w, p.norm_b, p.eps, w.xn.data(), w.mean1.data(), w.rstd1.data());
+  // rows of P are [H][N] contiguous: softmax over R*H rows of N
+  auto softmax = [&] {
+    par(R * H, 4 * N, [&](int64_t a, int64_t b) { softmax_rows(w.P.data() + a * N, b - a, N, N); });
+  };
   if (p.fold) {
     gemm(false, true, R, HN, d, scale, w.xn.data(), d, s.Kx.data(), d, S(0), w.P.data(), HN);
-    softmax_rows(w.P.data(), R * H, N, N);  // rows of P are [H][N] contiguous: treat as R*H rows of N
+    softmax();
     gemm(false, false, R, d, HN, S(1), w.P.data(), HN, s.Cx.data(), d, S(0), w.attn.data(), d);
   } else {
     gemm(false, true, R, I, d, S(1), w.xn.data(), d, p.wq, d, S(0), w.q.data(), I);
     for (int64_t h = 0; h < H; ++h)
       gemm(false, true, R, N, dh, scale, w.q.data() + h * dh, I, s.K.data() + h * dh, I, S(0), w.P.data() + h * N,
            HN);
-    softmax_rows(w.P.data(), R * H, N, N);
+    softmax();
     for (int64_t h = 0; h < H; ++h)
       gemm(false, false, R, dh, N, S(1), w.P.data() + h * N, HN, s.V.data() + h * dh, I, S(0), w.o.data() + h * dh,
            I);
     gemm(false, true, R, d, I, S(1), w.o.data(), I, p.wo, I, S(0), w.attn.data(), d);
   }
-  for (int64_t i = 0; i < R * d; ++i) w.y1[i] = w.attn[i] + w.x[i];
-  ln_fwd(w.y1.data(), R, d, p.ff_norm_w, p.ff_norm_b, p.eps, w.z.data(), w.mean2.data(), w.rstd2.data());
+  par(R, d, [&](int64_t r0, int64_t r1) {
+    for (int64_t i = r0 * d; i < r1 * d; ++i) w.y1[i] = w.attn[i] + w.x[i];
+  });
+  ln_fwd_par(w.y1.data(), R, d, p.ff_norm_w, p.ff_norm_b, p.eps, w.z.data(), w.mean2.data(), w.rstd2.data());
   gemm(false, true, R, 2 * F, d, S(1), w.z.data(), d, p.ff_in_w, d, S(0), w.u.data(), 2 * F);
-  for (int64_t r = 0; r < R; ++r) {
-    S* ur = &w.u[r * 2 * F];
-    S* gr = &w.g[r * F];
-    for (int64_t j = 0; j < 2 * F; ++j) ur[j] += p.ff_in_b[j];
-    geglu_fwd(ur, F, gr);
-  }
+  par(R, 20 * F, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      S* ur = &w.u[r * 2 * F];
+      for (int64_t j = 0; j < 2 * F; ++j) ur[j] += p.ff_in_b[j];
+      geglu_fwd(ur, F, &w.g[r * F]);
+    }
+  });
 }
 
-inline int64_t num_chunks(int64_t T) {
-  return std::max<int64_t>(1, std::min<int64_t>(num_threads(), (T + kMinChunk - 1) / kMinChunk));
-}
-inline void chunk_range(int64_t T, int64_t chunks, int64_t c, int64_t& t0, int64_t& t1) {
-  t0 = T * c / chunks;
-  t1 = T * (c + 1) / chunks;
-}
-// Rows per block for a chunk of n tokens: equal blocks of at most kMaxBlock.
-inline int64_t block_rows(int64_t n) {
-  const int64_t nb = std::max<int64_t>(1, (n + kMaxBlock - 1) / kMaxBlock);
-  return std::max<int64_t>(1, (n + nb - 1) / nb);
-}
-
-template <typename S>
-void add_into(std::vector<S>& dst, const std::vector<S>& src) {
-  for (size_t i = 0; i < dst.size(); ++i) dst[i] += src[i];
+inline int64_t block_rows(int64_t T) {
+  const int64_t nb = std::max<int64_t>(1, (T + kMaxBlock - 1) / kMaxBlock);
+  return std::max<int64_t>(1, (T + nb - 1) / nb);  // equal blocks of at most kMaxBlock
 }
 
 }  // namespace detail
@@ -360,39 +407,16 @@ void forward(const Params<S>& p, S* out, S* pooled) {
   const Tokens<S> tok = gather_tokens(p);
   const int64_t T = tok.size();
   const LatentSide<S> side = latent_side(p);
-  const int64_t chunks = num_chunks(T);
-  // per chunk: gbar [B, F] and ybar [B, d] partial sums
-  std::vector<std::vector<S>> acc(chunks, std::vector<S>(B * (F + d), S(0)));
-  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
-    int64_t cmax = 0;
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t t0, t1;
-      chunk_range(T, chunks, c, t0, t1);
-      cmax = std::max(cmax, block_rows(t1 - t0));
-    }
-    Work<S> w(p, false, cmax);
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t t0, t1;
-      chunk_range(T, chunks, c, t0, t1);
-      S* gbar = acc[c].data();
-      S* ybar = gbar + B * F;
-      const int64_t Rb = block_rows(t1 - t0);
-      for (int64_t tb = t0; tb < t1; tb += Rb) {
-        const int64_t R = std::min(Rb, t1 - tb);
-        block_forward(p, side, tok, tb, R, w);
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t b = tok.batch[tb + r];
-          const S wt = tok.w[tb + r];
-          for (int64_t j = 0; j < F; ++j) gbar[b * F + j] += wt * w.g[r * F + j];
-          for (int64_t j = 0; j < d; ++j) ybar[b * d + j] += wt * w.y1[r * d + j];
-        }
-      }
-    }
-  });
-  for (int64_t c = 1; c < chunks; ++c) add_into(acc[0], acc[c]);
-  const S* gbar = acc[0].data();
-  const S* ybar = gbar + B * F;
-  gemm(false, true, B, d, F, S(1), gbar, F, p.ff_out_w, F, S(0), pooled, d);
+  std::vector<S> gbar(B * F, S(0)), ybar(B * d, S(0));
+  const int64_t Rb = block_rows(T);
+  Work<S> w(p, false, std::min(Rb, std::max<int64_t>(T, 1)));
+  for (int64_t tb = 0; tb < T; tb += Rb) {
+    const int64_t R = std::min(Rb, T - tb);
+    block_forward(p, side, tok, tb, R, w);
+    pool_rows(w.g.data(), R, F, tok.batch.data() + tb, tok.w.data() + tb, gbar.data());
+    pool_rows(w.y1.data(), R, d, tok.batch.data() + tb, tok.w.data() + tb, ybar.data());
+  }
+  gemm(false, true, B, d, F, S(1), gbar.data(), F, p.ff_out_w, F, S(0), pooled, d);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t j = 0; j < d; ++j) pooled[b * d + j] += tok.bias_coef[b] * p.ff_out_b[j] + ybar[b * d + j];
   for (int64_t b = 0; b < B; ++b) {
@@ -441,125 +465,103 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
   std::vector<S> dgb(B * F);
   gemm(false, false, B, F, d, S(1), de.data(), d, p.ff_out_w, F, S(0), dgb.data(), F);
 
-  struct Acc {
-    std::vector<S> gbar, dwin, dbin, dfw, dfb, dnw, dnb, dk, dv, dwq, dwo;  // fold: dk = dKx, dv = dCx [H*N, d]
-  };
-  const int64_t chunks = num_chunks(T);
-  std::vector<Acc> acc(chunks);
-  for (auto& a : acc) {
-    a.gbar.assign(B * F, S(0)), a.dwin.assign(2 * F * d, S(0)), a.dbin.assign(2 * F, S(0));
-    a.dfw.assign(d, S(0)), a.dfb.assign(d, S(0)), a.dnw.assign(d, S(0)), a.dnb.assign(d, S(0));
-    if (p.fold) {
-      a.dk.assign(HN * d, S(0)), a.dv.assign(HN * d, S(0));
-    } else {
-      a.dk.assign(N * I, S(0)), a.dv.assign(N * I, S(0)), a.dwq.assign(I * d, S(0)), a.dwo.assign(d * I, S(0));
-    }
+  // gradient accumulators; fold: dk = dKx, dv = dCx [H*N, d]; plain: dk = dK, dv = dV [N, I]
+  std::vector<S> gbar(B * F, S(0)), dwin(2 * F * d, S(0)), dbin(2 * F, S(0)), dfw(d, S(0)), dfb(d, S(0));
+  std::vector<S> dnw(d, S(0)), dnb(d, S(0)), dk, dv, dwq, dwo;
+  if (p.fold) {
+    dk.assign(HN * d, S(0)), dv.assign(HN * d, S(0));
+  } else {
+    dk.assign(N * I, S(0)), dv.assign(N * I, S(0)), dwq.assign(I * d, S(0)), dwo.assign(d * I, S(0));
   }
   std::fill(gr.x, gr.x + B * L * d, S(0));
 
-  parallel_for(chunks, 1, [&](int64_t c0, int64_t c1) {
-    int64_t cmax = 0;
-    for (int64_t c = c0; c < c1; ++c) {
-      int64_t t0, t1;
-      chunk_range(T, chunks, c, t0, t1);
-      cmax = std::max(cmax, block_rows(t1 - t0));
-    }
-    Work<S> w(p, true, cmax);
-    for (int64_t c = c0; c < c1; ++c) {
-      Acc& a = acc[c];
-      int64_t t0, t1;
-      chunk_range(T, chunks, c, t0, t1);
-      const int64_t Rb = block_rows(t1 - t0);
-      for (int64_t tb = t0; tb < t1; tb += Rb) {
-        const int64_t R = std::min(Rb, t1 - tb);
-        block_forward(p, side, tok, tb, R, w);
-        // GEGLU backward; dy1 starts as the residual path's w_t * de_b.
-        for (int64_t r = 0; r < R; ++r) {
-          const int64_t b = tok.batch[tb + r];
-          const S wt = tok.w[tb + r];
-          const S* ur = &w.u[r * 2 * F];
-          S* dur = &w.du[r * 2 * F];
-          const S* dg = &dgb[b * F];
-          for (int64_t j = 0; j < F; ++j) a.gbar[b * F + j] += wt * w.g[r * F + j];
-          geglu_bwd(ur, dg, wt, F, dur);
-          for (int64_t j = 0; j < 2 * F; ++j) a.dbin[j] += dur[j];
-          for (int64_t j = 0; j < d; ++j) w.dy1[r * d + j] = wt * de[b * d + j];
-        }
-        gemm(true, false, 2 * F, d, R, S(1), w.du.data(), 2 * F, w.z.data(), d, S(1), a.dwin.data(), d);
-        gemm(false, false, R, d, 2 * F, S(1), w.du.data(), 2 * F, p.ff_in_w, d, S(0), w.dz.data(), d);
-        ln_bwd(w.y1.data(), w.mean2.data(), w.rstd2.data(), p.ff_norm_w, w.dz.data(), R, d, w.dy1.data(),
-               a.dfw.data(), a.dfb.data());
-        // attention backward: dattn = dy1
-        if (p.fold) {
-          gemm(false, true, R, HN, d, S(1), w.dy1.data(), d, side.Cx.data(), d, S(0), w.dP.data(), HN);
-          gemm(true, false, HN, d, R, S(1), w.P.data(), HN, w.dy1.data(), d, S(1), a.dv.data(), d);
-          softmax_bwd_rows(w.P.data(), w.dP.data(), R * H, N, N, scale);
-          gemm(false, false, R, d, HN, S(1), w.dP.data(), HN, side.Kx.data(), d, S(0), w.dxn.data(), d);
-          gemm(true, false, HN, d, R, S(1), w.dP.data(), HN, w.xn.data(), d, S(1), a.dk.data(), d);
-        } else {
-          gemm(true, false, d, I, R, S(1), w.dy1.data(), d, w.o.data(), I, S(1), a.dwo.data(), I);
-          gemm(false, false, R, I, d, S(1), w.dy1.data(), d, p.wo, I, S(0), w.dout.data(), I);
-          for (int64_t h = 0; h < H; ++h) {
-            gemm(false, true, R, N, dh, S(1), w.dout.data() + h * dh, I, side.V.data() + h * dh, I, S(0),
-                 w.dP.data() + h * N, HN);
-            gemm(true, false, N, dh, R, S(1), w.P.data() + h * N, HN, w.dout.data() + h * dh, I, S(1),
-                 a.dv.data() + h * dh, I);
-          }
-          softmax_bwd_rows(w.P.data(), w.dP.data(), R * H, N, N, scale);
-          for (int64_t h = 0; h < H; ++h) {
-            gemm(false, false, R, dh, N, S(1), w.dP.data() + h * N, HN, side.K.data() + h * dh, I, S(0),
-                 w.dq.data() + h * dh, I);
-            gemm(true, false, N, dh, R, S(1), w.dP.data() + h * N, HN, w.q.data() + h * dh, I, S(1),
-                 a.dk.data() + h * dh, I);
-          }
-          gemm(false, false, R, d, I, S(1), w.dq.data(), I, p.wq, d, S(0), w.dxn.data(), d);
-          gemm(true, false, I, d, R, S(1), w.dq.data(), I, w.xn.data(), d, S(1), a.dwq.data(), d);
-        }
-        std::memcpy(w.dx.data(), w.dy1.data(), sizeof(S) * R * d);  // residual
-        ln_bwd(w.x.data(), w.mean1.data(), w.rstd1.data(), p.norm_w, w.dxn.data(), R, d, w.dx.data(),
-               a.dnw.data(), a.dnb.data());
-        for (int64_t r = 0; r < R; ++r) std::memcpy(gr.x + tok.row[tb + r] * d, &w.dx[r * d], sizeof(S) * d);
+  const int64_t Rb = block_rows(T);
+  Work<S> w(p, true, std::min(Rb, std::max<int64_t>(T, 1)));
+  for (int64_t tb = 0; tb < T; tb += Rb) {
+    const int64_t R = std::min(Rb, T - tb);
+    block_forward(p, side, tok, tb, R, w);
+    pool_rows(w.g.data(), R, F, tok.batch.data() + tb, tok.w.data() + tb, gbar.data());
+    // GEGLU backward; dy1 starts as the residual path's w_t * de_b.
+    par(R, 30 * F, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t b = tok.batch[tb + r];
+        const S wt = tok.w[tb + r];
+        geglu_bwd(&w.u[r * 2 * F], &dgb[b * F], wt, F, &w.du[r * 2 * F]);
+        for (int64_t j = 0; j < d; ++j) w.dy1[r * d + j] = wt * de[b * d + j];
       }
+    });
+    colsum_add(w.du.data(), R, 2 * F, dbin.data());
+    gemm(true, false, 2 * F, d, R, S(1), w.du.data(), 2 * F, w.z.data(), d, S(1), dwin.data(), d);
+    gemm(false, false, R, d, 2 * F, S(1), w.du.data(), 2 * F, p.ff_in_w, d, S(0), w.dz.data(), d);
+    ln_bwd_par(w.y1.data(), w.mean2.data(), w.rstd2.data(), p.ff_norm_w, w.dz.data(), R, d, w.dy1.data(),
+               dfw.data(), dfb.data());
+    // attention backward: dattn = dy1
+    auto softmax_bwd = [&] {
+      par(R * H, 4 * N, [&](int64_t a, int64_t b) {
+        softmax_bwd_rows(w.P.data() + a * N, w.dP.data() + a * N, b - a, N, N, scale);
+      });
+    };
+    if (p.fold) {
+      gemm(false, true, R, HN, d, S(1), w.dy1.data(), d, side.Cx.data(), d, S(0), w.dP.data(), HN);
+      gemm(true, false, HN, d, R, S(1), w.P.data(), HN, w.dy1.data(), d, S(1), dv.data(), d);
+      softmax_bwd();
+      gemm(false, false, R, d, HN, S(1), w.dP.data(), HN, side.Kx.data(), d, S(0), w.dxn.data(), d);
+      gemm(true, false, HN, d, R, S(1), w.dP.data(), HN, w.xn.data(), d, S(1), dk.data(), d);
+    } else {
+      gemm(true, false, d, I, R, S(1), w.dy1.data(), d, w.o.data(), I, S(1), dwo.data(), I);
+      gemm(false, false, R, I, d, S(1), w.dy1.data(), d, p.wo, I, S(0), w.dout.data(), I);
+      for (int64_t h = 0; h < H; ++h) {
+        gemm(false, true, R, N, dh, S(1), w.dout.data() + h * dh, I, side.V.data() + h * dh, I, S(0),
+             w.dP.data() + h * N, HN);
+        gemm(true, false, N, dh, R, S(1), w.P.data() + h * N, HN, w.dout.data() + h * dh, I, S(1),
+             dv.data() + h * dh, I);
+      }
+      softmax_bwd();
+      for (int64_t h = 0; h < H; ++h) {
+        gemm(false, false, R, dh, N, S(1), w.dP.data() + h * N, HN, side.K.data() + h * dh, I, S(0),
+             w.dq.data() + h * dh, I);
+        gemm(true, false, N, dh, R, S(1), w.dP.data() + h * N, HN, w.q.data() + h * dh, I, S(1),
+             dk.data() + h * dh, I);
+      }
+      gemm(false, false, R, d, I, S(1), w.dq.data(), I, p.wq, d, S(0), w.dxn.data(), d);
+      gemm(true, false, I, d, R, S(1), w.dq.data(), I, w.xn.data(), d, S(1), dwq.data(), d);
     }
-  });
-  Acc& a = acc[0];
-  for (int64_t c = 1; c < chunks; ++c) {
-    add_into(a.gbar, acc[c].gbar), add_into(a.dwin, acc[c].dwin), add_into(a.dbin, acc[c].dbin);
-    add_into(a.dfw, acc[c].dfw), add_into(a.dfb, acc[c].dfb), add_into(a.dnw, acc[c].dnw);
-    add_into(a.dnb, acc[c].dnb), add_into(a.dk, acc[c].dk), add_into(a.dv, acc[c].dv);
-    if (!p.fold) add_into(a.dwq, acc[c].dwq), add_into(a.dwo, acc[c].dwo);
+    std::memcpy(w.dx.data(), w.dy1.data(), sizeof(S) * R * d);  // residual
+    ln_bwd_par(w.x.data(), w.mean1.data(), w.rstd1.data(), p.norm_w, w.dxn.data(), R, d, w.dx.data(), dnw.data(),
+               dnb.data());
+    par(R, d, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) std::memcpy(gr.x + tok.row[tb + r] * d, &w.dx[r * d], sizeof(S) * d);
+    });
   }
-  std::copy(a.dwin.begin(), a.dwin.end(), gr.ff_in_w);
-  std::copy(a.dbin.begin(), a.dbin.end(), gr.ff_in_b);
-  std::copy(a.dfw.begin(), a.dfw.end(), gr.ff_norm_w);
-  std::copy(a.dfb.begin(), a.dfb.end(), gr.ff_norm_b);
-  std::copy(a.dnw.begin(), a.dnw.end(), gr.norm_w);
-  std::copy(a.dnb.begin(), a.dnb.end(), gr.norm_b);
+  std::copy(dwin.begin(), dwin.end(), gr.ff_in_w);
+  std::copy(dbin.begin(), dbin.end(), gr.ff_in_b);
+  std::copy(dfw.begin(), dfw.end(), gr.ff_norm_w);
+  std::copy(dfb.begin(), dfb.end(), gr.ff_norm_b);
+  std::copy(dnw.begin(), dnw.end(), gr.norm_w);
+  std::copy(dnb.begin(), dnb.end(), gr.norm_b);
   // Wff and its bias see only the pooled rows.
-  gemm(true, false, d, F, B, S(1), de.data(), d, a.gbar.data(), F, S(0), gr.ff_out_w, F);
+  gemm(true, false, d, F, B, S(1), de.data(), d, gbar.data(), F, S(0), gr.ff_out_w, F);
   for (int64_t j = 0; j < d; ++j) {
     S s = 0;
     for (int64_t b = 0; b < B; ++b) s += tok.bias_coef[b] * de[b * d + j];
     gr.ff_out_b[j] = s;
   }
-  // Latent side: dK, dV [N, I] (scores scale already applied in softmax_bwd_rows).
+  // Latent side: dK, dV [N, I] (the score scale is already in dk via softmax_bwd_rows).
   std::vector<S> dK, dV;
   if (p.fold) {
     dK.assign(N * I, S(0)), dV.assign(N * I, S(0));
-    parallel_for(H, 1, [&](int64_t h0, int64_t h1) {
-      for (int64_t h = h0; h < h1; ++h) {
-        const S* dKx = a.dk.data() + h * N * d;
-        const S* dCx = a.dv.data() + h * N * d;
-        gemm(false, true, N, dh, d, S(1), dKx, d, p.wq + h * dh * d, d, S(0), dK.data() + h * dh, I);
-        gemm(true, false, dh, d, N, S(1), side.K.data() + h * dh, I, dKx, d, S(0), gr.wq + h * dh * d, d);
-        gemm(false, false, N, dh, d, S(1), dCx, d, p.wo + h * dh, I, S(0), dV.data() + h * dh, I);
-        gemm(true, false, d, dh, N, S(1), dCx, d, side.V.data() + h * dh, I, S(0), gr.wo + h * dh, I);
-      }
-    });
+    for (int64_t h = 0; h < H; ++h) {
+      const S* dKx = dk.data() + h * N * d;
+      const S* dCx = dv.data() + h * N * d;
+      gemm(false, true, N, dh, d, S(1), dKx, d, p.wq + h * dh * d, d, S(0), dK.data() + h * dh, I);
+      gemm(true, false, dh, d, N, S(1), side.K.data() + h * dh, I, dKx, d, S(0), gr.wq + h * dh * d, d);
+      gemm(false, false, N, dh, d, S(1), dCx, d, p.wo + h * dh, I, S(0), dV.data() + h * dh, I);
+      gemm(true, false, d, dh, N, S(1), dCx, d, side.V.data() + h * dh, I, S(0), gr.wo + h * dh, I);
+    }
   } else {
-    dK.swap(a.dk), dV.swap(a.dv);
-    std::copy(a.dwq.begin(), a.dwq.end(), gr.wq);
-    std::copy(a.dwo.begin(), a.dwo.end(), gr.wo);
+    dK.swap(dk), dV.swap(dv);
+    std::copy(dwq.begin(), dwq.end(), gr.wq);
+    std::copy(dwo.begin(), dwo.end(), gr.wo);
   }
   gemm(true, false, I, d, N, S(1), dK.data(), I, side.ctx.data(), d, S(0), gr.wkv, d);
   gemm(true, false, I, d, N, S(1), dV.data(), I, side.ctx.data(), d, S(0), gr.wkv + I * d, d);
@@ -569,8 +571,8 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
   std::fill(gr.latents, gr.latents + N * d, S(0));
   std::fill(gr.ctx_w, gr.ctx_w + d, S(0));
   std::fill(gr.ctx_b, gr.ctx_b + d, S(0));
-  ln_bwd(p.latents, side.ctx_mean.data(), side.ctx_rstd.data(), p.ctx_w, dctx.data(), N, d, gr.latents, gr.ctx_w,
-         gr.ctx_b);
+  ln_bwd_par(p.latents, side.ctx_mean.data(), side.ctx_rstd.data(), p.ctx_w, dctx.data(), N, d, gr.latents,
+             gr.ctx_w, gr.ctx_b);
 }
 
 }  // namespace nvembed::cpu::latent_pool
