@@ -288,20 +288,45 @@ LatentSide<S> latent_side(const Params<S>& p) {
   return s;
 }
 
-// Block buffers.
+// Block buffers, carved out of one per-thread workspace that is kept between calls: fresh multi-MB allocations
+// cost more in page faults and zero-fill than the pointwise work itself. The workspace is bounded by
+// kWorkspaceBytes through the block size (block_rows) and is the only memory the kernel retains.
+constexpr int64_t kWorkspaceBytes = int64_t(64) << 20;
+
+template <typename S>
+int64_t work_floats_per_row(const Params<S>& p, bool bwd) {
+  const int64_t d = p.d, I = p.I(), HN = p.H * p.N, F = p.F;
+  int64_t n = 5 * d + 4 + HN + 3 * F + (p.fold ? 0 : 2 * I);  // x, xn, attn, y1, z, stats, P, u, g, (q, o)
+  if (bwd) n += 2 * F + 4 * d + HN + (p.fold ? 0 : 2 * I);     // du, dz, dy1, dxn, dx, dP, (dq, dout)
+  return n;
+}
+
 template <typename S>
 struct Work {
-  std::vector<S> x, xn, mean1, rstd1, q, P, o, attn, y1, z, mean2, rstd2, u, g;  // forward
-  std::vector<S> du, dz, dy1, dP, dq, dxn, dx, dout;                               // backward
+  S *x, *xn, *mean1, *rstd1, *q = nullptr, *P, *o = nullptr, *attn, *y1, *z, *mean2, *rstd2, *u, *g;  // forward
+  S *du = nullptr, *dz = nullptr, *dy1 = nullptr, *dP = nullptr, *dq = nullptr, *dxn = nullptr, *dx = nullptr,
+    *dout = nullptr;  // backward
   Work(const Params<S>& p, bool bwd, int64_t R) {
     const int64_t d = p.d, I = p.I(), HN = p.H * p.N, F = p.F;
-    x.resize(R * d), xn.resize(R * d), mean1.resize(R), rstd1.resize(R), P.resize(R * HN), attn.resize(R * d);
-    y1.resize(R * d), z.resize(R * d), mean2.resize(R), rstd2.resize(R), u.resize(R * 2 * F), g.resize(R * F);
-    if (!p.fold) q.resize(R * I), o.resize(R * I);
+    static thread_local std::vector<S> buf;
+    const size_t total = size_t(R * work_floats_per_row(p, bwd));
+    if (buf.size() < total) {
+      std::vector<S>().swap(buf);
+      buf.resize(total);
+    }
+    S* at = buf.data();
+    auto take = [&](int64_t n) {
+      S* r = at;
+      at += n;
+      return r;
+    };
+    x = take(R * d), xn = take(R * d), mean1 = take(R), rstd1 = take(R), P = take(R * HN), attn = take(R * d);
+    y1 = take(R * d), z = take(R * d), mean2 = take(R), rstd2 = take(R), u = take(R * 2 * F), g = take(R * F);
+    if (!p.fold) q = take(R * I), o = take(R * I);
     if (bwd) {
-      du.resize(R * 2 * F), dz.resize(R * d), dy1.resize(R * d), dP.resize(R * HN), dxn.resize(R * d);
-      dx.resize(R * d);
-      if (!p.fold) dq.resize(R * I), dout.resize(R * I);
+      du = take(R * 2 * F), dz = take(R * d), dy1 = take(R * d), dP = take(R * HN), dxn = take(R * d);
+      dx = take(R * d);
+      if (!p.fold) dq = take(R * I), dout = take(R * I);
     }
   }
 };
@@ -358,31 +383,31 @@ void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& 
   par(R, d, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) std::memcpy(&w.x[r * d], p.x + tok.row[t0 + r] * d, sizeof(S) * d);
   });
-  ln_fwd_par(w.x.data(), R, d, p.norm_w, p.norm_b, p.eps, w.xn.data(), w.mean1.data(), w.rstd1.data());
+  ln_fwd_par(w.x, R, d, p.norm_w, p.norm_b, p.eps, w.xn, w.mean1, w.rstd1);
   // rows of P are [H][N] contiguous: softmax over R*H rows of N
   auto softmax = [&] {
-    par(R * H, 4 * N, [&](int64_t a, int64_t b) { softmax_rows(w.P.data() + a * N, b - a, N, N); });
+    par(R * H, 4 * N, [&](int64_t a, int64_t b) { softmax_rows(w.P + a * N, b - a, N, N); });
   };
   if (p.fold) {
-    gemm(false, true, R, HN, d, scale, w.xn.data(), d, s.Kx.data(), d, S(0), w.P.data(), HN);
+    gemm(false, true, R, HN, d, scale, w.xn, d, s.Kx.data(), d, S(0), w.P, HN);
     softmax();
-    gemm(false, false, R, d, HN, S(1), w.P.data(), HN, s.Cx.data(), d, S(0), w.attn.data(), d);
+    gemm(false, false, R, d, HN, S(1), w.P, HN, s.Cx.data(), d, S(0), w.attn, d);
   } else {
-    gemm(false, true, R, I, d, S(1), w.xn.data(), d, p.wq, d, S(0), w.q.data(), I);
+    gemm(false, true, R, I, d, S(1), w.xn, d, p.wq, d, S(0), w.q, I);
     for (int64_t h = 0; h < H; ++h)
-      gemm(false, true, R, N, dh, scale, w.q.data() + h * dh, I, s.K.data() + h * dh, I, S(0), w.P.data() + h * N,
+      gemm(false, true, R, N, dh, scale, w.q + h * dh, I, s.K.data() + h * dh, I, S(0), w.P + h * N,
            HN);
     softmax();
     for (int64_t h = 0; h < H; ++h)
-      gemm(false, false, R, dh, N, S(1), w.P.data() + h * N, HN, s.V.data() + h * dh, I, S(0), w.o.data() + h * dh,
+      gemm(false, false, R, dh, N, S(1), w.P + h * N, HN, s.V.data() + h * dh, I, S(0), w.o + h * dh,
            I);
-    gemm(false, true, R, d, I, S(1), w.o.data(), I, p.wo, I, S(0), w.attn.data(), d);
+    gemm(false, true, R, d, I, S(1), w.o, I, p.wo, I, S(0), w.attn, d);
   }
   par(R, d, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0 * d; i < r1 * d; ++i) w.y1[i] = w.attn[i] + w.x[i];
   });
-  ln_fwd_par(w.y1.data(), R, d, p.ff_norm_w, p.ff_norm_b, p.eps, w.z.data(), w.mean2.data(), w.rstd2.data());
-  gemm(false, true, R, 2 * F, d, S(1), w.z.data(), d, p.ff_in_w, d, S(0), w.u.data(), 2 * F);
+  ln_fwd_par(w.y1, R, d, p.ff_norm_w, p.ff_norm_b, p.eps, w.z, w.mean2, w.rstd2);
+  gemm(false, true, R, 2 * F, d, S(1), w.z, d, p.ff_in_w, d, S(0), w.u, 2 * F);
   par(R, 20 * F, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       S* ur = &w.u[r * 2 * F];
@@ -392,9 +417,13 @@ void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& 
   });
 }
 
-inline int64_t block_rows(int64_t T) {
-  const int64_t nb = std::max<int64_t>(1, (T + kMaxBlock - 1) / kMaxBlock);
-  return std::max<int64_t>(1, (T + nb - 1) / nb);  // equal blocks of at most kMaxBlock
+// Equal blocks of at most kMaxBlock rows, and of at most the rows that fit the workspace budget (>= 16).
+template <typename S>
+int64_t block_rows(const Params<S>& p, bool bwd, int64_t T) {
+  const int64_t fit = kWorkspaceBytes / int64_t(sizeof(S)) / work_floats_per_row(p, bwd);
+  const int64_t cap = std::max<int64_t>(16, std::min<int64_t>(kMaxBlock, fit));
+  const int64_t nb = std::max<int64_t>(1, (T + cap - 1) / cap);
+  return std::max<int64_t>(1, (T + nb - 1) / nb);
 }
 
 }  // namespace detail
@@ -408,13 +437,13 @@ void forward(const Params<S>& p, S* out, S* pooled) {
   const int64_t T = tok.size();
   const LatentSide<S> side = latent_side(p);
   std::vector<S> gbar(B * F, S(0)), ybar(B * d, S(0));
-  const int64_t Rb = block_rows(T);
+  const int64_t Rb = block_rows(p, false, T);
   Work<S> w(p, false, std::min(Rb, std::max<int64_t>(T, 1)));
   for (int64_t tb = 0; tb < T; tb += Rb) {
     const int64_t R = std::min(Rb, T - tb);
     block_forward(p, side, tok, tb, R, w);
-    pool_rows(w.g.data(), R, F, tok.batch.data() + tb, tok.w.data() + tb, gbar.data());
-    pool_rows(w.y1.data(), R, d, tok.batch.data() + tb, tok.w.data() + tb, ybar.data());
+    pool_rows(w.g, R, F, tok.batch.data() + tb, tok.w.data() + tb, gbar.data());
+    pool_rows(w.y1, R, d, tok.batch.data() + tb, tok.w.data() + tb, ybar.data());
   }
   gemm(false, true, B, d, F, S(1), gbar.data(), F, p.ff_out_w, F, S(0), pooled, d);
   for (int64_t b = 0; b < B; ++b)
@@ -475,12 +504,12 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
   }
   std::fill(gr.x, gr.x + B * L * d, S(0));
 
-  const int64_t Rb = block_rows(T);
+  const int64_t Rb = block_rows(p, true, T);
   Work<S> w(p, true, std::min(Rb, std::max<int64_t>(T, 1)));
   for (int64_t tb = 0; tb < T; tb += Rb) {
     const int64_t R = std::min(Rb, T - tb);
     block_forward(p, side, tok, tb, R, w);
-    pool_rows(w.g.data(), R, F, tok.batch.data() + tb, tok.w.data() + tb, gbar.data());
+    pool_rows(w.g, R, F, tok.batch.data() + tb, tok.w.data() + tb, gbar.data());
     // GEGLU backward; dy1 starts as the residual path's w_t * de_b.
     par(R, 30 * F, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -490,44 +519,44 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
         for (int64_t j = 0; j < d; ++j) w.dy1[r * d + j] = wt * de[b * d + j];
       }
     });
-    colsum_add(w.du.data(), R, 2 * F, dbin.data());
-    gemm(true, false, 2 * F, d, R, S(1), w.du.data(), 2 * F, w.z.data(), d, S(1), dwin.data(), d);
-    gemm(false, false, R, d, 2 * F, S(1), w.du.data(), 2 * F, p.ff_in_w, d, S(0), w.dz.data(), d);
-    ln_bwd_par(w.y1.data(), w.mean2.data(), w.rstd2.data(), p.ff_norm_w, w.dz.data(), R, d, w.dy1.data(),
+    colsum_add(w.du, R, 2 * F, dbin.data());
+    gemm(true, false, 2 * F, d, R, S(1), w.du, 2 * F, w.z, d, S(1), dwin.data(), d);
+    gemm(false, false, R, d, 2 * F, S(1), w.du, 2 * F, p.ff_in_w, d, S(0), w.dz, d);
+    ln_bwd_par(w.y1, w.mean2, w.rstd2, p.ff_norm_w, w.dz, R, d, w.dy1,
                dfw.data(), dfb.data());
     // attention backward: dattn = dy1
     auto softmax_bwd = [&] {
       par(R * H, 4 * N, [&](int64_t a, int64_t b) {
-        softmax_bwd_rows(w.P.data() + a * N, w.dP.data() + a * N, b - a, N, N, scale);
+        softmax_bwd_rows(w.P + a * N, w.dP + a * N, b - a, N, N, scale);
       });
     };
     if (p.fold) {
-      gemm(false, true, R, HN, d, S(1), w.dy1.data(), d, side.Cx.data(), d, S(0), w.dP.data(), HN);
-      gemm(true, false, HN, d, R, S(1), w.P.data(), HN, w.dy1.data(), d, S(1), dv.data(), d);
+      gemm(false, true, R, HN, d, S(1), w.dy1, d, side.Cx.data(), d, S(0), w.dP, HN);
+      gemm(true, false, HN, d, R, S(1), w.P, HN, w.dy1, d, S(1), dv.data(), d);
       softmax_bwd();
-      gemm(false, false, R, d, HN, S(1), w.dP.data(), HN, side.Kx.data(), d, S(0), w.dxn.data(), d);
-      gemm(true, false, HN, d, R, S(1), w.dP.data(), HN, w.xn.data(), d, S(1), dk.data(), d);
+      gemm(false, false, R, d, HN, S(1), w.dP, HN, side.Kx.data(), d, S(0), w.dxn, d);
+      gemm(true, false, HN, d, R, S(1), w.dP, HN, w.xn, d, S(1), dk.data(), d);
     } else {
-      gemm(true, false, d, I, R, S(1), w.dy1.data(), d, w.o.data(), I, S(1), dwo.data(), I);
-      gemm(false, false, R, I, d, S(1), w.dy1.data(), d, p.wo, I, S(0), w.dout.data(), I);
+      gemm(true, false, d, I, R, S(1), w.dy1, d, w.o, I, S(1), dwo.data(), I);
+      gemm(false, false, R, I, d, S(1), w.dy1, d, p.wo, I, S(0), w.dout, I);
       for (int64_t h = 0; h < H; ++h) {
-        gemm(false, true, R, N, dh, S(1), w.dout.data() + h * dh, I, side.V.data() + h * dh, I, S(0),
-             w.dP.data() + h * N, HN);
-        gemm(true, false, N, dh, R, S(1), w.P.data() + h * N, HN, w.dout.data() + h * dh, I, S(1),
+        gemm(false, true, R, N, dh, S(1), w.dout + h * dh, I, side.V.data() + h * dh, I, S(0),
+             w.dP + h * N, HN);
+        gemm(true, false, N, dh, R, S(1), w.P + h * N, HN, w.dout + h * dh, I, S(1),
              dv.data() + h * dh, I);
       }
       softmax_bwd();
       for (int64_t h = 0; h < H; ++h) {
-        gemm(false, false, R, dh, N, S(1), w.dP.data() + h * N, HN, side.K.data() + h * dh, I, S(0),
-             w.dq.data() + h * dh, I);
-        gemm(true, false, N, dh, R, S(1), w.dP.data() + h * N, HN, w.q.data() + h * dh, I, S(1),
+        gemm(false, false, R, dh, N, S(1), w.dP + h * N, HN, side.K.data() + h * dh, I, S(0),
+             w.dq + h * dh, I);
+        gemm(true, false, N, dh, R, S(1), w.dP + h * N, HN, w.q + h * dh, I, S(1),
              dk.data() + h * dh, I);
       }
-      gemm(false, false, R, d, I, S(1), w.dq.data(), I, p.wq, d, S(0), w.dxn.data(), d);
-      gemm(true, false, I, d, R, S(1), w.dq.data(), I, w.xn.data(), d, S(1), dwq.data(), d);
+      gemm(false, false, R, d, I, S(1), w.dq, I, p.wq, d, S(0), w.dxn, d);
+      gemm(true, false, I, d, R, S(1), w.dq, I, w.xn, d, S(1), dwq.data(), d);
     }
-    std::memcpy(w.dx.data(), w.dy1.data(), sizeof(S) * R * d);  // residual
-    ln_bwd_par(w.x.data(), w.mean1.data(), w.rstd1.data(), p.norm_w, w.dxn.data(), R, d, w.dx.data(), dnw.data(),
+    std::memcpy(w.dx, w.dy1, sizeof(S) * R * d);  // residual
+    ln_bwd_par(w.x, w.mean1, w.rstd1, p.norm_w, w.dxn, R, d, w.dx, dnw.data(),
                dnb.data());
     par(R, d, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) std::memcpy(gr.x + tok.row[tb + r] * d, &w.dx[r * d], sizeof(S) * d);
