@@ -338,6 +338,19 @@ inline void par(int64_t n, int64_t work, Fn fn) {
   parallel_for(n, grain, [&](int64_t a, int64_t b) { fn(a, b); });
 }
 
+// Plain attention path, head by head: with at least as many heads as threads the heads run in parallel (each GEMM
+// single-threaded, no synchronization inside a head); otherwise one after another with threaded GEMMs.
+template <typename Fn>
+inline void for_each_head(int64_t H, Fn fn) {
+  if (H >= num_threads()) {
+    parallel_for(H, 1, [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) fn(h);
+    });
+  } else {
+    for (int64_t h = 0; h < H; ++h) fn(h);
+  }
+}
+
 template <typename S>
 void ln_fwd_par(const S* in, int64_t rows, int64_t d, const S* w, const S* b, S eps, S* out, S* mean, S* rstd) {
   par(rows, 4 * d, [&](int64_t r0, int64_t r1) {
@@ -394,13 +407,12 @@ void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& 
     gemm(false, false, R, d, HN, S(1), w.P, HN, s.Cx.data(), d, S(0), w.attn, d);
   } else {
     gemm(false, true, R, I, d, S(1), w.xn, d, p.wq, d, S(0), w.q, I);
-    for (int64_t h = 0; h < H; ++h)
-      gemm(false, true, R, N, dh, scale, w.q + h * dh, I, s.K.data() + h * dh, I, S(0), w.P + h * N,
-           HN);
-    softmax();
-    for (int64_t h = 0; h < H; ++h)
-      gemm(false, false, R, dh, N, S(1), w.P + h * N, HN, s.V.data() + h * dh, I, S(0), w.o + h * dh,
-           I);
+    // head by head: scores, softmax and P V while P_h [R, N] is still in cache
+    for_each_head(H, [&](int64_t h) {
+      gemm(false, true, R, N, dh, scale, w.q + h * dh, I, s.K.data() + h * dh, I, S(0), w.P + h * N, HN);
+      par(R, 4 * N, [&](int64_t r0, int64_t r1) { softmax_rows(w.P + r0 * HN + h * N, r1 - r0, N, HN); });
+      gemm(false, false, R, dh, N, S(1), w.P + h * N, HN, s.V.data() + h * dh, I, S(0), w.o + h * dh, I);
+    });
     gemm(false, true, R, d, I, S(1), w.o, I, p.wo, I, S(0), w.attn, d);
   }
   par(R, d, [&](int64_t r0, int64_t r1) {
@@ -539,19 +551,15 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
     } else {
       gemm(true, false, d, I, R, S(1), w.dy1, d, w.o, I, S(1), dwo.data(), I);
       gemm(false, false, R, I, d, S(1), w.dy1, d, p.wo, I, S(0), w.dout, I);
-      for (int64_t h = 0; h < H; ++h) {
-        gemm(false, true, R, N, dh, S(1), w.dout + h * dh, I, side.V.data() + h * dh, I, S(0),
-             w.dP + h * N, HN);
-        gemm(true, false, N, dh, R, S(1), w.P + h * N, HN, w.dout + h * dh, I, S(1),
-             dv.data() + h * dh, I);
-      }
-      softmax_bwd();
-      for (int64_t h = 0; h < H; ++h) {
-        gemm(false, false, R, dh, N, S(1), w.dP + h * N, HN, side.K.data() + h * dh, I, S(0),
-             w.dq + h * dh, I);
-        gemm(true, false, N, dh, R, S(1), w.dP + h * N, HN, w.q + h * dh, I, S(1),
-             dk.data() + h * dh, I);
-      }
+      for_each_head(H, [&](int64_t h) {  // heads write disjoint column slices of dq, dk, dv
+        gemm(false, true, R, N, dh, S(1), w.dout + h * dh, I, side.V.data() + h * dh, I, S(0), w.dP + h * N, HN);
+        gemm(true, false, N, dh, R, S(1), w.P + h * N, HN, w.dout + h * dh, I, S(1), dv.data() + h * dh, I);
+        par(R, 4 * N, [&](int64_t r0, int64_t r1) {
+          softmax_bwd_rows(w.P + r0 * HN + h * N, w.dP + r0 * HN + h * N, r1 - r0, N, HN, scale);
+        });
+        gemm(false, false, R, dh, N, S(1), w.dP + h * N, HN, side.K.data() + h * dh, I, S(0), w.dq + h * dh, I);
+        gemm(true, false, N, dh, R, S(1), w.dP + h * N, HN, w.q + h * dh, I, S(1), dk.data() + h * dh, I);
+      });
       gemm(false, false, R, d, I, S(1), w.dq, I, p.wq, d, S(0), w.dxn, d);
       gemm(true, false, I, d, R, S(1), w.dq, I, w.xn, d, S(1), dwq.data(), d);
     }
