@@ -12,8 +12,9 @@
 //   * Wff is linear, so it is applied after the masked mean: pooled = gbar Wff^T + c_b bff + ybar (a [B, F] GEMM
 //     instead of [T, F]).
 //   * Tokens with m_t == 0 cannot influence the output: they are skipped (their gradient is exactly 0).
-// Backward recomputes the per-token activations block by block (nothing of size [T, H*N] is stored), accumulates
-// the weight gradients per chunk of blocks (one chunk per thread) and reduces them, then chains the latent side.
+// Backward recomputes the per-token activations block by block (nothing of size [T, H*N] is stored; the forward
+// saves only pooled [B, d]), accumulates the weight gradients over the blocks with beta = 1 GEMMs, then chains the
+// latent side (dKx -> dWq, dK; dCx -> dWo, dV; dK, dV -> dWkv, dctx -> LN_ctx backward -> dlatents).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -61,7 +62,7 @@ namespace detail {
 // Tokens are walked in blocks of <= kMaxBlock rows. Within a block every GEMM covers all its rows and is threaded
 // by the BLAS (one packing of each weight per block, no per-thread gradient copies to reduce); the row-wise
 // pieces (LayerNorm, softmax, GEGLU) run under parallel_for over rows, column sums under parallel_for over columns.
-// The result does not depend on the thread count's partition of the pointwise work (deterministic).
+// No atomics and no reduction whose order depends on the thread schedule: repeated calls give the same bits.
 constexpr int64_t kMaxBlock = 512;
 
 // ---- vectorizable pointwise pieces ----------------------------------------------------------------------------
