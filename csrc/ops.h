@@ -4,6 +4,7 @@
 
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace nvembed {
 using at::Tensor;
@@ -46,6 +47,24 @@ std::tuple<Tensor, Tensor> infonce_bwd_cuda(const Tensor& grad_loss, const Tenso
 
 // ---- fused latent-attention pooling (NV-Embed) -----------------------------------------------------------------
 // LATENT_POOL_DECLS_BEGIN
+// hidden_states [B, L, d], pool_mask [B, L] (weights, None = all), latents [N, d], weights as in NV-Embed-v2.
+// Returns (out [B, d] in hidden_states' dtype, pooled [B, d] pre-normalization mean in the compute dtype:
+// float32, or float64 for float64 inputs).
+std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
+    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps);
+// Returns the 15 gradients, in argument order without pool_mask (hidden_states, latents, norm_weight, ...).
+std::vector<Tensor> latent_pool_bwd_cpu(
+    const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
+    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps);
 // LATENT_POOL_DECLS_END
 
 }  // namespace nvembed

@@ -41,6 +41,28 @@ Tensor infonce_composite(const Tensor& queries, const Tensor& docs, int64_t grou
   return std::get<0>(op.call(queries, docs, group_size, temperature, in_batch_negatives));
 }
 
+// LATENT_POOL_COMPOSITE_FN_BEGIN
+Tensor latent_pool_composite(const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
+                             const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias,
+                             const Tensor& norm_context_weight, const Tensor& norm_context_bias,
+                             const Tensor& to_q_weight, const Tensor& to_kv_weight, const Tensor& to_out_weight,
+                             const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+                             const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias,
+                             int64_t num_heads, bool normalize, double eps) {
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("nvembed::_latent_pool_fwd", "")
+          .typed<std::tuple<Tensor, Tensor>(
+              const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+              const Tensor&, const Tensor&, const Tensor&, int64_t, bool, double)>();
+  return std::get<0>(op.call(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
+                             norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
+                             ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, normalize,
+                             eps));
+}
+// LATENT_POOL_COMPOSITE_FN_END
+
 }  // namespace
 }  // namespace nvembed
 
@@ -69,6 +91,24 @@ TORCH_LIBRARY(nvembed, m) {
   m.def("_infonce_bwd(Tensor grad_loss, Tensor queries, Tensor docs, Tensor lse, int group_size,"
         " float temperature, bool in_batch_negatives=True) -> (Tensor grad_queries, Tensor grad_docs)");
   // LATENT_POOL_SCHEMAS_BEGIN
+  // NV-Embed latent-attention pooling: hidden_states [B, L, d] attend to the latents [N, d] (PreNorm cross-attention,
+  // residual, PreNorm GEGLU feed-forward, residual), masked mean over pool_mask [B, L] (None = all tokens; an
+  // all-zero row gives 0), optional L2 normalization -> [B, d].
+  m.def("latent_pool(Tensor hidden_states, Tensor? pool_mask, Tensor latents, Tensor norm_weight, Tensor norm_bias,"
+        " Tensor norm_context_weight, Tensor norm_context_bias, Tensor to_q_weight, Tensor to_kv_weight,"
+        " Tensor to_out_weight, Tensor ff_norm_weight, Tensor ff_norm_bias, Tensor ff_in_weight,"
+        " Tensor ff_in_bias, Tensor ff_out_weight, Tensor ff_out_bias, int num_heads, bool normalize=True,"
+        " float eps=1e-05) -> Tensor");
+  m.def("_latent_pool_fwd(Tensor hidden_states, Tensor? pool_mask, Tensor latents, Tensor norm_weight, Tensor norm_bias,"
+        " Tensor norm_context_weight, Tensor norm_context_bias, Tensor to_q_weight, Tensor to_kv_weight,"
+        " Tensor to_out_weight, Tensor ff_norm_weight, Tensor ff_norm_bias, Tensor ff_in_weight,"
+        " Tensor ff_in_bias, Tensor ff_out_weight, Tensor ff_out_bias, int num_heads, bool normalize=True,"
+        " float eps=1e-05) -> (Tensor out, Tensor pooled)");
+  m.def("_latent_pool_bwd(Tensor grad_out, Tensor pooled, Tensor hidden_states, Tensor? pool_mask, Tensor latents, Tensor norm_weight, Tensor norm_bias,"
+        " Tensor norm_context_weight, Tensor norm_context_bias, Tensor to_q_weight, Tensor to_kv_weight,"
+        " Tensor to_out_weight, Tensor ff_norm_weight, Tensor ff_norm_bias, Tensor ff_in_weight,"
+        " Tensor ff_in_bias, Tensor ff_out_weight, Tensor ff_out_bias, int num_heads, bool normalize=True,"
+        " float eps=1e-05) -> Tensor[]");
   // LATENT_POOL_SCHEMAS_END
 }
 
@@ -77,6 +117,7 @@ TORCH_LIBRARY_IMPL(nvembed, CompositeImplicitAutograd, m) {
   m.impl("flash_attn_varlen", &nvembed::flash_attn_varlen_composite);
   m.impl("infonce", &nvembed::infonce_composite);
   // LATENT_POOL_COMPOSITE_BEGIN
+  m.impl("latent_pool", &nvembed::latent_pool_composite);
   // LATENT_POOL_COMPOSITE_END
 }
 
@@ -88,6 +129,8 @@ TORCH_LIBRARY_IMPL(nvembed, CPU, m) {
   m.impl("_infonce_fwd", &nvembed::infonce_fwd_cpu);
   m.impl("_infonce_bwd", &nvembed::infonce_bwd_cpu);
   // LATENT_POOL_CPU_BEGIN
+  m.impl("_latent_pool_fwd", &nvembed::latent_pool_fwd_cpu);
+  m.impl("_latent_pool_bwd", &nvembed::latent_pool_bwd_cpu);
   // LATENT_POOL_CPU_END
 }
 

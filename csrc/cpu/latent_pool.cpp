@@ -1,0 +1,209 @@
+// CPU launcher of the fused latent-attention pooling (kernel templates in latent_pool.h): checks every argument at
+// the op boundary, converts to the compute type (float for float32 / bfloat16, double for float64), runs, converts
+// back. The pooled statistic (pre-normalization mean, [B, d]) stays in the compute type.
+#include "cpu/latent_pool.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "checks.h"
+#include "ops.h"
+
+namespace nvembed {
+namespace {
+
+constexpr const char* kOp = "latent_pool";
+
+struct Shapes {
+  int64_t B, L, d, N, H, dh, F;
+};
+
+void check_vec(const Tensor& t, const char* name, int64_t n) {
+  NVE_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, kOp, name, " must have shape [", n, "] (d), got ", t.sizes());
+}
+
+Shapes check_args(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+                  const Tensor& norm_w, const Tensor& norm_b, const Tensor& ctx_w, const Tensor& ctx_b,
+                  const Tensor& wq, const Tensor& wkv, const Tensor& wo, const Tensor& ff_norm_w,
+                  const Tensor& ff_norm_b, const Tensor& ff_in_w, const Tensor& ff_in_b, const Tensor& ff_out_w,
+                  const Tensor& ff_out_b, int64_t num_heads, double eps) {
+  check_rank(hs, kOp, "hidden_states", 3, "[B, L, d]");
+  check_dtype(hs, kOp, "hidden_states", cpu_dtypes());
+  const int64_t B = hs.size(0), L = hs.size(1), d = hs.size(2);
+  NVE_CHECK_VALUE(B > 0, kOp, "hidden_states has an empty batch (B = 0), shape ", hs.sizes());
+  NVE_CHECK_VALUE(d > 0, kOp, "hidden_states has hidden size 0, shape ", hs.sizes());
+  NVE_CHECK_VALUE(num_heads >= 1, kOp, "num_heads must be >= 1, got ", num_heads);
+  check_finite_positive(eps, kOp, "eps");
+  const std::pair<const Tensor*, const char*> weights[] = {
+      {&latents, "latents"},     {&norm_w, "norm_weight"},        {&norm_b, "norm_bias"},
+      {&ctx_w, "norm_context_weight"}, {&ctx_b, "norm_context_bias"}, {&wq, "to_q_weight"},
+      {&wkv, "to_kv_weight"},    {&wo, "to_out_weight"},          {&ff_norm_w, "ff_norm_weight"},
+      {&ff_norm_b, "ff_norm_bias"}, {&ff_in_w, "ff_in_weight"},   {&ff_in_b, "ff_in_bias"},
+      {&ff_out_w, "ff_out_weight"}, {&ff_out_b, "ff_out_bias"}};
+  for (const auto& [t, name] : weights) {
+    check_same_device(*t, hs, kOp, name, "hidden_states");
+    check_same_dtype(*t, hs, kOp, name, "hidden_states");
+  }
+  check_rank(latents, kOp, "latents", 2, "[N, d]");
+  NVE_CHECK_VALUE(latents.size(0) >= 1 && latents.size(1) == d, kOp, "latents must have shape [N >= 1, d = ", d,
+                  "], got ", latents.sizes());
+  check_vec(norm_w, "norm_weight", d);
+  check_vec(norm_b, "norm_bias", d);
+  check_vec(ctx_w, "norm_context_weight", d);
+  check_vec(ctx_b, "norm_context_bias", d);
+  check_vec(ff_norm_w, "ff_norm_weight", d);
+  check_vec(ff_norm_b, "ff_norm_bias", d);
+  check_rank(wq, kOp, "to_q_weight", 2, "[I, d]");
+  const int64_t I = wq.size(0);
+  NVE_CHECK_VALUE(I >= 1 && wq.size(1) == d, kOp, "to_q_weight must have shape [I >= 1, d = ", d, "], got ",
+                  wq.sizes());
+  NVE_CHECK_VALUE(I % num_heads == 0, kOp, "to_q_weight.size(0) (I = ", I, ") must be a multiple of num_heads (",
+                  num_heads, ")");
+  check_rank(wkv, kOp, "to_kv_weight", 2, "[2I, d]");
+  NVE_CHECK_VALUE(wkv.size(0) == 2 * I && wkv.size(1) == d, kOp, "to_kv_weight must have shape [2I = ", 2 * I,
+                  ", d = ", d, "], got ", wkv.sizes());
+  check_rank(wo, kOp, "to_out_weight", 2, "[d, I]");
+  NVE_CHECK_VALUE(wo.size(0) == d && wo.size(1) == I, kOp, "to_out_weight must have shape [d = ", d, ", I = ", I,
+                  "], got ", wo.sizes());
+  check_rank(ff_in_w, kOp, "ff_in_weight", 2, "[2F, d]");
+  const int64_t F2 = ff_in_w.size(0);
+  NVE_CHECK_VALUE(F2 >= 2 && F2 % 2 == 0 && ff_in_w.size(1) == d, kOp, "ff_in_weight must have shape [2F, d = ", d,
+                  "] with F >= 1, got ", ff_in_w.sizes());
+  NVE_CHECK_VALUE(ff_in_b.dim() == 1 && ff_in_b.size(0) == F2, kOp, "ff_in_bias must have shape [", F2, "], got ",
+                  ff_in_b.sizes());
+  check_rank(ff_out_w, kOp, "ff_out_weight", 2, "[d, F]");
+  NVE_CHECK_VALUE(ff_out_w.size(0) == d && ff_out_w.size(1) == F2 / 2, kOp, "ff_out_weight must have shape [d = ",
+                  d, ", F = ", F2 / 2, "], got ", ff_out_w.sizes());
+  check_vec(ff_out_b, "ff_out_bias", d);
+  if (pool_mask.has_value()) {
+    const Tensor& m = *pool_mask;
+    check_same_device(m, hs, kOp, "pool_mask", "hidden_states");
+    NVE_CHECK_TYPE(!m.is_complex(), kOp, "pool_mask has dtype ", m.scalar_type(), "; expected bool, integer or float");
+    NVE_CHECK_VALUE(m.dim() == 2 && m.size(0) == B && m.size(1) == L, kOp, "pool_mask must have shape [B = ", B,
+                    ", L = ", L, "], got ", m.sizes());
+  }
+  return {B, L, d, latents.size(0), num_heads, I / num_heads, F2 / 2};
+}
+
+// Tensors converted to the compute type S, kept alive while the kernel reads them.
+struct Converted {
+  std::vector<Tensor> keep;
+  template <typename S>
+  const S* ptr(const Tensor& t, at::ScalarType st) {
+    keep.push_back(t.to(st).contiguous());
+    return keep.back().data_ptr<S>();
+  }
+};
+
+bool fold_override(bool cost_model_choice) {
+  // NVEMBED_LATENT_POOL_FOLD=0|1 forces a path (tests cover both); anything else: the cost model.
+  const char* env = std::getenv("NVEMBED_LATENT_POOL_FOLD");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  if (env && std::strcmp(env, "1") == 0) return true;
+  return cost_model_choice;
+}
+
+template <typename S>
+cpu::latent_pool::Params<S> make_params(Converted& cv, const Shapes& s, at::ScalarType st, const Tensor& hs,
+                                        const std::optional<Tensor>& pool_mask, const Tensor& latents,
+                                        const Tensor& norm_w, const Tensor& norm_b, const Tensor& ctx_w,
+                                        const Tensor& ctx_b, const Tensor& wq, const Tensor& wkv, const Tensor& wo,
+                                        const Tensor& ff_norm_w, const Tensor& ff_norm_b, const Tensor& ff_in_w,
+                                        const Tensor& ff_in_b, const Tensor& ff_out_w, const Tensor& ff_out_b,
+                                        bool normalize, double eps) {
+  cpu::latent_pool::Params<S> p;
+  p.B = s.B, p.L = s.L, p.d = s.d, p.N = s.N, p.H = s.H, p.dh = s.dh, p.F = s.F;
+  p.eps = S(eps);
+  p.normalize = normalize;
+  p.x = cv.template ptr<S>(hs, st);
+  p.mask = pool_mask.has_value() ? cv.template ptr<S>(*pool_mask, st) : nullptr;
+  p.latents = cv.template ptr<S>(latents, st);
+  p.norm_w = cv.template ptr<S>(norm_w, st);
+  p.norm_b = cv.template ptr<S>(norm_b, st);
+  p.ctx_w = cv.template ptr<S>(ctx_w, st);
+  p.ctx_b = cv.template ptr<S>(ctx_b, st);
+  p.wq = cv.template ptr<S>(wq, st);
+  p.wkv = cv.template ptr<S>(wkv, st);
+  p.wo = cv.template ptr<S>(wo, st);
+  p.ff_norm_w = cv.template ptr<S>(ff_norm_w, st);
+  p.ff_norm_b = cv.template ptr<S>(ff_norm_b, st);
+  p.ff_in_w = cv.template ptr<S>(ff_in_w, st);
+  p.ff_in_b = cv.template ptr<S>(ff_in_b, st);
+  p.ff_out_w = cv.template ptr<S>(ff_out_w, st);
+  p.ff_out_b = cv.template ptr<S>(ff_out_b, st);
+  int64_t T = s.B * s.L;
+  if (pool_mask.has_value()) T = pool_mask->ne(0).sum().item<int64_t>();
+  p.fold = fold_override(cpu::latent_pool::fold_is_cheaper(std::max<int64_t>(T, 1), s.d, s.N, s.H, s.dh));
+  return p;
+}
+
+at::ScalarType compute_type(const Tensor& hs) { return hs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
+    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps) {
+  const Shapes s = check_args(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
+                              norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
+                              ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps);
+  const at::ScalarType st = compute_type(hidden_states);
+  auto opts = hidden_states.options().dtype(st);
+  Tensor out = at::empty({s.B, s.d}, opts);
+  Tensor pooled = at::empty({s.B, s.d}, opts);
+  Converted cv;
+  AT_DISPATCH_FLOATING_TYPES(st, "nvembed::latent_pool", [&] {
+    auto p = make_params<scalar_t>(cv, s, st, hidden_states, pool_mask, latents, norm_weight, norm_bias,
+                                   norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
+                                   ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight,
+                                   ff_out_bias, normalize, eps);
+    cpu::latent_pool::forward<scalar_t>(p, out.data_ptr<scalar_t>(), pooled.data_ptr<scalar_t>());
+  });
+  return {out.to(hidden_states.scalar_type()), pooled};
+}
+
+std::vector<Tensor> latent_pool_bwd_cpu(
+    const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
+    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps) {
+  const Shapes s = check_args(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
+                              norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
+                              ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps);
+  NVE_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == s.B && grad_out.size(1) == s.d, kOp,
+                  "grad_out must have shape [B, d] = [", s.B, ", ", s.d, "], got ", grad_out.sizes());
+  NVE_CHECK_VALUE(pooled.dim() == 2 && pooled.size(0) == s.B && pooled.size(1) == s.d, kOp,
+                  "pooled must have shape [B, d] = [", s.B, ", ", s.d, "], got ", pooled.sizes());
+  const at::ScalarType st = compute_type(hidden_states);
+  auto opts = hidden_states.options().dtype(st);
+  const Tensor* ins[] = {&hidden_states,  &latents,        &norm_weight,    &norm_bias,    &norm_context_weight,
+                         &norm_context_bias, &to_q_weight, &to_kv_weight,   &to_out_weight, &ff_norm_weight,
+                         &ff_norm_bias,   &ff_in_weight,   &ff_in_bias,     &ff_out_weight, &ff_out_bias};
+  std::vector<Tensor> grads;
+  for (const Tensor* t : ins) grads.push_back(at::empty(t->sizes(), opts));
+  Converted cv;
+  AT_DISPATCH_FLOATING_TYPES(st, "nvembed::latent_pool_backward", [&] {
+    auto p = make_params<scalar_t>(cv, s, st, hidden_states, pool_mask, latents, norm_weight, norm_bias,
+                                   norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
+                                   ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight,
+                                   ff_out_bias, normalize, eps);
+    const scalar_t* go = cv.template ptr<scalar_t>(grad_out, st);
+    const scalar_t* pl = cv.template ptr<scalar_t>(pooled, st);
+    auto g = [&](int i) { return grads[i].data_ptr<scalar_t>(); };
+    cpu::latent_pool::Grads<scalar_t> gr{g(0), g(1), g(2),  g(3),  g(4),  g(5),  g(6), g(7),
+                                         g(8), g(9), g(10), g(11), g(12), g(13), g(14)};
+    cpu::latent_pool::backward<scalar_t>(p, go, pl, gr);
+  });
+  for (auto& t : grads) t = t.to(hidden_states.scalar_type());
+  return grads;
+}
+
+}  // namespace nvembed

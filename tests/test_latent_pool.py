@@ -1,0 +1,440 @@
+"""nvembed::latent_pool (CPU): against the fp64 reference, a port of the released layer, opcheck, gradcheck,
+torch.compile, the module's state-dict layout, and argument checks."""
+import os
+import zlib
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import nvembed
+import nvembed_ext  # noqa: F401
+from nvembed_ext.reference import latent_pool_ref
+
+OP = torch.ops.nvembed.latent_pool
+WEIGHT_NAMES = ("latents", "norm_weight", "norm_bias", "norm_context_weight", "norm_context_bias", "to_q_weight",
+                "to_kv_weight", "to_out_weight", "ff_norm_weight", "ff_norm_bias", "ff_in_weight", "ff_in_bias",
+                "ff_out_weight", "ff_out_bias")
+# relative error (Frobenius) of the op in each dtype against the fp64 reference
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+# ---- a port of NV-Embed-v2's released layer (modeling_nvembed.py; einops replaced by reshape) ------------------
+def exists(val):
+    return val is not None
+
+
+def default(val, d):
+    return val if exists(val) else d
+
+
+class GEGLU(nn.Module):
+    def forward(self, x):
+        x, gates = x.chunk(2, dim=-1)
+        return x * F.gelu(gates)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, mult=4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim * mult * 2), GEGLU(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim, fn, context_dim=None):
+        super().__init__()
+        self.fn = fn
+        self.norm = nn.LayerNorm(dim)
+        self.norm_context = nn.LayerNorm(context_dim) if exists(context_dim) else None
+
+    def forward(self, x, **kwargs):
+        x = self.norm(x)
+        if exists(self.norm_context):
+            context = kwargs["context"]
+            normed_context = self.norm_context(context)
+            kwargs.update(context=normed_context)
+        return self.fn(x, **kwargs)
+
+
+class Attention(nn.Module):
+    def __init__(self, query_dim, context_dim=None, heads=8, dim_head=64):
+        super().__init__()
+        inner_dim = dim_head * heads
+        context_dim = default(context_dim, query_dim)
+        self.scale = dim_head ** -0.5
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_kv = nn.Linear(context_dim, inner_dim * 2, bias=False)
+        self.to_out = nn.Linear(inner_dim, query_dim, bias=False)
+
+    def forward(self, x, context=None, mask=None):
+        h = self.heads
+        q = self.to_q(x)
+        context = default(context, x)
+        k, v = self.to_kv(context).chunk(2, dim=-1)
+
+        def split(t):  # rearrange 'b n (h d) -> (b h) n d'
+            b, n, hd = t.shape
+            return t.reshape(b, n, h, hd // h).permute(0, 2, 1, 3).reshape(b * h, n, hd // h)
+
+        q, k, v = map(split, (q, k, v))
+        # (the release wraps this in torch.backends.cuda.sdp_kernel(...), which only matters on CUDA)
+        out = F.scaled_dot_product_attention(q, k, v)
+        bh, n, dh = out.shape  # rearrange '(b h) n d -> b n (h d)'
+        out = out.reshape(bh // h, h, n, dh).permute(0, 2, 1, 3).reshape(bh // h, n, h * dh)
+        return self.to_out(out)
+
+
+class LatentAttentionModel(nn.Module):
+    def __init__(self, num_latents_value=512, num_cross_heads=8, output_normalize=True, hidden_dim=4096,
+                 latent_dim=4096, cross_dim_head=4096):
+        super().__init__()
+        self.cross_attend_blocks = nn.ModuleList([
+            PreNorm(latent_dim, Attention(latent_dim, hidden_dim, heads=num_cross_heads, dim_head=cross_dim_head),
+                    context_dim=hidden_dim),
+            PreNorm(latent_dim, FeedForward(latent_dim)),
+        ])
+        self.output_normalize = output_normalize
+        self.register_parameter("latents", torch.nn.Parameter(torch.randn(num_latents_value, latent_dim)))
+
+    def forward(self, hiddens, attention_mask=None):
+        cross_attn, cross_ff = self.cross_attend_blocks
+        b, *_, device = *hiddens.shape, hiddens.device
+        x = self.latents.unsqueeze(0).expand(b, -1, -1)  # repeat(self.latents, 'n d -> b n d', b=b)
+        hiddens = cross_attn(hiddens, context=x, mask=None) + hiddens
+        hiddens = cross_ff(hiddens) + hiddens
+        if attention_mask is not None:
+            s = torch.sum(hiddens * attention_mask.unsqueeze(-1).float(), dim=1)
+            d = attention_mask.sum(dim=1, keepdim=True).float()
+            hiddens = s / d
+            if self.output_normalize:
+                hiddens = torch.nn.functional.normalize(hiddens, p=2, dim=-1)
+        return hiddens
+
+
+# ---- helpers ------------------------------------------------------------------------------------------------
+@contextmanager
+def fold_path(value):
+    """Force the kernel's folded (\"1\") or plain (\"0\") attention path; None = its cost model."""
+    old = os.environ.get("NVEMBED_LATENT_POOL_FOLD")
+    if value is None:
+        os.environ.pop("NVEMBED_LATENT_POOL_FOLD", None)
+    else:
+        os.environ["NVEMBED_LATENT_POOL_FOLD"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("NVEMBED_LATENT_POOL_FOLD", None)
+        else:
+            os.environ["NVEMBED_LATENT_POOL_FOLD"] = old
+
+
+def make_weights(d, N, H, dh, F_, dtype=torch.float64, gen=None):
+    """Random weights on the scales a trained layer has (LayerNorm weights near 1, Linear ~ 1/sqrt(fan_in))."""
+    inner = H * dh
+
+    def r(*shape, scale=1.0, shift=0.0):
+        return torch.randn(*shape, dtype=torch.float64, generator=gen) * scale + shift
+
+    w = [r(N, d), r(d, scale=0.2, shift=1.0), r(d, scale=0.2), r(d, scale=0.2, shift=1.0), r(d, scale=0.2),
+         r(inner, d, scale=d ** -0.5), r(2 * inner, d, scale=d ** -0.5), r(d, inner, scale=inner ** -0.5),
+         r(d, scale=0.2, shift=1.0), r(d, scale=0.2), r(2 * F_, d, scale=d ** -0.5), r(2 * F_, scale=0.2),
+         r(d, F_, scale=F_ ** -0.5), r(d, scale=0.2)]
+    return [t.to(dtype) for t in w]
+
+
+def make_mask(kind, B, L, gen=None):
+    if kind == "none":
+        return None
+    m = torch.rand(B, L, generator=gen) < 0.7
+    m[:, 0] = True  # every row has a token ...
+    if kind == "zero_row":
+        m[B // 2] = False  # ... except this one
+    return m
+
+
+def rel_err(a, b):
+    a, b = a.double(), b.double()
+    nb = b.norm()
+    if nb == 0:
+        return a.abs().max().item()
+    return ((a - b).norm() / nb).item()
+
+
+def run_with_grads(fn, hs, mask, weights, H, normalize, grad_out_seed=0):
+    hs = hs.detach().clone().requires_grad_()
+    weights = [w.detach().clone().requires_grad_() for w in weights]
+    out = fn(hs, mask, *weights, H, normalize, 1e-5)
+    go = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(grad_out_seed))
+    grads = torch.autograd.grad(out, [hs, *weights], go.to(out.dtype))
+    return out, grads
+
+
+# ---- the op against the fp64 reference -------------------------------------------------------------------------
+SHAPES = [  # B, L, d, N, H, dh, F
+    (1, 1, 16, 1, 1, 16, 64),
+    (3, 17, 16, 7, 4, 8, 64),
+    (2, 33, 32, 7, 4, 32, 128),  # dim_head = d as in the release
+    (4, 9, 32, 5, 1, 24, 48),    # dim_head != d, F != 4d
+    (2, 70, 24, 9, 4, 6, 96),    # tokens split over threads
+    (3, 401, 16, 5, 2, 8, 32),   # several blocks per thread
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}L{}d{}N{}H{}dh{}F{}".format(*s))
+@pytest.mark.parametrize("mask_kind", ["none", "random", "zero_row"])
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_matches_reference(shape, mask_kind, normalize, path, dtype):
+    B, L, d, N, H, dh, F_ = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, mask_kind, normalize, path)).encode()))
+    weights = make_weights(d, N, H, dh, F_, dtype=dtype, gen=gen)
+    hs = torch.randn(B, L, d, generator=gen).to(dtype)
+    mask = make_mask(mask_kind, B, L, gen)
+    ref, ref_grads = run_with_grads(latent_pool_ref, hs.double(), mask, [w.double() for w in weights], H,
+                                    normalize)
+    with fold_path(path):
+        out, grads = run_with_grads(OP, hs, mask, weights, H, normalize)
+    assert out.dtype == dtype and out.shape == (B, d)
+    assert torch.isfinite(out).all()
+    tol = TOL[dtype]
+    assert rel_err(out, ref) <= tol, ("out", rel_err(out, ref))
+    for name, g, rg in zip(("hidden_states",) + WEIGHT_NAMES, grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape, name
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, rg) <= tol, (name, rel_err(g, rg))
+    if mask_kind == "zero_row":
+        assert torch.equal(out[B // 2], torch.zeros_like(out[B // 2]))
+        assert torch.equal(grads[0][B // 2], torch.zeros_like(grads[0][B // 2]))
+    if mask is not None:  # tokens outside the pool mask get exactly zero gradient
+        assert (grads[0][~mask] == 0).all()
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32, torch.float32, torch.float64])
+def test_mask_dtypes(mask_dtype):
+    B, L, d, N, H, dh, F_ = 3, 11, 16, 5, 2, 8, 64
+    weights = make_weights(d, N, H, dh, F_)
+    hs = torch.randn(B, L, d, dtype=torch.float64)
+    mask = make_mask("zero_row", B, L)
+    ref = latent_pool_ref(hs, mask, *weights, H)
+    out = OP(hs, mask.to(mask_dtype), *weights, H)
+    assert rel_err(out, ref) <= 1e-12
+
+
+def test_cost_model_path_and_defaults():
+    """No override: the cost model picks a path; defaults normalize=True, eps=1e-5 match the reference."""
+    for (d, N, H, dh) in [(32, 16, 4, 32), (32, 64, 8, 4)]:  # folded / plain expected
+        weights = make_weights(d, N, H, dh, 4 * d)
+        hs = torch.randn(2, 10, d, dtype=torch.float64)
+        with fold_path(None):
+            out = OP(hs, None, *weights, H)
+        assert rel_err(out, latent_pool_ref(hs, None, *weights, H)) <= 1e-12
+
+
+# ---- the released layer ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("cfg", [dict(num_latents_value=16, num_cross_heads=4, cross_dim_head=32, latent_dim=32,
+                                      hidden_dim=32, output_normalize=True),
+                                 dict(num_latents_value=7, num_cross_heads=2, cross_dim_head=12, latent_dim=24,
+                                      hidden_dim=24, output_normalize=False)], ids=["dh=d", "dh!=d"])
+def test_matches_released_layer(cfg, dtype):
+    torch.manual_seed(1)
+    module = nvembed.LatentAttentionPooling.from_config(cfg).to(dtype)
+    with torch.no_grad():  # move LayerNorms off their trivial init so their gradients are tested too
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    release = LatentAttentionModel(**cfg).to(dtype)
+    release.load_state_dict(module.state_dict())
+    B, L, d = 3, 13, cfg["hidden_dim"]
+    hs = torch.randn(B, L, d, dtype=dtype)
+    mask = make_mask("random", B, L).long()
+    hs1 = hs.clone().requires_grad_()
+    hs2 = hs.clone().requires_grad_()
+    ours = module(hs1, mask)
+    theirs = release(hs2, mask)
+    tol = TOL[dtype]
+    assert rel_err(ours, theirs.double()) <= tol
+    go = torch.randn_like(ours)
+    (ours * go).sum().backward()
+    (theirs * go).sum().backward()
+    assert rel_err(hs1.grad, hs2.grad) <= tol * 10
+    theirs_params = dict(release.named_parameters())
+    for name, p in module.named_parameters():
+        assert rel_err(p.grad, theirs_params[name].grad) <= tol * 10, name
+
+
+RELEASE_SHAPES = {  # NVEMBED_FACTS.md (b), v2, prefix latent_attention_model. stripped, in state_dict order
+    "latents": (512, 4096),
+    "cross_attend_blocks.0.fn.to_q.weight": (32768, 4096),
+    "cross_attend_blocks.0.fn.to_kv.weight": (65536, 4096),
+    "cross_attend_blocks.0.fn.to_out.weight": (4096, 32768),
+    "cross_attend_blocks.0.norm.weight": (4096,),
+    "cross_attend_blocks.0.norm.bias": (4096,),
+    "cross_attend_blocks.0.norm_context.weight": (4096,),
+    "cross_attend_blocks.0.norm_context.bias": (4096,),
+    "cross_attend_blocks.1.fn.net.0.weight": (32768, 4096),
+    "cross_attend_blocks.1.fn.net.0.bias": (32768,),
+    "cross_attend_blocks.1.fn.net.2.weight": (4096, 16384),
+    "cross_attend_blocks.1.fn.net.2.bias": (4096,),
+    "cross_attend_blocks.1.norm.weight": (4096,),
+    "cross_attend_blocks.1.norm.bias": (4096,),
+}
+
+
+def test_state_dict_layout_matches_release():
+    with torch.device("meta"):
+        ours = nvembed.LatentAttentionPooling()
+        theirs = LatentAttentionModel()
+    sd = ours.state_dict()
+    assert [(k, tuple(v.shape)) for k, v in sd.items()] == list(RELEASE_SHAPES.items())
+    assert [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()] == list(RELEASE_SHAPES.items())
+
+
+def test_loads_release_state_dict():
+    cfg = dict(num_latents_value=8, num_cross_heads=2, cross_dim_head=16, latent_dim=16, hidden_dim=16,
+               output_normalize=True)
+    release = LatentAttentionModel(**cfg).double()
+    full = {"latent_attention_model." + k: v for k, v in release.state_dict().items()}
+    stripped = {k[len("latent_attention_model."):]: v for k, v in full.items()}
+    module = nvembed.LatentAttentionPooling.from_config(cfg).double()
+    module.load_state_dict(stripped, strict=True)
+    hs = torch.randn(2, 5, 16, dtype=torch.float64)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    assert rel_err(module(hs, mask), release(hs, mask)) <= 1e-12
+    # pool_mask None pools all tokens (the release would return per-token states instead)
+    assert rel_err(module(hs), release(hs, mask)) <= 1e-12
+
+
+def test_module_init_and_config():
+    m = nvembed.LatentAttentionPooling(hidden_dim=16, num_latents=4, num_heads=2, dim_head=8)
+    assert m.cross_attend_blocks[0].norm.weight.eq(1).all() and m.cross_attend_blocks[0].norm.bias.eq(0).all()
+    assert m.latents.shape == (4, 16) and m.latents.std() > 0.3  # randn, like the release
+    assert m.cross_attend_blocks[1].fn.net[0].bias is not None and m.cross_attend_blocks[0].fn.to_q.bias is None
+    with pytest.raises(ValueError, match="latent_dim"):
+        nvembed.LatentAttentionPooling.from_config(dict(latent_dim=16, hidden_dim=32))
+    m = nvembed.LatentAttentionPooling.from_config(dict(num_latents_value=3, num_cross_heads=1, cross_dim_head=5,
+                                                        latent_dim=8, hidden_dim=8, output_normalize=False))
+    assert (m.num_latents, m.num_heads, m.dim_head, m.hidden_dim, m.normalize) == (3, 1, 5, 8, False)
+
+
+# ---- torch.library / autograd / compile ---------------------------------------------------------------------------
+def _tiny_args(dtype=torch.float64, mask_kind="zero_row", requires_grad=True, B=3, L=6, d=8, N=3, H=2, dh=4, F_=12):
+    gen = torch.Generator().manual_seed(7)
+    weights = make_weights(d, N, H, dh, F_, dtype=dtype, gen=gen)
+    hs = torch.randn(B, L, d, generator=gen).to(dtype)
+    if requires_grad:
+        hs.requires_grad_()
+        for w in weights:
+            w.requires_grad_()
+    return hs, make_mask(mask_kind, B, L, gen), weights, H
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "zero_row"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_opcheck(mask_kind, dtype):
+    hs, mask, weights, H = _tiny_args(dtype, mask_kind)
+    torch.library.opcheck(torch.ops.nvembed._latent_pool_fwd.default, (hs, mask, *weights, H, True, 1e-5))
+    torch.library.opcheck(torch.ops.nvembed.latent_pool.default, (hs, mask, *weights, H, False, 1e-5))
+    with torch.no_grad():
+        out, pooled = torch.ops.nvembed._latent_pool_fwd(hs, mask, *weights, H, True, 1e-5)
+    args = (torch.randn_like(out), pooled, hs.detach(), mask, *[w.detach() for w in weights], H, True, 1e-5)
+    torch.library.opcheck(torch.ops.nvembed._latent_pool_bwd.default, args)
+
+
+@pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_gradcheck(path, normalize):
+    hs, mask, weights, H = _tiny_args()
+    with fold_path(path):
+        assert torch.autograd.gradcheck(lambda x, *w: OP(x, mask, *w, H, normalize, 1e-5), (hs, *weights),
+                                        eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_compile_module():
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    module = nvembed.LatentAttentionPooling(hidden_dim=16, num_latents=5, num_heads=2, dim_head=16)
+    compiled = torch.compile(module, fullgraph=True)
+    hs = torch.randn(3, 7, 16)
+    mask = make_mask("zero_row", 3, 7)
+    hs1, hs2 = hs.clone().requires_grad_(), hs.clone().requires_grad_()
+    eager = module(hs1, mask)
+    eager.square().sum().backward()
+    g_eager = [p.grad.clone() for p in module.parameters()]
+    module.zero_grad()
+    comp = compiled(hs2, mask)
+    comp.square().sum().backward()
+    torch.testing.assert_close(comp, eager)
+    torch.testing.assert_close(hs2.grad, hs1.grad)
+    for p, g in zip(module.parameters(), g_eager):
+        torch.testing.assert_close(p.grad, g)
+
+
+# ---- argument checks ------------------------------------------------------------------------------------------
+def _bad_cases():
+    d, N, H, dh, F_ = 8, 3, 2, 4, 12
+    B, L = 2, 5
+
+    def base():
+        return dict(hs=torch.randn(B, L, d), mask=None, w=make_weights(d, N, H, dh, F_, dtype=torch.float32), H=H,
+                    eps=1e-5)
+
+    def with_w(i, t):
+        def f():
+            a = base()
+            a["w"][i] = t
+            return a
+        return f
+
+    def with_(**kw):
+        def f():
+            a = base()
+            a.update(kw)
+            return a
+        return f
+
+    idx = {n: i for i, n in enumerate(WEIGHT_NAMES)}
+    return [
+        ("hidden_states", with_(hs=torch.randn(B * L, d))),
+        ("hidden_states", with_(hs=torch.randn(B, L, d).half())),
+        ("hidden_states", with_(hs=torch.randn(B, L, d).to(torch.int32))),
+        ("hidden_states", with_(hs=torch.randn(0, L, d))),
+        ("latents", with_w(idx["latents"], torch.randn(N, d + 1))),
+        ("latents", with_w(idx["latents"], torch.randn(N, d, dtype=torch.float64))),
+        ("latents", with_w(idx["latents"], torch.randn(N, d, device="meta"))),
+        ("to_q_weight", with_w(idx["to_q_weight"], torch.randn(H * dh, d + 1))),
+        ("to_q_weight", with_w(idx["to_q_weight"], torch.randn(H * dh + 1, d))),  # I % num_heads != 0
+        ("to_kv_weight", with_w(idx["to_kv_weight"], torch.randn(H * dh, d))),
+        ("to_out_weight", with_w(idx["to_out_weight"], torch.randn(d, H * dh + 1))),
+        ("norm_weight", with_w(idx["norm_weight"], torch.randn(d + 1))),
+        ("norm_context_bias", with_w(idx["norm_context_bias"], torch.randn(d, 1))),
+        ("ff_in_weight", with_w(idx["ff_in_weight"], torch.randn(2 * F_ + 1, d))),
+        ("ff_in_bias", with_w(idx["ff_in_bias"], torch.randn(F_))),
+        ("ff_out_weight", with_w(idx["ff_out_weight"], torch.randn(d, 2 * F_))),
+        ("ff_out_bias", with_w(idx["ff_out_bias"], torch.randn(d + 2))),
+        ("ff_norm_weight", with_w(idx["ff_norm_weight"], torch.randn(d).double())),
+        ("pool_mask", with_(mask=torch.ones(B, L + 1, dtype=torch.bool))),
+        ("pool_mask", with_(mask=torch.ones(B * L, dtype=torch.bool))),
+        ("num_heads", with_(H=0)),
+        ("eps", with_(eps=0.0)),
+        ("eps", with_(eps=-1e-5)),
+    ]
+
+
+@pytest.mark.parametrize("arg,make", _bad_cases(), ids=[f"{a}-{i}" for i, (a, _) in enumerate(_bad_cases())])
+def test_bad_input(arg, make):
+    a = make()
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"nvembed::latent_pool: .*{arg}"):
+        OP(a["hs"], a["mask"], *a["w"], a["H"], True, a["eps"])
+    a = make()  # the autograd path and the internal op check the same way
+    hs = a["hs"].requires_grad_() if a["hs"].is_floating_point() else a["hs"]
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"nvembed::latent_pool: .*{arg}"):
+        torch.ops.nvembed._latent_pool_fwd(hs, a["mask"], *a["w"], a["H"], True, a["eps"])
