@@ -272,10 +272,14 @@ void infonce_bwd_own_group(const InfoNCEParams<T>& p) {
     for (int64_t i = begin; i < end; ++i) {
       const T* q = p.queries + i * p.d;
       const T* dg = p.docs + i * p.G * p.d;
-      for (int64_t g = 0; g < p.G; ++g) {
-        const T s = dot(q, dg + g * p.d, p.d) * p.inv_temperature;
-        coef[g] = (std::exp(s - p.lse_in[i]) - (g == 0 ? T(1) : T(0))) * p.grad_scale;
-      }
+      // G logits are cheap to renormalize: recomputing their lse here (instead of reading lse_in) keeps the
+      // probabilities consistent with the logits as rounded in this pass, so e.g. G = 1 gives exactly zero grads.
+      for (int64_t g = 0; g < p.G; ++g) coef[g] = dot(q, dg + g * p.d, p.d) * p.inv_temperature;
+      const T m = row_max(coef.data(), p.G);
+      T sum = 0;
+      for (int64_t g = 0; g < p.G; ++g) sum += std::exp(coef[g] - m);
+      const T lse = m + std::log(sum);
+      for (int64_t g = 0; g < p.G; ++g) coef[g] = (std::exp(coef[g] - lse) - (g == 0 ? T(1) : T(0))) * p.grad_scale;
       T* gq = p.grad_queries + i * p.d;
       T* gd = p.grad_docs + i * p.G * p.d;
       for (int64_t g = 0; g < p.G; ++g) {
