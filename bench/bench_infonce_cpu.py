@@ -26,7 +26,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, G, D, TEMPERATURE = 2048, 8, 256, 0.05
-WARMUP, ROUNDS = 2, 5
+WARMUP, ROUNDS = 2, 7
 
 _CHILD = r"""
 import json, sys
@@ -96,16 +96,20 @@ def percentile(xs, p):
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def time_variant(variant: str) -> list[float]:
-    run = fwd_bwd_fn(variant)
+def time_interleaved(variants=("naive", "ours")) -> dict[str, list[float]]:
+    """Rounds alternate between the variants, so drifting load on a shared runner (and the naive variant's
+    allocator state, whose fwd+bwd time drifts by up to 2x within one process) hits both alike."""
+    runs = {v: fwd_bwd_fn(v) for v in variants}
     q, d = make_inputs()
     for _ in range(WARMUP):
-        run(q, d)
-    times = []
+        for v in variants:
+            runs[v](q, d)
+    times = {v: [] for v in variants}
     for _ in range(ROUNDS):
-        t0 = time.perf_counter()
-        run(q, d)
-        times.append(time.perf_counter() - t0)
+        for v in variants:
+            t0 = time.perf_counter()
+            runs[v](q, d)
+            times[v].append(time.perf_counter() - t0)
     return times
 
 
@@ -197,7 +201,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--csv", help="append one result row to this CSV file")
     args = ap.parse_args()
-    times = {v: time_variant(v) for v in ("naive", "ours")}
+    times = time_interleaved()
     mems = {v: peak_memory_bytes(v) for v in ("naive", "ours")}
     row = result_row(times, mems)
     for k, v in row.items():
