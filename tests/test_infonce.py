@@ -42,12 +42,12 @@ def run_op(q, docs, G, t, inb):
     return loss, q.grad, docs.grad
 
 
-def run_ref(q, docs, G, t, inb):
-    q64 = q.detach().double().requires_grad_()
-    d64 = docs.detach().double().requires_grad_()
-    loss = infonce_ref(q64, d64, G, t, inb)
+def run_ref(q, docs, G, t, inb, dtype=torch.float64):
+    qr = q.detach().to(dtype).requires_grad_()
+    dr = docs.detach().to(dtype).requires_grad_()
+    loss = infonce_ref(qr, dr, G, t, inb)
     loss.backward()
-    return loss, q64.grad, d64.grad
+    return loss, qr.grad, dr.grad
 
 
 def check_against_ref(q, docs, G, t, inb, dtype):
@@ -57,10 +57,18 @@ def check_against_ref(q, docs, G, t, inb, dtype):
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert gq.dtype == dtype and gd.dtype == dtype
     assert gq.shape == q.shape and gd.shape == docs.shape
-    tol = TOL[dtype]
-    assert rel_err(loss, ref_loss) <= tol, (rel_err(loss, ref_loss), loss.item(), ref_loss.item())
-    assert rel_err(gq, ref_gq) <= tol, rel_err(gq, ref_gq)
-    assert rel_err(gd, ref_gd) <= tol, rel_err(gd, ref_gd)
+    # Tolerance: the per-dtype table, or (FA2's rule) twice the error of PyTorch's own reference computed in the
+    # input dtype, whichever is larger. The latter matters where fp32 itself cannot do better: e.g. B = 1 with a
+    # dominant positive at t = 0.02 gives loss = lse - s_target ~ 1e-3 from two logits ~ 50 (cancellation).
+    # The loss is a log of a sum >= 1: its absolute fp32 floor is a few ulp(1), whatever the relative error.
+    same = run_ref(q, docs, G, t, inb, dtype=dtype) if dtype != torch.float64 else (ref_loss, ref_gq, ref_gd)
+    eps = torch.finfo(dtype).eps
+    loss_floor = 4 * eps / max(abs(ref_loss.item()), 1e-30)
+    for name, out, ref, torch_out, floor in (("loss", loss, ref_loss, same[0], loss_floor),
+                                             ("grad_queries", gq, ref_gq, same[1], 0.0),
+                                             ("grad_docs", gd, ref_gd, same[2], 0.0)):
+        tol = max(TOL[dtype], 2 * rel_err(torch_out, ref), floor)
+        assert rel_err(out, ref) <= tol, (name, rel_err(out, ref), tol)
 
 
 # ---- CPU accuracy ------------------------------------------------------------------------------------------------

@@ -105,6 +105,8 @@ std::tuple<Tensor, Tensor> infonce_bwd_cpu(const Tensor& grad_loss, const Tensor
     p.grad_scale = static_cast<scalar_t>(g / (static_cast<double>(B) * temperature));
     p.grad_queries = grad_q.data_ptr<scalar_t>();
     p.grad_docs = grad_d.data_ptr<scalar_t>();
+    std::vector<scalar_t> neg_prob_sum(B, scalar_t(0));
+    p.neg_prob_sum = neg_prob_sum.data();
     cpu::infonce_bwd(p);
   });
   return {grad_q.to(queries.scalar_type()), grad_d.to(docs.scalar_type())};

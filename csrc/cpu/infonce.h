@@ -42,6 +42,7 @@ struct InfoNCEParams {
   T grad_scale;     // grad_loss / (B * temperature): d loss / d S_ij = (P_ij - onehot_ij) * grad_loss / B
   T* grad_queries;  // [B, d], zero-initialized (tiles accumulate into it)
   T* grad_docs;     // [N, d], zero-initialized
+  T* neg_prob_sum;  // [B] workspace, zero-initialized: grad_scale * sum of the non-target probabilities per row
 };
 
 // 128 query rows x 512 docs of fp32 scores is a 256 KB tile: it stays in L2 between the score GEMM, the softmax
@@ -138,6 +139,18 @@ inline void row_exp_scale(T* x, int64_t n, T shift, T scale) {
 }
 
 template <typename T>
+inline T row_sum(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
+template <typename T>
 inline T dot(const T* a, const T* b, int64_t n) {
   T acc[kLanes] = {};
   int64_t j = 0;
@@ -179,9 +192,11 @@ void infonce_fwd_in_batch(const InfoNCEParams<T>& p) {
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
-        const T lse = run_max[r] + std::log(run_sum[r]);
-        p.lse[r0 + r] = lse;
-        p.row_loss[r0 + r] = lse - target[r];
+        const T log_sum = std::log(run_sum[r]);
+        p.lse[r0 + r] = run_max[r] + log_sum;
+        // (max - target) + log_sum, not lse - target: with a dominant positive the loss is ~log_sum << lse, and
+        // forming lse first would round log_sum to the ulp of lse (1/t-sized logits) before the subtraction.
+        p.row_loss[r0 + r] = (run_max[r] - target[r]) + log_sum;
       }
     }
   });
@@ -198,9 +213,9 @@ void infonce_fwd_own_group(const InfoNCEParams<T>& p) {
       const T m = row_max(s.data(), p.G);
       T sum = 0;
       for (int64_t g = 0; g < p.G; ++g) sum += std::exp(s[g] - m);
-      const T lse = m + std::log(sum);
-      p.lse[i] = lse;
-      p.row_loss[i] = lse - s[0];
+      const T log_sum = std::log(sum);
+      p.lse[i] = m + log_sum;
+      p.row_loss[i] = (m - s[0]) + log_sum;  // see infonce_fwd_in_batch
     }
   });
 }
@@ -224,6 +239,11 @@ void infonce_fwd(const InfoNCEParams<T>& p) {
 // (t + r) % K, so within a round no two tasks share a dQ or dD row. Every (query, doc) chunk pair is visited once,
 // with 3 GEMMs per tile and no extra memory; a round ends at parallel_for's barrier. Correctness does not depend
 // on how parallel_for maps tasks to threads (nested calls run inline, still race-free).
+//
+// The target column is left out of the tiles: its coefficient P_t - 1 is formed at the end as -(sum of the row's
+// other probabilities). With a dominant positive, P_t = exp(s_t - lse) is within 1e-3 of 1 and lse (fp32, ~1/t in
+// size) carries an absolute rounding error ~ulp(lse); computing P_t - 1 directly would turn that into a ~1e-3
+// relative gradient error, while the non-target probabilities only get a ~ulp relative error from it.
 template <typename T>
 void infonce_bwd_in_batch(const InfoNCEParams<T>& p) {
   const int64_t QB = std::min(kQueryBlock, p.B), NB = std::min(kDocBlock, p.N);
@@ -251,7 +271,8 @@ void infonce_bwd_in_batch(const InfoNCEParams<T>& p) {
               T* s = ds.data() + r * NB;
               row_exp_scale(s, cols, p.lse_in[r0 + r], p.grad_scale);
               const int64_t tgt = (r0 + r) * p.G;
-              if (tgt >= c0 && tgt < c0 + cols) s[tgt - c0] -= p.grad_scale;
+              if (tgt >= c0 && tgt < c0 + cols) s[tgt - c0] = T(0);
+              p.neg_prob_sum[r0 + r] += row_sum(s, cols);  // this task owns row r0 + r during the round
             }
             gemm(false, false, rows, p.d, cols, T(1), ds.data(), NB, dblk, p.d, T(1), p.grad_queries + r0 * p.d,
                  p.d);
@@ -261,6 +282,21 @@ void infonce_bwd_in_batch(const InfoNCEParams<T>& p) {
       }
     });
   }
+  // Target terms: coefficient (P_t - 1) * grad_scale = -neg_prob_sum. Row i is the only row whose target is
+  // docs[i*G], so rows are independent here.
+  parallel_for(p.B, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T c = p.neg_prob_sum[i];
+      const T* q = p.queries + i * p.d;
+      const T* dt = p.docs + i * p.G * p.d;
+      T* gq = p.grad_queries + i * p.d;
+      T* gd = p.grad_docs + i * p.G * p.d;
+      for (int64_t k = 0; k < p.d; ++k) {
+        gq[k] -= c * dt[k];
+        gd[k] -= c * q[k];
+      }
+    }
+  });
 }
 
 // Own-group negatives: query i only touches docs[i*G, (i+1)*G), so rows are independent.
@@ -279,7 +315,10 @@ void infonce_bwd_own_group(const InfoNCEParams<T>& p) {
       T sum = 0;
       for (int64_t g = 0; g < p.G; ++g) sum += std::exp(coef[g] - m);
       const T lse = m + std::log(sum);
-      for (int64_t g = 0; g < p.G; ++g) coef[g] = (std::exp(coef[g] - lse) - (g == 0 ? T(1) : T(0))) * p.grad_scale;
+      // the positive's coefficient as -(sum of the others), as in infonce_bwd_in_batch
+      T others = 0;
+      for (int64_t g = 1; g < p.G; ++g) others += coef[g] = std::exp(coef[g] - lse) * p.grad_scale;
+      coef[0] = -others;
       T* gq = p.grad_queries + i * p.d;
       T* gd = p.grad_docs + i * p.G * p.d;
       for (int64_t g = 0; g < p.G; ++g) {
