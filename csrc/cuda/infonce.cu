@@ -5,6 +5,9 @@
 //   backward : dS = (exp(S - lse) - onehot) * grad_loss / (B t) is recomputed per tile; dQ comes from a kernel
 //              whose blocks own query rows (loop over doc tiles), dDocs from a second kernel whose blocks own doc
 //              rows (loop over query tiles). Every output row has one owner block, so no atomics anywhere.
+//              As on the CPU, the tiles skip the target column: its coefficient P_t - 1 is applied at the end as
+//              -(sum of the row's other probabilities), which stays accurate when P_t is within 1e-3 of 1 (the
+//              fp32 lse, ~1/t in size, carries an absolute rounding error that P_t - 1 would amplify).
 // Without in-batch negatives each query only sees its own G docs: one warp per query row, G dot products.
 // Torch-free on purpose (no ATen headers): nvcc compiles this file fast; infonce_launcher.cpp owns the tensors.
 #include <cuda_bf16.h>
@@ -142,14 +145,16 @@ __global__ void __launch_bounds__(kThreads) infonce_fwd_in_batch_kernel(const In
     const float tgt = half_warp_sum(target[i]);  // exactly one lane of the row saw the target column
     const int64_t row = row0 + ty + 16 * i;
     if (tx == 0 && row < p.B) {
-      const float lse = run_max[i] + logf(run_sum[i]);
-      p.lse[row] = lse;
-      p.row_loss[row] = lse - tgt;
+      // (max - target) + log(sum), not lse - target: keeps a small loss (dominant positive) from being rounded
+      // to the ulp of the 1/t-sized lse first.
+      const float log_sum = logf(run_sum[i]);
+      p.lse[row] = run_max[i] + log_sum;
+      p.row_loss[row] = (run_max[i] - tgt) + log_sum;
     }
   }
 }
 
-// One warp per query: its G logits with an online log-sum-exp. Returns (lse, logit of docs[i*G]).
+// One warp per query: its G logits with an online log-sum-exp. Returns (lse, loss = (max - first) + log(sum)).
 template <typename T>
 __device__ __forceinline__ float2 own_group_lse(const T* __restrict__ qi, const T* __restrict__ group, int64_t d,
                                                 int64_t G, float inv_t) {
@@ -165,7 +170,8 @@ __device__ __forceinline__ float2 own_group_lse(const T* __restrict__ qi, const 
     run_sum = run_sum * __expf(run_max - new_max) + __expf(s - new_max);
     run_max = new_max;
   }
-  return make_float2(run_max + logf(run_sum), first);
+  const float log_sum = logf(run_sum);
+  return make_float2(run_max + log_sum, (run_max - first) + log_sum);
 }
 
 template <typename T>
@@ -177,17 +183,18 @@ __global__ void __launch_bounds__(kThreads) infonce_fwd_own_group_kernel(const I
   const float2 r = own_group_lse(qi, group, p.d, p.G, p.inv_temperature);
   if (threadIdx.x % 32 == 0) {
     p.lse[i] = r.x;
-    p.row_loss[i] = r.x - r.y;
+    p.row_loss[i] = r.y;
   }
 }
 
 // ---- backward ---------------------------------------------------------------------------------------------------
 
-// dS tile into ds[r][c] (rows row0.., cols col0..), 0 outside [B) x [N).
+// dS tile into ds[r][c] (rows row0.., cols col0..), 0 outside [B) x [N) and at the target column; adds each of
+// the thread's rows' partial sums to row_sum[i] (row ty + 16 i).
 template <typename T>
 __device__ __forceinline__ void grad_score_tile(const InfoNCEParams& p, const T* q, const T* docs, int64_t row0,
                                                 int64_t col0, float scale, TileSmem& sm,
-                                                float (&ds)[kBM][kBN + kPad]) {
+                                                float (&ds)[kBM][kBN + kPad], float (&row_sum)[4]) {
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
   float acc[4][4];
   score_tile<T>(q, docs, p.B, p.N, p.d, row0, col0, sm, acc);
@@ -199,11 +206,9 @@ __device__ __forceinline__ void grad_score_tile(const InfoNCEParams& p, const T*
     for (int j = 0; j < 4; ++j) {
       const int64_t col = col0 + tx + 16 * j;
       float v = 0.f;
-      if (row < p.B && col < p.N) {
-        v = __expf(acc[i][j] * p.inv_temperature - lse) * scale;
-        if (col == row * p.G) v -= scale;
-      }
+      if (row < p.B && col < p.N && col != row * p.G) v = __expf(acc[i][j] * p.inv_temperature - lse) * scale;
       ds[ty + 16 * i][tx + 16 * j] = v;
+      row_sum[i] += v;
     }
   }
   __syncthreads();
@@ -219,8 +224,9 @@ __global__ void __launch_bounds__(kThreads, 2) infonce_bwd_dq_kernel(const InfoN
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kBM;
   const float scale = *p.grad_loss * p.inv_batch_temperature;
+  float row_sum[4] = {};
   for (int64_t col0 = 0; col0 < p.N; col0 += kBN) {
-    grad_score_tile<T>(p, q, docs, row0, col0, scale, sm, ds);
+    grad_score_tile<T>(p, q, docs, row0, col0, scale, sm, ds, row_sum);
     for (int64_t k0 = 0; k0 < p.d; k0 += kBD) {
 #pragma unroll
       for (int it = 0; it < kBN * kBD / kThreads; ++it) {
@@ -255,6 +261,23 @@ __global__ void __launch_bounds__(kThreads, 2) infonce_bwd_dq_kernel(const InfoN
       __syncthreads();  // sm.operand is rewritten next stage; ds next doc tile
     }
   }
+  // Target terms: dQ[row] -= neg_prob_sum[row] * docs[row * G]; publish neg_prob_sum for the dDocs kernel.
+  __shared__ float neg_sum[kBM];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float sum = half_warp_sum(row_sum[i]);
+    const int64_t row = row0 + ty + 16 * i;
+    if (tx == 0) {
+      neg_sum[ty + 16 * i] = sum;
+      if (row < p.B) p.neg_prob_sum[row] = sum;
+    }
+  }
+  __syncthreads();  // also orders the grad_queries updates above before the ones below
+  for (int64_t e = tid; e < static_cast<int64_t>(kBM) * p.d; e += kThreads) {
+    const int r = static_cast<int>(e / p.d);
+    const int64_t k = e % p.d, row = row0 + r;
+    if (row < p.B) p.grad_queries[row * p.d + k] -= neg_sum[r] * to_float(docs[row * p.G * p.d + k]);
+  }
 }
 
 // dDocs[col0 : col0 + 64] += dS^T Q over all query tiles; the block owns these doc rows.
@@ -267,8 +290,9 @@ __global__ void __launch_bounds__(kThreads, 2) infonce_bwd_ddocs_kernel(const In
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
   const int64_t col0 = static_cast<int64_t>(blockIdx.x) * kBN;
   const float scale = *p.grad_loss * p.inv_batch_temperature;
+  float unused_row_sum[4] = {};
   for (int64_t row0 = 0; row0 < p.B; row0 += kBM) {
-    grad_score_tile<T>(p, q, docs, row0, col0, scale, sm, ds);
+    grad_score_tile<T>(p, q, docs, row0, col0, scale, sm, ds, unused_row_sum);
     for (int64_t k0 = 0; k0 < p.d; k0 += kBD) {
 #pragma unroll
       for (int it = 0; it < kBM * kBD / kThreads; ++it) {
@@ -303,6 +327,16 @@ __global__ void __launch_bounds__(kThreads, 2) infonce_bwd_ddocs_kernel(const In
       __syncthreads();
     }
   }
+  // Target terms: docs[i * G] is row i's target: dDocs[i * G] -= neg_prob_sum[i] * queries[i] (from the dQ kernel,
+  // which ran before on the same stream).
+  __syncthreads();
+  for (int64_t e = threadIdx.x; e < static_cast<int64_t>(kBN) * p.d; e += kThreads) {
+    const int64_t doc = col0 + e / p.d, k = e % p.d;
+    if (doc < p.N && doc % p.G == 0) {
+      const int64_t i = doc / p.G;
+      p.grad_docs[doc * p.d + k] -= p.neg_prob_sum[i] * to_float(q[i * p.d + k]);
+    }
+  }
 }
 
 // One warp per query; it owns grad_queries[i] and grad_docs[i*G : (i+1)*G]. Like the CPU kernel it renormalizes
@@ -317,13 +351,22 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_own_group_kernel(const I
   const float scale = *p.grad_loss * p.inv_batch_temperature;
   const float lse = own_group_lse(qi, group, p.d, p.G, p.inv_temperature).x;
   float* gq = p.grad_queries + i * p.d;
-  for (int64_t g = 0; g < p.G; ++g) {
-    const T* dg = group + g * p.d;
-    float s = 0.f;
-    for (int64_t k = lane; k < p.d; k += 32) s = fmaf(to_float(qi[k]), to_float(dg[k]), s);
-    s = warp_sum(s) * p.inv_temperature;
-    const float coef = (__expf(s - lse) - (g == 0 ? 1.f : 0.f)) * scale;
-    float* gd = p.grad_docs + (i * p.G + g) * p.d;
+  // negatives g = 1..G-1 first; the positive's coefficient is -(their sum), as in the in-batch kernels
+  float others = 0.f;
+  for (int64_t g = 1; g <= p.G; ++g) {
+    const int64_t gg = g < p.G ? g : 0;
+    const T* dg = group + gg * p.d;
+    float coef;
+    if (gg != 0) {
+      float s = 0.f;
+      for (int64_t k = lane; k < p.d; k += 32) s = fmaf(to_float(qi[k]), to_float(dg[k]), s);
+      s = warp_sum(s) * p.inv_temperature;
+      coef = __expf(s - lse) * scale;
+      others += coef;
+    } else {
+      coef = -others;
+    }
+    float* gd = p.grad_docs + (i * p.G + gg) * p.d;
     for (int64_t k = lane; k < p.d; k += 32) {
       gq[k] += coef * to_float(dg[k]);  // lane-owned columns: no race
       gd[k] = coef * to_float(qi[k]);

@@ -27,6 +27,7 @@ struct InfoNCEParams {
   float inv_batch_temperature;  // 1 / (B * temperature)
   float* grad_queries;  // [B, d] fp32, zero-initialized (the kernels accumulate into it)
   float* grad_docs;     // [N, d] fp32, zero-initialized
+  float* neg_prob_sum;  // [B] fp32 workspace: written by the dQ kernel, read by the dDocs kernel
 };
 
 // Enqueue the kernels on `stream`; the caller checks cudaGetLastError.

@@ -87,6 +87,8 @@ std::tuple<Tensor, Tensor> infonce_bwd_cuda(const Tensor& grad_loss, const Tenso
   p.grad_loss = g.data_ptr<float>();
   p.grad_queries = grad_q.data_ptr<float>();
   p.grad_docs = grad_d.data_ptr<float>();
+  Tensor neg_prob_sum = at::empty({q.size(0)}, f32);  // every row written by the dQ kernel before it is read
+  p.neg_prob_sum = neg_prob_sum.data_ptr<float>();
   cuda::infonce_bwd_launch(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_q.to(queries.scalar_type()), grad_d.to(docs.scalar_type())};
