@@ -233,8 +233,9 @@ void infonce_fwd(const InfoNCEParams<T>& p) {
 // In-batch negatives. A tile's gradient dS = (P - onehot) * grad_scale feeds two GEMMs: dQ_blk += dS D_blk and
 // dD_blk += dS^T Q_blk. dQ rows belong to one query block, but every query block adds into every dD row, so the
 // dD reduction must not race. Options: (a) a second pass parallel over doc blocks recomputing S^T (one more
-// B x N x d GEMM plus exps: ~25% more time), (b) per-thread dD partials ((threads - 1) x N x d extra memory: 16 MB
-// per thread at N = 16384, d = 256, which alone breaks the 1/10-of-naive memory budget). We do (c): split queries
+// B x N x d GEMM plus exps: 5 GEMM-sized passes per fwd+bwd instead of 4, ~25% more time), (b) per-thread dD
+// partials ((threads - 1) x N x d extra: 16 MB per extra thread at N = 16384, d = 256, as much again as all of
+// our memory there, growing with the thread count, plus a reduction pass). We do (c): split queries
 // and docs into K chunks each and run K rounds; in round r task t pairs query chunk t with doc chunk
 // (t + r) % K, so within a round no two tasks share a dQ or dD row. Every (query, doc) chunk pair is visited once,
 // with 3 GEMMs per tile and no extra memory; a round ends at parallel_for's barrier. Correctness does not depend
