@@ -31,7 +31,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cpu(const Tensor& dout,
                                                              std::optional<double> scale);
 
 // ---- InfoNCE over grouped docs, tiled (never materializes B x N) ---------------------------------------------
-// returns (loss 0-dim fp32, lse [B] fp32 per query row)
+// returns (loss 0-dim fp32, lse [B] fp32 per query row); both float64 for float64 inputs (CPU, for gradcheck)
 std::tuple<Tensor, Tensor> infonce_fwd_cpu(const Tensor& queries, const Tensor& docs, int64_t group_size,
                                            double temperature, bool in_batch_negatives);
 std::tuple<Tensor, Tensor> infonce_bwd_cpu(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,

@@ -1,23 +1,57 @@
-"""Fake kernels and autograd for nvembed::infonce (owned by the InfoNCE work; see csrc/cpu/infonce.*)."""
+"""Fake kernels and autograd for nvembed::infonce (owned by the InfoNCE work; see csrc/cpu/infonce.*).
+
+The fake kernel repeats the C++ launcher's argument checks (same messages), so that torch.compile / meta tensors
+reject bad inputs the way eager does. loss and lse are float32, or float64 for float64 inputs (which are computed
+in double so that gradcheck can use them).
+"""
+import math
+
 import torch
 
 _lib = "nvembed::"
+_OP = "nvembed::infonce: "
+
+
+def _acc_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check_inputs(queries, docs, group_size, temperature):
+    torch._check_value(queries.dim() == 2, lambda: f"{_OP}queries must be 2-D [B, d], got shape {tuple(queries.shape)}")
+    torch._check_value(docs.dim() == 2, lambda: f"{_OP}docs must be 2-D [B*G, d], got shape {tuple(docs.shape)}")
+    torch._check_value(queries.device == docs.device,
+                       lambda: f"{_OP}docs is on {docs.device} but queries is on {queries.device}")
+    allowed = (torch.float32, torch.bfloat16, torch.float64) if queries.device.type != "cuda" else (
+        torch.float32, torch.bfloat16, torch.float16)
+    torch._check_type(queries.dtype in allowed,
+                      lambda: f"{_OP}queries has dtype {queries.dtype}; expected one of {allowed}")
+    torch._check_type(docs.dtype == queries.dtype,
+                      lambda: f"{_OP}docs has dtype {docs.dtype} but queries has dtype {queries.dtype}")
+    torch._check_value(group_size >= 1, lambda: f"{_OP}group_size must be >= 1, got {group_size}")
+    torch._check_value(math.isfinite(temperature) and temperature > 0,
+                       lambda: f"{_OP}temperature must be finite and > 0, got {temperature}")
+    torch._check_value(queries.shape[0] > 0, lambda: f"{_OP}queries.size(0) must be > 0 (empty batch)")
+    torch._check_value(docs.shape[1] == queries.shape[1],
+                       lambda: f"{_OP}docs.size(1)={docs.shape[1]} is not queries.size(1)={queries.shape[1]}")
+    torch._check_value(docs.shape[0] == queries.shape[0] * group_size,
+                       lambda: f"{_OP}docs.size(0)={docs.shape[0]} is not "
+                               f"queries.size(0)*group_size={queries.shape[0] * group_size}")
 
 
 @torch.library.register_fake(_lib + "_infonce_fwd")
 def _infonce_fwd_fake(queries, docs, group_size, temperature, in_batch_negatives=True):
-    torch._check(queries.dim() == 2, lambda: "nvembed::infonce: queries must be 2-D [B, d]")
-    torch._check(docs.dim() == 2, lambda: "nvembed::infonce: docs must be 2-D [B*G, d]")
-    torch._check(docs.shape[0] == queries.shape[0] * group_size,
-                 lambda: "nvembed::infonce: docs.size(0) is not queries.size(0)*group_size")
-    loss = queries.new_empty((), dtype=torch.float32)
-    lse = queries.new_empty((queries.shape[0],), dtype=torch.float32)
+    _check_inputs(queries, docs, group_size, temperature)
+    acc = _acc_dtype(queries)
+    loss = queries.new_empty((), dtype=acc)
+    lse = queries.new_empty((queries.shape[0],), dtype=acc)
     return loss, lse
 
 
 @torch.library.register_fake(_lib + "_infonce_bwd")
 def _infonce_bwd_fake(grad_loss, queries, docs, lse, group_size, temperature, in_batch_negatives=True):
-    return torch.empty_like(queries), torch.empty_like(docs)
+    _check_inputs(queries, docs, group_size, temperature)
+    return torch.empty_like(queries, memory_format=torch.contiguous_format), torch.empty_like(
+        docs, memory_format=torch.contiguous_format)
 
 
 def _setup_context(ctx, inputs, output):
@@ -27,6 +61,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, grad_lse):
+    # lse is a by-product for the backward; it is not differentiable (grad_lse is ignored).
     queries, docs, lse = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None

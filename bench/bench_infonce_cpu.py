@@ -1,0 +1,215 @@
+"""CPU benchmark of nvembed::infonce (tiled) against the naive reference that materializes the B x B*G logits.
+
+Shape: B=2048, G=8, d=256, fp32, in-batch negatives, forward + backward. Targets: time <= 1.5x naive, peak memory
+<= 1/10 of naive.
+
+  pytest bench/bench_infonce_cpu.py                       # pytest-benchmark table, ratios in extra_info
+  python bench/bench_infonce_cpu.py --csv bench/results/infonce_cpu.csv
+
+Peak memory is measured in a fresh interpreter per variant (subprocess): after a small warm-up (thread pools, lazy
+init) and after creating the inputs, the process's RSS high-water mark is reset (/proc/self/clear_refs) and the
+peak above the pre-run RSS is what one fwd+bwd adds. tracemalloc cannot see torch's allocations.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+B, G, D, TEMPERATURE = 2048, 8, 256, 0.05
+WARMUP, ROUNDS = 2, 7
+
+_CHILD = r"""
+import json, sys
+import torch
+import nvembed_ext
+from nvembed_ext.reference import infonce_ref
+
+def status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+variant, B, G, D, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
+fn = torch.ops.nvembed.infonce if variant == "ours" else infonce_ref
+torch.manual_seed(0)
+q = torch.randn(64, D, requires_grad=True)
+d = torch.randn(64 * G, D, requires_grad=True)
+torch.autograd.grad(fn(q, d, G, t, True), (q, d))  # warm-up: thread pools, MKL, dispatcher caches
+q = torch.randn(B, D, requires_grad=True)
+d = torch.randn(B * G, D, requires_grad=True)
+base = status("VmRSS")
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    method = "VmHWM after clear_refs"
+except OSError:
+    method = "VmHWM (not resettable: includes import-time peak)"
+grads = torch.autograd.grad(fn(q, d, G, t, True), (q, d))
+peak = status("VmHWM")
+print(json.dumps({"peak_delta_bytes": peak - base, "method": method}))
+"""
+
+
+def peak_memory_bytes(variant: str) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _CHILD, variant, str(B), str(G), str(D), str(TEMPERATURE)],
+                         env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def make_inputs():
+    torch.manual_seed(0)
+    q = torch.randn(B, D, requires_grad=True)
+    d = torch.randn(B * G, D, requires_grad=True)
+    return q, d
+
+
+def fwd_bwd_fn(variant: str):
+    import nvembed_ext  # noqa: F401
+    from nvembed_ext.reference import infonce_ref
+
+    fn = torch.ops.nvembed.infonce if variant == "ours" else infonce_ref
+
+    def run(q, d):
+        return torch.autograd.grad(fn(q, d, G, TEMPERATURE, True), (q, d))
+
+    return run
+
+
+def percentile(xs, p):
+    xs = sorted(xs)
+    k = (len(xs) - 1) * p
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+def time_interleaved(variants=("naive", "ours")) -> dict[str, list[float]]:
+    """Rounds alternate between the variants, so drifting load on a shared runner (and the naive variant's
+    allocator state, whose fwd+bwd time drifts by up to 2x within one process) hits both alike."""
+    runs = {v: fwd_bwd_fn(v) for v in variants}
+    q, d = make_inputs()
+    for _ in range(WARMUP):
+        for v in variants:
+            runs[v](q, d)
+    times = {v: [] for v in variants}
+    for _ in range(ROUNDS):
+        for v in variants:
+            t0 = time.perf_counter()
+            runs[v](q, d)
+            times[v].append(time.perf_counter() - t0)
+    return times
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def result_row(times: dict, mems: dict) -> dict:
+    row = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": git_commit(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "B": B, "G": G, "d": D, "dtype": "float32", "temperature": TEMPERATURE,
+        "in_batch_negatives": True, "rounds": ROUNDS, "warmup_rounds": WARMUP,
+    }
+    for v in ("ours", "naive"):
+        for p in (0.2, 0.5, 0.8):
+            row[f"{v}_time_p{int(p * 100)}_s"] = round(percentile(times[v], p), 5)
+        row[f"{v}_peak_mem_mb"] = round(mems[v]["peak_delta_bytes"] / 2**20, 2)
+    row["time_ratio"] = round(row["ours_time_p50_s"] / row["naive_time_p50_s"], 4)
+    row["mem_ratio"] = round(mems["ours"]["peak_delta_bytes"] / mems["naive"]["peak_delta_bytes"], 4)
+    row["mem_method"] = mems["ours"]["method"]
+    return row
+
+
+def write_csv(path: str, row: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+# ---- pytest-benchmark -------------------------------------------------------------------------------------------
+
+_RESULTS: dict = {"times": {}, "mems": {}}
+
+try:
+    import pytest
+
+    @pytest.mark.parametrize("variant", ["naive", "ours"])  # ours last: it reports the ratios
+    def test_infonce_cpu_fwd_bwd(benchmark, variant):
+        benchmark.group = f"infonce fwd+bwd B={B} G={G} d={D} fp32"
+        run = fwd_bwd_fn(variant)
+        q, d = make_inputs()
+        times = []
+
+        def timed():
+            t0 = time.perf_counter()
+            run(q, d)
+            times.append(time.perf_counter() - t0)
+
+        benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+        times = times[WARMUP:] if len(times) > ROUNDS else times
+        mem = peak_memory_bytes(variant)
+        _RESULTS["times"][variant] = times
+        _RESULTS["mems"][variant] = mem
+        benchmark.extra_info["peak_mem_mb"] = round(mem["peak_delta_bytes"] / 2**20, 2)
+        if {"ours", "naive"} <= set(_RESULTS["times"]):
+            row = result_row(_RESULTS["times"], _RESULTS["mems"])
+            benchmark.extra_info.update(time_ratio=row["time_ratio"], mem_ratio=row["mem_ratio"])
+            out = os.environ.get("NVEMBED_BENCH_CSV")
+            if out:
+                write_csv(out, row)
+except ImportError:  # plain script use without pytest installed
+    pass
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--csv", help="append one result row to this CSV file")
+    args = ap.parse_args()
+    times = time_interleaved()
+    mems = {v: peak_memory_bytes(v) for v in ("naive", "ours")}
+    row = result_row(times, mems)
+    for k, v in row.items():
+        print(f"{k:>22}: {v}")
+    if args.csv:
+        write_csv(args.csv, row)
+
+
+if __name__ == "__main__":
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
+    main()

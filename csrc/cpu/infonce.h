@@ -1,0 +1,346 @@
+// Tiled InfoNCE on the CPU: torch-free kernel templates over raw pointers (the launcher is infonce.cpp).
+//
+// queries Q [B, d], docs D [N = B*G, d], row-major. Logits S = Q D^T / t are never materialized: the kernels walk
+// (query block x doc block) tiles of at most kQueryBlock x kDocBlock scores, produced by a BLAS tile, and keep a
+// running max / sum per query row (forward), or recompute the tile and apply P = exp(S - lse) (backward).
+// T is the compute type: float (float32 and bfloat16 inputs) or double (float64 inputs, for gradcheck).
+#pragma once
+#include <algorithm>
+#include <atomic>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <xmmintrin.h>
+#endif
+
+#include "cpu/blas.h"
+#include "cpu/parallel.h"
+
+// MKL (linked into libtorch_cpu) may still split a GEMM issued from a worker of our parallel region across a
+// nested team; weak, so builds on a BLAS without it (loops fallback) still load.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+namespace nvembed::cpu {
+
+template <typename T>
+struct InfoNCEParams {
+  const T* queries;  // [B, d]
+  const T* docs;     // [N, d], N = B * G; docs[i*G] is query i's positive
+  int64_t B, N, d, G;
+  T inv_temperature;
+  bool in_batch_negatives;  // softmax over all N docs (target i*G), else over the query's own G docs (target 0)
+
+  // forward outputs
+  T* lse;       // [B] log-sum-exp of each query row's logits
+  T* row_loss;  // [B] lse - target logit
+
+  // backward
+  const T* lse_in;  // [B] as saved by the forward
+  T grad_scale;     // grad_loss / (B * temperature): d loss / d S_ij = (P_ij - onehot_ij) * grad_loss / B
+  T* grad_queries;  // [B, d], zero-initialized (tiles accumulate into it)
+  T* grad_docs;     // [N, d], zero-initialized
+  T* neg_prob_sum;  // [B] workspace, zero-initialized: grad_scale * sum of the non-target probabilities per row
+};
+
+// 128 query rows x 512 docs of fp32 scores is a 256 KB tile: it stays in L2 between the score GEMM, the softmax
+// pass over it and (backward) the two gradient GEMMs that read it back, and each GEMM is big enough for MKL's
+// micro-kernel to run near peak (k = d >= 32 typically).
+constexpr int64_t kQueryBlock = 128;
+constexpr int64_t kDocBlock = 512;
+// Row reductions run over kLanes independent accumulators so that the compiler vectorizes them without
+// -ffast-math (a single running max / sum is a loop-carried dependency it must not reassociate).
+constexpr int kLanes = 16;
+
+// exp for float with ~1 ulp error, written so that loops over it vectorize (glibc's expf does not without
+// -ffast-math). Cephes' expf: exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2, degree-6 polynomial.
+// Below -87 it returns exactly 0: results near FLT_MIN would be denormals, which cost ~100x per operation in the
+// sums and GEMMs that consume them (and are irrelevant next to the softmax's largest term, which is 1).
+inline float exp_fast(float x) {
+  const bool underflow = x < -87.0f;
+  x = std::min(std::max(x, -87.0f), 88.37626f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  return underflow ? 0.0f : y * std::bit_cast<float>(bits);
+}
+inline double exp_fast(double x) { return std::exp(x); }  // the double path serves gradcheck: exactness first
+
+// Flush-to-zero / denormals-are-zero for the calling thread while in scope. Softmax probabilities of far-off
+// docs times grad_scale land in the denormal range; without FTZ the backward GEMMs that read them run ~50x
+// slower (x86 microcode assists). The previous mode is restored, so the caller's threads are left as found.
+class ScopedFlushDenormals {
+ public:
+#if defined(__x86_64__) || defined(_M_X64)
+  ScopedFlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~ScopedFlushDenormals() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned int saved_;
+#endif
+};
+
+// Runs body(next) on every worker thread; each claims tasks with next.fetch_add(1) until n are taken. Dynamic
+// hand-out instead of parallel_for's static split: CI runners (and dev boxes) share their 2 cores, and with a static
+// split a thread that loses its core stalls the whole op while the other spins at the barrier.
+// Each worker also pins MKL to one thread for its GEMM tiles (see MKL_Set_Num_Threads_Local above): a tile GEMM
+// that forks a nested team waits on partner threads that are busy with their own tiles, which under CPU
+// contention turned a 0.15 s forward into seconds.
+template <typename Body>
+void run_tasks(int64_t n, Body&& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, num_threads()));
+  parallel_for(workers, 1, [&](int64_t, int64_t) {
+    const int saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+    body(next);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved);
+  });
+}
+
+template <typename T>
+inline T row_max(const T* x, int64_t n) {
+  T acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = std::max(acc[l], x[j + l]);
+  T m = -std::numeric_limits<T>::infinity();
+  for (int l = 0; l < kLanes; ++l) m = std::max(m, acc[l]);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// sum_j exp(x[j] - shift)
+template <typename T>
+inline T row_sum_exp(const T* x, int64_t n, T shift) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += exp_fast(x[j + l] - shift);
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; j < n; ++j) s += exp_fast(x[j] - shift);
+  return s;
+}
+
+// x[j] = exp(x[j] - shift) * scale, in place
+template <typename T>
+inline void row_exp_scale(T* x, int64_t n, T shift, T scale) {
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_fast(x[j] - shift) * scale;
+}
+
+template <typename T>
+inline T row_sum(const T* x, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; j < n; ++j) s += x[j];
+  return s;
+}
+
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t n) {
+  T acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// ---- forward --------------------------------------------------------------------------------------------------
+
+// In-batch negatives: parallel over query blocks; each block streams every doc block through one score tile.
+template <typename T>
+void infonce_fwd_in_batch(const InfoNCEParams<T>& p) {
+  const int64_t QB = std::min(kQueryBlock, p.B), NB = std::min(kDocBlock, p.N);
+  const int64_t num_qblocks = (p.B + QB - 1) / QB;
+  run_tasks(num_qblocks, [&](std::atomic<int64_t>& next) {
+    ScopedFlushDenormals ftz;
+    std::vector<T> scores(QB * NB), run_max(QB), run_sum(QB), target(QB);
+    for (int64_t blk; (blk = next.fetch_add(1)) < num_qblocks;) {
+      const int64_t r0 = blk * QB, rows = std::min(QB, p.B - r0);
+      std::fill(run_max.begin(), run_max.end(), -std::numeric_limits<T>::infinity());
+      std::fill(run_sum.begin(), run_sum.end(), T(0));
+      std::fill(target.begin(), target.end(), T(0));
+      for (int64_t c0 = 0; c0 < p.N; c0 += NB) {
+        const int64_t cols = std::min(NB, p.N - c0);
+        gemm(false, true, rows, cols, p.d, p.inv_temperature, p.queries + r0 * p.d, p.d, p.docs + c0 * p.d, p.d,
+             T(0), scores.data(), NB);
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* s = scores.data() + r * NB;
+          const T m = std::max(run_max[r], row_max(s, cols));
+          // run_max is -inf only before the first tile, where run_sum is 0 and exp(-inf) = 0.
+          run_sum[r] = run_sum[r] * std::exp(run_max[r] - m) + row_sum_exp(s, cols, m);
+          run_max[r] = m;
+          const int64_t tgt = (r0 + r) * p.G;
+          if (tgt >= c0 && tgt < c0 + cols) target[r] = s[tgt - c0];
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const T log_sum = std::log(run_sum[r]);
+        p.lse[r0 + r] = run_max[r] + log_sum;
+        // (max - target) + log_sum, not lse - target: with a dominant positive the loss is ~log_sum << lse, and
+        // forming lse first would round log_sum to the ulp of lse (1/t-sized logits) before the subtraction.
+        p.row_loss[r0 + r] = (run_max[r] - target[r]) + log_sum;
+      }
+    }
+  });
+}
+
+// Own-group negatives only: G dot products per query, no GEMM needed.
+template <typename T>
+void infonce_fwd_own_group(const InfoNCEParams<T>& p) {
+  parallel_for(p.B, 16, [&](int64_t begin, int64_t end) {
+    std::vector<T> s(p.G);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* q = p.queries + i * p.d;
+      for (int64_t g = 0; g < p.G; ++g) s[g] = dot(q, p.docs + (i * p.G + g) * p.d, p.d) * p.inv_temperature;
+      const T m = row_max(s.data(), p.G);
+      T sum = 0;
+      for (int64_t g = 0; g < p.G; ++g) sum += std::exp(s[g] - m);
+      const T log_sum = std::log(sum);
+      p.lse[i] = m + log_sum;
+      p.row_loss[i] = (m - s[0]) + log_sum;  // see infonce_fwd_in_batch
+    }
+  });
+}
+
+template <typename T>
+void infonce_fwd(const InfoNCEParams<T>& p) {
+  if (p.in_batch_negatives)
+    infonce_fwd_in_batch(p);
+  else
+    infonce_fwd_own_group(p);
+}
+
+// ---- backward -------------------------------------------------------------------------------------------------
+
+// In-batch negatives. A tile's gradient dS = (P - onehot) * grad_scale feeds two GEMMs: dQ_blk += dS D_blk and
+// dD_blk += dS^T Q_blk. dQ rows belong to one query block, but every query block adds into every dD row, so the
+// dD reduction must not race. Options: (a) a second pass parallel over doc blocks recomputing S^T (one more
+// B x N x d GEMM plus exps: 5 GEMM-sized passes per fwd+bwd instead of 4, ~25% more time), (b) per-thread dD
+// partials ((threads - 1) x N x d extra: 16 MB per extra thread at N = 16384, d = 256, as much again as all of
+// our memory there, growing with the thread count, plus a reduction pass). We do (c): split queries
+// and docs into K chunks each and run K rounds; in round r task t pairs query chunk t with doc chunk
+// (t + r) % K, so within a round no two tasks share a dQ or dD row. Every (query, doc) chunk pair is visited once,
+// with 3 GEMMs per tile and no extra memory; a round ends at parallel_for's barrier. Correctness does not depend
+// on how parallel_for maps tasks to threads (nested calls run inline, still race-free).
+//
+// The target column is left out of the tiles: its coefficient P_t - 1 is formed at the end as -(sum of the row's
+// other probabilities). With a dominant positive, P_t = exp(s_t - lse) is within 1e-3 of 1 and lse (fp32, ~1/t in
+// size) carries an absolute rounding error ~ulp(lse); computing P_t - 1 directly would turn that into a ~1e-3
+// relative gradient error, while the non-target probabilities only get a ~ulp relative error from it.
+template <typename T>
+void infonce_bwd_in_batch(const InfoNCEParams<T>& p) {
+  const int64_t QB = std::min(kQueryBlock, p.B), NB = std::min(kDocBlock, p.N);
+  // 4 chunks per thread: tasks are handed out dynamically (run_tasks), so a round's imbalance is at most a task.
+  const int64_t K = std::max<int64_t>(1, std::min<int64_t>(4 * num_threads(), (p.B + 31) / 32));
+  auto q_lo = [&](int64_t c) { return p.B * c / K; };
+  auto d_lo = [&](int64_t c) { return p.N * c / K; };
+  for (int64_t round = 0; round < K; ++round) {
+    run_tasks(K, [&](std::atomic<int64_t>& next) {
+      ScopedFlushDenormals ftz;
+      std::vector<T> ds(QB * NB);
+      for (int64_t task; (task = next.fetch_add(1)) < K;) {
+        const int64_t q_begin = q_lo(task), q_end = q_lo(task + 1);
+        const int64_t dchunk = (task + round) % K;
+        const int64_t d_begin = d_lo(dchunk), d_end = d_lo(dchunk + 1);
+        // doc blocks outer: the dD block being accumulated (NB x d) stays in cache across the query blocks.
+        for (int64_t c0 = d_begin; c0 < d_end; c0 += NB) {
+          const int64_t cols = std::min(NB, d_end - c0);
+          const T* dblk = p.docs + c0 * p.d;
+          for (int64_t r0 = q_begin; r0 < q_end; r0 += QB) {
+            const int64_t rows = std::min(QB, q_end - r0);
+            const T* qblk = p.queries + r0 * p.d;
+            gemm(false, true, rows, cols, p.d, p.inv_temperature, qblk, p.d, dblk, p.d, T(0), ds.data(), NB);
+            for (int64_t r = 0; r < rows; ++r) {
+              T* s = ds.data() + r * NB;
+              row_exp_scale(s, cols, p.lse_in[r0 + r], p.grad_scale);
+              const int64_t tgt = (r0 + r) * p.G;
+              if (tgt >= c0 && tgt < c0 + cols) s[tgt - c0] = T(0);
+              p.neg_prob_sum[r0 + r] += row_sum(s, cols);  // this task owns row r0 + r during the round
+            }
+            gemm(false, false, rows, p.d, cols, T(1), ds.data(), NB, dblk, p.d, T(1), p.grad_queries + r0 * p.d,
+                 p.d);
+            gemm(true, false, cols, p.d, rows, T(1), ds.data(), NB, qblk, p.d, T(1), p.grad_docs + c0 * p.d, p.d);
+          }
+        }
+      }
+    });
+  }
+  // Target terms: coefficient (P_t - 1) * grad_scale = -neg_prob_sum. Row i is the only row whose target is
+  // docs[i*G], so rows are independent here.
+  parallel_for(p.B, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T c = p.neg_prob_sum[i];
+      const T* q = p.queries + i * p.d;
+      const T* dt = p.docs + i * p.G * p.d;
+      T* gq = p.grad_queries + i * p.d;
+      T* gd = p.grad_docs + i * p.G * p.d;
+      for (int64_t k = 0; k < p.d; ++k) {
+        gq[k] -= c * dt[k];
+        gd[k] -= c * q[k];
+      }
+    }
+  });
+}
+
+// Own-group negatives: query i only touches docs[i*G, (i+1)*G), so rows are independent.
+template <typename T>
+void infonce_bwd_own_group(const InfoNCEParams<T>& p) {
+  parallel_for(p.B, 16, [&](int64_t begin, int64_t end) {
+    ScopedFlushDenormals ftz;
+    std::vector<T> coef(p.G);
+    for (int64_t i = begin; i < end; ++i) {
+      const T* q = p.queries + i * p.d;
+      const T* dg = p.docs + i * p.G * p.d;
+      // G logits are cheap to renormalize: recomputing their lse here (instead of reading lse_in) keeps the
+      // probabilities consistent with the logits as rounded in this pass, so e.g. G = 1 gives exactly zero grads.
+      for (int64_t g = 0; g < p.G; ++g) coef[g] = dot(q, dg + g * p.d, p.d) * p.inv_temperature;
+      const T m = row_max(coef.data(), p.G);
+      T sum = 0;
+      for (int64_t g = 0; g < p.G; ++g) sum += std::exp(coef[g] - m);
+      const T lse = m + std::log(sum);
+      // the positive's coefficient as -(sum of the others), as in infonce_bwd_in_batch
+      T others = 0;
+      for (int64_t g = 1; g < p.G; ++g) others += coef[g] = std::exp(coef[g] - lse) * p.grad_scale;
+      coef[0] = -others;
+      T* gq = p.grad_queries + i * p.d;
+      T* gd = p.grad_docs + i * p.G * p.d;
+      for (int64_t g = 0; g < p.G; ++g) {
+        const T c = coef[g];
+        const T* dr = dg + g * p.d;
+        T* gdr = gd + g * p.d;
+        for (int64_t k = 0; k < p.d; ++k) {
+          gq[k] += c * dr[k];
+          gdr[k] = c * q[k];
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void infonce_bwd(const InfoNCEParams<T>& p) {
+  if (p.in_batch_negatives)
+    infonce_bwd_in_batch(p);
+  else
+    infonce_bwd_own_group(p);
+}
+
+}  // namespace nvembed::cpu

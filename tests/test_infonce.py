@@ -1,0 +1,324 @@
+"""nvembed::infonce against the fp64 reference (nvembed_ext.reference.infonce_ref), plus opcheck, gradcheck,
+torch.compile and argument checks."""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nvembed_ext  # noqa: F401  (registers torch.ops.nvembed.*)
+from nvembed_ext.reference import infonce_ref
+
+ops = torch.ops.nvembed
+
+# Relative error ||out - ref|| / ||ref|| against the fp64 reference, per input dtype.
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
+
+SHAPES = list(itertools.product([1, 3, 17, 300], [1, 8], [32, 257]))  # (B, G, d); 300 > one 128-row tile
+
+
+def make_inputs(B, G, d, dtype, device="cpu", requires_grad=True, seed=None):
+    """Fresh random unit-norm embeddings (as NV-Embed trains with), so logits / t stay O(1 / t) like in practice."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    q = F.normalize(torch.randn(B, d, generator=gen, dtype=torch.float64), dim=-1)
+    docs = F.normalize(torch.randn(B * G, d, generator=gen, dtype=torch.float64), dim=-1)
+    q = q.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    docs = docs.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    return q, docs
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm()
+    if denom == 0:  # e.g. B = 1, G = 1, no in-batch negatives: one logit, loss 0, gradients 0
+        return (out - ref).norm().item()
+    return ((out - ref).norm() / denom).item()
+
+
+def run_op(q, docs, G, t, inb):
+    loss = ops.infonce(q, docs, G, t, inb)
+    loss.backward()
+    return loss, q.grad, docs.grad
+
+
+def run_ref(q, docs, G, t, inb, dtype=torch.float64):
+    qr = q.detach().to(dtype).requires_grad_()
+    dr = docs.detach().to(dtype).requires_grad_()
+    loss = infonce_ref(qr, dr, G, t, inb)
+    loss.backward()
+    return loss, qr.grad, dr.grad
+
+
+def check_against_ref(q, docs, G, t, inb, dtype):
+    loss, gq, gd = run_op(q, docs, G, t, inb)
+    ref_loss, ref_gq, ref_gd = run_ref(q, docs, G, t, inb)
+    assert loss.dim() == 0
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert gq.dtype == dtype and gd.dtype == dtype
+    assert gq.shape == q.shape and gd.shape == docs.shape
+    # Tolerance: the per-dtype table, or (FA2's rule) twice the error of PyTorch's own reference computed in the
+    # input dtype, whichever is larger. The latter matters where fp32 itself cannot do better: e.g. B = 1 with a
+    # dominant positive at t = 0.02 gives loss = lse - s_target ~ 1e-3 from two logits ~ 50 (cancellation).
+    # The loss is a log of a sum >= 1: its absolute fp32 floor is a few ulp(1), whatever the relative error.
+    same = run_ref(q, docs, G, t, inb, dtype=dtype) if dtype != torch.float64 else (ref_loss, ref_gq, ref_gd)
+    eps = torch.finfo(dtype).eps
+    loss_floor = 4 * eps / max(abs(ref_loss.item()), 1e-30)
+    for name, out, ref, torch_out, floor in (("loss", loss, ref_loss, same[0], loss_floor),
+                                             ("grad_queries", gq, ref_gq, same[1], 0.0),
+                                             ("grad_docs", gd, ref_gd, same[2], 0.0)):
+        tol = max(TOL[dtype], 2 * rel_err(torch_out, ref), floor)
+        assert rel_err(out, ref) <= tol, (name, rel_err(out, ref), tol)
+
+
+# ---- CPU accuracy ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("inb", [True, False], ids=["inbatch", "owngroup"])
+@pytest.mark.parametrize("t", [0.02, 1.0])
+@pytest.mark.parametrize("B,G,d", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_matches_reference_cpu(B, G, d, t, inb, dtype):
+    q, docs = make_inputs(B, G, d, dtype)
+    check_against_ref(q, docs, G, t, inb, dtype)
+
+
+def test_lse_output_cpu():
+    B, G, d, t = 37, 4, 48, 0.05
+    q, docs = make_inputs(B, G, d, torch.float32, requires_grad=False)
+    loss, lse = ops._infonce_fwd(q, docs, G, t, True)
+    ref = torch.logsumexp(q.double() @ docs.double().T / t, dim=-1)
+    assert lse.shape == (B,) and lse.dtype == torch.float32
+    assert rel_err(lse, ref) <= 1e-6
+    _, lse_own = ops._infonce_fwd(q, docs, G, t, False)
+    ref_own = torch.logsumexp(torch.einsum("bd,bgd->bg", q.double(), docs.double().view(B, G, d)) / t, dim=-1)
+    assert rel_err(lse_own, ref_own) <= 1e-6
+
+
+def test_non_contiguous_inputs_cpu():
+    B, G, d = 19, 3, 40
+    qt, dt = make_inputs(B, G, 2 * d, torch.float32, requires_grad=False)
+    q = qt[:, ::2].requires_grad_()  # strided views
+    docs = dt[:, 1::2].requires_grad_()
+    assert not q.is_contiguous() and not docs.is_contiguous()
+    check_against_ref(q, docs, G, 0.1, True, torch.float32)
+
+
+def test_extreme_logits_cpu():
+    """Unnormalized inputs with a small temperature: logits in the thousands, most softmax terms underflow."""
+    B, G, d = 64, 8, 64
+    q = (torch.randn(B, d) * 3).requires_grad_()
+    docs = (torch.randn(B * G, d) * 3).requires_grad_()
+    loss, gq, gd = run_op(q, docs, G, 0.02, True)
+    ref_loss, ref_gq, ref_gd = run_ref(q, docs, G, 0.02, True)
+    assert torch.isfinite(loss) and torch.isfinite(gq).all() and torch.isfinite(gd).all()
+    # logits ~ 1e3-1e4: fp32 rounding of the logits alone is ~1e-4 relative to the gradient entries
+    assert rel_err(loss, ref_loss) <= 1e-5
+    assert rel_err(gq, ref_gq) <= 1e-3 and rel_err(gd, ref_gd) <= 1e-3
+
+
+def test_grad_loss_scaling_cpu():
+    B, G, d = 33, 2, 16
+    q, docs = make_inputs(B, G, d, torch.float32, requires_grad=False)
+    loss, lse = ops._infonce_fwd(q, docs, G, 0.1, True)
+    g1 = ops._infonce_bwd(torch.tensor(1.0), q, docs, lse, G, 0.1, True)
+    g3 = ops._infonce_bwd(torch.tensor(-2.5), q, docs, lse, G, 0.1, True)
+    torch.testing.assert_close(g3[0], -2.5 * g1[0], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(g3[1], -2.5 * g1[1], rtol=1e-5, atol=1e-7)
+
+
+def test_deterministic_across_thread_counts_cpu():
+    B, G, d = 300, 8, 64
+    q, docs = make_inputs(B, G, d, torch.float32, requires_grad=False)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, max(2, old)):
+            torch.set_num_threads(n)
+            loss, lse = ops._infonce_fwd(q, docs, G, 0.05, True)
+            outs.append((loss, lse, *ops._infonce_bwd(torch.tensor(1.0), q, docs, lse, G, 0.05, True)))
+    finally:
+        torch.set_num_threads(old)
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---- opcheck / gradcheck / compile ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("inb", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_fwd(inb, dtype):
+    q, docs = make_inputs(5, 3, 24, dtype)
+    torch.library.opcheck(ops._infonce_fwd, (q, docs, 3, 0.1, inb))
+
+
+@pytest.mark.parametrize("inb", [True, False])
+def test_opcheck_bwd(inb):
+    q, docs = make_inputs(5, 3, 24, torch.float32, requires_grad=False)
+    _, lse = ops._infonce_fwd(q, docs, 3, 0.1, inb)
+    torch.library.opcheck(ops._infonce_bwd, (torch.tensor(1.0), q, docs, lse, 3, 0.1, inb),
+                          test_utils=("test_schema", "test_faketensor"))  # not differentiable itself
+
+
+@pytest.mark.parametrize("inb", [True, False])
+def test_opcheck_public(inb):
+    # The public op is CompositeImplicitAutograd over _infonce_fwd: opcheck's autograd-registration test accepts
+    # that (autograd comes from _infonce_fwd's registration), so the full default set applies.
+    q, docs = make_inputs(5, 3, 24, torch.float32)
+    torch.library.opcheck(ops.infonce, (q, docs, 3, 0.1, inb))
+
+
+@pytest.mark.parametrize("inb", [True, False])
+@pytest.mark.parametrize("B,G,d", [(1, 1, 3), (3, 2, 5), (4, 3, 7)])
+def test_gradcheck(B, G, d, inb):
+    q, docs = make_inputs(B, G, d, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, G, 0.5, inb), (q, docs))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("inb", [True, False])
+def test_torch_compile(inb, backend):
+    """fullgraph compile of a loss function built on the op; its backward (compiled by AOTAutograd through the
+    registered autograd formula) must match eager. Dynamo cannot trace .backward() itself, so it stays outside."""
+    B, G, d, t = 20, 4, 32, 0.05
+
+    def loss_fn(q, docs):
+        return ops.infonce(q, docs, G, t, inb) * 2.0 + 1.0
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    q, docs = make_inputs(B, G, d, torch.float32, seed=1)
+    q2, docs2 = q.detach().clone().requires_grad_(), docs.detach().clone().requires_grad_()
+    loss = loss_fn(q, docs)
+    loss.backward()
+    loss_c = compiled(q2, docs2)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(q2.grad, q.grad)
+    torch.testing.assert_close(docs2.grad, docs.grad)
+
+
+# ---- bad inputs ----------------------------------------------------------------------------------------------------
+
+ERR = (RuntimeError, ValueError, TypeError)
+
+
+def _good(B=4, G=2, d=8, dtype=torch.float32):
+    return torch.randn(B, d, dtype=dtype), torch.randn(B * G, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("fn", ["public", "fwd", "bwd"])
+@pytest.mark.parametrize("case", [
+    "queries_rank", "docs_rank", "queries_dtype_int", "queries_dtype_fp16", "dtype_mismatch", "d_mismatch",
+    "docs_count", "group_size_zero", "group_size_negative", "temperature_zero", "temperature_negative",
+    "temperature_nan", "temperature_inf", "empty_batch", "mixed_devices",
+])
+def test_bad_inputs(case, fn):
+    q, docs = _good()
+    G, t = 2, 0.1
+    match = {
+        "queries_rank": "queries", "docs_rank": "docs", "queries_dtype_int": "queries",
+        "queries_dtype_fp16": "queries", "dtype_mismatch": "docs", "d_mismatch": r"docs\.size\(1\)",
+        "docs_count": r"docs\.size\(0\)=6 is not queries\.size\(0\)\*group_size=8",
+        "group_size_zero": "group_size", "group_size_negative": "group_size", "temperature_zero": "temperature",
+        "temperature_negative": "temperature", "temperature_nan": "temperature", "temperature_inf": "temperature",
+        "empty_batch": r"queries\.size\(0\)", "mixed_devices": "docs",
+    }[case]
+    if case == "queries_rank":
+        q = q[None]
+    elif case == "docs_rank":
+        docs = docs.view(4, 2, 8)
+    elif case == "queries_dtype_int":
+        q, docs = q.to(torch.int32), docs.to(torch.int32)
+    elif case == "queries_dtype_fp16":  # CPU kernels take float32 / bfloat16 / float64
+        q, docs = q.half(), docs.half()
+    elif case == "dtype_mismatch":
+        docs = docs.double()
+    elif case == "d_mismatch":
+        docs = torch.randn(8, 9)
+    elif case == "docs_count":
+        docs = docs[:6]
+    elif case == "group_size_zero":
+        G = 0
+    elif case == "group_size_negative":
+        G = -2
+    elif case == "temperature_zero":
+        t = 0.0
+    elif case == "temperature_negative":
+        t = -0.5
+    elif case == "temperature_nan":
+        t = math.nan
+    elif case == "temperature_inf":
+        t = math.inf
+    elif case == "empty_batch":
+        q, docs = torch.randn(0, 8), torch.randn(0, 8)
+    elif case == "mixed_devices":
+        # No second real device on a CPU-only runner: the meta device stands in (the fake kernel checks it too).
+        docs = docs.to("cuda" if torch.cuda.is_available() else "meta")
+    with pytest.raises(ERR, match=r"nvembed::infonce: .*" + match):
+        if fn == "public":
+            ops.infonce(q, docs, G, t, True)
+        elif fn == "fwd":
+            ops._infonce_fwd(q, docs, G, t, True)
+        else:
+            lse = torch.zeros(q.shape[0] if q.dim() >= 1 else 1)
+            ops._infonce_bwd(torch.tensor(1.0), q, docs, lse, G, t, True)
+
+
+def test_bad_bwd_arguments():
+    q, docs = _good()
+    with pytest.raises(ERR, match=r"nvembed::infonce: .*lse"):
+        ops._infonce_bwd(torch.tensor(1.0), q, docs, torch.zeros(3), 2, 0.1, True)
+    with pytest.raises(ERR, match=r"nvembed::infonce: .*grad_loss"):
+        ops._infonce_bwd(torch.ones(2), q, docs, torch.zeros(4), 2, 0.1, True)
+
+
+# ---- CUDA ----------------------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("inb", [True, False], ids=["inbatch", "owngroup"])
+@pytest.mark.parametrize("t", [0.02, 1.0])
+@pytest.mark.parametrize("B,G,d", SHAPES + [(1000, 3, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_matches_reference_cuda(B, G, d, t, inb, dtype):
+    q, docs = make_inputs(B, G, d, dtype, device="cuda")
+    check_against_ref(q, docs, G, t, inb, dtype)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("inb", [True, False])
+def test_outputs_fully_written_cuda(inb):
+    """Poison the caching allocator's free blocks with NaN: any output element the kernels skip stays NaN."""
+    B, G, d = 131, 5, 70
+    for _ in range(2):
+        poison = torch.full((1 << 22,), float("nan"), device="cuda")
+        del poison
+        q, docs = make_inputs(B, G, d, torch.float32, device="cuda", requires_grad=False)
+        loss, lse = ops._infonce_fwd(q, docs, G, 0.05, inb)
+        poison = torch.full((1 << 22,), float("nan"), device="cuda")
+        del poison
+        gq, gd = ops._infonce_bwd(torch.tensor(1.0, device="cuda"), q, docs, lse, G, 0.05, inb)
+        torch.cuda.synchronize()
+        for x in (loss, lse, gq, gd):
+            assert torch.isfinite(x).all()
+
+
+@pytest.mark.cuda
+@cuda
+def test_opcheck_cuda():
+    q, docs = make_inputs(70, 3, 40, torch.float32, device="cuda")
+    torch.library.opcheck(ops._infonce_fwd, (q, docs, 3, 0.1, True))
+    torch.library.opcheck(ops.infonce, (q, docs, 3, 0.1, False))
+
+
+@pytest.mark.cuda
+@cuda
+def test_bad_inputs_cuda():
+    q, docs = _good()
+    with pytest.raises(ERR, match=r"nvembed::infonce: .*queries"):
+        ops.infonce(q.cuda().double(), docs.cuda().double(), 2, 0.1, True)  # CUDA: fp32 / bf16 / fp16 only
+    with pytest.raises(ERR, match=r"nvembed::infonce: .*docs"):
+        ops.infonce(q.cuda(), docs, 2, 0.1, True)
