@@ -10,6 +10,7 @@
 // A query row whose keys are all masked gets out = 0 and lse = +inf, so the backward's P = exp(S - lse) is 0.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -19,6 +20,7 @@
 
 #include "cpu/blas.h"
 #include "cpu/parallel.h"
+#include "cpu/vec_math.h"
 
 namespace nvembed::cpu {
 
@@ -58,23 +60,6 @@ struct FlashAttnBwdParams : FlashAttnParams<In, T> {
   int64_t split_stride = 0;
 };
 
-// bfloat16 as raw bits, so the kernels stay torch-free.
-struct bf16_t {
-  uint16_t bits;
-};
-inline float to_float(bf16_t x) {
-  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-inline bf16_t to_bf16(float f) {  // round to nearest even, NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_t{0x7fc0};
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return bf16_t{static_cast<uint16_t>(u >> 16)};
-}
 template <typename T>
 inline T load(float x) { return x; }
 template <typename T>
@@ -114,48 +99,9 @@ inline void mixed_gemm(bool ta, int64_t m, int64_t n, int64_t k, T alpha, const 
   }
 }
 
-// exp for the softmax: range reduction to r in [-ln2/2, ln2/2] and a degree-7 Taylor polynomial (rel. error
-// < 1e-8 before rounding). Branch-free so the compiler vectorizes the row loops; x = -inf gives exactly 0.
-#pragma omp declare simd
-inline float softmax_exp(float x) {
-  const float kLog2e = 1.44269504088896341f, kLn2Hi = 0.693145751953125f, kLn2Lo = 1.428606765330187e-06f;
-  const float xc = std::max(x, -87.0f);
-  const float n = std::nearbyint(xc * kLog2e);
-  const float r = (xc - n * kLn2Hi) - n * kLn2Lo;
-  float p = 1.f / 5040.f;
-  p = p * r + 1.f / 720.f;
-  p = p * r + 1.f / 120.f;
-  p = p * r + 1.f / 24.f;
-  p = p * r + 1.f / 6.f;
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return x < -87.0f ? 0.f : p * scale;
-}
-inline double softmax_exp(double x) { return std::exp(x); }
-
 template <typename T>
 constexpr T neg_inf() {
   return -std::numeric_limits<T>::infinity();
-}
-
-// max over a row with 16 independent lanes: a plain max loop is one serial dependency chain (no fast-math here,
-// since -inf must survive), which made this loop as slow as the GEMMs.
-template <typename T>
-inline T max_of(const T* x, int64_t n) {
-  constexpr int64_t kLanes = 16;
-  T lanes[kLanes];
-  for (int64_t l = 0; l < kLanes; ++l) lanes[l] = neg_inf<T>();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int64_t l = 0; l < kLanes; ++l) lanes[l] = lanes[l] > x[j + l] ? lanes[l] : x[j + l];
-  T mx = neg_inf<T>();
-  for (; j < n; ++j) mx = mx > x[j] ? mx : x[j];
-  for (int64_t l = 0; l < kLanes; ++l) mx = mx > lanes[l] ? mx : lanes[l];
-  return mx;
 }
 
 // Block sizes: 128 query rows x 512 keys keep the S tile (256 KiB fp32) and the O accumulator in L2 while the
@@ -189,10 +135,11 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
   const int64_t q_blocks = (max_lq + kBlockQ - 1) / kBlockQ;
   const int64_t tasks = B * Hq * q_blocks;
 
-  parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> s_buf(kBlockQ * kBlockK), o_acc(kBlockQ * D), row_max(kBlockQ), row_sum(kBlockQ);
+  run_tasks(tasks, [&](std::atomic<int64_t>& next) {
+    ScopedFlushDenormals ftz;
+    std::vector<T> s_buf(kBlockQ * kBlockK), o_acc(kBlockQ * D), row_max(kBlockQ), row_total(kBlockQ);
     std::vector<In> p_low(std::is_same_v<In, T> ? 0 : kBlockQ * kBlockK);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
       const int64_t qb = t % q_blocks, h = (t / q_blocks) % Hq, b = t / (q_blocks * Hq);
       const int64_t lq = p.q_len(b), lk = p.k_len(b);
       const int64_t i0 = qb * kBlockQ;
@@ -206,7 +153,7 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
       T* s = s_buf.data();
       T* o = o_acc.data();
       std::fill(row_max.begin(), row_max.begin() + m, neg_inf<T>());
-      std::fill(row_sum.begin(), row_sum.begin() + m, T(0));
+      std::fill(row_total.begin(), row_total.begin() + m, T(0));
       std::fill(o_acc.begin(), o_acc.begin() + m * D, T(0));
       for (int64_t k0 = 0; k0 < lk; k0 += kBlockK) {
         const int64_t n = std::min(kBlockK, lk - k0);
@@ -216,20 +163,15 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
         for (int64_t r = 0; r < m; ++r) {
           T* row = s + r * kBlockK;
           T mx = row_max[r];
-          mx = std::max(mx, max_of(row, n));
+          mx = std::max(mx, reduce_max(row, n));
           if (mx == neg_inf<T>()) {  // every key so far masked: contributes nothing
             std::fill(row, row + n, T(0));
             continue;
           }
-          const T corr = softmax_exp(row_max[r] - mx);
-          T sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < n; ++j) {
-            const T e = softmax_exp(row[j] - mx);
-            row[j] = e;
-            sum += e;
-          }
-          row_sum[r] = row_sum[r] * corr + sum;
+          const T corr = exp_fast(row_max[r] - mx);
+          for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] - mx);
+          const T sum = row_sum(row, n);
+          row_total[r] = row_total[r] * corr + sum;
           row_max[r] = mx;
           if (!first && corr != T(1)) {
             T* orow = o + r * D;
@@ -240,7 +182,7 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
       }
       for (int64_t r = 0; r < m; ++r) {
         In* dst = p.out + (p.q_start(b) + i0 + r) * ldq + h * D;
-        const T l = row_sum[r];
+        const T l = row_total[r];
         const T inv = l > T(0) ? T(1) / l : T(0);
         for (int64_t d = 0; d < D; ++d) dst[d] = store<In, T>(o[r * D + d] * inv);
         p.lse[p.lse_index(b, h, i0 + r)] =
@@ -248,7 +190,6 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
       }
     }
   });
-  // dense rows beyond nothing; varlen: nothing else to write (every packed row belongs to one sequence)
 }
 
 // Backward (FA2 algorithm, recomputing P from the saved lse). Tasks own (sequence, kv head, query split): they
@@ -262,11 +203,12 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
   const int64_t splits = p.splits;
   const int64_t tasks = B * Hkv * splits;
 
-  parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
+  run_tasks(tasks, [&](std::atomic<int64_t>& next) {
+    ScopedFlushDenormals ftz;  // P of far-off keys and dS land in the denormal range
     std::vector<T> s_buf(kBwdBlockQ * kBwdBlockK), dp_buf(kBwdBlockQ * kBwdBlockK), dq_acc(kBwdBlockQ * D),
         delta(kBwdBlockQ), lse_row(kBwdBlockQ);
     std::vector<In> t_low(std::is_same_v<In, T> ? 0 : kBwdBlockQ * kBwdBlockK);
-    for (int64_t t = begin; t < end; ++t) {
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
       const int64_t sidx = t % splits, hk = (t / splits) % Hkv, b = t / (splits * Hkv);
       const int64_t lq = p.q_len(b), lk = p.k_len(b);
       const int64_t q_blocks = (lq + kBwdBlockQ - 1) / kBwdBlockQ;
@@ -287,10 +229,9 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
           T* dqp = p.dq + row0 * ldq + h * D;
           const bool single_block = lk <= kBwdBlockK;
           for (int64_t r = 0; r < m && !single_block; ++r) {
-            T acc = 0;
-#pragma omp simd reduction(+ : acc)
-            for (int64_t d = 0; d < D; ++d) acc += load<T>(op[r * ldq + d]) * load<T>(dop[r * ldq + d]);
-            delta[r] = acc;
+            const In* orow = op + r * ldq;
+            const In* gorow = dop + r * ldq;
+            delta[r] = reduce_sum<T>(D, [&](int64_t d) { return load<T>(orow[d]) * load<T>(gorow[d]); });
           }
           for (int64_t r = 0; r < m; ++r) lse_row[r] = p.lse[p.lse_index(b, h, i0 + r)];
           std::fill(dq_acc.begin(), dq_acc.begin() + m * D, T(0));
@@ -304,8 +245,7 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
             for (int64_t r = 0; r < m; ++r) {
               T* row = s + r * kBwdBlockK;
               const T l = lse_row[r];
-#pragma omp simd
-              for (int64_t j = 0; j < n; ++j) row[j] = softmax_exp(row[j] - l);
+              for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] - l);
             }
             // dV += P^T dO
             mixed_gemm(true, n, D, m, T(1), s, kBwdBlockK, t_low.data(), dop, ldq, T(1), dvp + k0 * ldk, ldk);
@@ -314,14 +254,9 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
             for (int64_t r = 0; r < m; ++r) {
               T* prow = s + r * kBwdBlockK;
               T* dprow = dp + r * kBwdBlockK;
-              if (single_block) {  // delta = rowsum(P * dP): equal to rowsum(dO * O), but cancels exactly
-                T acc = 0;
-#pragma omp simd reduction(+ : acc)
-                for (int64_t j = 0; j < n; ++j) acc += prow[j] * dprow[j];
-                delta[r] = acc;
-              }
+              // delta = rowsum(P * dP): equal to rowsum(dO * O), but cancels exactly (a single key gives dS = 0)
+              if (single_block) delta[r] = dot(prow, dprow, n);
               const T dl = delta[r];
-#pragma omp simd
               for (int64_t j = 0; j < n; ++j) dprow[j] = prow[j] * (dprow[j] - dl) * p.scale;
             }
             // dQ += dS K ; dK += dS^T Q

@@ -7,21 +7,14 @@
 #pragma once
 #include <algorithm>
 #include <atomic>
-#include <bit>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
-#if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
-#endif
 
 #include "cpu/blas.h"
 #include "cpu/parallel.h"
-
-// MKL (linked into libtorch_cpu) may still split a GEMM issued from a worker of our parallel region across a
-// nested team; weak, so builds on a BLAS without it (loops fallback) still load.
-extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+#include "cpu/vec_math.h"
 
 namespace nvembed::cpu {
 
@@ -50,74 +43,7 @@ struct InfoNCEParams {
 // micro-kernel to run near peak (k = d >= 32 typically).
 constexpr int64_t kQueryBlock = 128;
 constexpr int64_t kDocBlock = 512;
-// Row reductions run over kLanes independent accumulators so that the compiler vectorizes them without
-// -ffast-math (a single running max / sum is a loop-carried dependency it must not reassociate).
-constexpr int kLanes = 16;
 
-// exp for float with ~1 ulp error, written so that loops over it vectorize (glibc's expf does not without
-// -ffast-math). Cephes' expf: exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2, degree-6 polynomial.
-// Below -87 it returns exactly 0: results near FLT_MIN would be denormals, which cost ~100x per operation in the
-// sums and GEMMs that consume them (and are irrelevant next to the softmax's largest term, which is 1).
-inline float exp_fast(float x) {
-  const bool underflow = x < -87.0f;
-  x = std::min(std::max(x, -87.0f), 88.37626f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  return underflow ? 0.0f : y * std::bit_cast<float>(bits);
-}
-inline double exp_fast(double x) { return std::exp(x); }  // the double path serves gradcheck: exactness first
-
-// Flush-to-zero / denormals-are-zero for the calling thread while in scope. Softmax probabilities of far-off
-// docs times grad_scale land in the denormal range; without FTZ the backward GEMMs that read them run ~50x
-// slower (x86 microcode assists). The previous mode is restored, so the caller's threads are left as found.
-class ScopedFlushDenormals {
- public:
-#if defined(__x86_64__) || defined(_M_X64)
-  ScopedFlushDenormals() : saved_(_mm_getcsr()) { _mm_setcsr(saved_ | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
-  ~ScopedFlushDenormals() { _mm_setcsr(saved_); }
-
- private:
-  unsigned int saved_;
-#endif
-};
-
-// Runs body(next) on every worker thread; each claims tasks with next.fetch_add(1) until n are taken. Dynamic
-// hand-out instead of parallel_for's static split: CI runners (and dev boxes) share their 2 cores, and with a static
-// split a thread that loses its core stalls the whole op while the other spins at the barrier.
-// Each worker also pins MKL to one thread for its GEMM tiles (see MKL_Set_Num_Threads_Local above): a tile GEMM
-// that forks a nested team waits on partner threads that are busy with their own tiles, which under CPU
-// contention turned a 0.15 s forward into seconds.
-template <typename Body>
-void run_tasks(int64_t n, Body&& body) {
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, num_threads()));
-  parallel_for(workers, 1, [&](int64_t, int64_t) {
-    const int saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-    body(next);
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved);
-  });
-}
-
-template <typename T>
-inline T row_max(const T* x, int64_t n) {
-  T acc[kLanes];
-  for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] = std::max(acc[l], x[j + l]);
-  T m = -std::numeric_limits<T>::infinity();
-  for (int l = 0; l < kLanes; ++l) m = std::max(m, acc[l]);
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  return m;
-}
 
 // sum_j exp(x[j] - shift)
 template <typename T>
@@ -138,29 +64,7 @@ inline void row_exp_scale(T* x, int64_t n, T shift, T scale) {
   for (int64_t j = 0; j < n; ++j) x[j] = exp_fast(x[j] - shift) * scale;
 }
 
-template <typename T>
-inline T row_sum(const T* x, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
-  T s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; j < n; ++j) s += x[j];
-  return s;
-}
 
-template <typename T>
-inline T dot(const T* a, const T* b, int64_t n) {
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
-  T s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
-}
 
 // ---- forward --------------------------------------------------------------------------------------------------
 
@@ -183,7 +87,7 @@ void infonce_fwd_in_batch(const InfoNCEParams<T>& p) {
              T(0), scores.data(), NB);
         for (int64_t r = 0; r < rows; ++r) {
           const T* s = scores.data() + r * NB;
-          const T m = std::max(run_max[r], row_max(s, cols));
+          const T m = std::max(run_max[r], reduce_max(s, cols));
           // run_max is -inf only before the first tile, where run_sum is 0 and exp(-inf) = 0.
           run_sum[r] = run_sum[r] * std::exp(run_max[r] - m) + row_sum_exp(s, cols, m);
           run_max[r] = m;
@@ -210,7 +114,7 @@ void infonce_fwd_own_group(const InfoNCEParams<T>& p) {
     for (int64_t i = begin; i < end; ++i) {
       const T* q = p.queries + i * p.d;
       for (int64_t g = 0; g < p.G; ++g) s[g] = dot(q, p.docs + (i * p.G + g) * p.d, p.d) * p.inv_temperature;
-      const T m = row_max(s.data(), p.G);
+      const T m = reduce_max(s.data(), p.G);
       T sum = 0;
       for (int64_t g = 0; g < p.G; ++g) sum += std::exp(s[g] - m);
       const T log_sum = std::log(sum);
@@ -312,7 +216,7 @@ void infonce_bwd_own_group(const InfoNCEParams<T>& p) {
       // G logits are cheap to renormalize: recomputing their lse here (instead of reading lse_in) keeps the
       // probabilities consistent with the logits as rounded in this pass, so e.g. G = 1 gives exactly zero grads.
       for (int64_t g = 0; g < p.G; ++g) coef[g] = dot(q, dg + g * p.d, p.d) * p.inv_temperature;
-      const T m = row_max(coef.data(), p.G);
+      const T m = reduce_max(coef.data(), p.G);
       T sum = 0;
       for (int64_t g = 0; g < p.G; ++g) sum += std::exp(coef[g] - m);
       const T lse = m + std::log(sum);

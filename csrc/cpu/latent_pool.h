@@ -24,6 +24,7 @@
 
 #include "cpu/blas.h"
 #include "cpu/parallel.h"
+#include "cpu/vec_math.h"
 
 namespace nvembed::cpu::latent_pool {
 
@@ -65,59 +66,9 @@ namespace detail {
 // No atomics and no reduction whose order depends on the thread schedule: repeated calls give the same bits.
 constexpr int64_t kMaxBlock = 512;
 
-// ---- vectorizable pointwise pieces ----------------------------------------------------------------------------
-// Reductions in kLanes independent partial sums, so the compiler vectorizes them without -ffast-math.
-constexpr int kLanes = 16;
-template <typename S, typename Fn>
-inline S reduce_sum(int64_t n, Fn f) {
-  S acc[kLanes] = {};
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] += f(j + k);
-  S s = 0;
-  for (; j < n; ++j) s += f(j);
-  for (int k = 0; k < kLanes; ++k) s += acc[k];
-  return s;
-}
-template <typename S>
-inline S reduce_max(const S* x, int64_t n) {
-  S acc[kLanes];
-  for (int k = 0; k < kLanes; ++k) acc[k] = x[0];
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] = std::max(acc[k], x[j + k]);
-  S m = x[0];
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  for (int k = 0; k < kLanes; ++k) m = std::max(m, acc[k]);
-  return m;
-}
-
-// exp / erf: float32 uses branch-free approximations that vectorize (the libm calls do not): exp by 2^n * degree-6
-// polynomial on |r| <= ln2/2 (~2 ulp; inputs clamped to [-87, 88], so exp underflows to 1.6e-38, not 0), erf by
-// Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7), the formula ATen's vectorized float erf uses. float64 (gradcheck)
-// keeps libm.
-template <typename S>
-inline S vexp(S x) {
-  return std::exp(x);
-}
-template <>
-inline float vexp<float>(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t e = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &e, sizeof(scale));
-  return p * scale;
-}
+// ---- vectorizable pointwise pieces (reduce_sum, reduce_max, exp_fast: cpu/vec_math.h) --------------------------
+// erf: float32 uses Abramowitz-Stegun 7.1.26 (|error| <= 1.5e-7), the formula ATen's vectorized float erf uses;
+// float64 (gradcheck) keeps libm.
 template <typename S>
 inline S verf(S x) {
   return std::erf(x);
@@ -131,7 +82,7 @@ inline float verf<float>(float x) {
   r = r * t + 1.421413741f;
   r = r * t - 0.284496736f;
   r = r * t + 0.254829592f;
-  return std::copysign(1.0f - r * t * vexp(-ax * ax), x);
+  return std::copysign(1.0f - r * t * exp_fast(-ax * ax), x);
 }
 
 template <typename S>
@@ -183,7 +134,7 @@ inline void softmax_rows(S* p, int64_t rows, int64_t n, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     S* pr = p + r * ld;
     const S m = reduce_max(pr, n);
-    for (int64_t j = 0; j < n; ++j) pr[j] = vexp(pr[j] - m);
+    for (int64_t j = 0; j < n; ++j) pr[j] = exp_fast(pr[j] - m);
     const S inv = S(1) / reduce_sum<S>(n, [&](int64_t j) { return pr[j]; });
     for (int64_t j = 0; j < n; ++j) pr[j] *= inv;
   }
@@ -214,7 +165,7 @@ inline void geglu_bwd(const S* u, const S* dgb, S wt, int64_t F, S* du) {
   for (int64_t j = 0; j < F; ++j) {
     const S v = u[F + j];
     const S cdf = S(0.5) * (S(1) + verf(v * S(0.70710678118654752440)));
-    const S pdf = vexp(S(-0.5) * v * v) * S(0.39894228040143267794);
+    const S pdf = exp_fast(S(-0.5) * v * v) * S(0.39894228040143267794);
     const S dg = wt * dgb[j];
     du[j] = dg * v * cdf;
     du[F + j] = dg * u[j] * (cdf + v * pdf);

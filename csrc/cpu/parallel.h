@@ -1,10 +1,27 @@
-// Torch-free face of at::parallel_for for the kernel templates: fn(begin, end) over [0, n) in chunks of at least
-// `grain`. Nested calls run inline (ATen's rule), so BLAS tiles issued inside run single-threaded.
+// Torch-free face of ATen's thread pool for the kernel templates.
 #pragma once
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <functional>
 
 namespace nvembed::cpu {
+
+// fn(begin, end) over [0, n) in chunks of at least `grain`, statically split. Inside, MKL is pinned to one thread
+// per worker, so BLAS tiles issued from fn run single-threaded (a nested MKL team would spin in libgomp waiting
+// for partner threads busy with their own tiles). Nested calls run inline (ATen's rule).
 void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 int num_threads();
+
+// Runs body(next) on min(n, threads) workers; each claims tasks with next.fetch_add(1) until n are taken. Dynamic
+// hand-out instead of a static split: CI runners and dev boxes share their 2 cores, and with a static split a
+// thread that loses its core stalls the whole op while the other waits at the barrier.
+template <typename Body>
+void run_tasks(int64_t n, Body&& body) {
+  if (n <= 0) return;
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, num_threads()));
+  parallel_for(workers, 1, [&](int64_t, int64_t) { body(next); });
+}
+
 }  // namespace nvembed::cpu
