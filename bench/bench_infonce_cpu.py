@@ -3,8 +3,8 @@
 Shape: B=2048, G=8, d=256, fp32, in-batch negatives, forward + backward. Targets: time <= 1.5x naive, peak memory
 <= 1/10 of naive.
 
-  pytest bench/bench_infonce_cpu.py                       # pytest-benchmark table, ratios in extra_info
-  python bench/bench_infonce_cpu.py --csv bench/results/infonce_cpu.csv
+  pytest bench/bench_infonce_cpu.py                 # rows (time, peak memory, ratios) in the session CSV
+  python bench/bench_infonce_cpu.py --csv FILE      # interleaved rounds, one summary row
 
 Peak memory is measured in a fresh interpreter per variant (subprocess): after a small warm-up (thread pools, lazy
 init) and after creating the inputs, the process's RSS high-water mark is reset (/proc/self/clear_refs) and the
@@ -13,16 +13,16 @@ peak above the pre-run RSS is what one fwd+bwd adds. tracemalloc cannot see torc
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import environment, write_csv  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, G, D, TEMPERATURE = 2048, 8, 256, 0.05
@@ -64,7 +64,8 @@ print(json.dumps({"peak_delta_bytes": peak - base, "method": method}))
 
 def peak_memory_bytes(variant: str) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    # the child imports nvembed_ext exactly as this process did (installed package or in-place build)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     out = subprocess.run([sys.executable, "-c", _CHILD, variant, str(B), str(G), str(D), str(TEMPERATURE)],
                          env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -113,33 +114,9 @@ def time_interleaved(variants=("naive", "ours")) -> dict[str, list[float]]:
     return times
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def result_row(times: dict, mems: dict) -> dict:
     row = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "git_commit": git_commit(), "cpu": cpu_name(), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "B": B, "G": G, "d": D, "dtype": "float32", "temperature": TEMPERATURE,
+        **environment(), "B": B, "G": G, "d": D, "dtype": "float32", "temperature": TEMPERATURE,
         "in_batch_negatives": True, "rounds": ROUNDS, "warmup_rounds": WARMUP,
     }
     for v in ("ours", "naive"):
@@ -152,47 +129,20 @@ def result_row(times: dict, mems: dict) -> dict:
     return row
 
 
-def write_csv(path: str, row: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(row))
-        if new:
-            w.writeheader()
-        w.writerow(row)
-
-
 # ---- pytest-benchmark -------------------------------------------------------------------------------------------
-
-_RESULTS: dict = {"times": {}, "mems": {}}
 
 try:
     import pytest
 
-    @pytest.mark.parametrize("variant", ["naive", "ours"])  # ours last: it reports the ratios
+    @pytest.mark.parametrize("variant", ["naive", "nvembed"])
     def test_infonce_cpu_fwd_bwd(benchmark, variant):
-        benchmark.group = f"infonce fwd+bwd B={B} G={G} d={D} fp32"
-        run = fwd_bwd_fn(variant)
+        benchmark.group = f"infonce fwd+bwd fp32 B{B} G{G} d{D}"
+        run = fwd_bwd_fn("ours" if variant == "nvembed" else "naive")
         q, d = make_inputs()
-        times = []
-
-        def timed():
-            t0 = time.perf_counter()
-            run(q, d)
-            times.append(time.perf_counter() - t0)
-
-        benchmark.pedantic(timed, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-        times = times[WARMUP:] if len(times) > ROUNDS else times
-        mem = peak_memory_bytes(variant)
-        _RESULTS["times"][variant] = times
-        _RESULTS["mems"][variant] = mem
-        benchmark.extra_info["peak_mem_mb"] = round(mem["peak_delta_bytes"] / 2**20, 2)
-        if {"ours", "naive"} <= set(_RESULTS["times"]):
-            row = result_row(_RESULTS["times"], _RESULTS["mems"])
-            benchmark.extra_info.update(time_ratio=row["time_ratio"], mem_ratio=row["mem_ratio"])
-            out = os.environ.get("NVEMBED_BENCH_CSV")
-            if out:
-                write_csv(out, row)
+        benchmark.pedantic(lambda: run(q, d), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+        mem = peak_memory_bytes("ours" if variant == "nvembed" else "naive")
+        benchmark.extra_info.update(variant=variant, anchor="naive",
+                                    peak_mem_mb=round(mem["peak_delta_bytes"] / 2**20, 2))
 except ImportError:  # plain script use without pytest installed
     pass
 
@@ -207,7 +157,7 @@ def main():
     for k, v in row.items():
         print(f"{k:>22}: {v}")
     if args.csv:
-        write_csv(args.csv, row)
+        write_csv(args.csv, [row])
 
 
 if __name__ == "__main__":

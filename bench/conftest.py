@@ -35,6 +35,8 @@ def pytest_sessionfinish(session, exitstatus):
             if anchor is not None:
                 row["anchor"] = anchor.extra_info.get("variant")
                 row["speedup_vs_anchor"] = round(anchor.stats.median / b.stats.median, 3)
+                if "peak_mem_mb" in b.extra_info and anchor.extra_info.get("peak_mem_mb"):
+                    row["mem_ratio_vs_anchor"] = round(b.extra_info["peak_mem_mb"] / anchor.extra_info["peak_mem_mb"], 4)
             for k, v in b.extra_info.items():
                 if k not in ("variant", "anchor"):
                     row[k] = v
@@ -46,5 +48,6 @@ def pytest_sessionfinish(session, exitstatus):
     print(f"\nnvembed: wrote {len(rows)} benchmark rows to {path}")
     for r in rows:
         if "speedup_vs_anchor" in r and r["variant"] != r.get("anchor"):
+            mem = f", memory {r['mem_ratio_vs_anchor']:.3f}x" if "mem_ratio_vs_anchor" in r else ""
             print(f"  {r['group']:<48} {r['variant']:<12} {r['p50_ms']:>10.3f} ms  "
-                  f"{r['speedup_vs_anchor']:.2f}x vs {r['anchor']}")
+                  f"{r['speedup_vs_anchor']:.2f}x vs {r['anchor']}{mem}")

@@ -56,4 +56,8 @@ inline std::initializer_list<at::ScalarType> cpu_dtypes() {
   return d;
 }
 
+// Accumulation dtype of the CPU kernels: float64 inputs compute (and return their softmax statistics) in float64,
+// float32 and bfloat16 in float32.
+inline at::ScalarType accum_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 }  // namespace nvembed

@@ -16,8 +16,6 @@ namespace {
 constexpr const char* kOp = "flash_attn";
 constexpr const char* kVarlenOp = "flash_attn_varlen";
 
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // Runs fn.template operator()<In, T>() for the input dtype: bf16 stays bf16 (bf16 BLAS tiles, fp32 softmax and
 // accumulation); fp32 and fp64 compute in their own type.
 template <typename Fn>
@@ -143,7 +141,7 @@ Outputs run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   const int64_t hq = q.size(-2);
   const int64_t total_q = varlen ? q.size(0) : batch * lq;
   at::Tensor out = at::empty_like(q);
-  auto lse_opts = q.options().dtype(compute_type(q.scalar_type()));
+  auto lse_opts = q.options().dtype(accum_dtype(q.scalar_type()));
   at::Tensor lse = varlen ? at::empty({hq, total_q}, lse_opts) : at::empty({batch, hq, lq}, lse_opts);
   dispatch_io(q.scalar_type(), [&]<typename In, typename T>() {
     cpu::FlashAttnParams<In, T> p{};
@@ -161,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(const at::Tensor& dout, c
                                                        double scale) {
   const int64_t hkv = k.size(-2);
   const int64_t splits = bwd_splits(batch, hkv, lq);
-  const auto acc = q.options().dtype(compute_type(q.scalar_type()));
+  const auto acc = q.options().dtype(accum_dtype(q.scalar_type()));
   at::Tensor dq = at::zeros(q.sizes(), acc);
   auto kv_shape = k.sizes().vec();
   if (splits > 1) kv_shape.insert(kv_shape.begin(), splits);
@@ -214,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cpu(const Tensor& dout, const 
   const double sc = resolve_scale(scale, q.size(3), kOp);
   at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
   return run_bwd(dout.to(q.scalar_type()).contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                 out.to(q.scalar_type()).contiguous(), lse.to(compute_type(q.scalar_type())).contiguous(), mask, {},
+                 out.to(q.scalar_type()).contiguous(), lse.to(accum_dtype(q.scalar_type())).contiguous(), mask, {},
                  {}, q.size(0), q.size(1), k.size(1), sc);
 }
 
@@ -246,7 +244,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cpu(const Tensor& dout,
   check_bwd_tensors(dout, q, out, lse, {q.size(1), q.size(0)}, kVarlenOp);
   const double sc = resolve_scale(scale, q.size(2), kVarlenOp);
   return run_bwd(dout.to(q.scalar_type()).contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                 out.to(q.scalar_type()).contiguous(), lse.to(compute_type(q.scalar_type())).contiguous(), {}, cu_q,
+                 out.to(q.scalar_type()).contiguous(), lse.to(accum_dtype(q.scalar_type())).contiguous(), {}, cu_q,
                  cu_k, cu_q.size(0) - 1, max_seqlen_q, max_seqlen_k, sc);
 }
 

@@ -42,9 +42,6 @@ void infonce_check_bwd_inputs(const Tensor& grad_loss, const Tensor& queries, co
 
 namespace {
 
-// The accumulation dtype: float64 inputs compute (and return loss / lse) in float64, everything else in float32.
-at::ScalarType acc_dtype(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 template <typename T>
 cpu::InfoNCEParams<T> make_params(const Tensor& q, const Tensor& docs, int64_t group_size, double temperature,
                                   bool in_batch_negatives) {
@@ -66,7 +63,7 @@ std::tuple<Tensor, Tensor> infonce_fwd_cpu(const Tensor& queries, const Tensor& 
                                            double temperature, bool in_batch_negatives) {
   infonce_check_inputs(queries, docs, group_size, temperature, cpu_dtypes());
   NVE_CHECK_VALUE(queries.device().is_cpu(), kOp, "queries must be a CPU tensor here, got ", queries.device());
-  const auto acc = acc_dtype(queries);
+  const auto acc = accum_dtype(queries.scalar_type());
   const Tensor q = queries.contiguous().to(acc);
   const Tensor dc = docs.contiguous().to(acc);
   const int64_t B = q.size(0);
@@ -91,7 +88,7 @@ std::tuple<Tensor, Tensor> infonce_bwd_cpu(const Tensor& grad_loss, const Tensor
   infonce_check_inputs(queries, docs, group_size, temperature, cpu_dtypes());
   infonce_check_bwd_inputs(grad_loss, queries, lse);
   NVE_CHECK_VALUE(queries.device().is_cpu(), kOp, "queries must be a CPU tensor here, got ", queries.device());
-  const auto acc = acc_dtype(queries);
+  const auto acc = accum_dtype(queries.scalar_type());
   const Tensor q = queries.contiguous().to(acc);
   const Tensor dc = docs.contiguous().to(acc);
   const Tensor lse_c = lse.contiguous().to(acc);

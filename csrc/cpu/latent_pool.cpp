@@ -139,8 +139,6 @@ cpu::latent_pool::Params<S> make_params(Converted& cv, const Shapes& s, at::Scal
   return p;
 }
 
-at::ScalarType compute_type(const Tensor& hs) { return hs.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 }  // namespace
 
 std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
@@ -153,7 +151,7 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
   const Shapes s = check_args(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
                               norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
                               ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps);
-  const at::ScalarType st = compute_type(hidden_states);
+  const at::ScalarType st = accum_dtype(hidden_states.scalar_type());
   auto opts = hidden_states.options().dtype(st);
   Tensor out = at::empty({s.B, s.d}, opts);
   Tensor pooled = at::empty({s.B, s.d}, opts);
@@ -182,7 +180,7 @@ std::vector<Tensor> latent_pool_bwd_cpu(
                   "grad_out must have shape [B, d] = [", s.B, ", ", s.d, "], got ", grad_out.sizes());
   NVE_CHECK_VALUE(pooled.dim() == 2 && pooled.size(0) == s.B && pooled.size(1) == s.d, kOp,
                   "pooled must have shape [B, d] = [", s.B, ", ", s.d, "], got ", pooled.sizes());
-  const at::ScalarType st = compute_type(hidden_states);
+  const at::ScalarType st = accum_dtype(hidden_states.scalar_type());
   auto opts = hidden_states.options().dtype(st);
   const Tensor* ins[] = {&hidden_states,  &latents,        &norm_weight,    &norm_bias,    &norm_context_weight,
                          &norm_context_bias, &to_q_weight, &to_kv_weight,   &to_out_weight, &ff_norm_weight,
