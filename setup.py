@@ -138,6 +138,13 @@ class CMakeBuild(build_ext):
         subprocess.check_call(args, cwd=build_dir)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.check_call([cmake, "--build", ".", "--", f"-j{jobs}"], cwd=build_dir)
+        # Also place the library in the source tree's nvembed_ext/: Python puts the current directory first on
+        # sys.path for `python -m ...` / `python -c ...`, so from the repository root the source package shadows
+        # the installed one and must be loadable too.
+        built = os.path.join(out_dir, os.path.basename(self.get_ext_fullpath(ext.name)))
+        in_tree = os.path.join(ROOT, "nvembed_ext", os.path.basename(built))
+        if os.path.abspath(built) != os.path.abspath(in_tree) and os.path.isdir(os.path.dirname(in_tree)):
+            shutil.copy2(built, in_tree)
 
 
 setup(
