@@ -217,6 +217,19 @@ def test_released_checkpoint_matches_port(released_folder, tiny_model, instructi
         assert _rel(tiny_model.encode(TEXTS, convert_to_numpy=False), ref) > 1e-3
 
 
+def test_loading_never_asks_for_remote_code(released_folder, monkeypatch):
+    """The released config.json has an auto_map; transformers must not be led to prompt (stdin) for it."""
+    prompts = []
+
+    def no_prompt(*args, **kwargs):
+        prompts.append(args)
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    model = nvembed.NVEmbedModel.from_pretrained(released_folder[0])
+    assert model.tokenizer is not None and prompts == []
+
+
 def test_tokenization_follows_release(tiny_model):
     tok = tiny_model.tokenizer
     assert tok.pad_token == "</s>" and tok.padding_side == "right"

@@ -58,7 +58,7 @@ def from_sentence_transformers(folder: str, dtype: Optional[torch.dtype] = torch
         key = key[len(prefix):] if key.startswith(prefix) else key
         return None if key.startswith("pooler.") else "embedding_model." + key
 
-    return NVEmbedModel.from_config_dict(config, folder, tokenizer=AutoTokenizer.from_pretrained(folder),
+    return NVEmbedModel.from_config_dict(config, folder, tokenizer=AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
                                          dtype=dtype, rename=rename)
 
 

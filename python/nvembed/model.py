@@ -53,6 +53,13 @@ def _materialize_meta_buffers(model: nn.Module, config) -> None:
             module.register_buffer(b, getattr(fresh, b), persistent=b not in module._non_persistent_buffers_set)
 
 
+def load_tokenizer(path: str, config: Dict[str, Any]):
+    """The folder's tokenizer. The backbone config is handed to AutoTokenizer so that it never reads the folder's
+    config.json: the release's has an auto_map, and transformers would ask (on stdin) to run remote code."""
+    text_config = backbone_config(normalize_top_config(config)["text_config"])
+    return AutoTokenizer.from_pretrained(path, config=text_config, trust_remote_code=False)
+
+
 class NVEmbedModel(nn.Module):
     """NV-Embed: `embedding_model` (a bidirectional HF backbone) -> `latent_attention_model` (latent pooling) or
     masked mean pooling -> [B, d]. state_dict() keys equal the released `embedding_model.*` /
@@ -163,7 +170,9 @@ class NVEmbedModel(nn.Module):
         """Load an NV-Embed-v1/v2 folder (config.json, safetensors single or sharded + index, tokenizer)."""
         with open(os.path.join(path, CONFIG_FILE)) as f:
             config = json.load(f)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                            "tokenizer.model"))
+        tokenizer = load_tokenizer(path, config) if has_tokenizer else None  # None: forward() only
         model = cls.from_config_dict(config, path, tokenizer=tokenizer, dtype=dtype)
         return model.to(device) if device is not None else model
 
