@@ -20,7 +20,7 @@ pytest.importorskip("tokenizers")
 from safetensors.torch import save_file  # noqa: E402
 
 import nvembed  # noqa: E402
-from nvembed.checkpoint import CheckpointMismatchError, check_state_dict_shapes  # noqa: E402
+from nvembed.checkpoint import CheckpointMismatchError, check_state_dict_shapes, checkpoint_files  # noqa: E402
 
 INSTRUCTION = "Instruct: retrieve passages\nQuery: "
 TEXTS = ["the cat sat on the mat", "a dog", "hello world the dog ran far away from the cat", "mat",
@@ -376,6 +376,8 @@ def test_released_v2_key_set_is_accepted(tmp_path):
     index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     names = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert [os.path.basename(f) for f in checkpoint_files(str(tmp_path))] == [
+        f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
     with torch.device("meta"):
         model = nvembed.NVEmbedModel(released_config(V2_TEXT, V2_LATENT))
     expected = model.state_dict()
