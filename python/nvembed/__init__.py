@@ -6,4 +6,16 @@ from . import functional
 from .layers import LatentAttentionPooling
 
 __version__ = "0.1.0"
-__all__ = ["LatentAttentionPooling", "build_info", "functional"]
+__all__ = ["LatentAttentionPooling", "NVEmbedModel", "build_info", "functional", "load"]
+
+# The model layer needs transformers (requirements-model.txt); import it on first use so the kernels alone don't.
+_LAZY = {"NVEmbedModel": ".model", "load": ".hub"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'nvembed' has no attribute {name!r}")

