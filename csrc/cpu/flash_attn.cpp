@@ -101,7 +101,7 @@ at::Tensor check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t tota
 
 template <typename In, typename T>
 void fill_common(cpu::FlashAttnParams<In, T>& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& out, const at::Tensor& lse, const at::Tensor& mask, const at::Tensor& cu_q,
+                 const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q,
                  const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk, double scale) {
   p.q = ptr<In>(q);
   p.k = ptr<In>(k);
@@ -109,7 +109,6 @@ void fill_common(cpu::FlashAttnParams<In, T>& p, const at::Tensor& q, const at::
   p.out = ptr<In>(out);
   p.lse = ptr<T>(lse);
   p.scale = static_cast<T>(scale);
-  p.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
   p.cu_q = cu_q.defined() ? cu_q.data_ptr<int>() : nullptr;
   p.cu_k = cu_k.defined() ? cu_k.data_ptr<int>() : nullptr;
   p.batch = batch;
@@ -134,8 +133,7 @@ struct Outputs {
 };
 
 // Runs the forward for dense (cu == undefined) or varlen inputs (contiguous, input dtype).
-Outputs run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
-                const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk,
+Outputs run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk,
                 double scale) {
   const bool varlen = cu_q.defined();
   const int64_t hq = q.size(-2);
@@ -145,7 +143,7 @@ Outputs run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
   at::Tensor lse = varlen ? at::empty({hq, total_q}, lse_opts) : at::empty({batch, hq, lq}, lse_opts);
   dispatch_io(q.scalar_type(), [&]<typename In, typename T>() {
     cpu::FlashAttnParams<In, T> p{};
-    fill_common(p, q, k, v, out, lse, mask, cu_q, cu_k, batch, lq, lk, scale);
+    fill_common(p, q, k, v, out, lse, cu_q, cu_k, batch, lq, lk, scale);
     cpu::flash_attn_fwd_kernel(p);
   });
   return {out, lse};
@@ -154,7 +152,7 @@ Outputs run_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(const at::Tensor& dout, const at::Tensor& q,
                                                        const at::Tensor& k, const at::Tensor& v,
                                                        const at::Tensor& out, const at::Tensor& lse,
-                                                       const at::Tensor& mask, const at::Tensor& cu_q,
+                                                       const at::Tensor& cu_q,
                                                        const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk,
                                                        double scale) {
   const int64_t hkv = k.size(-2);
@@ -166,7 +164,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(const at::Tensor& dout, c
   at::Tensor dk_acc = at::zeros(kv_shape, acc), dv_acc = at::zeros(kv_shape, acc);
   dispatch_io(q.scalar_type(), [&]<typename In, typename T>() {
     cpu::FlashAttnBwdParams<In, T> p{};
-    fill_common<In, T>(p, q, k, v, out, lse, mask, cu_q, cu_k, batch, lq, lk, scale);
+    fill_common<In, T>(p, q, k, v, out, lse, cu_q, cu_k, batch, lq, lk, scale);
     p.dout = ptr<In>(dout);
     p.dq = ptr<T>(dq);
     p.dk = ptr<T>(dk_acc);
@@ -178,6 +176,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(const at::Tensor& dout, c
   at::Tensor dk = splits > 1 ? dk_acc.sum(0) : dk_acc;
   at::Tensor dv = splits > 1 ? dv_acc.sum(0) : dv_acc;
   return {dq.to(q.scalar_type()), dk.to(k.scalar_type()), dv.to(v.scalar_type())};
+}
+
+// Dense keys with a padding mask become packed varlen keys: k[mask] -> [Tk, Hkv, D] with per-sequence offsets
+// cu_k, so the kernel never sees a padded key (no masking pass, no FLOPs on padding). q stays dense.
+struct PackedKeys {
+  at::Tensor k, v, cu_k;  // undefined cu_k: no mask (or nothing masked), k / v are the dense tensors
+};
+
+PackedKeys pack_keys(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask) {
+  if (!key_padding_mask.has_value() || key_padding_mask->all().item<bool>()) return {k, v, {}};
+  const at::Tensor& mask = *key_padding_mask;
+  at::Tensor cu_k = at::zeros({mask.size(0) + 1}, mask.options().dtype(at::kInt));
+  cu_k.slice(0, 1).copy_(mask.sum(1).cumsum(0));
+  return {k.index({mask}).contiguous(), v.index({mask}).contiguous(), cu_k};
 }
 
 void check_bwd_tensors(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
@@ -197,9 +209,8 @@ std::tuple<Tensor, Tensor> flash_attn_fwd_cpu(const Tensor& q, const Tensor& k, 
                                               std::optional<double> scale) {
   check_dense(q, k, v, key_padding_mask);
   const double sc = resolve_scale(scale, q.size(3), kOp);
-  at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  auto r = run_fwd(q.contiguous(), k.contiguous(), v.contiguous(), mask, {}, {}, q.size(0), q.size(1), k.size(1),
-                   sc);
+  auto keys = pack_keys(k.contiguous(), v.contiguous(), key_padding_mask);
+  auto r = run_fwd(q.contiguous(), keys.k, keys.v, {}, keys.cu_k, q.size(0), q.size(1), k.size(1), sc);
   return {r.out, r.lse};
 }
 
@@ -210,10 +221,16 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cpu(const Tensor& dout, const 
   check_dense(q, k, v, key_padding_mask);
   check_bwd_tensors(dout, q, out, lse, {q.size(0), q.size(2), q.size(1)}, kOp);
   const double sc = resolve_scale(scale, q.size(3), kOp);
-  at::Tensor mask = key_padding_mask.has_value() ? key_padding_mask->contiguous() : at::Tensor();
-  return run_bwd(dout.to(q.scalar_type()).contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                 out.to(q.scalar_type()).contiguous(), lse.to(accum_dtype(q.scalar_type())).contiguous(), mask, {},
-                 {}, q.size(0), q.size(1), k.size(1), sc);
+  auto keys = pack_keys(k.contiguous(), v.contiguous(), key_padding_mask);
+  auto [dq, dk, dv] = run_bwd(dout.to(q.scalar_type()).contiguous(), q.contiguous(), keys.k, keys.v,
+                              out.to(q.scalar_type()).contiguous(), lse.to(accum_dtype(q.scalar_type())).contiguous(),
+                              {}, keys.cu_k, q.size(0), q.size(1), k.size(1), sc);
+  if (!keys.cu_k.defined()) return {dq, dk, dv};
+  // scatter the packed key gradients back; padded keys get exactly zero
+  at::Tensor dk_dense = at::zeros(k.sizes(), dk.options()), dv_dense = at::zeros(v.sizes(), dv.options());
+  dk_dense.index_put_({*key_padding_mask}, dk);
+  dv_dense.index_put_({*key_padding_mask}, dv);
+  return {dq, dk_dense, dv_dense};
 }
 
 std::tuple<Tensor, Tensor> flash_attn_varlen_fwd_cpu(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -226,7 +243,7 @@ std::tuple<Tensor, Tensor> flash_attn_varlen_fwd_cpu(const Tensor& q, const Tens
   NVE_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), kVarlenOp, "cu_seqlens_q has ", cu_q.size(0) - 1,
                   " sequences but cu_seqlens_k has ", cu_k.size(0) - 1);
   const double sc = resolve_scale(scale, q.size(2), kVarlenOp);
-  auto r = run_fwd(q.contiguous(), k.contiguous(), v.contiguous(), {}, cu_q, cu_k, cu_q.size(0) - 1, max_seqlen_q,
+  auto r = run_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, cu_q.size(0) - 1, max_seqlen_q,
                    max_seqlen_k, sc);
   return {r.out, r.lse};
 }
@@ -244,8 +261,8 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cpu(const Tensor& dout,
   check_bwd_tensors(dout, q, out, lse, {q.size(1), q.size(0)}, kVarlenOp);
   const double sc = resolve_scale(scale, q.size(2), kVarlenOp);
   return run_bwd(dout.to(q.scalar_type()).contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                 out.to(q.scalar_type()).contiguous(), lse.to(accum_dtype(q.scalar_type())).contiguous(), {}, cu_q,
-                 cu_k, cu_q.size(0) - 1, max_seqlen_q, max_seqlen_k, sc);
+                 out.to(q.scalar_type()).contiguous(), lse.to(accum_dtype(q.scalar_type())).contiguous(), cu_q, cu_k,
+                 cu_q.size(0) - 1, max_seqlen_q, max_seqlen_k, sc);
 }
 
 }  // namespace nvembed

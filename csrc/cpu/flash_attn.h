@@ -7,7 +7,9 @@
 // L <= 512) the softmax is exact in one pass with no rescaling.
 //
 // Numerics: fp32 accumulation for fp32/bf16 inputs (the launcher converts bf16 to fp32), fp64 for fp64.
-// A query row whose keys are all masked gets out = 0 and lse = +inf, so the backward's P = exp(S - lse) is 0.
+// Key padding never reaches the kernel: the launcher packs the unmasked keys of each sequence (dense q with
+// varlen k), so padded keys cost no FLOPs. A query row with no key gets out = 0 and lse = +inf, so the
+// backward's P = exp(S - lse) is 0.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -32,7 +34,6 @@ struct FlashAttnParams {
   const In* v;
   In* out;
   T* lse;             // dense: [B, Hq, Lq]; varlen: [Hq, Tq]
-  const bool* mask;   // dense only: [B, Lk], true = attend; nullptr = none
   const int* cu_q;    // varlen only: [B + 1]; nullptr = dense
   const int* cu_k;
   int64_t batch, seqlen_q, seqlen_k;  // dense lengths (varlen: max lengths)
@@ -111,21 +112,6 @@ constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBlockK = 512;
 constexpr int64_t kBwdBlockK = 512;
 
-// Masks the S tile's columns whose key is padding. Returns the number of valid keys in [k0, k0 + n).
-template <typename T>
-int64_t apply_key_mask(const bool* mask_row, int64_t k0, int64_t n, int64_t m, T* s, int64_t lds) {
-  if (!mask_row) return n;
-  int64_t valid = 0;
-  for (int64_t j = 0; j < n; ++j) valid += mask_row[k0 + j] ? 1 : 0;
-  if (valid == n) return n;
-  for (int64_t r = 0; r < m; ++r) {
-    T* row = s + r * lds;
-    for (int64_t j = 0; j < n; ++j)
-      if (!mask_row[k0 + j]) row[j] = neg_inf<T>();
-  }
-  return valid;
-}
-
 template <typename In, typename T>
 void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, D = p.head_dim;
@@ -149,7 +135,6 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
       const In* qp = p.q + (p.q_start(b) + i0) * ldq + h * D;
       const In* kp = p.k + p.k_start(b) * ldk + hk * D;
       const In* vp = p.v + p.k_start(b) * ldk + hk * D;
-      const bool* mask_row = p.mask ? p.mask + b * p.seqlen_k : nullptr;
       T* s = s_buf.data();
       T* o = o_acc.data();
       std::fill(row_max.begin(), row_max.begin() + m, neg_inf<T>());
@@ -158,16 +143,11 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
       for (int64_t k0 = 0; k0 < lk; k0 += kBlockK) {
         const int64_t n = std::min(kBlockK, lk - k0);
         tile_gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBlockK);
-        if (apply_key_mask(mask_row, k0, n, m, s, kBlockK) == 0) continue;
         const bool first = k0 == 0;
         for (int64_t r = 0; r < m; ++r) {
           T* row = s + r * kBlockK;
           T mx = row_max[r];
           mx = std::max(mx, reduce_max(row, n));
-          if (mx == neg_inf<T>()) {  // every key so far masked: contributes nothing
-            std::fill(row, row + n, T(0));
-            continue;
-          }
           const T corr = exp_fast(row_max[r] - mx);
           for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] - mx);
           const T sum = row_sum(row, n);
@@ -218,7 +198,6 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
       const In* vp = p.v + p.k_start(b) * ldk + hk * D;
       T* dkp = p.dk + sidx * p.split_stride + p.k_start(b) * ldk + hk * D;
       T* dvp = p.dv + sidx * p.split_stride + p.k_start(b) * ldk + hk * D;
-      const bool* mask_row = p.mask ? p.mask + b * p.seqlen_k : nullptr;
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         for (int64_t qb = blk_begin; qb < blk_end; ++qb) {
           const int64_t i0 = qb * kBwdBlockQ, m = std::min(kBwdBlockQ, lq - i0);
@@ -240,8 +219,7 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
           for (int64_t k0 = 0; k0 < lk; k0 += kBwdBlockK) {
             const int64_t n = std::min(kBwdBlockK, lk - k0);
             tile_gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBwdBlockK);
-            if (apply_key_mask(mask_row, k0, n, m, s, kBwdBlockK) == 0) continue;
-            // P = exp(S - lse); a fully masked row has lse = +inf and so P = 0.
+            // P = exp(S - lse)
             for (int64_t r = 0; r < m; ++r) {
               T* row = s + r * kBwdBlockK;
               const T l = lse_row[r];
