@@ -67,6 +67,17 @@ def test_flash_attn_matches_reference(shape, dtype, masked):
     _check_against_ref(q, k, v, mask, dtype)
 
 
+@pytest.mark.parametrize("brgemm", ["1", "0"], ids=["brgemm", "cblas"])
+def test_bf16_forward_paths(monkeypatch, brgemm):
+    """bf16 forward runs on oneDNN brgemm tiles where the CPU supports them, else on cblas tiles: test both."""
+    monkeypatch.setenv("NVEMBED_CPU_BRGEMM", brgemm)
+    for shape in [(2, 129, 600, 8, 2, 64), (1, 17, 33, 4, 4, 32), (2, 3, 1, 2, 1, 128)]:
+        q, k, v = _inputs(*shape)
+        _check_against_ref(q, k, v, _random_mask(shape[0], shape[2]), torch.bfloat16)
+        out = ops.flash_attn(q.bfloat16(), k.bfloat16(), v.bfloat16(), None, -0.3)  # negative scale
+        assert_close(out, flash_attn_ref(q, k, v, None, -0.3), torch.bfloat16, "out (scale < 0)")
+
+
 def test_fully_masked_rows_are_zero_with_zero_grads():
     q, k, v = _inputs(3, 9, 11, 4, 2, 32, dtype=torch.float32)
     mask = torch.ones(3, 11, dtype=torch.bool)

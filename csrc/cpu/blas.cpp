@@ -1,5 +1,8 @@
 #include "cpu/blas.h"
 
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+
 #include <algorithm>
 #include <cstring>
 #include <vector>
@@ -107,6 +110,19 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   auto bf = widen(b, br, bc, ldb);
   gemm(ta, tb, m, n, k, alpha, af.data(), ac, bf.data(), bc, beta, c, ldc);
 }
+
+bool has_bf16_brgemm() {
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+}
+
+void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+                 const uint16_t* a, const uint16_t* b_vnni, float* c) {
+  at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, reinterpret_cast<const at::BFloat16*>(a),
+                              reinterpret_cast<const at::BFloat16*>(b_vnni), c, /*is_vnni=*/true);
+}
+
+void brgemm_release() { at::native::cpublas::brgemm_release(/*is_vnni=*/true); }
 
 const char* blas_name() { return (sgemm_ && dgemm_) ? "mkl" : "reference-loops"; }
 

@@ -17,6 +17,15 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const uint16_t* a,
           int64_t lda, const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
+// Batch-reduce GEMM on bf16 with fp32 output (oneDNN micro-kernels through torch, AMX where present), the fast
+// path for small repeated tiles: C[m x n] (+)= A[m x k] (row-major, lda) * B, where B is [k x n] in VNNI layout
+// (pack_vnni in the kernels: pairs of k interleaved, k even, ldb = n). Only where has_bf16_brgemm().
+bool has_bf16_brgemm();
+void brgemm_bf16(int64_t m, int64_t n, int64_t k, int64_t lda, int64_t ldb, int64_t ldc, bool add_c,
+                 const uint16_t* a, const uint16_t* b_vnni, float* c);
+// Releases the calling thread's micro-kernel state (AMX tile configuration) after a run of brgemm_bf16 calls.
+void brgemm_release();
+
 // Name of the BLAS the tiles run on ("mkl" or "reference-loops"), for build_info().
 const char* blas_name();
 

@@ -6,6 +6,8 @@
 #include <ATen/Parallel.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 
 #include "checks.h"
 #include "ops.h"
@@ -118,6 +120,9 @@ void fill_common(cpu::FlashAttnParams<In, T>& p, const at::Tensor& q, const at::
   p.heads_q = q.size(-2);
   p.heads_kv = k.size(-2);
   p.head_dim = q.size(-1);
+  // NVEMBED_CPU_BRGEMM=0 keeps the bf16 forward on the cblas tiles (the tests run both paths)
+  const char* brgemm = std::getenv("NVEMBED_CPU_BRGEMM");
+  p.allow_brgemm = brgemm == nullptr || std::string(brgemm) != "0";
 }
 
 // Query-range splits for the backward, so that B * Hkv * splits tasks keep every thread busy.

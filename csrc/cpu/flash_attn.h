@@ -40,6 +40,7 @@ struct FlashAttnParams {
   int64_t total_q;                    // rows of the packed q (B * Lq for dense)
   int64_t heads_q, heads_kv, head_dim;
   T scale;
+  bool allow_brgemm = true;  // bf16 forward: oneDNN brgemm tiles on pre-packed K/V where available
 
   int64_t q_start(int64_t b) const { return cu_q ? cu_q[b] : b * seqlen_q; }
   int64_t q_len(int64_t b) const { return cu_q ? cu_q[b + 1] - cu_q[b] : seqlen_q; }
@@ -106,25 +107,134 @@ constexpr T neg_inf() {
 }
 
 // Block sizes: 128 query rows x 512 keys keep the S tile (256 KiB fp32) and the O accumulator in L2 while the
-// BLAS tiles stay large enough to amortize operand packing. The backward holds four tiles, so it uses 64 rows.
+// BLAS tiles stay large enough to amortize operand packing.
 constexpr int64_t kBlockQ = 128;
 constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBlockK = 512;
 constexpr int64_t kBwdBlockK = 512;
+
+// VNNI layouts (pairs of the reduction dim interleaved, reduction dim padded to even) of a key block, as the B
+// operands of S = Q K^T (K^T: [D x n], D even) and O += P V (V: [n x D]). Key rows are `ld` elements apart.
+inline void pack_kt_vnni(const bf16_t* k, int64_t ld, int64_t n, int64_t D, bf16_t* dst) {
+  // element pair (2i, 2i+1) of key c is one 32-bit word, stored at word [i][c]: contiguous stores, gathered loads
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  const uint32_t* src = reinterpret_cast<const uint32_t*>(k);  // ld and D even: rows stay 4-byte aligned
+  const int64_t ldw = ld / 2;
+  for (int64_t i = 0; i < D / 2; ++i)
+    for (int64_t c = 0; c < n; ++c) out[i * n + c] = src[c * ldw + i];
+}
+inline void pack_v_vnni(const bf16_t* v, int64_t ld, int64_t n, int64_t D, bf16_t* dst) {
+  // rows r, r+1 interleaved: word c of the pair = v[r][c] | v[r+1][c] << 16
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(v);
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  for (int64_t r = 0; r < n; r += 2) {
+    const uint16_t* a = src + r * ld;
+    const uint16_t* b = r + 1 < n ? a + ld : nullptr;
+    uint32_t* o = out + (r / 2) * D;
+    if (b) {
+      for (int64_t c = 0; c < D; ++c) o[c] = static_cast<uint32_t>(a[c]) | (static_cast<uint32_t>(b[c]) << 16);
+    } else {
+      for (int64_t c = 0; c < D; ++c) o[c] = static_cast<uint32_t>(a[c]);
+    }
+  }
+}
+
+// The bf16 forward on oneDNN brgemm tiles (AMX on CPUs that have it). K^T and V of every (sequence, key block, kv
+// head) are packed to VNNI once, in a parallel pre-pass, and then shared by all query blocks and all query heads of
+// the GQA group; the softmax is the same online one as in the BLAS path, in fp32.
+inline void flash_attn_fwd_brgemm(const FlashAttnParams<bf16_t, float>& p) {
+  const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, D = p.head_dim;
+  const int64_t group = Hq / Hkv;
+  const int64_t ldq = Hq * D, ldk = Hkv * D;
+  const int64_t region = 2 * kBlockK * D;  // packed K^T block (D x n) then packed V block (n_even x D)
+  std::vector<int64_t> block_base(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) block_base[b + 1] = block_base[b] + (p.k_len(b) + kBlockK - 1) / kBlockK;
+  bf16_t* packed = thread_scratch<bf16_t, 1>(block_base[B] * Hkv * region);
+  const int64_t pack_tasks = block_base[B] * Hkv;
+  run_tasks(pack_tasks, [&](std::atomic<int64_t>& next) {
+    for (int64_t t; (t = next.fetch_add(1)) < pack_tasks;) {
+      const int64_t hk = t % Hkv, gblk = t / Hkv;
+      const int64_t b = std::upper_bound(block_base.begin(), block_base.end(), gblk) - block_base.begin() - 1;
+      const int64_t k0 = (gblk - block_base[b]) * kBlockK, n = std::min(kBlockK, p.k_len(b) - k0);
+      const bf16_t* kp = p.k + (p.k_start(b) + k0) * ldk + hk * D;
+      const bf16_t* vp = p.v + (p.k_start(b) + k0) * ldk + hk * D;
+      bf16_t* dst = packed + t * region;
+      pack_kt_vnni(kp, ldk, n, D, dst);
+      pack_v_vnni(vp, ldk, n, D, dst + kBlockK * D);
+    }
+  });
+
+  const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
+  const int64_t tasks = B * Hq * q_blocks;
+  run_tasks(tasks, [&](std::atomic<int64_t>& next) {
+    ScopedFlushDenormals ftz;
+    float* s = thread_scratch<float>(kBlockQ * (kBlockK + D + 2));
+    float *o = s + kBlockQ * kBlockK, *row_max = o + kBlockQ * D, *row_total = row_max + kBlockQ;
+    bf16_t* p_low = thread_scratch<bf16_t>(kBlockQ * kBlockK);
+    for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
+      const int64_t qb = t % q_blocks, h = (t / q_blocks) % Hq, b = t / (q_blocks * Hq);
+      const int64_t lq = p.q_len(b), lk = p.k_len(b);
+      const int64_t i0 = qb * kBlockQ;
+      if (i0 >= lq) continue;
+      const int64_t m = std::min(kBlockQ, lq - i0);
+      const int64_t hk = h / group;
+      const bf16_t* qp = p.q + (p.q_start(b) + i0) * ldq + h * D;
+      std::fill(row_max, row_max + m, neg_inf<float>());
+      std::fill(row_total, row_total + m, 0.f);
+      std::fill(o, o + m * D, 0.f);
+      for (int64_t k0 = 0; k0 < lk; k0 += kBlockK) {
+        const int64_t n = std::min(kBlockK, lk - k0), n_even = n + (n & 1);
+        const bf16_t* kt = packed + ((block_base[b] + k0 / kBlockK) * Hkv + hk) * region;
+        brgemm_bf16(m, n, D, ldq, n, kBlockK, false, reinterpret_cast<const uint16_t*>(qp),
+                    reinterpret_cast<const uint16_t*>(kt), s);
+        const float sc = p.scale;
+        for (int64_t r = 0; r < m; ++r) {
+          float* row = s + r * kBlockK;  // unscaled scores (brgemm has no alpha): the scale goes into the exp
+          bf16_t* pl = p_low + r * kBlockK;
+          const float top = sc >= 0.f ? reduce_max(row, n) : -reduce_max_neg(row, n);
+          const float mx = std::max(row_max[r], sc * top);
+          const float corr = exp_fast(row_max[r] - mx);
+          for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] * sc - mx);
+          for (int64_t j = 0; j < n; ++j) pl[j] = to_bf16(row[j]);
+          if (n_even != n) pl[n] = bf16_t{0};
+          row_total[r] = row_total[r] * corr + row_sum(row, n);
+          row_max[r] = mx;
+          if (k0 > 0 && corr != 1.f) {
+            float* orow = o + r * D;
+            for (int64_t d = 0; d < D; ++d) orow[d] *= corr;
+          }
+        }
+        brgemm_bf16(m, D, n_even, kBlockK, D, D, true, reinterpret_cast<const uint16_t*>(p_low),
+                    reinterpret_cast<const uint16_t*>(kt + kBlockK * D), o);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        bf16_t* dst = p.out + (p.q_start(b) + i0 + r) * ldq + h * D;
+        const float l = row_total[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        for (int64_t d = 0; d < D; ++d) dst[d] = to_bf16(o[r * D + d] * inv);
+        p.lse[p.lse_index(b, h, i0 + r)] = l > 0.f ? row_max[r] + std::log(l) : std::numeric_limits<float>::infinity();
+      }
+    }
+    brgemm_release();
+  });
+}
 
 template <typename In, typename T>
 void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, D = p.head_dim;
   const int64_t group = Hq / Hkv;
   const int64_t ldq = Hq * D, ldk = Hkv * D;
-  const int64_t max_lq = p.cu_q ? p.seqlen_q : p.seqlen_q;
-  const int64_t q_blocks = (max_lq + kBlockQ - 1) / kBlockQ;
+  const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t tasks = B * Hq * q_blocks;
+  if constexpr (std::is_same_v<In, bf16_t>) {
+    if (p.allow_brgemm && D % 2 == 0 && has_bf16_brgemm()) return flash_attn_fwd_brgemm(p);
+  }
 
   run_tasks(tasks, [&](std::atomic<int64_t>& next) {
     ScopedFlushDenormals ftz;
-    std::vector<T> s_buf(kBlockQ * kBlockK), o_acc(kBlockQ * D), row_max(kBlockQ), row_total(kBlockQ);
-    std::vector<In> p_low(std::is_same_v<In, T> ? 0 : kBlockQ * kBlockK);
+    T* s = thread_scratch<T>(kBlockQ * (kBlockK + D + 2));
+    T *o = s + kBlockQ * kBlockK, *row_max = o + kBlockQ * D, *row_total = row_max + kBlockQ;
+    In* p_low = std::is_same_v<In, T> ? nullptr : thread_scratch<In>(kBlockQ * kBlockK);
     for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
       const int64_t qb = t % q_blocks, h = (t / q_blocks) % Hq, b = t / (q_blocks * Hq);
       const int64_t lq = p.q_len(b), lk = p.k_len(b);
@@ -135,11 +245,9 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
       const In* qp = p.q + (p.q_start(b) + i0) * ldq + h * D;
       const In* kp = p.k + p.k_start(b) * ldk + hk * D;
       const In* vp = p.v + p.k_start(b) * ldk + hk * D;
-      T* s = s_buf.data();
-      T* o = o_acc.data();
-      std::fill(row_max.begin(), row_max.begin() + m, neg_inf<T>());
-      std::fill(row_total.begin(), row_total.begin() + m, T(0));
-      std::fill(o_acc.begin(), o_acc.begin() + m * D, T(0));
+      std::fill(row_max, row_max + m, neg_inf<T>());
+      std::fill(row_total, row_total + m, T(0));
+      std::fill(o, o + m * D, T(0));
       for (int64_t k0 = 0; k0 < lk; k0 += kBlockK) {
         const int64_t n = std::min(kBlockK, lk - k0);
         tile_gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBlockK);
@@ -158,7 +266,7 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
             for (int64_t d = 0; d < D; ++d) orow[d] *= corr;
           }
         }
-        mixed_gemm(false, m, D, n, T(1), s, kBlockK, p_low.data(), vp + k0 * ldk, ldk, T(1), o, D);
+        mixed_gemm(false, m, D, n, T(1), s, kBlockK, p_low, vp + k0 * ldk, ldk, T(1), o, D);
       }
       for (int64_t r = 0; r < m; ++r) {
         In* dst = p.out + (p.q_start(b) + i0 + r) * ldq + h * D;
@@ -185,9 +293,10 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
 
   run_tasks(tasks, [&](std::atomic<int64_t>& next) {
     ScopedFlushDenormals ftz;  // P of far-off keys and dS land in the denormal range
-    std::vector<T> s_buf(kBwdBlockQ * kBwdBlockK), dp_buf(kBwdBlockQ * kBwdBlockK), dq_acc(kBwdBlockQ * D),
-        delta(kBwdBlockQ), lse_row(kBwdBlockQ);
-    std::vector<In> t_low(std::is_same_v<In, T> ? 0 : kBwdBlockQ * kBwdBlockK);
+    constexpr int64_t kTile = kBwdBlockQ * kBwdBlockK;
+    T* s = thread_scratch<T>(2 * kTile + kBwdBlockQ * (D + 2));
+    T *dp = s + kTile, *dq_acc = dp + kTile, *delta = dq_acc + kBwdBlockQ * D, *lse_row = delta + kBwdBlockQ;
+    In* t_low = std::is_same_v<In, T> ? nullptr : thread_scratch<In>(kTile);
     for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
       const int64_t sidx = t % splits, hk = (t / splits) % Hkv, b = t / (splits * Hkv);
       const int64_t lq = p.q_len(b), lk = p.k_len(b);
@@ -213,9 +322,7 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
             delta[r] = reduce_sum<T>(D, [&](int64_t d) { return load<T>(orow[d]) * load<T>(gorow[d]); });
           }
           for (int64_t r = 0; r < m; ++r) lse_row[r] = p.lse[p.lse_index(b, h, i0 + r)];
-          std::fill(dq_acc.begin(), dq_acc.begin() + m * D, T(0));
-          T* s = s_buf.data();
-          T* dp = dp_buf.data();
+          std::fill(dq_acc, dq_acc + m * D, T(0));
           for (int64_t k0 = 0; k0 < lk; k0 += kBwdBlockK) {
             const int64_t n = std::min(kBwdBlockK, lk - k0);
             tile_gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBwdBlockK);
@@ -226,7 +333,7 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
               for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] - l);
             }
             // dV += P^T dO
-            mixed_gemm(true, n, D, m, T(1), s, kBwdBlockK, t_low.data(), dop, ldq, T(1), dvp + k0 * ldk, ldk);
+            mixed_gemm(true, n, D, m, T(1), s, kBwdBlockK, t_low, dop, ldq, T(1), dvp + k0 * ldk, ldk);
             // dP = dO V^T ; dS = P * (dP - delta) * scale
             tile_gemm(false, true, m, n, D, T(1), dop, ldq, vp + k0 * ldk, ldk, T(0), dp, kBwdBlockK);
             for (int64_t r = 0; r < m; ++r) {
@@ -238,16 +345,16 @@ void flash_attn_bwd_kernel(const FlashAttnBwdParams<In, T>& p) {
               for (int64_t j = 0; j < n; ++j) dprow[j] = prow[j] * (dprow[j] - dl) * p.scale;
             }
             // dQ += dS K ; dK += dS^T Q
-            mixed_gemm(false, m, D, n, T(1), dp, kBwdBlockK, t_low.data(), kp + k0 * ldk, ldk, T(1), dq_acc.data(),
+            mixed_gemm(false, m, D, n, T(1), dp, kBwdBlockK, t_low, kp + k0 * ldk, ldk, T(1), dq_acc,
                        D);
             if constexpr (std::is_same_v<In, T>) {
               gemm(true, false, n, D, m, T(1), dp, kBwdBlockK, qp, ldq, T(1), dkp + k0 * ldk, ldk);
             } else {  // t_low already holds dS in bf16 (m x n, ld n) from the dQ product
-              tile_gemm(true, false, n, D, m, T(1), t_low.data(), n, qp, ldq, T(1), dkp + k0 * ldk, ldk);
+              tile_gemm(true, false, n, D, m, T(1), t_low, n, qp, ldq, T(1), dkp + k0 * ldk, ldk);
             }
           }
           for (int64_t r = 0; r < m; ++r)
-            std::memcpy(dqp + r * ldq, dq_acc.data() + r * D, sizeof(T) * D);
+            std::memcpy(dqp + r * ldq, dq_acc + r * D, sizeof(T) * D);
         }
       }
     }

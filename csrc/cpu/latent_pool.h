@@ -260,13 +260,7 @@ struct Work {
     *dout = nullptr;  // backward
   Work(const Params<S>& p, bool bwd, int64_t R) {
     const int64_t d = p.d, I = p.I(), HN = p.H * p.N, F = p.F;
-    static thread_local std::vector<S> buf;
-    const size_t total = size_t(R * work_floats_per_row(p, bwd));
-    if (buf.size() < total) {
-      std::vector<S>().swap(buf);
-      buf.resize(total);
-    }
-    S* at = buf.data();
+    S* at = thread_scratch<S>(size_t(R * work_floats_per_row(p, bwd)));
     auto take = [&](int64_t n) {
       S* r = at;
       at += n;

@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <vector>
 
 namespace nvembed::cpu {
 
@@ -22,6 +23,23 @@ void run_tasks(int64_t n, Body&& body) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, num_threads()));
   parallel_for(workers, 1, [&](int64_t, int64_t) { body(next); });
+}
+
+}  // namespace nvembed::cpu
+
+namespace nvembed::cpu {
+
+// Per-thread, grow-only scratch memory (Slot tells apart buffers used together). Tile buffers of a few hundred KiB
+// are above malloc's mmap threshold: allocated per call they cost an mmap plus a page fault per 4 KiB every time.
+// Retained per thread: the largest size ever asked for.
+template <typename T, int Slot = 0>
+T* thread_scratch(size_t n) {
+  static thread_local std::vector<T> buf;
+  if (buf.size() < n) {
+    std::vector<T>().swap(buf);
+    buf.resize(n);
+  }
+  return buf.data();
 }
 
 }  // namespace nvembed::cpu

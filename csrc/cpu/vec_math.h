@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <limits>
 #if defined(__x86_64__) || defined(_M_X64)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 namespace nvembed::cpu {
@@ -49,6 +49,43 @@ inline S reduce_max(const S* x, int64_t n) {
   S m = -std::numeric_limits<S>::infinity();
   for (int l = 0; l < kLanes; ++l) m = m > acc[l] ? m : acc[l];
   for (; j < n; ++j) m = m > x[j] ? m : x[j];
+  return m;
+}
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// float: the generic lane loop above compiles to 16 scalar maxss chains (GCC will not turn `a > b ? a : b` into
+// maxps without -ffinite-math-only); maxps has exactly that semantics, so use it directly.
+template <>
+inline float reduce_max<float>(const float* x, int64_t n) {
+  int64_t j = 0;
+  float m = -std::numeric_limits<float>::infinity();
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_set1_ps(m);
+  for (; j + 16 <= n; j += 16) acc = _mm512_max_ps(_mm512_loadu_ps(x + j), acc);
+  m = _mm512_reduce_max_ps(acc);
+#else
+  __m256 acc = _mm256_set1_ps(m);
+  for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(_mm256_loadu_ps(x + j), acc);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  for (float l : lanes) m = m > l ? m : l;
+#endif
+  for (; j < n; ++j) m = m > x[j] ? m : x[j];
+  return m;
+}
+#endif
+
+// max of -x over x[0, n), i.e. -min(x): the largest scaled score when the softmax scale is negative
+template <typename S>
+inline S reduce_max_neg(const S* x, int64_t n) {
+  S acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<S>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] > -x[j + l] ? acc[l] : -x[j + l];
+  S m = -std::numeric_limits<S>::infinity();
+  for (int l = 0; l < kLanes; ++l) m = m > acc[l] ? m : acc[l];
+  for (; j < n; ++j) m = m > -x[j] ? m : -x[j];
   return m;
 }
 
