@@ -101,6 +101,18 @@ at::Tensor check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t tota
   return c;
 }
 
+// q/k/v and both cu_seqlens of the varlen ops; returns the offsets as contiguous int32 CPU tensors.
+std::pair<at::Tensor, at::Tensor> check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+                                               int64_t max_seqlen_q, int64_t max_seqlen_k) {
+  check_qkv(q, k, v, 3, kVarlenOp);
+  auto cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q", q);
+  auto cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k", q);
+  NVE_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), kVarlenOp, "cu_seqlens_q has ", cu_q.size(0) - 1,
+                  " sequences but cu_seqlens_k has ", cu_k.size(0) - 1);
+  return {cu_q, cu_k};
+}
+
 template <typename In, typename T>
 void fill_common(cpu::FlashAttnParams<In, T>& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_q,
@@ -242,11 +254,7 @@ std::tuple<Tensor, Tensor> flash_attn_varlen_fwd_cpu(const Tensor& q, const Tens
                                                      const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                      int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                      std::optional<double> scale) {
-  check_qkv(q, k, v, 3, kVarlenOp);
-  auto cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q", q);
-  auto cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k", q);
-  NVE_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), kVarlenOp, "cu_seqlens_q has ", cu_q.size(0) - 1,
-                  " sequences but cu_seqlens_k has ", cu_k.size(0) - 1);
+  auto [cu_q, cu_k] = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   const double sc = resolve_scale(scale, q.size(2), kVarlenOp);
   auto r = run_fwd(q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, cu_q.size(0) - 1, max_seqlen_q,
                    max_seqlen_k, sc);
@@ -258,11 +266,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cpu(const Tensor& dout,
                                                              const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                              int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                              std::optional<double> scale) {
-  check_qkv(q, k, v, 3, kVarlenOp);
-  auto cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q", q);
-  auto cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k", q);
-  NVE_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), kVarlenOp, "cu_seqlens_q has ", cu_q.size(0) - 1,
-                  " sequences but cu_seqlens_k has ", cu_k.size(0) - 1);
+  auto [cu_q, cu_k] = check_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   check_bwd_tensors(dout, q, out, lse, {q.size(1), q.size(0)}, kVarlenOp);
   const double sc = resolve_scale(scale, q.size(2), kVarlenOp);
   return run_bwd(dout.to(q.scalar_type()).contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),

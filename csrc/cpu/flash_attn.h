@@ -113,6 +113,31 @@ constexpr int64_t kBwdBlockQ = 128;
 constexpr int64_t kBlockK = 512;
 constexpr int64_t kBwdBlockK = 512;
 
+// One online-softmax step of a query row over a key block: the scores row[0, n) (to be multiplied by `scale`) become
+// exp(scale * row - new_max) in place; the running max and total, and the row's O accumulator, are rescaled.
+template <typename T>
+inline void online_softmax_row(T* row, int64_t n, T scale, T& run_max, T& run_total, T* orow, int64_t D) {
+  if (scale < T(0)) {  // the largest scaled score is at the smallest raw one: scale first (rare)
+    for (int64_t j = 0; j < n; ++j) row[j] *= scale;
+    scale = T(1);
+  }
+  const T mx = std::max(run_max, scale * reduce_max(row, n));
+  const T corr = exp_fast(run_max - mx);  // 0 on the first block (run_max = -inf), where O is still 0
+  for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] * scale - mx);
+  run_total = run_total * corr + row_sum(row, n);
+  run_max = mx;
+  if (corr != T(1))
+    for (int64_t d = 0; d < D; ++d) orow[d] *= corr;
+}
+
+// out row = O / total and its lse; a row with no key (total 0) gets 0 and lse = +inf.
+template <typename In, typename T>
+inline void finish_row(const T* orow, T run_max, T run_total, int64_t D, In* dst, T* lse) {
+  const T inv = run_total > T(0) ? T(1) / run_total : T(0);
+  for (int64_t d = 0; d < D; ++d) dst[d] = store<In, T>(orow[d] * inv);
+  *lse = run_total > T(0) ? run_max + std::log(run_total) : std::numeric_limits<T>::infinity();
+}
+
 // VNNI layouts (pairs of the reduction dim interleaved, reduction dim padded to even) of a key block, as the B
 // operands of S = Q K^T (K^T: [D x n], D even) and O += P V (V: [n x D]). Key rows are `ld` elements apart.
 inline void pack_kt_vnni(const bf16_t* k, int64_t ld, int64_t n, int64_t D, bf16_t* dst) {
@@ -187,33 +212,19 @@ inline void flash_attn_fwd_brgemm(const FlashAttnParams<bf16_t, float>& p) {
         const bf16_t* kt = packed + ((block_base[b] + k0 / kBlockK) * Hkv + hk) * region;
         brgemm_bf16(m, n, D, ldq, n, kBlockK, false, reinterpret_cast<const uint16_t*>(qp),
                     reinterpret_cast<const uint16_t*>(kt), s);
-        const float sc = p.scale;
         for (int64_t r = 0; r < m; ++r) {
           float* row = s + r * kBlockK;  // unscaled scores (brgemm has no alpha): the scale goes into the exp
+          online_softmax_row(row, n, p.scale, row_max[r], row_total[r], o + r * D, D);
           bf16_t* pl = p_low + r * kBlockK;
-          const float top = sc >= 0.f ? reduce_max(row, n) : -reduce_max_neg(row, n);
-          const float mx = std::max(row_max[r], sc * top);
-          const float corr = exp_fast(row_max[r] - mx);
-          for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] * sc - mx);
           for (int64_t j = 0; j < n; ++j) pl[j] = to_bf16(row[j]);
           if (n_even != n) pl[n] = bf16_t{0};
-          row_total[r] = row_total[r] * corr + row_sum(row, n);
-          row_max[r] = mx;
-          if (k0 > 0 && corr != 1.f) {
-            float* orow = o + r * D;
-            for (int64_t d = 0; d < D; ++d) orow[d] *= corr;
-          }
         }
         brgemm_bf16(m, D, n_even, kBlockK, D, D, true, reinterpret_cast<const uint16_t*>(p_low),
                     reinterpret_cast<const uint16_t*>(kt + kBlockK * D), o);
       }
-      for (int64_t r = 0; r < m; ++r) {
-        bf16_t* dst = p.out + (p.q_start(b) + i0 + r) * ldq + h * D;
-        const float l = row_total[r];
-        const float inv = l > 0.f ? 1.f / l : 0.f;
-        for (int64_t d = 0; d < D; ++d) dst[d] = to_bf16(o[r * D + d] * inv);
-        p.lse[p.lse_index(b, h, i0 + r)] = l > 0.f ? row_max[r] + std::log(l) : std::numeric_limits<float>::infinity();
-      }
+      for (int64_t r = 0; r < m; ++r)
+        finish_row(o + r * D, row_max[r], row_total[r], D, p.out + (p.q_start(b) + i0 + r) * ldq + h * D,
+                   &p.lse[p.lse_index(b, h, i0 + r)]);
     }
     brgemm_release();
   });
@@ -251,31 +262,13 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
       for (int64_t k0 = 0; k0 < lk; k0 += kBlockK) {
         const int64_t n = std::min(kBlockK, lk - k0);
         tile_gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBlockK);
-        const bool first = k0 == 0;
-        for (int64_t r = 0; r < m; ++r) {
-          T* row = s + r * kBlockK;
-          T mx = row_max[r];
-          mx = std::max(mx, reduce_max(row, n));
-          const T corr = exp_fast(row_max[r] - mx);
-          for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] - mx);
-          const T sum = row_sum(row, n);
-          row_total[r] = row_total[r] * corr + sum;
-          row_max[r] = mx;
-          if (!first && corr != T(1)) {
-            T* orow = o + r * D;
-            for (int64_t d = 0; d < D; ++d) orow[d] *= corr;
-          }
-        }
+        for (int64_t r = 0; r < m; ++r)  // the GEMM applied the scale
+          online_softmax_row(s + r * kBlockK, n, T(1), row_max[r], row_total[r], o + r * D, D);
         mixed_gemm(false, m, D, n, T(1), s, kBlockK, p_low, vp + k0 * ldk, ldk, T(1), o, D);
       }
-      for (int64_t r = 0; r < m; ++r) {
-        In* dst = p.out + (p.q_start(b) + i0 + r) * ldq + h * D;
-        const T l = row_total[r];
-        const T inv = l > T(0) ? T(1) / l : T(0);
-        for (int64_t d = 0; d < D; ++d) dst[d] = store<In, T>(o[r * D + d] * inv);
-        p.lse[p.lse_index(b, h, i0 + r)] =
-            l > T(0) ? row_max[r] + std::log(l) : std::numeric_limits<T>::infinity();
-      }
+      for (int64_t r = 0; r < m; ++r)
+        finish_row(o + r * D, row_max[r], row_total[r], D, p.out + (p.q_start(b) + i0 + r) * ldq + h * D,
+                   &p.lse[p.lse_index(b, h, i0 + r)]);
     }
   });
 }

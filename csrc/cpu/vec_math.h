@@ -75,20 +75,6 @@ inline float reduce_max<float>(const float* x, int64_t n) {
 }
 #endif
 
-// max of -x over x[0, n), i.e. -min(x): the largest scaled score when the softmax scale is negative
-template <typename S>
-inline S reduce_max_neg(const S* x, int64_t n) {
-  S acc[kLanes];
-  for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<S>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] > -x[j + l] ? acc[l] : -x[j + l];
-  S m = -std::numeric_limits<S>::infinity();
-  for (int l = 0; l < kLanes; ++l) m = m > acc[l] ? m : acc[l];
-  for (; j < n; ++j) m = m > -x[j] ? m : -x[j];
-  return m;
-}
-
 // exp for float with ~1 ulp error (Cephes' expf: exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2, degree-6
 // polynomial). Below -87 it returns exactly 0, so exp(-inf) = 0 for masked logits, and results near FLT_MIN, which
 // would be denormals costing ~100x per operation in the sums and GEMMs that consume them, never appear.
