@@ -83,11 +83,13 @@ class LatentAttentionPooling(nn.Module):
         return (f"hidden_dim={self.hidden_dim}, num_latents={self.num_latents}, num_heads={self.num_heads}, "
                 f"dim_head={self.dim_head}, ff_mult={self.ff_mult}, normalize={self.normalize}")
 
-    def forward(self, hidden_states: torch.Tensor, pool_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def op_weights(self):
+        """The parameters in nvembed::latent_pool's (and latent_pool_ref's) argument order, after pool_mask."""
         attn, ff = self.cross_attend_blocks
-        return torch.ops.nvembed.latent_pool(
-            hidden_states, pool_mask, self.latents,
-            attn.norm.weight, attn.norm.bias, attn.norm_context.weight, attn.norm_context.bias,
-            attn.fn.to_q.weight, attn.fn.to_kv.weight, attn.fn.to_out.weight,
-            ff.norm.weight, ff.norm.bias, ff.fn.net[0].weight, ff.fn.net[0].bias, ff.fn.net[2].weight,
-            ff.fn.net[2].bias, self.num_heads, self.normalize, self.eps)
+        return (self.latents, attn.norm.weight, attn.norm.bias, attn.norm_context.weight, attn.norm_context.bias,
+                attn.fn.to_q.weight, attn.fn.to_kv.weight, attn.fn.to_out.weight, ff.norm.weight, ff.norm.bias,
+                ff.fn.net[0].weight, ff.fn.net[0].bias, ff.fn.net[2].weight, ff.fn.net[2].bias)
+
+    def forward(self, hidden_states: torch.Tensor, pool_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch.ops.nvembed.latent_pool(hidden_states, pool_mask, *self.op_weights(), self.num_heads,
+                                             self.normalize, self.eps)
