@@ -205,17 +205,22 @@ def test_exact_topk_chunks_match_full_sort():
 def test_make_stdlib_beir_and_eval(model, tmp_path, capsys):
     out = tmp_path / "stdlib"
     assert cli.main(["make-stdlib-beir", str(out), "--limit", "40"]) == 0
-    ids, texts, queries, qrels = retrieval.load_beir(str(out))
-    assert len(ids) == len(texts) == len(queries) == len(qrels) == 40
+    ids, titles, texts, queries, qrels = retrieval.load_beir(str(out))
+    assert len(ids) == len(titles) == len(texts) == len(queries) == len(qrels) == 40
     assert all(len(r) == 1 and list(r.values()) == [1] for r in qrels.values())
     assert (out / "qrels" / "test.tsv").read_text().startswith("query-id\tcorpus-id\tscore\n")
     first = json.loads((out / "corpus.jsonl").read_text().splitlines()[0])
     assert set(first) == {"_id", "title", "text"}
     capsys.readouterr()
-    assert cli.main(["eval", "--model", "default", "--data", str(out), "--out", str(tmp_path / "r.json"), "-q"]) == 0
+    assert cli.main(["eval", "--model", "default", "--data", str(out), "--out", str(tmp_path / "r.json"),
+                     "--save-index", str(tmp_path / "idx"), "-q"]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["queries"] == 40 and res["metrics"]["Recall@100"] == 1.0  # 40 documents: all retrieved
     assert 0.5 < res["metrics"]["nDCG@10"] <= 1.0
+    capsys.readouterr()
+    query = queries["q:" + ids[0]]
+    assert cli.main(["search", "query", "--index", str(tmp_path / "idx"), "--json", "-k", "40", query]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["results"]) == 40
     from nvembed import demo  # the demo builds its corpus with the moved helper
     assert demo._stdlib_corpus(5) == stdlib_corpus(5)
 

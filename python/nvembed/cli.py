@@ -190,7 +190,8 @@ def cmd_search_query(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import retrieval
-    ids, doc_texts, queries, qrels = retrieval.load_beir(args.data, args.split)
+    ids, titles, texts, queries, qrels = retrieval.load_beir(args.data, args.split)
+    doc_texts = [retrieval.document_text(a, b) for a, b in zip(titles, texts)]
     missing = [q for q in qrels if q not in queries]
     if missing:
         _info(args, f"nvembed: {len(missing)} judged queries are missing from queries.jsonl and are not scored")
@@ -202,6 +203,11 @@ def cmd_eval(args) -> int:
     t1 = time.perf_counter()
     q_emb = _encode(model, [queries[q] for q in qids], args, instruction=args.instruction, normalize=True)
     t2 = time.perf_counter()
+    if args.save_index:
+        retrieval.save_index(args.save_index, d_emb, ids, titles, texts,
+                             {"model": _model_id(args.model), "max_length": args.max_length, "normalized": True,
+                              "corpus": os.path.abspath(os.path.join(args.data, "corpus.jsonl"))})
+        _info(args, f"nvembed: saved the corpus embeddings as an index in {args.save_index}")
     k = max(k for _, _, k in retrieval.METRICS)
     _, idx = retrieval.exact_topk(q_emb, d_emb, k)
     run = {q: [ids[i] for i in row] for q, row in zip(qids, idx.tolist())}
@@ -299,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="DIR", help="BEIR folder")
     p.add_argument("--split", default="test", help="qrels file qrels/SPLIT.tsv (default test)")
     p.add_argument("--out", metavar="RESULTS.json", help="also write the results as JSON")
+    p.add_argument("--save-index", metavar="INDEX_DIR",
+                   help="also save the corpus embeddings as a search index (for `nvembed search query`)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the kernel + search demo (python -m nvembed.demo)")

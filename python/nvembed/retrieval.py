@@ -157,7 +157,7 @@ def _is_int(s: str) -> bool:
 
 
 def load_beir(data_dir: str, split: str = "test"):
-    """(corpus ids, corpus texts as embedded, queries {id: text}, qrels) of a BEIR folder."""
+    """(corpus ids, titles, texts, queries {id: text}, qrels) of a BEIR folder."""
     if not os.path.isdir(data_dir):
         raise InputError(f"{data_dir} is not a directory (expected corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
     paths = {k: os.path.join(data_dir, f) for k, f in
@@ -166,8 +166,7 @@ def load_beir(data_dir: str, split: str = "test"):
         if not os.path.isfile(p):
             raise InputError(f"{p} not found (a BEIR folder has corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
     ids, titles, texts = read_corpus(paths["corpus"])
-    return ids, [document_text(t, x) for t, x in zip(titles, texts)], read_queries(paths["queries"]), \
-        read_qrels(paths["qrels"])
+    return ids, titles, texts, read_queries(paths["queries"]), read_qrels(paths["qrels"])
 
 
 # ----------------------------------------------------------------------------------------------------- search
