@@ -97,8 +97,8 @@ def _add_model_args(p: argparse.ArgumentParser, instruction: bool = True, requir
                    + ("" if required else " (default: the index's model)"))
     if instruction:
         p.add_argument("--instruction", default="",
-                       help="prefix for queries, excluded from pooling (NV-Embed style, e.g. "
-                            "'Instruct: Given a question, retrieve passages that answer it\\nQuery: ')")
+                       help="prefix for queries, excluded from pooling (NV-Embed style; with a newline in bash: "
+                            "$'Instruct: Given a question, retrieve passages that answer it\\nQuery: ')")
     p.add_argument("--max-length", type=_positive, default=None, help=TRUNCATION_HELP)
     p.add_argument("--batch-size", type=_positive, default=32, help="texts per forward pass (default 32)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
@@ -335,6 +335,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         return args.func(args)
     except (CLIError, InputError) as e:
         print(f"nvembed: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:  # writing outputs: missing directory, permissions, disk full
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"nvembed: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("nvembed: interrupted", file=sys.stderr)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Sequence, Tuple
 
 
 class InputError(ValueError):
@@ -160,8 +160,8 @@ def load_beir(data_dir: str, split: str = "test"):
     """(corpus ids, titles, texts, queries {id: text}, qrels) of a BEIR folder."""
     if not os.path.isdir(data_dir):
         raise InputError(f"{data_dir} is not a directory (expected corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
-    paths = {k: os.path.join(data_dir, f) for k, f in
-             (("corpus", "corpus.jsonl"), ("queries", "queries.jsonl"), ("qrels", os.path.join("qrels", f"{split}.tsv")))}
+    paths = {"corpus": os.path.join(data_dir, "corpus.jsonl"), "queries": os.path.join(data_dir, "queries.jsonl"),
+             "qrels": os.path.join(data_dir, "qrels", f"{split}.tsv")}
     for p in paths.values():
         if not os.path.isfile(p):
             raise InputError(f"{p} not found (a BEIR folder has corpus.jsonl, queries.jsonl, qrels/{split}.tsv)")
@@ -236,8 +236,11 @@ def load_index(index_dir: str):
         raise InputError(f"{index_dir} is not an nvembed index (no {INDEX_META}; build one with "
                          "`nvembed search index`)")
     _, meta_text = _read_text(meta_path)
-    meta = json.loads(meta_text)
-    emb = load_file(os.path.join(index_dir, INDEX_EMBEDDINGS))["embeddings"]
+    try:
+        meta = json.loads(meta_text)
+        emb = load_file(os.path.join(index_dir, INDEX_EMBEDDINGS))["embeddings"]
+    except Exception as e:  # corrupt JSON, missing or corrupt safetensors file
+        raise InputError(f"{index_dir}: unreadable index ({type(e).__name__}: {e})") from None
     name, docs_text = _read_text(os.path.join(index_dir, INDEX_DOCS))
     docs = [obj for _, obj in _jsonl_objects(name, docs_text)]
     if len(docs) != emb.shape[0]:
