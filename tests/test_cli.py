@@ -147,6 +147,8 @@ def test_encode_empty_and_unreadable_input(model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot read" in err and "missing.txt" in err and "Traceback" not in err
     assert not (tmp_path / "m.npy").exists()
+    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "no" / "dir" / "e.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_unknown_model_exit_code_2(tmp_path, capsys):
@@ -190,6 +192,15 @@ def test_search_index_query_roundtrip(model, tmp_path, capsys):
                      "the greatest common divisor"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["results"][0]["_id"] == "3"
     assert cli.main(["search", "query", "--index", str(tmp_path / "nope"), "x"]) == 2
+    (index / "index.json").write_text("{not json")
+    capsys.readouterr()
+    assert cli.main(["search", "query", "--index", str(index), "x"]) == 2
+    assert "unreadable index" in capsys.readouterr().err
+    # an empty corpus gives an empty index and empty results
+    assert cli.main(["search", "index", "--model", "default", "--corpus", _write(tmp_path / "e.jsonl", ""),
+                     "--out", str(tmp_path / "idx3"), "-q"]) == 0
+    assert cli.main(["search", "query", "--index", str(tmp_path / "idx3"), "--json", "anything"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"query": "anything", "results": []}]
 
 
 def test_exact_topk_chunks_match_full_sort():
