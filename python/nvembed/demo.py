@@ -10,6 +10,9 @@ import torch.nn.functional as F
 import nvembed
 from nvembed_ext import reference as ref
 
+from .corpora import stdlib_corpus as _stdlib_corpus
+from .retrieval import evaluate, exact_topk
+
 
 def _time(fn, reps=5):
     fn()
@@ -83,25 +86,6 @@ def main(argv=None):
     _search_demo()
 
 
-def _stdlib_corpus(limit=400):
-    """(name, first docstring line, rest of the docstring) for documented functions of a few stdlib modules."""
-    import importlib
-    import inspect
-
-    docs = []
-    for mod_name in ["os", "os.path", "shutil", "json", "re", "math", "statistics", "itertools", "functools",
-                     "textwrap", "string", "random", "datetime", "collections", "heapq", "bisect", "glob", "csv"]:
-        mod = importlib.import_module(mod_name)
-        for name, obj in sorted(vars(mod).items()):
-            if name.startswith("_") or not callable(obj):
-                continue
-            doc = inspect.getdoc(obj) or ""
-            lines = [ln.strip() for ln in doc.splitlines() if ln.strip()]
-            if len(lines) >= 2 and len(docs) < limit:
-                docs.append((f"{mod_name}.{name}", lines[0], " ".join(lines[1:])[:600]))
-    return docs
-
-
 def _search_demo():
     try:
         model = nvembed.load("default")
@@ -114,11 +98,10 @@ def _search_demo():
     t_docs = time.perf_counter() - t
     queries = [summary for _, summary, _ in corpus]
     q_emb = model.encode_queries(queries, batch_size=64, normalize=True)
-    scores = torch.as_tensor(q_emb) @ torch.as_tensor(doc_emb).T
-    top = scores.topk(10, dim=1).indices
+    _, top = exact_topk(q_emb, doc_emb, 10)
     hits1 = (top[:, 0] == torch.arange(len(corpus))).float().mean().item()
-    ranks = (scores > scores.diagonal()[:, None]).sum(1)
-    ndcg10 = torch.where(ranks < 10, 1.0 / torch.log2(ranks.float() + 2), torch.zeros(())).mean().item()
+    ndcg10 = evaluate({str(i): [str(j) for j in row] for i, row in enumerate(top.tolist())},
+                      {str(i): {str(i): 1} for i in range(len(corpus))})["nDCG@10"]
     print(f"    {len(corpus)} documents embedded in {t_docs:.1f} s; query = a docstring's first line, its document "
           f"= the rest: top-1 accuracy {hits1:.3f}, nDCG@10 {ndcg10:.3f}")
     for question in ["remove a directory and everything inside it", "greatest common divisor of two integers",

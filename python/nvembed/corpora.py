@@ -1,0 +1,57 @@
+"""Offline corpora: documented functions of the Python standard library, as a search corpus and as a BEIR folder.
+
+The corpus depends only on the running Python (its docstrings), so it needs no network; its exact contents (and
+therefore its metrics) can differ a little between Python versions.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import List, Tuple
+
+STDLIB_MODULES = ("os", "os.path", "shutil", "json", "re", "math", "statistics", "itertools", "functools",
+                  "textwrap", "string", "random", "datetime", "collections", "heapq", "bisect", "glob", "csv")
+
+
+def stdlib_corpus(limit: int = 400) -> List[Tuple[str, str, str]]:
+    """(name, first docstring line, rest of the docstring) for documented functions of a few stdlib modules:
+    public callables whose docstring has at least two non-blank lines; the rest is cut to 600 characters."""
+    import importlib
+    import inspect
+
+    docs = []
+    for mod_name in STDLIB_MODULES:
+        mod = importlib.import_module(mod_name)
+        for name, obj in sorted(vars(mod).items()):
+            if name.startswith("_") or not callable(obj):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            lines = [ln.strip() for ln in doc.splitlines() if ln.strip()]
+            if len(lines) >= 2 and len(docs) < limit:
+                docs.append((f"{mod_name}.{name}", lines[0], " ".join(lines[1:])[:600]))
+    return docs
+
+
+def write_stdlib_beir(out_dir: str, limit: int = 400, split: str = "test") -> dict:
+    """Write the stdlib corpus in BEIR layout: corpus.jsonl ({"_id", "title", "text"}: the function's qualified
+    name as the title, the docstring without its first line as the text), queries.jsonl ({"_id", "text"}: the
+    first docstring line) and qrels/<split>.tsv (header `query-id corpus-id score`, one relevant document per
+    query, score 1). Query ids are "q:" + the document id. Returns counts. Files are written to temporary names
+    and renamed, so a failed run leaves no half-written file."""
+    corpus = stdlib_corpus(limit)
+    os.makedirs(os.path.join(out_dir, "qrels"), exist_ok=True)
+    files = {
+        "corpus.jsonl": "".join(json.dumps({"_id": name, "title": name, "text": rest}) + "\n"
+                                for name, _, rest in corpus),
+        "queries.jsonl": "".join(json.dumps({"_id": "q:" + name, "text": summary}) + "\n"
+                                 for name, summary, _ in corpus),
+        os.path.join("qrels", f"{split}.tsv"): "query-id\tcorpus-id\tscore\n" + "".join(
+            f"q:{name}\t{name}\t1\n" for name, _, _ in corpus),
+    }
+    for rel, text in files.items():
+        path = os.path.join(out_dir, rel)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    return {"documents": len(corpus), "queries": len(corpus), "qrels": len(corpus)}

