@@ -74,7 +74,7 @@ def main(argv=None):
     pm[:, :10] = False  # instruction tokens are not pooled
     with torch.no_grad():
         emb = pool(h, pm)
-        args_ = _latent_args(pool)
+        args_ = pool.op_weights()
         exp = ref.latent_pool_ref(h.double(), pm, *[a.double() for a in args_], num_heads=8)
         t_ours = _time(lambda: pool(h, pm))
         t_eager = _time(lambda: ref.latent_pool_ref(h, pm, *args_, num_heads=8))
@@ -110,19 +110,6 @@ def _search_demo():
         best = (qe @ torch.as_tensor(doc_emb).T)[0].topk(3)
         found = ", ".join(f"{corpus[i][0]} ({s:.2f})" for s, i in zip(best.values.tolist(), best.indices.tolist()))
         print(f"    {question!r} -> {found}")
-
-
-def _latent_args(pool):
-    """The module's parameters in latent_pool's argument order."""
-    sd = pool.state_dict()
-    names = ["latents", "cross_attend_blocks.0.norm.weight", "cross_attend_blocks.0.norm.bias",
-             "cross_attend_blocks.0.norm_context.weight", "cross_attend_blocks.0.norm_context.bias",
-             "cross_attend_blocks.0.fn.to_q.weight", "cross_attend_blocks.0.fn.to_kv.weight",
-             "cross_attend_blocks.0.fn.to_out.weight", "cross_attend_blocks.1.norm.weight",
-             "cross_attend_blocks.1.norm.bias", "cross_attend_blocks.1.fn.net.0.weight",
-             "cross_attend_blocks.1.fn.net.0.bias", "cross_attend_blocks.1.fn.net.2.weight",
-             "cross_attend_blocks.1.fn.net.2.bias"]
-    return [sd[n] for n in names]
 
 
 if __name__ == "__main__":
