@@ -138,6 +138,19 @@ inline void finish_row(const T* orow, T run_max, T run_total, int64_t D, In* dst
   *lse = run_total > T(0) ? run_max + std::log(run_total) : std::numeric_limits<T>::infinity();
 }
 
+// The query block that forward task t covers: (sequence b, query head h, its kv head hk, first row i0, m rows).
+struct FwdTile {
+  int64_t b, h, hk, i0, m, lk;
+};
+template <typename In, typename T>
+inline bool fwd_tile(const FlashAttnParams<In, T>& p, int64_t t, int64_t q_blocks, FwdTile& tile) {
+  const int64_t qb = t % q_blocks, h = (t / q_blocks) % p.heads_q, b = t / (q_blocks * p.heads_q);
+  const int64_t lq = p.q_len(b), i0 = qb * kBlockQ;
+  if (i0 >= lq) return false;  // past the end of a shorter (varlen) sequence
+  tile = {b, h, h / (p.heads_q / p.heads_kv), i0, std::min(kBlockQ, lq - i0), p.k_len(b)};
+  return true;
+}
+
 // VNNI layouts (pairs of the reduction dim interleaved, reduction dim padded to even) of a key block, as the B
 // operands of S = Q K^T (K^T: [D x n], D even) and O += P V (V: [n x D]). Key rows are `ld` elements apart.
 inline void pack_kt_vnni(const bf16_t* k, int64_t ld, int64_t n, int64_t D, bf16_t* dst) {
@@ -169,7 +182,6 @@ inline void pack_v_vnni(const bf16_t* v, int64_t ld, int64_t n, int64_t D, bf16_
 // the GQA group; the softmax is the same online one as in the BLAS path, in fp32.
 inline void flash_attn_fwd_brgemm(const FlashAttnParams<bf16_t, float>& p) {
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, D = p.head_dim;
-  const int64_t group = Hq / Hkv;
   const int64_t ldq = Hq * D, ldk = Hkv * D;
   const int64_t region = 2 * kBlockK * D;  // packed K^T block (D x n) then packed V block (n_even x D)
   std::vector<int64_t> block_base(B + 1, 0);
@@ -196,13 +208,10 @@ inline void flash_attn_fwd_brgemm(const FlashAttnParams<bf16_t, float>& p) {
     float* s = thread_scratch<float>(kBlockQ * (kBlockK + D + 2));
     float *o = s + kBlockQ * kBlockK, *row_max = o + kBlockQ * D, *row_total = row_max + kBlockQ;
     bf16_t* p_low = thread_scratch<bf16_t>(kBlockQ * kBlockK);
+    FwdTile tile;
     for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
-      const int64_t qb = t % q_blocks, h = (t / q_blocks) % Hq, b = t / (q_blocks * Hq);
-      const int64_t lq = p.q_len(b), lk = p.k_len(b);
-      const int64_t i0 = qb * kBlockQ;
-      if (i0 >= lq) continue;
-      const int64_t m = std::min(kBlockQ, lq - i0);
-      const int64_t hk = h / group;
+      if (!fwd_tile(p, t, q_blocks, tile)) continue;
+      const auto [b, h, hk, i0, m, lk] = tile;
       const bf16_t* qp = p.q + (p.q_start(b) + i0) * ldq + h * D;
       std::fill(row_max, row_max + m, neg_inf<float>());
       std::fill(row_total, row_total + m, 0.f);
@@ -233,7 +242,6 @@ inline void flash_attn_fwd_brgemm(const FlashAttnParams<bf16_t, float>& p) {
 template <typename In, typename T>
 void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
   const int64_t B = p.batch, Hq = p.heads_q, Hkv = p.heads_kv, D = p.head_dim;
-  const int64_t group = Hq / Hkv;
   const int64_t ldq = Hq * D, ldk = Hkv * D;
   const int64_t q_blocks = (p.seqlen_q + kBlockQ - 1) / kBlockQ;
   const int64_t tasks = B * Hq * q_blocks;
@@ -246,13 +254,10 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
     T* s = thread_scratch<T>(kBlockQ * (kBlockK + D + 2));
     T *o = s + kBlockQ * kBlockK, *row_max = o + kBlockQ * D, *row_total = row_max + kBlockQ;
     In* p_low = std::is_same_v<In, T> ? nullptr : thread_scratch<In>(kBlockQ * kBlockK);
+    FwdTile tile;
     for (int64_t t; (t = next.fetch_add(1)) < tasks;) {
-      const int64_t qb = t % q_blocks, h = (t / q_blocks) % Hq, b = t / (q_blocks * Hq);
-      const int64_t lq = p.q_len(b), lk = p.k_len(b);
-      const int64_t i0 = qb * kBlockQ;
-      if (i0 >= lq) continue;
-      const int64_t m = std::min(kBlockQ, lq - i0);
-      const int64_t hk = h / group;
+      if (!fwd_tile(p, t, q_blocks, tile)) continue;
+      const auto [b, h, hk, i0, m, lk] = tile;
       const In* qp = p.q + (p.q_start(b) + i0) * ldq + h * D;
       const In* kp = p.k + p.k_start(b) * ldk + hk * D;
       const In* vp = p.v + p.k_start(b) * ldk + hk * D;
