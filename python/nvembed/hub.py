@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from transformers import AutoTokenizer
 
+from .device import resolve_device, resolve_dtype
 from .model import NVEmbedModel
 
 NAMED_MODELS = ("default",)
@@ -62,9 +63,15 @@ def from_sentence_transformers(folder: str, dtype: Optional[torch.dtype] = torch
                                          dtype=dtype, rename=rename)
 
 
-def load(name_or_path: str = "default", dtype: Optional[torch.dtype] = torch.float32,
-         device: Optional[str] = None) -> NVEmbedModel:
-    """A ready-to-encode NVEmbedModel from a known name ("default") or a local folder (no network)."""
+def load(name_or_path: str = "default", dtype: Union[str, torch.dtype, None] = None,
+         device: Union[str, torch.device, None] = None) -> NVEmbedModel:
+    """A ready-to-encode NVEmbedModel from a known name ("default") or a local folder (no network).
+
+    device: None or "cpu" (CPU), "auto" (cuda when available, else cpu), "cuda", "cuda:N" (must exist).
+    dtype: float32 / bfloat16 / float16 (a torch dtype or its name); None = the device's default (float32 on
+    cpu, bfloat16 on cuda; see nvembed.device). Both are checked before anything is read."""
+    target = resolve_device("cpu" if device is None else device, where="nvembed.load: device")
+    dtype = resolve_dtype(dtype, target, where="nvembed.load: dtype")
     if name_or_path == "default":
         model = from_sentence_transformers(_default_folder(), dtype=dtype)
     elif os.path.isdir(name_or_path):
@@ -79,4 +86,4 @@ def load(name_or_path: str = "default", dtype: Optional[torch.dtype] = torch.flo
     else:
         raise ValueError(f"nvembed.load: unknown model {name_or_path!r}; known names: {', '.join(NAMED_MODELS)}, "
                          "or a local folder (nothing is downloaded)")
-    return model.to(device) if device is not None else model
+    return model.to(target) if target.type != "cpu" else model
