@@ -21,6 +21,7 @@ from safetensors.torch import save_file  # noqa: E402
 
 import nvembed  # noqa: E402
 from nvembed.checkpoint import CheckpointMismatchError, check_state_dict_shapes, checkpoint_files  # noqa: E402
+from released_nvembed import port_nvembed, random_state_dict, released_config, released_shapes  # noqa: E402
 
 INSTRUCTION = "Instruct: retrieve passages\nQuery: "
 TEXTS = ["the cat sat on the mat", "a dog", "hello world the dog ran far away from the cat", "mat",
@@ -39,55 +40,6 @@ TINY_TEXT = {"model_type": "bidir_mistral", "_name_or_path": "nvidia/NV-Embed-v2
 TINY_LATENT = {"model_type": "latent_attention", "_name_or_path": "latent_attention", "num_latents_value": 16,
                "num_cross_heads": 2, "cross_dim_head": 16, "latent_dim": 32, "hidden_dim": 32,
                "output_normalize": True}
-
-
-def released_config(text, latent):
-    return {"_name_or_path": "nvidia/NV-Embed-v2", "model_type": "nvembed", "architectures": ["NVEmbedModel"],
-            "auto_map": {"AutoConfig": "configuration_nvembed.NVEmbedConfig",
-                         "AutoModel": "modeling_nvembed.NVEmbedModel"},
-            "hidden_size": text["hidden_size"], "padding_side": "right", "add_pad_token": True,
-            "is_mask_instruction": True, "add_eos": True, "mask_type": "b", "torch_dtype": "float32",
-            "transformers_version": "4.42.4", "latent_attention_config": latent, "text_config": text}
-
-
-def released_shapes(text, latent):
-    """Key -> shape of NVEmbedModel.state_dict() as NVEMBED_FACTS (b) lists it (release order)."""
-    d, N = latent["latent_dim"], latent["num_latents_value"]
-    inner = latent["num_cross_heads"] * latent["cross_dim_head"]
-    D, hd = text["hidden_size"], text["hidden_size"] // text["num_attention_heads"]
-    H, KV, I = text["num_attention_heads"], text["num_key_value_heads"], text["intermediate_size"]
-    p = "latent_attention_model.cross_attend_blocks."
-    s = {"latent_attention_model.latents": (N, d),
-         p + "0.fn.to_q.weight": (inner, d), p + "0.fn.to_kv.weight": (2 * inner, d),
-         p + "0.fn.to_out.weight": (d, inner), p + "0.norm.weight": (d,), p + "0.norm.bias": (d,),
-         p + "0.norm_context.weight": (d,), p + "0.norm_context.bias": (d,),
-         p + "1.fn.net.0.weight": (8 * d, d), p + "1.fn.net.0.bias": (8 * d,),
-         p + "1.fn.net.2.weight": (d, 4 * d), p + "1.fn.net.2.bias": (d,),
-         p + "1.norm.weight": (d,), p + "1.norm.bias": (d,),
-         "embedding_model.embed_tokens.weight": (text["vocab_size"], D)}
-    for i in range(text["num_hidden_layers"]):
-        q = f"embedding_model.layers.{i}."
-        s.update({q + "self_attn.q_proj.weight": (H * hd, D), q + "self_attn.k_proj.weight": (KV * hd, D),
-                  q + "self_attn.v_proj.weight": (KV * hd, D), q + "self_attn.o_proj.weight": (D, H * hd),
-                  q + "mlp.gate_proj.weight": (I, D), q + "mlp.up_proj.weight": (I, D),
-                  q + "mlp.down_proj.weight": (D, I),
-                  q + "input_layernorm.weight": (D,), q + "post_attention_layernorm.weight": (D,)})
-    s["embedding_model.norm.weight"] = (D,)
-    return s
-
-
-def random_state_dict(shapes, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, shape in shapes.items():
-        if k.endswith(("norm.weight", "layernorm.weight", "norm_context.weight")):
-            sd[k] = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        elif k.endswith("latents") or "embed_tokens" in k:
-            sd[k] = torch.randn(shape, generator=g)
-        else:
-            fan_in = shape[-1]
-            sd[k] = torch.randn(shape, generator=g) / math.sqrt(fan_in)
-    return sd
 
 
 def tiny_tokenizer():
@@ -129,66 +81,7 @@ def tiny_model(released_folder):
 
 
 # ---------------------------------------------------------------------------------------------- released port
-def _rms(x, w, eps):
-    return w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
-
-
-def _rope(x, theta):
-    L, hd = x.shape[-2], x.shape[-1]
-    inv = 1.0 / theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd)
-    freqs = torch.arange(L, dtype=torch.float64)[:, None] * inv[None]  # position_ids = arange(L) for every row
-    emb = torch.cat([freqs, freqs], -1)
-    rot = torch.cat([-x[..., hd // 2:], x[..., :hd // 2]], -1)
-    return x * emb.cos() + rot * emb.sin()
-
-
-def port_bidirectional_mistral(sd, cfg, ids, mask):
-    """BidirectionalMistralModel: eager Mistral layers under the 4-D padding-only mask (no causal part, no
-    sliding window), fp64."""
-    B, L = ids.shape
-    H, KV, D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]
-    hd, eps = D // H, cfg["rms_norm_eps"]
-    bias = (1.0 - mask[:, None, None, :].double()) * torch.finfo(torch.float64).min  # [B,1,1,L] -> all rows
-    h = sd["embedding_model.embed_tokens.weight"][ids]
-    for i in range(cfg["num_hidden_layers"]):
-        p = lambda n: sd[f"embedding_model.layers.{i}.{n}.weight"]  # noqa: E731
-        x = _rms(h, p("input_layernorm"), eps)
-        q = (x @ p("self_attn.q_proj").T).view(B, L, H, hd).transpose(1, 2)
-        k = (x @ p("self_attn.k_proj").T).view(B, L, KV, hd).transpose(1, 2)
-        v = (x @ p("self_attn.v_proj").T).view(B, L, KV, hd).transpose(1, 2)
-        q, k = _rope(q, cfg["rope_theta"]), _rope(k, cfg["rope_theta"])
-        k, v = k.repeat_interleave(H // KV, dim=1), v.repeat_interleave(H // KV, dim=1)  # repeat_kv
-        a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd) + bias, -1) @ v
-        h = h + a.transpose(1, 2).reshape(B, L, D) @ p("self_attn.o_proj").T
-        x = _rms(h, p("post_attention_layernorm"), eps)
-        h = h + (F.silu(x @ p("mlp.gate_proj").T) * (x @ p("mlp.up_proj").T)) @ p("mlp.down_proj").T
-    return _rms(h, sd["embedding_model.norm.weight"], eps)
-
-
-def port_latent_attention(sd, cfg, hiddens, pool_mask):
-    """LatentAttentionModel.forward: tokens are queries over the latents, GEGLU FF, masked mean, normalize."""
-    p = lambda n: sd["latent_attention_model." + n]  # noqa: E731
-    b = "cross_attend_blocks."
-    heads, dh = cfg["num_cross_heads"], cfg["cross_dim_head"]
-    B, L, d = hiddens.shape
-    x = F.layer_norm(hiddens, (d,), p(b + "0.norm.weight"), p(b + "0.norm.bias"), 1e-5)
-    ctx = F.layer_norm(p("latents"), (d,), p(b + "0.norm_context.weight"), p(b + "0.norm_context.bias"), 1e-5)
-    q = (x @ p(b + "0.fn.to_q.weight").T).view(B, L, heads, dh).transpose(1, 2)
-    k, v = (ctx @ p(b + "0.fn.to_kv.weight").T).chunk(2, -1)
-    k, v = (t.view(-1, heads, dh).transpose(0, 1) for t in (k, v))
-    a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(dh), -1) @ v
-    hiddens = a.transpose(1, 2).reshape(B, L, heads * dh) @ p(b + "0.fn.to_out.weight").T + hiddens
-    y = F.layer_norm(hiddens, (d,), p(b + "1.norm.weight"), p(b + "1.norm.bias"), 1e-5)
-    y = y @ p(b + "1.fn.net.0.weight").T + p(b + "1.fn.net.0.bias")
-    y, gates = y.chunk(2, -1)
-    y = (y * F.gelu(gates)) @ p(b + "1.fn.net.2.weight").T + p(b + "1.fn.net.2.bias")
-    hiddens = hiddens + y
-    m = pool_mask[..., None].double()
-    out = (hiddens * m).sum(1) / m.sum(1)
-    return F.normalize(out, p=2, dim=-1) if cfg["output_normalize"] else out
-
-
-def port_encode(sd, tokenizer, texts, instruction):
+def port_encode(sd, tokenizer, texts, instruction, attention="eager"):
     """The release's encode(): one padded batch, pool mask with the first len(tokenize(instruction)) zeroed."""
     batch = tokenizer([instruction + t + tokenizer.eos_token for t in texts], padding=True, truncation=True,
                       max_length=4096, return_token_type_ids=False, return_tensors="pt")
@@ -196,8 +89,8 @@ def port_encode(sd, tokenizer, texts, instruction):
     pool_mask = batch["attention_mask"].clone()
     pool_mask[:, :n] = 0
     sd64 = {k: v.double() for k, v in sd.items()}
-    h = port_bidirectional_mistral(sd64, TINY_TEXT, batch["input_ids"], batch["attention_mask"])
-    return port_latent_attention(sd64, TINY_LATENT, h, pool_mask), batch
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    return port_nvembed(sd64, TINY_TEXT, TINY_LATENT, ids, mask, pool_mask, attention), batch
 
 
 def _rel(a, b):
@@ -215,6 +108,16 @@ def test_released_checkpoint_matches_port(released_folder, tiny_model, instructi
     assert _rel(ours, ref) <= 1e-5
     if instruction:  # the instruction changes the embedding
         assert _rel(tiny_model.encode(TEXTS, convert_to_numpy=False), ref) > 1e-3
+
+
+def test_port_sdpa_equals_eager(released_folder, tiny_model):
+    """The port's SDPA mode (the GPU benchmark's baseline) computes what its explicit-softmax mode does."""
+    sd = released_folder[1]
+    eager, _ = port_encode(sd, tiny_model.tokenizer, TEXTS, INSTRUCTION)
+    sdpa, _ = port_encode(sd, tiny_model.tokenizer, TEXTS, INSTRUCTION, attention="sdpa")
+    assert _rel(sdpa, eager) <= 1e-12
+    with pytest.raises(ValueError, match="attention must be one of"):
+        port_encode(sd, tiny_model.tokenizer, TEXTS, "", attention="flash")
 
 
 def test_loading_never_asks_for_remote_code(released_folder, monkeypatch):

@@ -142,27 +142,39 @@ class NVEmbedModel(nn.Module):
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod
+    def from_state_dict(cls, config: Dict[str, Any], state_dict: Dict[str, torch.Tensor], tokenizer=None,
+                        dtype: Optional[torch.dtype] = torch.float32, source: str = "state_dict") -> "NVEmbedModel":
+        """A model holding `state_dict`'s tensors (no copy where they already have `dtype`; None keeps theirs),
+        built on the meta device and checked by name and shape first (one error lists every mismatch). The
+        non-persistent buffers (rotary inv_freq, BERT position ids) are rebuilt in float32 on the CPU, as
+        transformers keeps them: a rotary inv_freq rounded to bf16 would shift the angles of late positions."""
+        with torch.device("meta"):
+            model = cls(config)
+        checkpoint.check_state_dict_shapes(model.state_dict(), state_dict, source=source)
+        if dtype is not None:
+            state_dict = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state_dict.items()}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        _materialize_meta_buffers(model, model.embedding_model.config)
+        if tokenizer is not None:
+            model.set_tokenizer(tokenizer)
+        return model.eval()
+
+    @classmethod
     def from_config_dict(cls, config: Dict[str, Any], folder: str, tokenizer=None,
                          dtype: Optional[torch.dtype] = torch.float32, rename=None) -> "NVEmbedModel":
         """Build on the meta device, check the folder's tensors by name and shape (one error lists every
         mismatch), then load them. `rename` maps checkpoint names to ours (None = identity); names it maps to
         None are skipped. dtype None keeps the checkpoint's dtype."""
         with torch.device("meta"):
-            model = cls(config)
+            expected = cls(config).state_dict()
         found = checkpoint.read_shapes(folder)
         mapping = {k: (rename(k) if rename else k) for k in found}
         found_ours = {mapping[k]: s for k, s in found.items() if mapping[k] is not None}
-        expected = model.state_dict()
         checkpoint.check_state_dict_shapes(expected, found_ours, source=f"checkpoint in {folder}")
         wanted = {k for k, v in mapping.items() if v in expected}
         tensors = {mapping[k]: t for k, t in checkpoint.load_state_dict(folder, wanted).items()}
-        if dtype is not None:
-            tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
-        model.load_state_dict(tensors, strict=True, assign=True)
-        _materialize_meta_buffers(model, model.embedding_model.config)
-        if tokenizer is not None:
-            model.set_tokenizer(tokenizer)
-        return model.eval()
+        return cls.from_state_dict(config, tensors, tokenizer=tokenizer, dtype=dtype,
+                                   source=f"checkpoint in {folder}")
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = torch.float32,
