@@ -120,8 +120,8 @@ def port_bidirectional_mistral(sd, cfg, ids, mask, attention="eager"):
     hd, eps = D // H, cfg["rms_norm_eps"]
     h = sd["embedding_model.embed_tokens.weight"][ids]
     dtype = h.dtype
-    # _prepare_4d_attention_mask(attention_mask, dtype): [B, 1, L, L], finfo(dtype).min on padded keys
-    bias = ((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).expand(B, 1, L, L)
+    # _prepare_4d_attention_mask(attention_mask, dtype): a materialized [B, 1, L, L], finfo(dtype).min on padded keys
+    bias = ((1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min).expand(B, 1, L, L).contiguous()
     for i in range(cfg["num_hidden_layers"]):
         p = lambda n: sd[f"embedding_model.layers.{i}.{n}.weight"]  # noqa: E731
         x = _rms(h, p("input_layernorm"), eps)
