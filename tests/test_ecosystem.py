@@ -7,6 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import enum  # noqa: E402
+import re  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -16,7 +17,8 @@ pytest.importorskip("transformers")
 
 import nvembed  # noqa: E402
 from nvembed import mteb_wrapper  # noqa: E402
-from nvembed.mteb_wrapper import (GENERIC_RETRIEVAL_INSTRUCTION, NVEMBED_TASK_INSTRUCTIONS, NVEmbedMTEB,  # noqa: E402
+from nvembed.mteb_wrapper import (GENERIC_RETRIEVAL_INSTRUCTION, NVEMBED_CORPUS_INSTRUCTIONS,  # noqa: E402
+                                  NVEMBED_TASK_INSTRUCTIONS, UNVERIFIED_TASK_INSTRUCTIONS, NVEmbedMTEB,
                                   instruction_for, task_instruction)
 from test_model import INSTRUCTION, TEXTS, released_folder, tiny_model  # noqa: E402,F401  (fixtures)
 
@@ -117,15 +119,19 @@ class Meta:
 
 def test_instruction_lookup():
     assert task_instruction("SciFact") == "Given a scientific claim, retrieve documents that support or refute the claim"
-    for name in ("ArguAna", "FiQA2018", "NFCorpus", "SciFact", "TRECCOVID", "QuoraRetrieval", "Banking77Classification",
-                 "ArxivClusteringP2P", "STSBenchmark", "SprintDuplicateQuestions", "SummEval"):
+    for name in ("ArguAna", "FiQA2018", "NFCorpus", "SciFact", "TRECCOVID", "QuoraRetrieval", "STSBenchmark",
+                 "SummEval"):
         assert task_instruction(name) == NVEMBED_TASK_INSTRUCTIONS[name]
+    for name in ("Banking77Classification", "ArxivClusteringP2P", "SprintDuplicateQuestions", "SciDocsRR"):
+        assert task_instruction(name) == UNVERIFIED_TASK_INSTRUCTIONS[name]
     assert task_instruction("CQADupstackPhysicsRetrieval").startswith("Given a question, retrieve detailed question")
     assert task_instruction("NoSuchTask") == GENERIC_RETRIEVAL_INSTRUCTION
+    # the released file names two task types: any STS / summarization task gets their instruction
+    assert task_instruction("STS22.v2", task_type="STS") == "Retrieve semantically similar text"
+    assert task_instruction("SummEvalSummarization.v2", task_type="Summarization").startswith("Given a news summary")
     assert task_instruction("NoSuchTask", {"NoSuchTask": "Do X"}) == "Do X"
     assert task_instruction("SciFact", {"SciFact": "Do Y"}) == "Do Y"  # overrides win
-    for v in NVEMBED_TASK_INSTRUCTIONS.values():
-        assert v and v == v.strip() and "\n" not in v and not v.startswith("Instruct")
+    assert task_instruction("SciFact", {"SciFact": ""}) == ""  # an empty override: no instruction
 
 
 def test_instruction_for_prompt_types():
@@ -134,11 +140,80 @@ def test_instruction_for_prompt_types():
     assert instruction_for(Meta("FiQA2018"), "query") == expect
     for doc in (FakePromptType.document, "document", "passage"):
         assert instruction_for(Meta("FiQA2018"), doc) == ""
+    # instructions.json gives QuoraRetrieval's documents the query instruction too
+    quora = ("Instruct: Given a question, retrieve questions that are semantically equivalent to the given "
+             "question\nQuery: ")
+    assert instruction_for(Meta("QuoraRetrieval"), "query") == quora
+    assert instruction_for(Meta("QuoraRetrieval"), "document") == quora
     # tasks without a query/document split (classification, clustering, STS): prompt_type None -> instruction
     assert instruction_for(Meta("STS12", "STS"), None) == "Instruct: Retrieve semantically similar text\nQuery: "
     assert instruction_for("Unknown", None) == f"Instruct: {GENERIC_RETRIEVAL_INSTRUCTION}\nQuery: "
+    assert instruction_for(Meta("SciFact"), "query", {"SciFact": ""}) == ""
     with pytest.raises(ValueError, match="prompt_type"):
         instruction_for(Meta("SciFact"), "title")
+
+
+def test_released_instructions_json_layout_is_accepted():
+    """instructions.json's own layout ({"query", "corpus"} per task, {"text"} for the STS / SUMM task types) can be
+    passed as `instructions=`; bad entries are rejected up front, naming the key."""
+    released = {"SciFact": {"query": "Do Q", "corpus": ""}, "QuoraRetrieval": {"query": "Same", "corpus": "Same"},
+                "STS": {"text": "Be similar"}, "SUMM": {"text": "Summarize"}}
+    w = NVEmbedMTEB(object(), instructions=released)  # the model is not used by get_instruction
+    assert w.get_instruction(Meta("SciFact"), "query") == "Instruct: Do Q\nQuery: "
+    assert w.get_instruction(Meta("SciFact"), "document") == ""
+    assert w.get_instruction(Meta("QuoraRetrieval"), "document") == "Instruct: Same\nQuery: "
+    assert w.get_instruction(Meta("STS15", "STS"), None) == "Instruct: Be similar\nQuery: "
+    assert w.get_instruction(Meta("SummEval", "Summarization"), None) == "Instruct: Summarize\nQuery: "
+    for bad, err in (({"X": {"qeury": "typo"}}, r"instructions\['X'\] has unknown fields \['qeury'\]"),
+                     ({"X": 3}, r"instructions\['X'\] is int"),
+                     ({"X": {"query": None}}, r"\['X'\]\['query'\] is NoneType"),
+                     (["SciFact"], "instructions must be a mapping")):
+        with pytest.raises((ValueError, TypeError), match=err):
+            NVEmbedMTEB(object(), instructions=bad)
+
+
+def _table_sources():
+    """(name, ast.Dict) of every instruction table in mteb_wrapper's source."""
+    import ast
+    tree = ast.parse(open(mteb_wrapper.__file__, encoding="utf-8").read())
+    tables = {}
+    for node in tree.body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (node.targets[0] if isinstance(node, ast.Assign)
+                                                                      else None)
+        if isinstance(target, ast.Name) and isinstance(node.value, ast.Dict) and "INSTRUCTIONS" in target.id:
+            tables[target.id] = node.value
+    return tables
+
+
+def test_instruction_tables_are_clean():
+    """Every table: literal str keys, no duplicate key (a later duplicate would silently win), no empty
+    description, no stray whitespace; a task is either verified or not, never both; every description makes an
+    "Instruct: {task}\nQuery: " prefix."""
+    import ast
+    tables = _table_sources()
+    assert {"NVEMBED_TASK_INSTRUCTIONS", "NVEMBED_CORPUS_INSTRUCTIONS", "UNVERIFIED_TASK_INSTRUCTIONS",
+            "RELEASED_TYPE_INSTRUCTIONS"} <= set(tables)
+    for name, node in tables.items():
+        keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+        assert len(keys) == len(node.keys), f"{name}: a non-literal key or a ** splat"
+        assert len(keys) == len(set(keys)), f"{name}: duplicate keys {sorted(k for k in keys if keys.count(k) > 1)}"
+        values = getattr(mteb_wrapper, name)
+        assert list(values) == keys
+        for key, text in values.items():
+            assert key and key == key.strip(), (name, key)
+            assert isinstance(text, str) and text and text == text.strip() and "\n" not in text, (name, key)
+            assert "  " not in text and not text.startswith("Instruct") and not text.endswith("."), (name, key)
+    assert not set(NVEMBED_TASK_INSTRUCTIONS) & set(UNVERIFIED_TASK_INSTRUCTIONS)
+    assert set(NVEMBED_CORPUS_INSTRUCTIONS) <= set(NVEMBED_TASK_INSTRUCTIONS)
+    template = re.compile(r"Instruct: (?P<task>[^\n]+)\nQuery: ")
+    for table in (NVEMBED_TASK_INSTRUCTIONS, UNVERIFIED_TASK_INSTRUCTIONS):
+        for task, text in table.items():
+            for prompt_type in ("query", None):
+                m = template.fullmatch(instruction_for(task, prompt_type))
+                assert m is not None and m["task"] == text, (task, prompt_type)
+            doc = instruction_for(task, "document")
+            assert doc == ("" if task not in NVEMBED_CORPUS_INSTRUCTIONS
+                           else f"Instruct: {NVEMBED_CORPUS_INSTRUCTIONS[task]}\nQuery: ")
 
 
 def _loader(texts, batch_size=2):

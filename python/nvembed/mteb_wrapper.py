@@ -8,36 +8,43 @@ importing mteb, so this module works (and is tested) where mteb is not installed
 batches of mteb's DataLoader (`batch["text"]`), picks NV-Embed's instruction for the task and calls
 `NVEmbedModel.encode(texts, instruction=...)` (instruction tokens excluded from pooling, as released):
 
-- documents (`prompt_type` "document"; "passage"/"corpus" accepted too) get no instruction, as in the NV-Embed paper;
 - queries, and the inputs of tasks without a query/document split (classification, clustering, STS, pair
   classification, ...; mteb passes prompt_type None there) get `"Instruct: {task instruction}\\nQuery: "`;
-- the task instruction is looked up by task name in `NVEMBED_TASK_INSTRUCTIONS` (NV-Embed's published per-task
-  MTEB instructions for a representative set of tasks; every CQADupstack*Retrieval subset shares one); a task not
-  in the table gets `GENERIC_RETRIEVAL_INSTRUCTION`, NV-Embed's own example instruction, whatever the task type.
-  Pass `instructions={...}` to add or override entries.
+- documents (`prompt_type` "document"; "passage"/"corpus" accepted too) get no instruction, as in the NV-Embed
+  paper, except where the released instructions.json gives the corpus one (QuoraRetrieval: the same as its queries);
+- the task instruction is looked up by task name: NV-Embed's published ones (`NVEMBED_TASK_INSTRUCTIONS`), then
+  the task types instructions.json names by type (STS, Summarization), then our transcriptions of the paper's
+  table that could not be checked (`UNVERIFIED_TASK_INSTRUCTIONS`, CQADupstack), else
+  `GENERIC_RETRIEVAL_INSTRUCTION`, NV-Embed's own example instruction, whatever the task type.
+  `instructions={...}` adds or overrides entries: a task name (or "STS" / "SUMM" for those task types) mapped to
+  the query instruction, or to {"query": ..., "corpus": ...} / {"text": ...} as in instructions.json, so the
+  released file itself can be passed (`instructions=json.load(open("instructions.json"))`).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
 INSTRUCTION_TEMPLATE = "Instruct: {task}\nQuery: "
 
-# NV-Embed's model-card example instruction; used for any task missing from the table.
+# Sources, checked for every entry in the groups below:
+# [R] NV-Embed-v2's released instructions.json: Hugging Face nvidia/NV-Embed-v2, file instructions.json, added in
+#     the first commit (2c0dadb, 2024-09-09, Chankyu Lee) and unchanged through c50d55f (2025-02-23); read from the
+#     GitHub mirror of that repository's history, repository abhaybd/NV-Embed-v2_fixed, path instructions.json.
+#     It has the 15 BEIR retrieval tasks except CQADupStack ({"query", "corpus"}), "STS" and "SUMM" ({"text"}).
+# [C] the same repository's model card, README.md (commit 5130cf1): the example instruction below; "For MTEB
+#     sub-tasks for retrieval, STS, summarization, please use the instruction prefix template in instructions.json.
+#     For classification, clustering and reranking, please use the instructions provided in Table. 7 in NV-Embed
+#     paper" (arXiv 2405.17428). The text of that table was not available here: see UNVERIFIED_TASK_INSTRUCTIONS.
+
+# [C] NV-Embed's model-card example instruction; used for any task missing from the tables.
 GENERIC_RETRIEVAL_INSTRUCTION = "Given a question, retrieve passages that answer the question"
 
-CQADUPSTACK_INSTRUCTION = ("Given a question, retrieve detailed question descriptions from Stackexchange that are "
-                           "duplicates to the given question")
-
-# NV-Embed's published per-task instructions (the task description that goes into INSTRUCTION_TEMPLATE), as
-# listed for its MTEB evaluation (model repository's instructions.json / paper appendix), transcribed by hand:
-# no copy of that file is available offline here. Checked against an independent copy only for FiQA2018, NQ,
-# HotpotQA and the generic instruction; compare the rest with the released instructions.json before publishing
-# scores (`instructions=` overrides any entry).
+# Query-side task descriptions (they go into INSTRUCTION_TEMPLATE), all from [R].
 NVEMBED_TASK_INSTRUCTIONS: Dict[str, str] = {
-    # retrieval (queries only; documents get no instruction)
+    # retrieval: instructions.json's "query" fields
     "ArguAna": "Given a claim, retrieve documents that support or refute the claim",
     "ClimateFEVER": "Given a claim about climate change, retrieve documents that support or refute the claim",
     "DBPedia": "Given a query, retrieve relevant entity descriptions from DBPedia",
@@ -52,6 +59,41 @@ NVEMBED_TASK_INSTRUCTIONS: Dict[str, str] = {
     "SciFact": "Given a scientific claim, retrieve documents that support or refute the claim",
     "Touche2020": "Given a question, retrieve passages that answer the question",
     "TRECCOVID": "Given a query on COVID-19, retrieve documents that answer the query",
+    # STS: instructions.json's "STS" entry (one instruction for every STS task), spelled out for MTEB's English ones
+    "BIOSSES": "Retrieve semantically similar text",
+    "SICK-R": "Retrieve semantically similar text",
+    "STS12": "Retrieve semantically similar text",
+    "STS13": "Retrieve semantically similar text",
+    "STS14": "Retrieve semantically similar text",
+    "STS15": "Retrieve semantically similar text",
+    "STS16": "Retrieve semantically similar text",
+    "STS17": "Retrieve semantically similar text",
+    "STS22": "Retrieve semantically similar text",
+    "STSBenchmark": "Retrieve semantically similar text",
+    # summarization: instructions.json's "SUMM" entry
+    "SummEval": "Given a news summary, retrieve other semantically similar summaries",
+}
+
+# Document-side instructions, from [R]: the only non-empty "corpus" field of instructions.json.
+NVEMBED_CORPUS_INSTRUCTIONS: Dict[str, str] = {
+    "QuoraRetrieval": "Given a question, retrieve questions that are semantically equivalent to the given question",
+}
+
+# [R] names two task types rather than tasks; mteb's TaskMetadata.type -> instructions.json key.
+RELEASED_TYPE_KEYS = {"STS": "STS", "Summarization": "SUMM"}
+RELEASED_TYPE_INSTRUCTIONS: Dict[str, str] = {
+    "STS": "Retrieve semantically similar text",
+    "SUMM": "Given a news summary, retrieve other semantically similar summaries",
+}
+
+# Ours, not published: written from memory for the tasks the card sends to the paper's Table 7 (classification,
+# clustering, reranking; pair classification too), which could not be checked against NV-Embed's own text here.
+# They equal e5-mistral-7b-instruct's evaluation instructions word for word; NV-Embed's retrieval instructions
+# above differ from e5-mistral's for 5 of 14 tasks (ArguAna, FiQA2018, NFCorpus, NQ, Touche2020), so these may
+# differ from NV-Embed's too. They are used (closer to the task than the generic retrieval instruction) but are
+# NOT verified NV-Embed instructions: check them against the paper before publishing scores, or pass
+# `instructions=`.
+UNVERIFIED_TASK_INSTRUCTIONS: Dict[str, str] = {
     # reranking
     "AskUbuntuDupQuestions": "Retrieve duplicate questions from AskUbuntu forum",
     "MindSmallReranking": "Retrieve relevant news articles based on user browsing history",
@@ -89,15 +131,17 @@ NVEMBED_TASK_INSTRUCTIONS: Dict[str, str] = {
     "SprintDuplicateQuestions": "Retrieve duplicate questions from Sprint forum",
     "TwitterSemEval2015": "Retrieve tweets that are semantically similar to the given tweet",
     "TwitterURLCorpus": "Retrieve tweets that are semantically similar to the given tweet",
-    # STS
-    **{name: "Retrieve semantically similar text" for name in
-       ("STS12", "STS13", "STS14", "STS15", "STS16", "STS17", "STS22", "STSBenchmark", "SICK-R", "BIOSSES")},
-    # summarization
-    "SummEval": "Given a news summary, retrieve other semantically similar summaries",
 }
+
+# Ours, not published: CQADupStack (one of the 15 BEIR tasks) is missing from instructions.json; every
+# CQADupstack*Retrieval subset gets this one.
+CQADUPSTACK_INSTRUCTION = ("Given a question, retrieve detailed question descriptions from Stackexchange that are "
+                           "duplicates to the given question")
 
 DOCUMENT_PROMPT_TYPES = ("document", "passage", "corpus")
 QUERY_PROMPT_TYPES = ("query",)
+
+Instructions = Mapping[str, Union[str, Mapping[str, str]]]
 
 
 def _task_name(task_metadata: Any) -> str:
@@ -107,6 +151,11 @@ def _task_name(task_metadata: Any) -> str:
     if not isinstance(name, str):
         raise TypeError(f"NVEmbedMTEB: task_metadata must have a str .name, got {type(task_metadata).__name__}")
     return name
+
+
+def _task_type(task_metadata: Any) -> Optional[str]:
+    value = getattr(task_metadata, "type", None)
+    return value if isinstance(value, str) else None
 
 
 def _prompt_type(prompt_type: Any) -> Optional[str]:
@@ -119,24 +168,88 @@ def _prompt_type(prompt_type: Any) -> Optional[str]:
     return value
 
 
-def task_instruction(task_name: str, instructions: Optional[Mapping[str, str]] = None) -> str:
-    """The task description for `task_name`: `instructions` (overrides), NV-Embed's table, CQADupstack subsets,
-    else GENERIC_RETRIEVAL_INSTRUCTION."""
-    if instructions and task_name in instructions:
-        return instructions[task_name]
+def _entry(key: str, value: Any) -> Tuple[str, str]:
+    """(query, corpus) instruction of one `instructions=` entry: a str (the query side), or a mapping with
+    "query" / "corpus" / "text" (instructions.json's layout; "text" serves both sides, as for STS)."""
+    if isinstance(value, str):
+        return value, ""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"query", "corpus", "text"})
+        if unknown:
+            raise ValueError(f"NVEmbedMTEB: instructions[{key!r}] has unknown fields {unknown} "
+                             "(expected query / corpus / text)")
+        for field, text in value.items():
+            if not isinstance(text, str):
+                raise TypeError(f"NVEmbedMTEB: instructions[{key!r}][{field!r}] is {type(text).__name__}, "
+                                "expected str")
+        text = value.get("text", "")
+        return value.get("query", text), value.get("corpus", text if "text" in value else "")
+    raise TypeError(f"NVEmbedMTEB: instructions[{key!r}] is {type(value).__name__}, expected str or a mapping "
+                    "with query / corpus / text")
+
+
+def check_instructions(instructions: Optional[Instructions]) -> Dict[str, Tuple[str, str]]:
+    """`instructions=` as {key: (query, corpus)}, every entry checked up front (errors name the key)."""
+    if instructions is None:
+        return {}
+    if not isinstance(instructions, Mapping):
+        raise TypeError(f"NVEmbedMTEB: instructions must be a mapping, got {type(instructions).__name__}")
+    out = {}
+    for key, value in instructions.items():
+        if not isinstance(key, str):
+            raise TypeError(f"NVEmbedMTEB: instructions keys must be task names (str), got {key!r}")
+        out[key] = _entry(key, value)
+    return out
+
+
+def _override(task_name: str, task_type: Optional[str], instructions) -> Optional[Tuple[str, str]]:
+    """(query, corpus) of the `instructions=` entry for this task (by name, else by instructions.json's type
+    key), or None. An entry decides both sides."""
+    for key in (task_name, RELEASED_TYPE_KEYS.get(task_type)):
+        if instructions and key is not None and key in instructions:
+            return _entry(key, instructions[key])
+    return None
+
+
+def task_instruction(task_name: str, instructions: Optional[Instructions] = None,
+                     task_type: Optional[str] = None) -> str:
+    """The query-side task description for `task_name` (mteb's TaskMetadata.type in `task_type`, optional):
+    `instructions` (overrides), NV-Embed's published table, the released type-wide ones (STS, Summarization),
+    ours (unverified, CQADupstack subsets), else GENERIC_RETRIEVAL_INSTRUCTION. "" means no instruction."""
+    entry = _override(task_name, task_type, instructions)
+    if entry is not None:
+        return entry[0]
     if task_name in NVEMBED_TASK_INSTRUCTIONS:
         return NVEMBED_TASK_INSTRUCTIONS[task_name]
+    if task_type in RELEASED_TYPE_KEYS:
+        return RELEASED_TYPE_INSTRUCTIONS[RELEASED_TYPE_KEYS[task_type]]
+    if task_name in UNVERIFIED_TASK_INSTRUCTIONS:
+        return UNVERIFIED_TASK_INSTRUCTIONS[task_name]
     if task_name.lower().startswith("cqadupstack"):
         return CQADUPSTACK_INSTRUCTION
     return GENERIC_RETRIEVAL_INSTRUCTION
 
 
+def corpus_instruction(task_name: str, instructions: Optional[Instructions] = None,
+                       task_type: Optional[str] = None) -> str:
+    """The document-side task description: "" (none) except where instructions.json gives one (QuoraRetrieval)
+    or an `instructions=` entry has a "corpus" / "text" field."""
+    entry = _override(task_name, task_type, instructions)
+    if entry is not None:
+        return entry[1]
+    return NVEMBED_CORPUS_INSTRUCTIONS.get(task_name, "")
+
+
 def instruction_for(task_metadata: Any, prompt_type: Any = None,
-                    instructions: Optional[Mapping[str, str]] = None) -> str:
-    """The string prepended to the texts: "" for documents, else "Instruct: {task}\\nQuery: "."""
+                    instructions: Optional[Instructions] = None) -> str:
+    """The string prepended to the texts: "Instruct: {task}\\nQuery: " with the query-side description (or the
+    document-side one for documents), "" where that description is empty (documents of most tasks)."""
+    name, task_type = _task_name(task_metadata), _task_type(task_metadata)
     if _prompt_type(prompt_type) in DOCUMENT_PROMPT_TYPES:
-        return ""
-    return INSTRUCTION_TEMPLATE.format(task=task_instruction(_task_name(task_metadata), instructions))
+        task = corpus_instruction(name, instructions, task_type)
+    else:
+        task = task_instruction(name, instructions, task_type)
+    return INSTRUCTION_TEMPLATE.format(task=task) if task else ""
 
 
 def _texts_from_inputs(inputs: Iterable) -> List[str]:
@@ -165,7 +278,7 @@ class NVEmbedMTEB:
     """mteb encoder protocol around an NVEmbedModel (or a name/path for nvembed.load). Cosine similarity."""
 
     def __init__(self, model: Union[str, Any] = "default", revision: Optional[str] = None, *,
-                 device: Optional[str] = None, instructions: Optional[Mapping[str, str]] = None,
+                 device: Optional[str] = None, instructions: Optional[Instructions] = None,
                  max_length: int = 4096, batch_size: int = 32, name: Optional[str] = None, **kwargs: Any):
         if isinstance(model, str):
             from .hub import load
@@ -175,6 +288,7 @@ class NVEmbedMTEB:
             model = model.to(device)
         self.model = model
         self.revision = revision
+        check_instructions(instructions)
         self.instructions = dict(instructions or {})
         self.max_length = max_length
         self.batch_size = batch_size
