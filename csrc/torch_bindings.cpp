@@ -83,7 +83,10 @@ TORCH_LIBRARY(nvembed, m) {
   m.def("_flash_attn_varlen_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse,"
         " Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, float? scale=None)"
         " -> (Tensor dq, Tensor dk, Tensor dv)");
-  // InfoNCE: queries [B, d], docs [B*G, d] grouped per query (docs[i*G] positive, the rest hard negatives).
+  // InfoNCE, mean over queries: queries [B, d], docs [B*G + E, d] grouped per query (docs[i*G] positive, the rest of
+  // the group hard negatives), then E >= 0 extra rows that are negatives for every query (e.g. other ranks' docs).
+  // in_batch_negatives=True: softmax over all B*G + E docs, target i*G; False: over the query's own G docs, and
+  // E must be 0.
   m.def("infonce(Tensor queries, Tensor docs, int group_size, float temperature, bool in_batch_negatives=True)"
         " -> Tensor");
   m.def("_infonce_fwd(Tensor queries, Tensor docs, int group_size, float temperature,"

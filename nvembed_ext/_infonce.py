@@ -16,9 +16,9 @@ def _acc_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _check_inputs(queries, docs, group_size, temperature):
+def _check_inputs(queries, docs, group_size, temperature, in_batch_negatives):
     torch._check_value(queries.dim() == 2, lambda: f"{_OP}queries must be 2-D [B, d], got shape {tuple(queries.shape)}")
-    torch._check_value(docs.dim() == 2, lambda: f"{_OP}docs must be 2-D [B*G, d], got shape {tuple(docs.shape)}")
+    torch._check_value(docs.dim() == 2, lambda: f"{_OP}docs must be 2-D [B*G + E, d], got shape {tuple(docs.shape)}")
     torch._check_value(queries.device == docs.device,
                        lambda: f"{_OP}docs is on {docs.device} but queries is on {queries.device}")
     allowed = (torch.float32, torch.bfloat16, torch.float64) if queries.device.type != "cuda" else (
@@ -30,17 +30,26 @@ def _check_inputs(queries, docs, group_size, temperature):
     torch._check_value(group_size >= 1, lambda: f"{_OP}group_size must be >= 1, got {group_size}")
     torch._check_value(math.isfinite(temperature) and temperature > 0,
                        lambda: f"{_OP}temperature must be finite and > 0, got {temperature}")
-    torch._check_value(queries.shape[0] > 0, lambda: f"{_OP}queries.size(0) must be > 0 (empty batch)")
+    B, N = queries.shape[0], docs.shape[0]
+    torch._check_value(B > 0, lambda: f"{_OP}queries.size(0) must be > 0 (empty batch)")
     torch._check_value(docs.shape[1] == queries.shape[1],
                        lambda: f"{_OP}docs.size(1)={docs.shape[1]} is not queries.size(1)={queries.shape[1]}")
-    torch._check_value(docs.shape[0] == queries.shape[0] * group_size,
-                       lambda: f"{_OP}docs.size(0)={docs.shape[0]} is not "
-                               f"queries.size(0)*group_size={queries.shape[0] * group_size}")
+    BG = B * group_size
+    torch._check_value(BG < 2 ** 63, lambda: f"{_OP}queries.size(0)*group_size overflows int64 "
+                                             f"(queries.size(0)={B}, group_size={group_size})")
+    # docs = [B*G grouped rows | E >= 0 extra negatives]; only the in-batch softmax can use extra rows (the
+    # own-group one would ignore them silently), see csrc/cpu/infonce.cpp.
+    if in_batch_negatives:
+        torch._check_value(N >= BG, lambda: f"{_OP}docs.size(0)={N} is less than queries.size(0)*group_size={BG} "
+                                            "(docs holds the B*G grouped docs, then any extra negatives)")
+    else:
+        torch._check_value(N == BG, lambda: f"{_OP}docs.size(0)={N} is not queries.size(0)*group_size={BG}" + (
+            " (extra negative docs need in_batch_negatives=True)" if N > BG else ""))
 
 
 @torch.library.register_fake(_lib + "_infonce_fwd")
 def _infonce_fwd_fake(queries, docs, group_size, temperature, in_batch_negatives=True):
-    _check_inputs(queries, docs, group_size, temperature)
+    _check_inputs(queries, docs, group_size, temperature, in_batch_negatives)
     acc = _acc_dtype(queries)
     loss = queries.new_empty((), dtype=acc)
     lse = queries.new_empty((queries.shape[0],), dtype=acc)
@@ -49,7 +58,7 @@ def _infonce_fwd_fake(queries, docs, group_size, temperature, in_batch_negatives
 
 @torch.library.register_fake(_lib + "_infonce_bwd")
 def _infonce_bwd_fake(grad_loss, queries, docs, lse, group_size, temperature, in_batch_negatives=True):
-    _check_inputs(queries, docs, group_size, temperature)
+    _check_inputs(queries, docs, group_size, temperature, in_batch_negatives)
     return torch.empty_like(queries, memory_format=torch.contiguous_format), torch.empty_like(
         docs, memory_format=torch.contiguous_format)
 

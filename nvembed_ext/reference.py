@@ -60,17 +60,24 @@ def flash_attn_varlen_ref(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None
 
 def infonce_ref(queries: torch.Tensor, docs: torch.Tensor, group_size: int, temperature: float,
                 in_batch_negatives: bool = True) -> torch.Tensor:
-    """Mean InfoNCE loss. docs [B*G, d]: docs[i*G] is query i's positive, docs[i*G+1:(i+1)*G] its hard negatives.
+    """Mean InfoNCE loss. docs [B*G + E, d]: docs[i*G] is query i's positive, docs[i*G+1:(i+1)*G] its hard
+    negatives, and the E >= 0 rows after the first B*G are negatives for every query (in-batch negatives only).
 
-    With in-batch negatives every query is scored against all B*G docs (target i*G); without, against its own G
-    docs (target 0). Materializes the full logits: the naive baseline.
+    With in-batch negatives every query is scored against all B*G + E docs (target i*G); without, against its own
+    G docs (target 0), and docs must hold exactly B*G rows. Materializes the full logits: the naive baseline.
     """
     B = queries.shape[0]
     G = group_size
     if in_batch_negatives:
+        if docs.shape[0] < B * G:
+            raise ValueError(f"infonce_ref: docs.size(0)={docs.shape[0]} is less than "
+                             f"queries.size(0)*group_size={B * G}")
         logits = queries @ docs.T / temperature
         target = torch.arange(B, device=queries.device) * G
     else:
+        if docs.shape[0] != B * G:
+            raise ValueError(f"infonce_ref: docs.size(0)={docs.shape[0]} is not queries.size(0)*group_size={B * G} "
+                             "(extra negative docs need in_batch_negatives=True)")
         logits = torch.einsum("bd,bgd->bg", queries, docs.view(B, G, -1)) / temperature
         target = torch.zeros(B, dtype=torch.long, device=queries.device)
     return F.cross_entropy(logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits, target)

@@ -64,9 +64,16 @@ def check_against_ref(q, docs, G, t, inb, dtype):
     same = run_ref(q, docs, G, t, inb, dtype=dtype) if dtype != torch.float64 else (ref_loss, ref_gq, ref_gd)
     eps = torch.finfo(dtype).eps
     loss_floor = 4 * eps / max(abs(ref_loss.item()), 1e-30)
+    # The fp64 reference's own floor: cross_entropy forms the positive's coefficient as softmax - 1, which with a
+    # dominant positive (tiny gradients) loses ~eps64 absolutely, i.e. an error ~eps64 * |d_pos| / (B t) in each
+    # gradient row (the kernels form it as -(sum of the other probabilities) and are more accurate there).
+    B = q.shape[0]
+    ref_floor = 8 * torch.finfo(torch.float64).eps / (B * t)
+    gq_floor = ref_floor * docs.detach()[::G][:B].double().norm().item() / max(ref_gq.norm().item(), 1e-300)
+    gd_floor = ref_floor * q.detach().double().norm().item() / max(ref_gd.norm().item(), 1e-300)
     for name, out, ref, torch_out, floor in (("loss", loss, ref_loss, same[0], loss_floor),
-                                             ("grad_queries", gq, ref_gq, same[1], 0.0),
-                                             ("grad_docs", gd, ref_gd, same[2], 0.0)):
+                                             ("grad_queries", gq, ref_gq, same[1], gq_floor),
+                                             ("grad_docs", gd, ref_gd, same[2], gd_floor)):
         tol = max(TOL[dtype], 2 * rel_err(torch_out, ref), floor)
         assert rel_err(out, ref) <= tol, (name, rel_err(out, ref), tol)
 
@@ -140,6 +147,62 @@ def test_deterministic_across_thread_counts_cpu():
         torch.set_num_threads(old)
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+# ---- extra negatives: docs = [B*G grouped rows | E rows that are negatives for every query] ---------------------
+
+def make_inputs_extra(B, G, E, d, dtype, requires_grad=True):
+    q, docs = make_inputs(B, G, d, torch.float64, requires_grad=False)
+    extra = F.normalize(torch.randn(E, d, dtype=torch.float64), dim=-1)
+    docs = torch.cat([docs, extra])
+    return q.to(dtype).requires_grad_(requires_grad), docs.to(dtype).requires_grad_(requires_grad)
+
+
+# (B, G, E, d): B = 1, E = 1, E prime / not a multiple of anything, E > one 512-doc tile, B > one 128-query tile,
+# E = 0 (the plain layout through the same path).
+EXTRA_SHAPES = [(1, 1, 1, 16), (1, 4, 1, 33), (3, 2, 7, 32), (5, 3, 0, 24), (17, 8, 601, 64), (1, 1, 1031, 40),
+                (130, 2, 523, 48)]
+
+
+@pytest.mark.parametrize("t", [0.02, 1.0])
+@pytest.mark.parametrize("B,G,E,d", EXTRA_SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_extra_negatives_match_reference_cpu(B, G, E, d, t, dtype):
+    q, docs = make_inputs_extra(B, G, E, d, dtype)
+    check_against_ref(q, docs, G, t, True, dtype)
+
+
+def test_extra_negatives_change_the_loss_cpu():
+    """The extra rows really enter the softmax: the loss equals the reference with them, not without them."""
+    B, G, E, d, t = 6, 2, 9, 16, 0.05
+    q, docs = make_inputs_extra(B, G, E, d, torch.float64, requires_grad=False)
+    with_extra = ops.infonce(q, docs, G, t, True)
+    without = ops.infonce(q, docs[:B * G], G, t, True)
+    assert with_extra > without  # more negatives, larger log-sum-exp
+    torch.testing.assert_close(with_extra, infonce_ref(q, docs, G, t, True), rtol=1e-12, atol=0)
+
+
+def test_extra_negatives_lse_cpu():
+    B, G, E, d, t = 9, 3, 517, 20, 0.05
+    q, docs = make_inputs_extra(B, G, E, d, torch.float32, requires_grad=False)
+    _, lse = ops._infonce_fwd(q, docs, G, t, True)
+    assert rel_err(lse, torch.logsumexp(q.double() @ docs.double().T / t, dim=-1)) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck_extra_negatives(dtype):
+    q, docs = make_inputs_extra(5, 3, 11, 24, dtype)
+    torch.library.opcheck(ops._infonce_fwd, (q, docs, 3, 0.1, True))
+    torch.library.opcheck(ops.infonce, (q, docs, 3, 0.1, True))
+    _, lse = ops._infonce_fwd(q.detach(), docs.detach(), 3, 0.1, True)
+    torch.library.opcheck(ops._infonce_bwd, (torch.tensor(1.0, dtype=dtype), q.detach(), docs.detach(), lse, 3, 0.1,
+                                             True), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("B,G,E,d", [(1, 1, 1, 3), (3, 2, 5, 4)])
+def test_gradcheck_extra_negatives(B, G, E, d):
+    q, docs = make_inputs_extra(B, G, E, d, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, G, 0.5, True), (q, docs))
 
 
 # ---- opcheck / gradcheck / compile ---------------------------------------------------------------------------------
@@ -217,7 +280,7 @@ def test_bad_inputs(case, fn):
     match = {
         "queries_rank": "queries", "docs_rank": "docs", "queries_dtype_int": "queries",
         "queries_dtype_fp16": "queries", "dtype_mismatch": "docs", "d_mismatch": r"docs\.size\(1\)",
-        "docs_count": r"docs\.size\(0\)=6 is not queries\.size\(0\)\*group_size=8",
+        "docs_count": r"docs\.size\(0\)=6 is less than queries\.size\(0\)\*group_size=8",
         "group_size_zero": "group_size", "group_size_negative": "group_size", "temperature_zero": "temperature",
         "temperature_negative": "temperature", "temperature_nan": "temperature", "temperature_inf": "temperature",
         "empty_batch": r"queries\.size\(0\)", "mixed_devices": "docs",
@@ -261,6 +324,34 @@ def test_bad_inputs(case, fn):
         else:
             lse = torch.zeros(q.shape[0] if q.dim() >= 1 else 1)
             ops._infonce_bwd(torch.tensor(1.0), q, docs, lse, G, t, True)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: the fake kernel's checks, same messages
+@pytest.mark.parametrize("fn", ["public", "fwd", "bwd"])
+@pytest.mark.parametrize("n_docs,inb,match", [
+    (10, False, r"docs\.size\(0\)=10 is not queries\.size\(0\)\*group_size=8 \(extra negative docs need "
+                r"in_batch_negatives=True\)"),
+    (6, False, r"docs\.size\(0\)=6 is not queries\.size\(0\)\*group_size=8$"),
+    (7, True, r"docs\.size\(0\)=7 is less than queries\.size\(0\)\*group_size=8"),
+], ids=["extra_rows_owngroup", "too_few_owngroup", "too_few_inbatch"])
+def test_bad_docs_count(n_docs, inb, match, fn, device):
+    """Extra rows are negatives only for the in-batch softmax; without it they would be ignored silently."""
+    q, docs = torch.randn(4, 8, device=device), torch.randn(n_docs, 8, device=device)
+    with pytest.raises(ERR, match=r"nvembed::infonce: " + match):
+        if fn == "public":
+            ops.infonce(q, docs, 2, 0.1, inb)
+        elif fn == "fwd":
+            ops._infonce_fwd(q, docs, 2, 0.1, inb)
+        else:
+            ops._infonce_bwd(torch.tensor(1.0, device=device), q, docs, torch.zeros(4, device=device), 2, 0.1, inb)
+
+
+def test_group_size_overflow():
+    q, docs = _good()
+    with pytest.raises(ERR, match=r"nvembed::infonce: queries\.size\(0\)\*group_size overflows"):
+        ops.infonce(q, docs, 2 ** 62, 0.1, True)
+    with pytest.raises(ERR, match=r"nvembed::infonce: queries\.size\(0\)\*group_size overflows"):
+        ops.infonce(q.to("meta"), docs.to("meta"), 2 ** 62, 0.1, True)
 
 
 def test_bad_bwd_arguments():

@@ -3,6 +3,7 @@
 #include "cpu/infonce.h"
 
 #include <ATen/ATen.h>
+#include <c10/util/safe_numerics.h>
 
 #include "checks.h"
 #include "ops.h"
@@ -11,23 +12,54 @@ namespace nvembed {
 
 namespace {
 constexpr const char* kOp = "infonce";
-}  // namespace
 
-// Shared with the CUDA launcher (declared there): every check on (queries, docs, group_size, temperature).
-void infonce_check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
-                          std::initializer_list<at::ScalarType> dtypes) {
+// docs = [B*G grouped rows | E >= 0 extra rows]. The extra rows are negatives for every query, which only the
+// in-batch softmax (over all N = B*G + E docs) can use; the own-group softmax reads exactly the G rows of each
+// query, so there extra rows would be ignored silently and are rejected instead. `extra_docs_supported` is false
+// for a kernel that assumes N == B*G (the CUDA launcher calls the overload without in_batch_negatives until its
+// kernel is generalized): it keeps the exact rule there.
+void check_inputs_impl(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
+                       std::initializer_list<at::ScalarType> dtypes, bool in_batch_negatives,
+                       bool extra_docs_supported) {
   check_rank(queries, kOp, "queries", 2, "[B, d]");
-  check_rank(docs, kOp, "docs", 2, "[B*G, d]");
+  check_rank(docs, kOp, "docs", 2, "[B*G + E, d]");
   check_same_device(docs, queries, kOp, "docs", "queries");
   check_dtype(queries, kOp, "queries", dtypes);
   check_same_dtype(docs, queries, kOp, "docs", "queries");
   NVE_CHECK_VALUE(group_size >= 1, kOp, "group_size must be >= 1, got ", group_size);
   check_finite_positive(temperature, kOp, "temperature");
-  NVE_CHECK_VALUE(queries.size(0) > 0, kOp, "queries.size(0) must be > 0 (empty batch)");
+  const int64_t B = queries.size(0), N = docs.size(0);
+  NVE_CHECK_VALUE(B > 0, kOp, "queries.size(0) must be > 0 (empty batch)");
   NVE_CHECK_VALUE(docs.size(1) == queries.size(1), kOp, "docs.size(1)=", docs.size(1),
                   " is not queries.size(1)=", queries.size(1));
-  NVE_CHECK_VALUE(docs.size(0) == queries.size(0) * group_size, kOp, "docs.size(0)=", docs.size(0),
-                  " is not queries.size(0)*group_size=", queries.size(0) * group_size);
+  // The kernels index docs[i*G]: a product that wraps around would pass the size checks below.
+  int64_t BG = 0;
+  NVE_CHECK_VALUE(!c10::mul_overflows(B, group_size, &BG), kOp, "queries.size(0)*group_size overflows int64 (",
+                  "queries.size(0)=", B, ", group_size=", group_size, ")");
+  if (in_batch_negatives && extra_docs_supported) {
+    NVE_CHECK_VALUE(N >= BG, kOp, "docs.size(0)=", N, " is less than queries.size(0)*group_size=", BG,
+                    " (docs holds the B*G grouped docs, then any extra negatives)");
+  } else if (!in_batch_negatives) {
+    NVE_CHECK_VALUE(N == BG, kOp, "docs.size(0)=", N, " is not queries.size(0)*group_size=", BG,
+                    N > BG ? " (extra negative docs need in_batch_negatives=True)" : "");
+  } else {
+    NVE_CHECK_VALUE(N == BG, kOp, "docs.size(0)=", N, " is not queries.size(0)*group_size=", BG,
+                    N > BG ? " (this device's kernel takes no extra negative docs)" : "");
+  }
+}
+
+}  // namespace
+
+// Every check on (queries, docs, group_size, temperature, in_batch_negatives), one set of messages for all devices.
+void infonce_check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
+                          std::initializer_list<at::ScalarType> dtypes, bool in_batch_negatives) {
+  check_inputs_impl(queries, docs, group_size, temperature, dtypes, in_batch_negatives, true);
+}
+
+// The CUDA launcher's (declared there): the same checks for a kernel without extra negative docs (N == B*G).
+void infonce_check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
+                          std::initializer_list<at::ScalarType> dtypes) {
+  check_inputs_impl(queries, docs, group_size, temperature, dtypes, true, false);
 }
 
 // Checks of the backward's extra arguments against the (already checked) inputs.
@@ -61,7 +93,7 @@ cpu::InfoNCEParams<T> make_params(const Tensor& q, const Tensor& docs, int64_t g
 
 std::tuple<Tensor, Tensor> infonce_fwd_cpu(const Tensor& queries, const Tensor& docs, int64_t group_size,
                                            double temperature, bool in_batch_negatives) {
-  infonce_check_inputs(queries, docs, group_size, temperature, cpu_dtypes());
+  infonce_check_inputs(queries, docs, group_size, temperature, cpu_dtypes(), in_batch_negatives);
   NVE_CHECK_VALUE(queries.device().is_cpu(), kOp, "queries must be a CPU tensor here, got ", queries.device());
   const auto acc = accum_dtype(queries.scalar_type());
   const Tensor q = queries.contiguous().to(acc);
@@ -85,7 +117,7 @@ std::tuple<Tensor, Tensor> infonce_fwd_cpu(const Tensor& queries, const Tensor& 
 std::tuple<Tensor, Tensor> infonce_bwd_cpu(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
                                            const Tensor& lse, int64_t group_size, double temperature,
                                            bool in_batch_negatives) {
-  infonce_check_inputs(queries, docs, group_size, temperature, cpu_dtypes());
+  infonce_check_inputs(queries, docs, group_size, temperature, cpu_dtypes(), in_batch_negatives);
   infonce_check_bwd_inputs(grad_loss, queries, lse);
   NVE_CHECK_VALUE(queries.device().is_cpu(), kOp, "queries must be a CPU tensor here, got ", queries.device());
   const auto acc = accum_dtype(queries.scalar_type());

@@ -1,8 +1,12 @@
 // Tiled InfoNCE on the CPU: torch-free kernel templates over raw pointers (the launcher is infonce.cpp).
 //
-// queries Q [B, d], docs D [N = B*G, d], row-major. Logits S = Q D^T / t are never materialized: the kernels walk
-// (query block x doc block) tiles of at most kQueryBlock x kDocBlock scores, produced by a BLAS tile, and keep a
-// running max / sum per query row (forward), or recompute the tile and apply P = exp(S - lse) (backward).
+// queries Q [B, d], docs D [N, d], row-major: N = B*G grouped rows (docs[i*G] is query i's positive, the next G-1
+// its hard negatives) followed, with in-batch negatives only, by E = N - B*G extra rows that are negatives for every
+// query (e.g. other ranks' docs). The in-batch kernels walk all N columns and find the target at i*G; the own-group
+// kernels touch only the first B*G rows, and the launcher requires N == B*G there.
+// Logits S = Q D^T / t are never materialized: the kernels walk (query block x doc block) tiles of at most
+// kQueryBlock x kDocBlock scores, produced by a BLAS tile, and keep a running max / sum per query row (forward), or
+// recompute the tile and apply P = exp(S - lse) (backward).
 // T is the compute type: float (float32 and bfloat16 inputs) or double (float64 inputs, for gradcheck).
 #pragma once
 #include <algorithm>
@@ -21,7 +25,7 @@ namespace nvembed::cpu {
 template <typename T>
 struct InfoNCEParams {
   const T* queries;  // [B, d]
-  const T* docs;     // [N, d], N = B * G; docs[i*G] is query i's positive
+  const T* docs;     // [N, d], N >= B * G (N == B * G without in-batch negatives); docs[i*G] is query i's positive
   int64_t B, N, d, G;
   T inv_temperature;
   bool in_batch_negatives;  // softmax over all N docs (target i*G), else over the query's own G docs (target 0)

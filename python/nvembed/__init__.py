@@ -6,13 +6,14 @@ from . import functional
 from .layers import LatentAttentionPooling
 
 __version__ = "0.1.0"
-__all__ = ["LatentAttentionPooling", "NVEmbedMTEB", "NVEmbedModel", "build_info", "functional", "load",
-           "to_sentence_transformer"]
+__all__ = ["CachedInfoNCE", "InfoNCELoss", "LatentAttentionPooling", "NVEmbedMTEB", "NVEmbedModel", "build_info",
+           "functional", "load", "to_sentence_transformer"]
 
 # The model layer needs transformers (requirements-model.txt), the sentence-transformers wrapper
 # sentence-transformers; import them on first use so the kernels alone don't. The MTEB wrapper never imports mteb.
+# The training losses (torch.distributed) load on first use too.
 _LAZY = {"NVEmbedModel": ".model", "load": ".hub", "to_sentence_transformer": ".st",
-         "NVEmbedMTEB": ".mteb_wrapper"}
+         "NVEmbedMTEB": ".mteb_wrapper", "InfoNCELoss": ".losses", "CachedInfoNCE": ".losses"}
 
 
 def __getattr__(name):
