@@ -1,4 +1,5 @@
-"""nvembed.training.data: JSONL examples, batches, groups. No model is needed here."""
+"""nvembed.training.data (JSONL examples, batches, groups) and nvembed.training.stdlib_split (the stdlib train/test
+set, split by package). No model is needed here."""
 import json
 import math
 import os
@@ -6,6 +7,8 @@ import random
 
 import pytest
 
+from nvembed import retrieval
+from nvembed.training import stdlib_split
 from nvembed.training.data import (TASK_TYPES, Batch, DataError, Example, check_group_size, iterate_batches,
                                    make_batches, read_jsonl, select_group, write_jsonl)
 
@@ -222,3 +225,48 @@ def test_iterate_batches_errors_are_eager():
     with pytest.raises(DataError, match="iterate_batches: examples must be a sequence"):
         iterate_batches(iter(ex), 4, 2, 0)
     assert "pair" in TASK_TYPES and TASK_TYPES[0] == "retrieval"
+
+
+# ----------------------------------------------------------------------------------------------- stdlib split
+SMALL = ("base64", "bisect", "calendar", "csv", "fnmatch", "glob", "gzip", "heapq", "json", "os.path", "shlex",
+         "shutil", "statistics", "string", "textwrap", "zipfile")
+
+
+def _package(name):
+    return name.split(".")[0]
+
+
+def test_stdlib_split_small_subset(tmp_path):
+    counts = stdlib_split.write_stdlib_train_test(str(tmp_path / "a"), seed=0, modules=SMALL, test_fraction=0.3)
+    train = read_jsonl(str(tmp_path / "a" / "train.jsonl"))
+    ids, titles, texts, queries, qrels = retrieval.load_beir(str(tmp_path / "a" / "test"))
+    assert counts["train"] == len(train) > 50 and counts["test"] == len(ids) == len(queries) == len(qrels) > 10
+    assert counts["test"] <= 0.3 * (counts["train"] + counts["test"])
+    train_names = [ex.pos[0].split(" ")[0] for ex in train]
+    # disjoint by top-level package, and every package of the subset on one side
+    assert {_package(n) for n in train_names}.isdisjoint({_package(i) for i in ids})
+    assert {_package(i) for i in ids} == set(counts["test_packages"])
+    for ex in train:
+        assert ex.instruction == stdlib_split.INSTRUCTION and ex.task_type == "retrieval" and ex.neg == ()
+        assert len(ex.pos) == 1 and ex.query not in ex.pos[0]
+    # the test documents are the texts `nvembed eval` embeds, built the same way as the training positives
+    docs = {d.name: d for d in stdlib_split.stdlib_docs(SMALL)}
+    for i, t, x in zip(ids, titles, texts):
+        assert retrieval.document_text(t, x) == docs[i].document() and len(x) <= stdlib_split.MAX_TEXT
+        assert queries["q:" + i] == docs[i].summary and qrels["q:" + i] == {i: 1}
+    assert len({ex.query for ex in train} | set(queries.values())) == len(train) + len(queries)
+    # deterministic: same bytes again; another seed holds out other packages
+    stdlib_split.write_stdlib_train_test(str(tmp_path / "b"), seed=0, modules=SMALL, test_fraction=0.3)
+    for rel in ("train.jsonl", "test/corpus.jsonl", "test/queries.jsonl", "test/qrels/test.tsv"):
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    other = stdlib_split.write_stdlib_train_test(str(tmp_path / "c"), seed=1, modules=SMALL, test_fraction=0.3)
+    assert other["test_packages"] != counts["test_packages"]
+
+
+def test_stdlib_split_arguments():
+    with pytest.raises(ValueError, match=r"split_packages: test_fraction must be in \(0, 1\)"):
+        stdlib_split.split_packages([], test_fraction=1.0)
+    with pytest.raises(TypeError, match="split_packages: seed must be an int"):
+        stdlib_split.split_packages([], seed="0")
+    with pytest.raises(ValueError, match="write_stdlib_train_test: no documented functions"):
+        stdlib_split.write_stdlib_train_test("/nonexistent/x", modules=["no_such_module_here"])
