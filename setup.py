@@ -152,8 +152,10 @@ setup(
     version=VERSION,
     description="NV-Embed with hand-written kernels: non-causal flash attention, fused latent-attention pooling, "
     "tiled InfoNCE",
-    packages=find_packages(where="python") + ["nvembed_ext"],
-    package_dir={"": "python", "nvembed_ext": "nvembed_ext"},
+    # The training stack lives in the repository's training/ folder and installs as nvembed.training (in a source
+    # checkout nvembed/__init__.py maps the import there).
+    packages=find_packages(where="python") + ["nvembed_ext", "nvembed.training"],
+    package_dir={"": "python", "nvembed_ext": "nvembed_ext", "nvembed.training": "training"},
     ext_modules=[CMakeExtension("nvembed_ext._C")],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",

@@ -377,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--limit", type=_positive, default=400, help="at most this many functions (default 400)")
     p.set_defaults(func=cmd_make_stdlib_beir)
+
+    from .training.cli_commands import add_make_stdlib_train_parser, add_mine_parser
+    add_mine_parser(sub)
+    add_make_stdlib_train_parser(sub)
     return ap
 
 
