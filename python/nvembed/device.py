@@ -29,8 +29,23 @@ def check_device_syntax(device: str, where: str = "device") -> str:
     return device
 
 
+# The ops a model forward runs (the backbone's attention and the latent-attention head).
+MODEL_OPS = ("nvembed::_flash_attn_fwd", "nvembed::_latent_pool_fwd")
+
+
+def model_ops_have_cuda() -> bool:
+    """Whether this build has CUDA kernels for every op a model forward needs. Until the CUDA attention and
+    latent-pool kernels land, "auto" stays on the CPU even on a GPU machine instead of failing there."""
+    import nvembed_ext  # noqa: F401  (registers the ops)
+    try:
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in MODEL_OPS)
+    except RuntimeError:
+        return False
+
+
 def resolve_device(device: Union[str, torch.device, None], where: str = "device") -> torch.device:
-    """The torch.device to run on: "auto" (or None) = cuda when torch.cuda.is_available(), else cpu; "cuda" /
+    """The torch.device to run on: "auto" (or None) = cuda when torch.cuda.is_available() and the model ops
+    have CUDA kernels in this build (model_ops_have_cuda), else cpu; "cuda" /
     "cuda:N" must exist on this machine."""
     if device is None:
         device = "auto"
@@ -38,7 +53,7 @@ def resolve_device(device: Union[str, torch.device, None], where: str = "device"
         device = str(device)
     check_device_syntax(device, where)
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda" if torch.cuda.is_available() and model_ops_have_cuda() else "cpu")
     if device == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
