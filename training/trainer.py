@@ -1,0 +1,615 @@
+"""NV-Embed's two-stage contrastive instruction tuning on the nvembed ops.
+
+Stage 1 trains on retrieval data: queries carry their task instruction (excluded from pooling), each query comes
+with a group of G documents (1 positive + G-1 mined hard negatives), and the loss is InfoNCE over the positives
+against every document in the batch (in-batch + hard negatives; with several processes, the documents of all
+ranks). Stage 2 trains on a blend of the stage-1 data and the stage-2 data (retrieval and non-retrieval tasks);
+every batch holds one task type, and non-retrieval batches switch in-batch negatives off (their other examples
+may share the label), as in the NV-Embed paper. The loss is `torch.ops.nvembed.infonce` (tiled, the B × N logits
+never exist) through `nvembed.losses.InfoNCELoss`.
+
+A run writes into its output folder: the trained model (LoRA merged; `nvembed.load(DIR)`, `nvembed encode/search/
+eval --model DIR` read it), checkpoints/step-N/ (trainable weights, optimizer, scheduler, RNG states, step: a
+killed run restarts from the newest one and reproduces the uninterrupted losses), train_log.jsonl (one line per
+step), train_config.json, and eval.json when --eval-data is given.
+
+Multi-process: launch with torchrun; each rank takes its slice of every global batch (batch_size must divide by
+the world size), DDP averages the gradients, and the cross-rank loss makes the result equal to one process
+training on the whole batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .data import Example, check_group_size, iterate_batches, read_jsonl
+from .modeling import (EmbeddingWrapper, add_latent_head, apply_lora, export_model, tokenize,
+                       trainable_parameters)
+
+STATE_FILE = "trainer_state.pt"
+TRAINABLE_FILE = "trainable.safetensors"
+LOG_FILE = "train_log.jsonl"
+# Test hook: the process exits abruptly (os._exit, no cleanup) right after this step, as a killed run would.
+EXIT_AFTER_STEP_ENV = "NVEMBED_TRAIN_EXIT_AFTER_STEP"
+
+
+class TrainError(ValueError):
+    """A bad training setting or input (the CLI prints it as one line)."""
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run (CLI flags and YAML keys have these names, with '-' for '_' on the command line)."""
+    data: str = ""
+    output: str = ""
+    model: str = "default"
+    stage2_data: Optional[str] = None
+    max_steps: int = 100               # stage-1 steps
+    stage2_steps: Optional[int] = None  # stage-2 steps (default: max_steps when stage2_data is given)
+    batch_size: int = 32               # queries per step, over all processes
+    group_size: int = 4                # documents per query: 1 positive + group_size-1 hard negatives
+    temperature: float = 0.02
+    lr: float = 2e-5
+    head_lr: Optional[float] = None    # latent-attention head (default: lr)
+    stage2_lr: Optional[float] = None  # peak learning rate of stage 2 (default: lr); the schedule restarts there
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0         # 0 = no clipping
+    lora: bool = True
+    lora_rank: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    pooling: str = "latent"            # "latent": give a mean-pooling model NV-Embed's latent head; "keep"
+    num_latents: int = 512
+    latent_heads: int = 8
+    latent_dim_head: Optional[int] = None  # default: the hidden size (the release's proportions)
+    head_init: str = "identity"        # "identity": the new head starts as exactly the base model's mean pooling
+    mask_instruction: bool = True      # exclude instruction tokens from pooling (NV-Embed), in training and encode
+    query_max_length: int = 128
+    doc_max_length: int = 256
+    gradient_checkpointing: bool = False
+    grad_cache_chunk: Optional[int] = None  # GradCache: embed in chunks of this many texts
+    cross_rank: bool = True            # documents of all ranks are negatives (multi-process)
+    bf16: bool = True                  # bf16 autocast on CUDA (CPU trains in fp32)
+    device: str = "auto"
+    seed: int = 0
+    save_every: int = 0                # checkpoint every N steps (0: only at the end)
+    keep_checkpoints: int = 2
+    eval_data: Optional[str] = None    # BEIR folder evaluated before training, every eval_every steps and at the end
+    eval_every: int = 0
+    eval_instruction: Optional[str] = None  # default: the most common instruction of the stage-1 data
+    eval_batch_size: int = 64
+    log_every: int = 10
+    progress: bool = True
+    resume: bool = True                # continue from the newest checkpoint in output/checkpoints
+
+    def validate(self) -> None:
+        def need(cond, msg):
+            if not cond:
+                raise TrainError(f"train: {msg}")
+        need(bool(self.data), "data is required (a JSONL file)")
+        need(bool(self.output), "output is required (a folder)")
+        for name in ("max_steps", "batch_size", "group_size", "num_latents", "latent_heads", "query_max_length",
+                     "doc_max_length", "lora_rank", "keep_checkpoints", "eval_batch_size", "log_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
+                 f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        for name in ("save_every", "eval_every", "warmup_steps"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0,
+                 f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
+        need(self.stage2_steps is None or self.stage2_steps >= 0, "stage2_steps must be >= 0")
+        need(math.isfinite(self.temperature) and self.temperature > 0,
+             f"temperature must be finite and > 0, got {self.temperature}")
+        for name in ("lr", "head_lr", "stage2_lr"):
+            v = getattr(self, name)
+            need(v is None or (math.isfinite(v) and v > 0), f"{name} must be > 0, got {v}")
+        need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.pooling in ("latent", "keep"), f"pooling must be 'latent' or 'keep', got {self.pooling!r}")
+        need(self.head_init in ("identity", "random"), f"head_init must be 'identity' or 'random'")
+        need(self.grad_cache_chunk is None or self.grad_cache_chunk >= 1, "grad_cache_chunk must be >= 1")
+        need(self.max_grad_norm >= 0, "max_grad_norm must be >= 0")
+
+    @property
+    def total_steps(self) -> int:
+        return self.max_steps + self.num_stage2_steps
+
+    @property
+    def num_stage2_steps(self) -> int:
+        if not self.stage2_data:
+            return 0
+        return self.max_steps if self.stage2_steps is None else self.stage2_steps
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        import typing
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise TrainError(f"train: unknown setting(s) in {source}: {', '.join(unknown)}")
+        hints = typing.get_type_hints(cls)
+        out = {}
+        for name, value in values.items():
+            tp = hints[name]
+            if typing.get_origin(tp) is typing.Union:
+                if value is None:
+                    out[name] = None
+                    continue
+                tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+            try:
+                if tp is bool:
+                    if not isinstance(value, bool):
+                        raise ValueError("expected true or false")
+                elif tp is int:
+                    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                        raise ValueError("expected an integer")
+                    value = int(value)
+                elif tp is float:
+                    value = float(value)  # YAML reads 2e-5 (no dot) as a string
+                elif tp is str and not isinstance(value, str):
+                    raise ValueError("expected a string")
+            except (TypeError, ValueError) as e:
+                raise TrainError(f"train: setting {name} in {source}: {value!r}: {e}") from None
+            out[name] = value
+        return cls(**out)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> Dict[str, Any]:
+        """The settings of a YAML file (keys = field names, '-' or '_'), as a dict to merge with CLI flags."""
+        import yaml
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise TrainError(f"train: cannot read config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise TrainError(f"train: {path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise TrainError(f"train: {path} must hold a mapping of settings, got {type(values).__name__}")
+        return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+# ------------------------------------------------------------------------------------------- distributed
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialized_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world > 1:
+            torch.distributed.barrier()
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        if torch.distributed.get_backend() == "nccl":
+            t = t.cuda()
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+
+def init_distributed(device: str) -> Dist:
+    """torch.distributed from torchrun's environment (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    dist = torch.distributed
+    here = False
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
+        here = True
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
+                local_rank=int(os.environ.get("LOCAL_RANK", "0")), initialized_here=here)
+
+
+def resolve_device(name: str, dist: Dist) -> torch.device:
+    if name == "auto":  # cuda only where this build has CUDA kernels for the model ops (nvembed.device)
+        from nvembed.device import resolve_device as resolve
+        name = resolve("auto").type
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrainError(f"train: device {name!r} requested but CUDA is not available")
+        if name == "cuda" and dist.world > 1:
+            name = f"cuda:{dist.local_rank}"
+        dev = torch.device(name)
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise TrainError(f"train: device {name!r} does not exist ({torch.cuda.device_count()} GPUs)")
+        torch.cuda.set_device(dev)
+        return dev
+    if name != "cpu":
+        raise TrainError(f"train: device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------- the model
+def build_model(cfg: TrainConfig, device: torch.device):
+    """The base model (a named model or folder) + latent head + LoRA, on `device`, fp32 master weights."""
+    import nvembed
+    try:
+        model = nvembed.load(cfg.model, dtype=torch.float32)
+    except (ValueError, OSError, ImportError) as e:
+        raise TrainError(f"train: cannot load model {cfg.model!r}: {e}") from None
+    model.to(device)
+    if cfg.pooling == "latent" and model.config["pooling"] == "mean":
+        add_latent_head(model, num_latents=cfg.num_latents, num_heads=cfg.latent_heads,
+                        dim_head=cfg.latent_dim_head, init=cfg.head_init, seed=cfg.seed)
+    model.config["is_mask_instruction"] = bool(cfg.mask_instruction)
+    if cfg.lora:
+        apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
+    else:
+        for p in model.embedding_model.parameters():
+            p.requires_grad_(True)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant checkpointing: works with frozen inputs (LoRA) and with DDP.
+        model.embedding_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "latent_attention_model"):
+        for p in model.latent_attention_model.parameters():
+            p.requires_grad_(True)
+    model.train()
+    return model
+
+
+def _param_groups(model, cfg: TrainConfig):
+    head, body = [], []
+    for name, p in trainable_parameters(model):
+        (head if name.startswith("latent_attention_model.") else body).append(p)
+    groups = []
+    if body:
+        groups.append({"params": body, "lr": cfg.lr, "name": "backbone"})
+    if head:
+        groups.append({"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"})
+    if not groups:
+        raise TrainError("train: nothing to train (no parameter requires grad)")
+    return groups
+
+
+def _lr_lambda(cfg: TrainConfig):
+    """Linear warm-up then linear decay to 0, per stage (stage 2 restarts the schedule at stage2_lr, like NV-Embed's
+    two separate runs); returns the factor applied to each group's base lr."""
+    s1, s2 = cfg.max_steps, cfg.num_stage2_steps
+    ratio2 = (cfg.stage2_lr or cfg.lr) / cfg.lr
+
+    def factor(step: int) -> float:
+        if step < s1:
+            k, n, peak = step, s1, 1.0
+        else:
+            k, n, peak = step - s1, max(s2, 1), ratio2
+        if cfg.warmup_steps and k < cfg.warmup_steps:
+            return peak * (k + 1) / (cfg.warmup_steps + 1)
+        rest = max(n - cfg.warmup_steps, 1)
+        return peak * max(0.0, (n - k) / rest) if k >= cfg.warmup_steps else peak
+
+    return factor
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+def _rng_state() -> Dict[str, Any]:
+    import numpy as np
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Dict[str, Any]) -> None:
+    import numpy as np
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(output: str) -> List[str]:
+    """Complete checkpoints (trainer_state.pt is written last), oldest first."""
+    dirs = [d for d in glob.glob(os.path.join(output, "checkpoints", "step-*"))
+            if os.path.isfile(os.path.join(d, STATE_FILE))]
+    return sorted(dirs, key=lambda d: int(d.rsplit("-", 1)[1]))
+
+
+def save_checkpoint(output: str, step: int, model, optimizer, scheduler, cfg: TrainConfig, dist: Dist) -> str:
+    """Each rank's RNG state is its own (dropout differs per rank); weights and optimizer are rank 0's (DDP keeps
+    them equal). Written into a temporary folder and renamed: a checkpoint folder is complete or absent."""
+    from safetensors.torch import save_file
+    final = os.path.join(output, "checkpoints", f"step-{step}")
+    rng = _rng_state()
+    rngs = [None] * dist.world
+    if dist.world > 1:
+        torch.distributed.all_gather_object(rngs, rng)
+    else:
+        rngs = [rng]
+    if dist.main:
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)},
+                  os.path.join(tmp, TRAINABLE_FILE))
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": rngs, "world": dist.world, "config": dataclasses.asdict(cfg)},
+                   os.path.join(tmp, STATE_FILE))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, dist: Dist) -> int:
+    from safetensors.torch import load_file
+    tensors = load_file(os.path.join(path, TRAINABLE_FILE))
+    params = dict(trainable_parameters(model))
+    if set(tensors) != set(params):
+        missing, extra = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+        raise TrainError(f"train: checkpoint {path} does not match the model's trainable parameters "
+                         f"(missing {missing[:5]}, unexpected {extra[:5]}): resume with the same settings")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(tensors[n])
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["world"] == dist.world:
+        _set_rng_state(state["rng"][dist.rank])
+    else:
+        print(f"nvembed train: checkpoint was written by {state['world']} processes, resuming with {dist.world}: "
+              "RNG states are not restored (dropout masks differ from the uninterrupted run)", file=sys.stderr)
+    return int(state["step"])
+
+
+# ------------------------------------------------------------------------------------------------- eval
+def evaluate_beir(model, data_dir: str, instruction: str = "", batch_size: int = 64,
+                  max_length: Optional[int] = None) -> Dict[str, float]:
+    """nDCG@10, Recall@100, MRR@10 of `model` on a BEIR folder, computed like `nvembed eval`."""
+    from nvembed import retrieval
+    ids, titles, texts, queries, qrels = retrieval.load_beir(data_dir)
+    qrels = {q: r for q, r in qrels.items() if q in queries}
+    qids = [q for q in queries if q in qrels]
+    kw = {"batch_size": batch_size, "normalize": True}
+    if max_length:
+        kw["max_length"] = max_length
+    d_emb = model.encode([retrieval.document_text(a, b) for a, b in zip(titles, texts)], **kw)
+    q_emb = model.encode([queries[q] for q in qids], instruction=instruction, **kw)
+    k = max(k for _, _, k in retrieval.METRICS)
+    _, idx = retrieval.exact_topk(q_emb, d_emb, k)
+    metrics = retrieval.evaluate({q: [ids[i] for i in row] for q, row in zip(qids, idx.tolist())}, qrels)
+    metrics.pop("queries", None)
+    return {name: round(float(v), 5) for name, v in metrics.items()}
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+def _most_common_instruction(examples: List[Example]) -> str:
+    counts: Dict[str, int] = {}
+    for e in examples:
+        counts[e.instruction] = counts.get(e.instruction, 0) + 1
+    return max(counts, key=counts.get) if counts else ""
+
+
+def _load_data(path: str, group_size: int, what: str) -> List[Example]:
+    from .data import DataError
+    try:
+        examples = read_jsonl(path)
+        check_group_size(examples, group_size)
+    except DataError as e:
+        raise TrainError(f"train: {what}: {e}") from None
+    except OSError as e:
+        raise TrainError(f"train: cannot read {what} {path}: {e.strerror or e}") from None
+    if not examples:
+        raise TrainError(f"train: {what} {path} holds no examples")
+    return examples
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        cfg.validate()
+        self.cfg = cfg
+        from nvembed.device import resolve_device as resolve
+        self.dist = init_distributed(cfg.device if cfg.device != "auto" else resolve("auto").type)
+        try:
+            self.device = resolve_device(cfg.device, self.dist)
+            if cfg.batch_size % self.dist.world:
+                raise TrainError(f"train: batch_size ({cfg.batch_size}) must be divisible by the number of "
+                                 f"processes ({self.dist.world})")
+            self.stage1 = _load_data(cfg.data, cfg.group_size, "data")
+            self.stage2 = None
+            if cfg.stage2_data:
+                # The stage-2 blend: the stage-1 retrieval data plus the stage-2 file's tasks.
+                self.stage2 = self.stage1 + _load_data(cfg.stage2_data, cfg.group_size, "stage2_data")
+            self.eval_instruction = (cfg.eval_instruction if cfg.eval_instruction is not None
+                                     else _most_common_instruction(self.stage1))
+            torch.manual_seed(cfg.seed + self.dist.rank)
+            random.seed(cfg.seed)
+            self.model = build_model(cfg, self.device)
+            autocast = torch.bfloat16 if (cfg.bf16 and self.device.type == "cuda") else None
+            self.wrapper = EmbeddingWrapper(self.model, autocast_dtype=autocast)
+            self.engine = self.wrapper
+            if self.dist.world > 1:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                self.engine = DDP(self.wrapper, device_ids=[self.device.index] if self.device.type == "cuda"
+                                  else None)
+            from nvembed.losses import CachedInfoNCE, InfoNCELoss
+            self.loss_in_batch = InfoNCELoss(cfg.temperature, in_batch_negatives=True, cross_rank=cfg.cross_rank)
+            self.loss_own_group = InfoNCELoss(cfg.temperature, in_batch_negatives=False)
+            self.cached = None
+            if cfg.grad_cache_chunk:
+                embed = lambda inputs: self.engine(inputs, None)[0]  # noqa: E731
+                self.cached = {"retrieval": CachedInfoNCE(embed, self.loss_in_batch, cfg.grad_cache_chunk),
+                               "other": CachedInfoNCE(embed, self.loss_own_group, cfg.grad_cache_chunk)}
+            self.optimizer = torch.optim.AdamW(_param_groups(self.model, cfg), weight_decay=cfg.weight_decay)
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _lr_lambda(cfg))
+        except BaseException:
+            self.close()
+            raise
+        self.step = 0
+
+    def close(self):
+        if self.dist.initialized_here and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+    # -- one optimizer step on one global batch
+    def train_step(self, batch) -> float:
+        loss = self.forward_backward(batch)
+        if self.cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable_parameters(self.model)], self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def forward_backward(self, batch) -> float:
+        """Loss of this rank's slice of the global batch and its gradients in .grad (DDP-averaged); returns the
+        loss averaged over ranks (= the single-process loss on the whole batch)."""
+        cfg, dist = self.cfg, self.dist
+        b = len(batch.queries) // dist.world
+        G = batch.group_size
+        lo = dist.rank * b
+        queries, instructions = batch.queries[lo:lo + b], batch.instructions[lo:lo + b]
+        docs = batch.docs[lo * G:(lo + b) * G]
+        q_in = tokenize(self.model, queries, instructions, cfg.query_max_length, self.device)
+        d_in = tokenize(self.model, docs, None, cfg.doc_max_length, self.device)
+        retrieval = batch.task_type == "retrieval"
+        if self.cached is not None:
+            cached = self.cached["retrieval" if retrieval else "other"]
+            no_sync = self.engine.no_sync if dist.world > 1 else None
+            loss = cached.forward_backward(q_in, d_in, G, no_sync=no_sync)
+        else:
+            q, d = self.engine(q_in, d_in)
+            loss = (self.loss_in_batch if retrieval else self.loss_own_group)(q, d, G)
+            loss.backward()
+        return dist.mean(float(loss.detach()))
+
+    def _batches(self, start_step: int):
+        """(global step, batch) from start_step on: stage 1 steps, then stage 2 steps (its own data stream)."""
+        cfg = self.cfg
+        if start_step < cfg.max_steps:
+            it = iterate_batches(self.stage1, cfg.batch_size, cfg.group_size, cfg.seed, start_step=start_step)
+            for s in range(start_step, cfg.max_steps):
+                yield s, 1, next(it)
+        if self.stage2 is not None and cfg.num_stage2_steps:
+            first = max(start_step, cfg.max_steps)
+            it = iterate_batches(self.stage2, cfg.batch_size, cfg.group_size, cfg.seed + 1,
+                                 start_step=first - cfg.max_steps)
+            for s in range(first, cfg.total_steps):
+                yield s, 2, next(it)
+
+    def _log(self, record: Dict[str, Any]):
+        if self.dist.main:
+            with open(os.path.join(self.cfg.output, LOG_FILE), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _evaluate(self, step: int, evals: List[Dict[str, Any]]):
+        if not self.cfg.eval_data:
+            return
+        if self.dist.main:
+            t = time.perf_counter()
+            metrics = evaluate_beir(self.model, self.cfg.eval_data, self.eval_instruction,
+                                    batch_size=self.cfg.eval_batch_size, max_length=self.cfg.doc_max_length)
+            evals.append({"step": step, **metrics, "seconds": round(time.perf_counter() - t, 2)})
+            print(f"nvembed train: eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                  file=sys.stderr)
+            with open(os.path.join(self.cfg.output, "eval.json"), "w") as f:
+                json.dump({"data": os.path.abspath(self.cfg.eval_data), "instruction": self.eval_instruction,
+                           "evals": evals}, f, indent=2)
+        self.dist.barrier()
+
+    def _truncate_log(self, upto_step: int):
+        """Drop log lines of steps after the checkpoint a resumed run restarts from."""
+        path = os.path.join(self.cfg.output, LOG_FILE)
+        if not (self.dist.main and os.path.isfile(path)):
+            return
+        with open(path) as f:
+            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
+
+    def run(self) -> Dict[str, Any]:
+        cfg, dist = self.cfg, self.dist
+        if dist.main:
+            os.makedirs(cfg.output, exist_ok=True)
+            with open(os.path.join(cfg.output, "train_config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+        dist.barrier()
+        start = 0
+        ckpts = checkpoint_dirs(cfg.output) if cfg.resume else []
+        if ckpts:
+            start = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler, dist)
+            if dist.main:
+                print(f"nvembed train: resumed from {ckpts[-1]} (step {start})", file=sys.stderr)
+        elif dist.main and os.path.isfile(os.path.join(cfg.output, LOG_FILE)):
+            os.remove(os.path.join(cfg.output, LOG_FILE))
+        self._truncate_log(start)
+        evals: List[Dict[str, Any]] = []
+        if start == 0:
+            self._evaluate(0, evals)
+        exit_after = int(os.environ.get(EXIT_AFTER_STEP_ENV, "0") or 0)
+        bar = None
+        if cfg.progress and dist.main:
+            try:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=cfg.total_steps, initial=start, desc="train", file=sys.stderr)
+            except ImportError:
+                bar = None
+        losses, t_run, n_examples = [], time.perf_counter(), 0
+        for step, stage, batch in self._batches(start):
+            t = time.perf_counter()
+            loss = self.train_step(batch)
+            dt = time.perf_counter() - t
+            done = step + 1
+            n_examples += len(batch.queries)
+            losses.append(loss)
+            record = {"step": done, "stage": stage, "task_type": batch.task_type, "loss": round(loss, 6),
+                      "lr": self.scheduler.get_last_lr()[0], "examples_per_s": round(len(batch.queries) / dt, 2),
+                      "seconds": round(dt, 3)}
+            self._log(record)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{record['examples_per_s']:.1f}")
+            elif dist.main and (done % cfg.log_every == 0 or done == cfg.total_steps):
+                print(f"nvembed train: step {done}/{cfg.total_steps} stage {stage} loss {loss:.4f} "
+                      f"{record['examples_per_s']:.1f} examples/s", file=sys.stderr)
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.total_steps:
+                save_checkpoint(cfg.output, done, self.model, self.optimizer, self.scheduler, cfg, dist)
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.total_steps:
+                self._evaluate(done, evals)
+            if exit_after and done == exit_after:
+                sys.stderr.flush()
+                os._exit(3)
+        if bar is not None:
+            bar.close()
+        elapsed = time.perf_counter() - t_run
+        self.step = cfg.total_steps
+        save_checkpoint(cfg.output, cfg.total_steps, self.model, self.optimizer, self.scheduler, cfg, dist)
+        if dist.main:
+            export_model(self.model, cfg.output)
+        dist.barrier()
+        self._evaluate(cfg.total_steps, evals)
+        summary = {"steps": cfg.total_steps, "resumed_from": start, "losses": losses,
+                   "examples_per_s": round(n_examples / elapsed, 2) if n_examples else None, "evals": evals}
+        return summary
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()
