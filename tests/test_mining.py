@@ -3,6 +3,8 @@
 the full score matrix."""
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -184,3 +186,15 @@ def test_cli_mine_errors(model, examples, tmp_path, capsys):
                      "--corpus", str(tmp_path / "nope.txt")]) == 2
     assert "nope.txt" in capsys.readouterr().err
     assert os.listdir(tmp_path) == ["train.jsonl"]  # nothing written by the failed runs
+
+
+def test_cli_mine_errors_as_module(examples, tmp_path):
+    """`python -m nvembed.cli` runs cli.py as __main__: the errors raised from nvembed.training must still be
+    one-line messages with exit code 2."""
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"query": "q", "pos": "one text"}\n')
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, "-m", "nvembed.cli", "mine", "--model", "default", "--data", str(data),
+                           "--out", str(tmp_path / "m.jsonl")], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == f"nvembed: error: {data}:1: field 'pos' is str, expected a list of strings\n"

@@ -149,12 +149,34 @@ def _methods(cls) -> List[Tuple[str, object]]:
     return out
 
 
+def _home_rank(module: str, obj, position: int) -> tuple:
+    """Where an object reachable from several modules is listed: in its home package first (queue.Queue, not the
+    re-export multiprocessing.dummy.Queue; _heapq counts as heapq), then at the shortest module path
+    (asyncio.Future, not asyncio.futures.Future), then in module order. The home package matters for the split:
+    a re-exported object must not leak a held-out package's docstring into the training set."""
+    home = getattr(obj, "__module__", None)
+    home_package = home.split(".")[0].lstrip("_") if isinstance(home, str) else None
+    return module.split(".")[0] != home_package, module.count("."), position
+
+
 def stdlib_docs(modules: Optional[Sequence[str]] = None) -> List[StdlibDoc]:
     """The documented public functions, classes and methods of `modules` (default stdlib_module_names()), in
-    module order. An object reachable from several modules counts once (the first module's name); identical
-    docstrings and repeated summaries are dropped, since a query with several equally right answers is noise."""
+    module order. An object reachable from several modules counts once (see _home_rank); identical docstrings
+    and repeated summaries are dropped, since a query with several equally right answers is noise."""
     if modules is None:
         modules = stdlib_module_names()
+    found = []  # (module, name, object) of every public callable, in module order
+    for mod_name in modules:
+        mod = _import(mod_name)
+        if mod is not None:
+            found.extend((mod_name, name, obj) for name, obj in _public_members(mod)
+                         if callable(obj) and not inspect.ismodule(obj))
+    best: Dict[int, tuple] = {}
+    for position, (mod_name, _, obj) in enumerate(found):
+        rank = _home_rank(mod_name, obj, position)
+        if id(obj) not in best or rank < best[id(obj)]:
+            best[id(obj)] = rank
+
     docs: List[StdlibDoc] = []
     seen_obj, seen_name, seen_summary, seen_doc = set(), set(), set(), set()
 
@@ -170,17 +192,13 @@ def stdlib_docs(modules: Optional[Sequence[str]] = None) -> List[StdlibDoc]:
         seen_doc.add(doc)
         docs.append(StdlibDoc(module, name, doc[0], doc[1]))
 
-    for mod_name in modules:
-        mod = _import(mod_name)
-        if mod is None:
+    for position, (mod_name, name, obj) in enumerate(found):
+        if best[id(obj)][2] != position:
             continue
-        for name, obj in _public_members(mod):
-            if inspect.isclass(obj):
-                add(mod_name, f"{mod_name}.{name}", obj)
-                for m_name, meth in _methods(obj):
-                    add(mod_name, f"{mod_name}.{name}.{m_name}", meth)
-            elif callable(obj) and not inspect.ismodule(obj):
-                add(mod_name, f"{mod_name}.{name}", obj)
+        add(mod_name, f"{mod_name}.{name}", obj)
+        if inspect.isclass(obj):
+            for m_name, meth in _methods(obj):
+                add(mod_name, f"{mod_name}.{name}.{m_name}", meth)
     return docs
 
 

@@ -409,7 +409,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    # Run the imported module, not this __main__ copy: subcommands living in other modules raise
-    # nvembed.cli.CLIError, which is a different class from __main__.CLIError.
+    # Run nvembed.cli's main, not this __main__ copy's: commands registered from other modules (nvembed.training)
+    # raise nvembed.cli.CLIError, which only that module's main catches.
     from nvembed.cli import main as _main
     sys.exit(_main())
