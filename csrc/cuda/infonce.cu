@@ -18,6 +18,11 @@
 
 #include "cuda/infonce.cuh"
 
+// tools/infonce_emu compiles this file with g++ and runs the kernels on CPU threads (it defines NVE_LAUNCH).
+#ifndef NVE_LAUNCH
+#define NVE_LAUNCH(kernel, blocks, threads, stream, ...) kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
+#endif
+
 namespace nvembed::cuda {
 namespace {
 
@@ -381,10 +386,10 @@ template <typename T>
 void fwd(const InfoNCEParams& p, cudaStream_t stream) {
   if (p.in_batch_negatives) {
     const unsigned blocks = static_cast<unsigned>((p.B + kBM - 1) / kBM);
-    infonce_fwd_in_batch_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
+    NVE_LAUNCH(infonce_fwd_in_batch_kernel<T>, blocks, kThreads, stream, p);
   } else {
     const unsigned blocks = static_cast<unsigned>((p.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    infonce_fwd_own_group_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
+    NVE_LAUNCH(infonce_fwd_own_group_kernel<T>, blocks, kThreads, stream, p);
   }
 }
 
@@ -393,11 +398,11 @@ void bwd(const InfoNCEParams& p, cudaStream_t stream) {
   if (p.in_batch_negatives) {
     const unsigned q_blocks = static_cast<unsigned>((p.B + kBM - 1) / kBM);
     const unsigned d_blocks = static_cast<unsigned>((p.N + kBN - 1) / kBN);
-    infonce_bwd_dq_kernel<T><<<q_blocks, kThreads, 0, stream>>>(p);
-    infonce_bwd_ddocs_kernel<T><<<d_blocks, kThreads, 0, stream>>>(p);
+    NVE_LAUNCH(infonce_bwd_dq_kernel<T>, q_blocks, kThreads, stream, p);
+    NVE_LAUNCH(infonce_bwd_ddocs_kernel<T>, d_blocks, kThreads, stream, p);
   } else {
     const unsigned blocks = static_cast<unsigned>((p.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    infonce_bwd_own_group_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
+    NVE_LAUNCH(infonce_bwd_own_group_kernel<T>, blocks, kThreads, stream, p);
   }
 }
 
