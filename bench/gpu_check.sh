@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-call GPU verification for a lent device machine (H100/H200, torch 2.11+cu130, no internet):
-#   build the extension there against its torch, run the CUDA tests, compute-sanitizer memcheck on a small case,
-#   and the GPU benchmarks; logs and CSVs go to $OUT (or ./gpu_out).
+#   build the extension there against its torch, run the CUDA tests, compute-sanitizer memcheck and racecheck on
+#   small cases, and the GPU benchmarks (bench/gpu_*.py --out $OUT); logs, CSVs and PNGs go to $OUT (or ./gpu_out).
+#   Copy the benchmark CSV / PNG into bench/results/ when committing them.
 # Carry the wheels it lacks in .whl/ (nvidia-cutlass, pybind11, cmake, ninja, pytest-benchmark); see README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,18 +30,43 @@ export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 # CUDA tests (fresh random inputs, fp64 references), then everything else once on this machine too.
 python3 -m pytest tests/ -q -p no:cacheprovider -m cuda -rs 2>&1 | tee "$OUT/cuda_tests.log"
 
-# compute-sanitizer memcheck on a small case of every CUDA op that exists.
-if command -v compute-sanitizer >/dev/null 2>&1; then
-  compute-sanitizer --tool memcheck --error-exitcode 9 python3 - <<'PY' 2>&1 | tee "$OUT/memcheck.log"
-import torch, nvembed_ext
-q = torch.randn(37, 65, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-d = torch.randn(37 * 3, 65, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-for inb in (True, False):
-    loss = torch.ops.nvembed.infonce(q, d, 3, 0.05, inb)
-    loss.backward()
+# compute-sanitizer memcheck (out-of-bounds / misaligned accesses) and racecheck (shared-memory hazards) on small
+# cases of every CUDA op that exists. InfoNCE: the tensor-core path (bf16 / fp16; 2 query blocks, 3 doc tiles, split
+# forward and dQ pass; d % 8 != 0 through the padded copy) and the plain path (NVEMBED_INFONCE_CUDA_PLAIN=1; fp32,
+# own-group), forward and backward each.
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$SANITIZER" ]; then
+  cat > "$OUT/sanitizer_cases.py" <<'PY'
+import os
+import torch
+import nvembed_ext  # noqa: F401
+
+ops = torch.ops.nvembed
+
+
+def case(dtype, inb, B, G, d, extra):
+    q = (torch.randn(B, d, device="cuda", dtype=dtype) / 8).requires_grad_()
+    docs = (torch.randn(B * G + extra, d, device="cuda", dtype=dtype) / 8).requires_grad_()
+    ops.infonce(q, docs, G, 0.05, inb).backward()
+
+
+for plain in ("0", "1"):
+    os.environ["NVEMBED_INFONCE_CUDA_PLAIN"] = plain
+    for dtype in (torch.bfloat16, torch.float16):
+        case(dtype, True, 130, 2, 72, 3)
+        case(dtype, True, 37, 3, 65, 0)
+    case(torch.float16, False, 37, 3, 65, 0)
+case(torch.float32, True, 37, 3, 65, 5)
 torch.cuda.synchronize()
-print("memcheck case done")
+print("sanitizer cases done")
 PY
+  for tool in memcheck racecheck; do
+    "$SANITIZER" --tool "$tool" --error-exitcode 9 python3 "$OUT/sanitizer_cases.py" > "$OUT/$tool.log" 2>&1
+    echo "compute-sanitizer $tool rc=$? (log: $tool.log)" | tee -a "$OUT/env.txt"
+    tail -5 "$OUT/$tool.log"
+  done
+else
+  echo "compute-sanitizer not found: memcheck / racecheck skipped" | tee -a "$OUT/env.txt"
 fi
 
 # GPU benchmarks (each writes its CSV under $OUT).

@@ -1,5 +1,8 @@
-// CUDA InfoNCE, first version: plain CUDA C++ with fp32 FMA tiles through shared memory (no tensor cores yet).
+// CUDA InfoNCE, plain kernels: CUDA C++ with fp32 FMA tiles through shared memory. They serve fp32 inputs, the
+// own-group mode (any dtype) and NVEMBED_INFONCE_CUDA_PLAIN=1; bf16 / fp16 with in-batch negatives take the
+// tensor-core kernels of infonce_tc.cu (the launcher decides).
 //
+// docs has N >= B*G rows with in-batch negatives (rows B*G.. are extra negatives of every query), N = B*G without.
 // Logits S = Q D^T / t are produced one 64 x 64 tile at a time (score_tile) and never stored in global memory:
 //   forward  : one block per 64 query rows loops over all doc tiles with a running max / sum per row.
 //   backward : dS = (exp(S - lse) - onehot) * grad_loss / (B t) is recomputed per tile; dQ comes from a kernel
@@ -14,6 +17,11 @@
 #include <cuda_fp16.h>
 
 #include "cuda/infonce.cuh"
+
+// tools/infonce_emu compiles this file with g++ and runs the kernels on CPU threads (it defines NVE_LAUNCH).
+#ifndef NVE_LAUNCH
+#define NVE_LAUNCH(kernel, blocks, threads, stream, ...) kernel<<<blocks, threads, 0, stream>>>(__VA_ARGS__)
+#endif
 
 namespace nvembed::cuda {
 namespace {
@@ -328,11 +336,11 @@ __global__ void __launch_bounds__(kThreads, 2) infonce_bwd_ddocs_kernel(const In
     }
   }
   // Target terms: docs[i * G] is row i's target: dDocs[i * G] -= neg_prob_sum[i] * queries[i] (from the dQ kernel,
-  // which ran before on the same stream).
+  // which ran before on the same stream). Rows from B*G on are extra negatives: no query targets them.
   __syncthreads();
   for (int64_t e = threadIdx.x; e < static_cast<int64_t>(kBN) * p.d; e += kThreads) {
     const int64_t doc = col0 + e / p.d, k = e % p.d;
-    if (doc < p.N && doc % p.G == 0) {
+    if (doc < p.N && doc % p.G == 0 && doc / p.G < p.B) {
       const int64_t i = doc / p.G;
       p.grad_docs[doc * p.d + k] -= p.neg_prob_sum[i] * to_float(q[i * p.d + k]);
     }
@@ -378,10 +386,10 @@ template <typename T>
 void fwd(const InfoNCEParams& p, cudaStream_t stream) {
   if (p.in_batch_negatives) {
     const unsigned blocks = static_cast<unsigned>((p.B + kBM - 1) / kBM);
-    infonce_fwd_in_batch_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
+    NVE_LAUNCH(infonce_fwd_in_batch_kernel<T>, blocks, kThreads, stream, p);
   } else {
     const unsigned blocks = static_cast<unsigned>((p.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    infonce_fwd_own_group_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
+    NVE_LAUNCH(infonce_fwd_own_group_kernel<T>, blocks, kThreads, stream, p);
   }
 }
 
@@ -390,11 +398,11 @@ void bwd(const InfoNCEParams& p, cudaStream_t stream) {
   if (p.in_batch_negatives) {
     const unsigned q_blocks = static_cast<unsigned>((p.B + kBM - 1) / kBM);
     const unsigned d_blocks = static_cast<unsigned>((p.N + kBN - 1) / kBN);
-    infonce_bwd_dq_kernel<T><<<q_blocks, kThreads, 0, stream>>>(p);
-    infonce_bwd_ddocs_kernel<T><<<d_blocks, kThreads, 0, stream>>>(p);
+    NVE_LAUNCH(infonce_bwd_dq_kernel<T>, q_blocks, kThreads, stream, p);
+    NVE_LAUNCH(infonce_bwd_ddocs_kernel<T>, d_blocks, kThreads, stream, p);
   } else {
     const unsigned blocks = static_cast<unsigned>((p.B + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    infonce_bwd_own_group_kernel<T><<<blocks, kThreads, 0, stream>>>(p);
+    NVE_LAUNCH(infonce_bwd_own_group_kernel<T>, blocks, kThreads, stream, p);
   }
 }
 

@@ -11,7 +11,8 @@ enum class InfoNCEDType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
 struct InfoNCEParams {
   const void* queries;  // [B, d] row-major, `dtype`
-  const void* docs;     // [N, d], N = B * G; docs[i*G] is query i's positive
+  const void* docs;     // [N, d]: docs[i*G] is query i's positive; N = B*G, or more with in-batch negatives
+                        // (rows B*G.. are extra negatives shared by every query)
   InfoNCEDType dtype;
   int64_t B, N, d, G;
   float inv_temperature;
@@ -28,10 +29,47 @@ struct InfoNCEParams {
   float* grad_queries;  // [B, d] fp32, zero-initialized (the kernels accumulate into it)
   float* grad_docs;     // [N, d] fp32, zero-initialized
   float* neg_prob_sum;  // [B] fp32 workspace: written by the dQ kernel, read by the dDocs kernel
+
+  // tensor-core backward only: the gradients in `dtype`, written once per element (no fp32 [N, d] buffer)
+  void* grad_queries_out;  // [B, d]
+  void* grad_docs_out;     // [N, d]
 };
 
-// Enqueue the kernels on `stream`; the caller checks cudaGetLastError.
+// Plain kernels (infonce.cu): any dtype, either mode. Enqueue on `stream`; the caller checks cudaGetLastError.
 void infonce_fwd_launch(const InfoNCEParams& p, cudaStream_t stream);
 void infonce_bwd_launch(const InfoNCEParams& p, cudaStream_t stream);
+
+// ---- tensor-core path (infonce_tc.cu): bf16 / fp16, in-batch negatives, d % 8 == 0, 16-byte aligned rows ----
+
+// How the work is split, from the problem size and the device (infonce_tc_plan); sizes of the workspaces the caller
+// allocates (fp32, contents irrelevant: every element read is written first).
+struct InfoNCETCPlan {
+  int fwd_splits;             // doc-tile ranges per query block in the forward (combined by a second kernel)
+  int q_splits;               // dQ pass: doc ranges per query block
+  int64_t q_chunk_blocks;     // dQ pass: query blocks per launch (bounds the scratch)
+  int d_splits;               // dDocs pass: query ranges per doc block
+  int64_t d_chunk_blocks;     // dDocs pass: doc blocks per launch
+  int64_t fwd_part_floats;    // fwd_splits * B, twice (running max, running sum)
+  int64_t scratch_floats;     // max over both passes of splits * chunk_blocks * 128 * d
+  int64_t part_negsum_floats; // q_splits * B
+};
+
+struct InfoNCETCWorkspace {
+  float* fwd_part_max;  // [fwd_splits, B]
+  float* fwd_part_sum;  // [fwd_splits, B]
+  float* fwd_target;    // [B] target logit
+  float* scratch;       // [scratch_floats] partial gradient rows
+  float* part_negsum;   // [q_splits, B]
+};
+
+// True if the device can run the tensor-core kernels (sm_80+, enough opt-in shared memory); `why` gets the reason
+// when not (may be null).
+bool infonce_tc_supported(int device, const char** why);
+InfoNCETCPlan infonce_tc_plan(const InfoNCEParams& p, int device);
+void infonce_tc_fwd_launch(const InfoNCEParams& p, const InfoNCETCPlan& plan, const InfoNCETCWorkspace& ws,
+                           cudaStream_t stream);
+// Writes p.grad_queries_out, p.grad_docs_out and p.neg_prob_sum.
+void infonce_tc_bwd_launch(const InfoNCEParams& p, const InfoNCETCPlan& plan, const InfoNCETCWorkspace& ws,
+                           cudaStream_t stream);
 
 }  // namespace nvembed::cuda

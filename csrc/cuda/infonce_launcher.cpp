@@ -1,20 +1,27 @@
-// CUDA launcher of nvembed::_infonce_fwd / _infonce_bwd: checks, output allocation, stream and device guard; the
-// kernels (infonce.cu) see raw pointers only.
+// CUDA launcher of nvembed::_infonce_fwd / _infonce_bwd: checks, path choice, workspaces, stream and device
+// guard; the kernels (infonce.cu, infonce_tc.cu) see raw pointers only.
+//
+// Paths:
+//   * in-batch negatives, bf16 / fp16, sm_80+: the tensor-core kernels (infonce_tc.cu). They move rows in
+//     16-byte vectors, so d % 8 != 0 or a misaligned row start is handled by a zero-padded (or re-allocated) copy
+//     to d8 = roundup(d, 8): zero columns add nothing to the logits and the padded gradient columns are dropped.
+//   * in-batch negatives, fp32 (or NVEMBED_INFONCE_CUDA_PLAIN=1, which the tests use to check both paths): the
+//     plain fp32-FMA tiles of infonce.cu.
+//   * own-group negatives (in_batch_negatives=False), any dtype: one warp per query, G dot products (infonce.cu).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "checks.h"
 #include "cuda/infonce.cuh"
 #include "ops.h"
 
 namespace nvembed {
-
-// Defined with the CPU launcher (cpu/infonce.cpp): one set of checks and messages for both devices.
-void infonce_check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
-                          std::initializer_list<at::ScalarType> dtypes);
-void infonce_check_bwd_inputs(const Tensor& grad_loss, const Tensor& queries, const Tensor& lse);
 
 namespace {
 constexpr const char* kOp = "infonce";
@@ -29,9 +36,65 @@ cuda::InfoNCEDType kernel_dtype(at::ScalarType t) {
   return cuda::InfoNCEDType::kFloat32;
 }
 
-void check_cuda(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature) {
-  infonce_check_inputs(queries, docs, group_size, temperature, {at::kFloat, at::kBFloat16, at::kHalf});
+// The CPU launcher's checks (same messages), with the docs count rule of the CUDA op: with in-batch negatives docs
+// may hold E >= 0 extra rows after the B*G grouped ones (negatives shared by every query); without, exactly B*G.
+void check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
+                  bool in_batch_negatives) {
+  check_rank(queries, kOp, "queries", 2, "[B, d]");
+  check_rank(docs, kOp, "docs", 2, "[B*G (+ extra), d]");
+  check_same_device(docs, queries, kOp, "docs", "queries");
+  check_dtype(queries, kOp, "queries", {at::kFloat, at::kBFloat16, at::kHalf});
+  check_same_dtype(docs, queries, kOp, "docs", "queries");
+  NVE_CHECK_VALUE(group_size >= 1, kOp, "group_size must be >= 1, got ", group_size);
+  check_finite_positive(temperature, kOp, "temperature");
+  NVE_CHECK_VALUE(queries.size(0) > 0, kOp, "queries.size(0) must be > 0 (empty batch)");
+  NVE_CHECK_VALUE(docs.size(1) == queries.size(1), kOp, "docs.size(1)=", docs.size(1),
+                  " is not queries.size(1)=", queries.size(1));
+  const int64_t grouped = queries.size(0) * group_size;
+  if (in_batch_negatives) {
+    NVE_CHECK_VALUE(docs.size(0) >= grouped, kOp, "docs.size(0)=", docs.size(0),
+                    " must be at least queries.size(0)*group_size=", grouped,
+                    " (rows after the first B*G are extra negatives shared by all queries)");
+  } else {
+    NVE_CHECK_VALUE(docs.size(0) == grouped, kOp, "docs.size(0)=", docs.size(0),
+                    " must equal queries.size(0)*group_size=", grouped,
+                    " (extra negative rows are allowed only with in_batch_negatives=True)");
+  }
   NVE_CHECK_VALUE(queries.is_cuda(), kOp, "queries must be a CUDA tensor here, got ", queries.device());
+}
+
+void check_bwd_inputs(const Tensor& grad_loss, const Tensor& queries, const Tensor& lse) {
+  NVE_CHECK_VALUE(grad_loss.numel() == 1, kOp, "grad_loss must hold one element, got shape ", grad_loss.sizes());
+  check_same_device(grad_loss, queries, kOp, "grad_loss", "queries");
+  check_same_device(lse, queries, kOp, "lse", "queries");
+  NVE_CHECK_VALUE(lse.dim() == 1 && lse.size(0) == queries.size(0), kOp, "lse must have shape [B]=[",
+                  queries.size(0), "], got ", lse.sizes());
+  check_dtype(lse, kOp, "lse", {at::kFloat, at::kDouble});
+}
+
+bool env_flag(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+}
+
+// Grid limits of the tensor-core kernels: query / doc blocks of 128 rows index gridDim.y (<= 65535).
+constexpr int64_t kTcMaxRows = int64_t{65535} * 128;
+
+bool use_tensor_cores(const Tensor& queries, const Tensor& docs, bool in_batch_negatives) {
+  if (!in_batch_negatives || queries.scalar_type() == at::kFloat) return false;
+  if (env_flag("NVEMBED_INFONCE_CUDA_PLAIN")) return false;
+  if (docs.size(0) > kTcMaxRows || queries.size(1) > (int64_t{1} << 20)) return false;
+  return cuda::infonce_tc_supported(queries.get_device(), nullptr);
+}
+
+int64_t round_up8(int64_t d) { return (d + 7) / 8 * 8; }
+
+// A [rows, d8] contiguous operand with 16-byte aligned rows for the tensor-core kernels.
+Tensor tc_operand(const Tensor& x, int64_t d8) {
+  Tensor c = x.contiguous();
+  if (c.size(1) != d8) return at::constant_pad_nd(c, {0, d8 - c.size(1)});
+  if (reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 != 0) return c.clone();  // fresh allocations are aligned
+  return c;
 }
 
 cuda::InfoNCEParams make_params(const Tensor& q, const Tensor& docs, int64_t group_size, double temperature,
@@ -54,17 +117,35 @@ cuda::InfoNCEParams make_params(const Tensor& q, const Tensor& docs, int64_t gro
 
 std::tuple<Tensor, Tensor> infonce_fwd_cuda(const Tensor& queries, const Tensor& docs, int64_t group_size,
                                             double temperature, bool in_batch_negatives) {
-  check_cuda(queries, docs, group_size, temperature);
+  check_inputs(queries, docs, group_size, temperature, in_batch_negatives);
   const c10::cuda::CUDAGuard guard(queries.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = queries.options().dtype(at::kFloat);
+  const int64_t B = queries.size(0);
+  Tensor lse = at::empty({B}, f32);
+  Tensor row_loss = at::empty({B}, f32);
+  if (use_tensor_cores(queries, docs, in_batch_negatives)) {
+    const int64_t d8 = round_up8(queries.size(1));
+    const Tensor q = tc_operand(queries, d8);
+    const Tensor dc = tc_operand(docs, d8);
+    auto p = make_params(q, dc, group_size, temperature, in_batch_negatives);
+    p.lse = lse.data_ptr<float>();
+    p.row_loss = row_loss.data_ptr<float>();
+    const cuda::InfoNCETCPlan plan = cuda::infonce_tc_plan(p, queries.get_device());
+    Tensor ws = at::empty({2 * plan.fwd_part_floats + B}, f32);
+    float* w = ws.data_ptr<float>();
+    const cuda::InfoNCETCWorkspace workspace{w, w + plan.fwd_part_floats, w + 2 * plan.fwd_part_floats, nullptr,
+                                             nullptr};
+    cuda::infonce_tc_fwd_launch(p, plan, workspace, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {row_loss.mean(), lse};
+  }
   const Tensor q = queries.contiguous();
   const Tensor dc = docs.contiguous();
-  const auto f32 = q.options().dtype(at::kFloat);
-  Tensor lse = at::empty({q.size(0)}, f32);
-  Tensor row_loss = at::empty({q.size(0)}, f32);
   auto p = make_params(q, dc, group_size, temperature, in_batch_negatives);
   p.lse = lse.data_ptr<float>();
   p.row_loss = row_loss.data_ptr<float>();
-  cuda::infonce_fwd_launch(p, c10::cuda::getCurrentCUDAStream());
+  cuda::infonce_fwd_launch(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {row_loss.mean(), lse};
 }
@@ -72,14 +153,38 @@ std::tuple<Tensor, Tensor> infonce_fwd_cuda(const Tensor& queries, const Tensor&
 std::tuple<Tensor, Tensor> infonce_bwd_cuda(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
                                             const Tensor& lse, int64_t group_size, double temperature,
                                             bool in_batch_negatives) {
-  check_cuda(queries, docs, group_size, temperature);
-  infonce_check_bwd_inputs(grad_loss, queries, lse);
+  check_inputs(queries, docs, group_size, temperature, in_batch_negatives);
+  check_bwd_inputs(grad_loss, queries, lse);
   const c10::cuda::CUDAGuard guard(queries.device());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = queries.options().dtype(at::kFloat);
+  const int64_t B = queries.size(0);
+  const Tensor lse_c = lse.to(at::kFloat).contiguous();
+  const Tensor g = grad_loss.reshape({}).to(at::kFloat).contiguous();  // stays on the device: no host sync
+  if (use_tensor_cores(queries, docs, in_batch_negatives)) {
+    const int64_t d = queries.size(1), d8 = round_up8(d);
+    const Tensor q = tc_operand(queries, d8);
+    const Tensor dc = tc_operand(docs, d8);
+    Tensor grad_q = at::empty(q.sizes(), q.options());
+    Tensor grad_d = at::empty(dc.sizes(), dc.options());
+    auto p = make_params(q, dc, group_size, temperature, in_batch_negatives);
+    p.lse_in = lse_c.data_ptr<float>();
+    p.grad_loss = g.data_ptr<float>();
+    p.grad_queries_out = grad_q.data_ptr();
+    p.grad_docs_out = grad_d.data_ptr();
+    const cuda::InfoNCETCPlan plan = cuda::infonce_tc_plan(p, queries.get_device());
+    // one allocation: scratch | per-split neg sums | neg_prob_sum (every element is written before it is read)
+    Tensor ws = at::empty({plan.scratch_floats + plan.part_negsum_floats + B}, f32);
+    float* w = ws.data_ptr<float>();
+    p.neg_prob_sum = w + plan.scratch_floats + plan.part_negsum_floats;
+    const cuda::InfoNCETCWorkspace workspace{nullptr, nullptr, nullptr, w, w + plan.scratch_floats};
+    cuda::infonce_tc_bwd_launch(p, plan, workspace, stream);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (d8 != d) return {grad_q.narrow(1, 0, d).contiguous(), grad_d.narrow(1, 0, d).contiguous()};
+    return {grad_q, grad_d};
+  }
   const Tensor q = queries.contiguous();
   const Tensor dc = docs.contiguous();
-  const Tensor lse_c = lse.to(at::kFloat).contiguous();
-  const Tensor g = grad_loss.reshape({}).to(at::kFloat).contiguous();
-  const auto f32 = q.options().dtype(at::kFloat);
   Tensor grad_q = at::zeros(q.sizes(), f32);
   Tensor grad_d = at::zeros(dc.sizes(), f32);
   auto p = make_params(q, dc, group_size, temperature, in_batch_negatives);
@@ -87,9 +192,9 @@ std::tuple<Tensor, Tensor> infonce_bwd_cuda(const Tensor& grad_loss, const Tenso
   p.grad_loss = g.data_ptr<float>();
   p.grad_queries = grad_q.data_ptr<float>();
   p.grad_docs = grad_d.data_ptr<float>();
-  Tensor neg_prob_sum = at::empty({q.size(0)}, f32);  // every row written by the dQ kernel before it is read
+  Tensor neg_prob_sum = at::empty({B}, f32);  // every row written by the dQ kernel before it is read
   p.neg_prob_sum = neg_prob_sum.data_ptr<float>();
-  cuda::infonce_bwd_launch(p, c10::cuda::getCurrentCUDAStream());
+  cuda::infonce_bwd_launch(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_q.to(queries.scalar_type()), grad_d.to(docs.scalar_type())};
 }

@@ -1,0 +1,248 @@
+"""GPU benchmark of nvembed::infonce against the naive loss, forward + backward, bf16, in-batch negatives.
+
+Protocol (the CUDA InfoNCE issue): d in {1024, 4096}, B in {4096, 16384, 65536} queries, G = 8 docs each
+(N = 8 B), temperature 0.05.
+  naive    nvembed_ext.reference.infonce_ref: cross_entropy(q @ docs.T / t), the bf16 B x N logits upcast to fp32
+           for the softmax (the tests' reference, so benchmark and tests cannot drift). Skipped, with the reason
+           in the CSV, where its logits would not fit in the free GPU memory.
+  nvembed  torch.ops.nvembed.infonce (tensor-core kernels for bf16).
+Per configuration: one warm-up round, then timed rounds, each on fresh random inputs; the time of a round is the
+CUDA-event time of loss = f(q, docs); loss.backward(). Reported: median (p20, p80) time, TFLOP/s counting
+2 B N d (forward) + 4 B N d (backward) flops, and the peak memory one fwd+bwd adds above its inputs
+(torch.cuda.max_memory_allocated minus the allocation before the call; the gradients are included for both).
+
+  python bench/gpu_infonce.py --out DIR                        # writes DIR/gpu_infonce.csv and, with matplotlib,
+                                                               # DIR/gpu_infonce.png
+  python bench/gpu_infonce.py --smoke --device cpu --out DIR   # tiny sizes on the CPU (keeps the script working)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+TEMPERATURE = 0.05
+G = 8
+
+
+def git_commit() -> str:
+    sys.path.insert(0, HERE)
+    from common import git_commit as commit
+
+    return commit()
+
+
+def environment(device: str) -> dict:
+    import nvembed_ext
+
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "commit": git_commit(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "nvembed_archs": nvembed_ext.build_info().get("cuda_archs", ""),
+    }
+    if device == "cuda":
+        env["device"] = torch.cuda.get_device_name()
+    else:
+        sys.path.insert(0, HERE)
+        from common import cpu_name
+
+        env["device"] = cpu_name()
+    return env
+
+
+def loss_fn(variant: str):
+    import nvembed_ext  # noqa: F401
+    from nvembed_ext.reference import infonce_ref
+
+    return torch.ops.nvembed.infonce if variant == "nvembed" else infonce_ref
+
+
+def fresh_inputs(B: int, d: int, dtype, device):
+    # rows of norm ~1, as trained embeddings: logits / t stay O(1 / t)
+    q = (torch.randn(B, d, device=device, dtype=dtype) * (1.0 / math.sqrt(d))).requires_grad_()
+    docs = (torch.randn(B * G, d, device=device, dtype=dtype) * (1.0 / math.sqrt(d))).requires_grad_()
+    return q, docs
+
+
+def naive_bytes(B: int, d: int) -> int:
+    """What the naive fwd+bwd allocates beyond its inputs, conservatively: bf16 logits and their scaled copy, fp32
+    logits, fp32 log-softmax (saved), fp32 and bf16 gradients of the logits: 2 + 2 + 4 + 4 + 4 + 2 bytes per logit,
+    plus the input gradients."""
+    N = B * G
+    return 18 * B * N + 2 * (B + N) * d
+
+
+def nvembed_bytes(B: int, d: int) -> int:
+    """Input gradients, their padded / fp32 workspaces and the backward scratch (bounded at about 0.6 GB)."""
+    N = B * G
+    return 2 * (B + N) * d + (600 << 20)
+
+
+def measure(variant: str, B: int, d: int, dtype, device: str, rounds: int, max_seconds: float) -> dict:
+    fn = loss_fn(variant)
+    on_cuda = device == "cuda"
+    times, peaks = [], []
+    t_start = time.perf_counter()
+    for r in range(rounds + 1):  # round 0 is the warm-up
+        q, docs = fresh_inputs(B, d, dtype, device)
+        if on_cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        loss = fn(q, docs, G, TEMPERATURE, True)
+        loss.backward()
+        if on_cuda:
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end) / 1e3
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        else:
+            elapsed = time.perf_counter() - t0
+        del q, docs, loss
+        if r > 0:
+            times.append(elapsed)
+            if time.perf_counter() - t_start > max_seconds and len(times) >= 3:
+                break
+    times.sort()
+    q20, q80 = times[int(0.2 * (len(times) - 1))], times[int(math.ceil(0.8 * (len(times) - 1)))]
+    return {"time_ms": statistics.median(times) * 1e3, "time_p20_ms": q20 * 1e3, "time_p80_ms": q80 * 1e3,
+            "rounds": len(times), "peak_mem_mb": (max(peaks) / 2**20) if peaks else float("nan")}
+
+
+def run(args) -> list[dict]:
+    device = args.device
+    dtype = torch.bfloat16
+    env = environment(device)
+    rows = []
+    for d in args.d:
+        for B in args.B:
+            N = B * G
+            flops = 6 * B * N * d  # 2 BNd forward + 4 BNd backward
+            results = {}
+            for variant in ("nvembed", "naive"):
+                row = {**env, "variant": variant, "dtype": "bfloat16", "B": B, "G": G, "N": N, "d": d,
+                       "temperature": TEMPERATURE, "in_batch_negatives": True, "status": "ok"}
+                need = (naive_bytes if variant == "naive" else nvembed_bytes)(B, d)
+                free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
+                if free is not None and need > 0.9 * free:
+                    row["status"] = (f"skipped: needs ~{need / 2**30:.1f} GiB beyond its inputs, "
+                                     f"{free / 2**30:.1f} GiB free")
+                else:
+                    try:
+                        res = measure(variant, B, d, dtype, device, args.rounds, args.max_seconds)
+                    except torch.cuda.OutOfMemoryError as e:  # reported, not retried
+                        row["status"] = f"skipped: out of memory ({str(e).splitlines()[0][:120]})"
+                        torch.cuda.empty_cache()
+                    else:
+                        results[variant] = res
+                        row.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()})
+                        row["tflops"] = round(flops / (res["time_ms"] / 1e3) / 1e12, 2)
+                rows.append(row)
+                print(f"d={d:5d} B={B:6d} {variant:8s} " + (
+                    f"{row['time_ms']:10.2f} ms  {row['tflops']:8.2f} TFLOP/s  peak {row['peak_mem_mb']:10.1f} MB"
+                    if row["status"] == "ok" else row["status"]), flush=True)
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+            if "nvembed" in results and "naive" in results:
+                ours, naive = results["nvembed"], results["naive"]
+                diff = same_input_loss_diff(B, d, dtype, device)
+                for row in rows[-2:]:
+                    row["speedup_vs_naive"] = round(naive["time_ms"] / ours["time_ms"], 3)
+                    if naive["peak_mem_mb"] == naive["peak_mem_mb"] and ours["peak_mem_mb"] > 0:
+                        row["mem_reduction_vs_naive"] = round(naive["peak_mem_mb"] / ours["peak_mem_mb"], 2)
+                    row["loss_rel_diff_same_inputs"] = f"{diff:.2e}"
+    return rows
+
+
+def same_input_loss_diff(B: int, d: int, dtype, device: str) -> float:
+    """|loss_nvembed - loss_naive| / |loss_naive| on one set of inputs: a sanity check beside the timings."""
+    with torch.no_grad():
+        q, docs = fresh_inputs(B, d, dtype, device)
+        ours = loss_fn("nvembed")(q, docs, G, TEMPERATURE, True).item()
+        naive = loss_fn("naive")(q, docs, G, TEMPERATURE, True).item()
+    return abs(ours - naive) / abs(naive)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (the CSV has every number)")
+        return
+    ok = [r for r in rows if r["status"] == "ok"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for d in sorted({r["d"] for r in ok}):
+        for variant, style in (("nvembed", "-o"), ("naive", "--s")):
+            pts = sorted((r["B"], r) for r in ok if r["d"] == d and r["variant"] == variant)
+            if not pts:
+                continue
+            bs = [b for b, _ in pts]
+            label = f"{variant} d={d}"
+            axes[0].plot(bs, [r["time_ms"] for _, r in pts], style, label=label)
+            axes[1].plot(bs, [r["tflops"] for _, r in pts], style, label=label)
+            axes[2].plot(bs, [r["peak_mem_mb"] / 1024 for _, r in pts], style, label=label)
+    for ax, title in zip(axes, ("fwd+bwd time (ms, median)", "TFLOP/s (6 B N d / time)", "peak memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("B (queries), N = 8 B docs")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_yscale("log")
+    axes[2].set_yscale("log")
+    r0 = rows[0]
+    fig.suptitle(f"nvembed::infonce vs naive, bf16, in-batch negatives - {r0['device']}, torch {r0['torch']}, "
+                 f"CUDA {r0['cuda']}, commit {r0['commit']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="output directory for gpu_infonce.csv / .png")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (B = 64, d = 32), for checking the script")
+    ap.add_argument("--d", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 4096])
+    ap.add_argument("--B", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384, 65536])
+    ap.add_argument("--rounds", type=int, default=10, help="timed rounds per configuration (at most)")
+    ap.add_argument("--max-seconds", type=float, default=20.0,
+                    help="stop timing a configuration after this long (at least 3 timed rounds)")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        args.d, args.B, args.rounds = [32], [64], 3
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: use --smoke --device cpu")
+        return 2
+    sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
+    rows = run(args)
+    os.makedirs(args.out, exist_ok=True)
+    sys.path.insert(0, HERE)
+    from common import write_csv
+
+    name = "gpu_infonce_smoke" if args.smoke else "gpu_infonce"
+    csv_path = os.path.join(args.out, f"{name}.csv")
+    write_csv(csv_path, rows)
+    print(f"wrote {csv_path}")
+    plot(rows, os.path.join(args.out, f"{name}.png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

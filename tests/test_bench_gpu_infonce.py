@@ -1,0 +1,22 @@
+"""bench/gpu_infonce.py in its CPU smoke mode: the GPU benchmark script runs end to end (tiny sizes, both variants,
+same-input loss check, CSV), so it cannot rot between the sessions that have a GPU."""
+import csv
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_gpu_infonce_smoke_cpu(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_infonce.py"), "--smoke", "--device", "cpu",
+                          "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with open(tmp_path / "gpu_infonce_smoke.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["variant"] for r in rows] == ["nvembed", "naive"]
+    for r in rows:
+        assert r["status"] == "ok" and float(r["time_ms"]) > 0 and r["device"] and r["commit"] and r["torch"]
+        assert float(r["loss_rel_diff_same_inputs"]) < 2e-2  # bf16 inputs, same loss

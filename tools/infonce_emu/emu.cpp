@@ -1,0 +1,467 @@
+// CPU emulation of the CUDA InfoNCE kernels: the tensor-core kernel bodies, plan and launch sequences of
+// csrc/cuda/infonce_tc.cuh and the plain kernels of csrc/cuda/infonce.cu (through their own launch functions), run
+// with one std::thread per CUDA thread of a CTA, against a float64 reference.
+//
+// What is real: every line of the kernel bodies (index math, predicates, zero fills, stage indexing of the
+// pipelines, epilogues, shared-memory layouts and swizzles, the cross-thread merges), the plan and the launch order.
+// What is emulated: __syncthreads (a std::barrier over the CTA's threads), __shfl_xor_sync (a warp exchange),
+// cp.async (a synchronous 16-byte copy: the wait counts are not exercised), ldmatrix (a per-thread copy of the
+// thread's own fragment elements through the same CuTe partitioning, which is what ldmatrix delivers), and
+// mma.sync m16n8k16 (a warp-collective product that places operands by the atom's own CuTe fragment layouts).
+// The tensor-core kernels' shared memory, scratch and outputs start as NaN, so an element read before it is written
+// shows up. (The plain kernels' __shared__ arrays become zero-initialized statics: no such check there.)
+//
+// Build and run: tools/infonce_emu/run.sh  (g++ and the CUTLASS headers of the nvidia-cutlass wheel; no GPU).
+#include <cute/tensor.hpp>
+
+#include <atomic>
+#include <barrier>
+#include <cinttypes>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+// ---- the emulated CUDA runtime --------------------------------------------------------------------------------------
+
+namespace emu {
+
+struct Warp {
+  std::barrier<> bar{32};
+  float shfl[2][32];
+  uint32_t a[2][32][4];
+  uint32_t b[2][32][2];
+};
+
+struct Block {
+  explicit Block(int threads) : bar(threads), warps(threads / 32) {
+    for (auto& w : warps) w = std::make_unique<Warp>();
+  }
+  std::barrier<> bar;
+  std::vector<std::unique_ptr<Warp>> warps;
+};
+
+thread_local Block* tl_block = nullptr;
+thread_local int tl_tid = 0;
+thread_local unsigned tl_shfl_phase = 0, tl_mma_phase = 0;
+
+inline Warp& warp() { return *tl_block->warps[tl_tid / 32]; }
+
+// Runs fn(tid, smem) on `threads` threads as one CTA; shared memory starts as NaN bytes.
+inline void run_block(int threads, int smem_bytes, const std::function<void(int, char*)>& fn) {
+  Block block(threads);
+  std::vector<char> smem(smem_bytes + 128, static_cast<char>(0xFF));
+  char* base = smem.data() + (128 - reinterpret_cast<uintptr_t>(smem.data()) % 128) % 128;
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (int t = 0; t < threads; ++t) {
+    pool.emplace_back([&, t] {
+      tl_block = &block;
+      tl_tid = t;
+      tl_shfl_phase = tl_mma_phase = 0;
+      fn(t, base);
+    });
+  }
+  for (auto& th : pool) th.join();
+}
+
+// One warp-wide m16n8k16 product D = A B^T + C: each lane deposits its registers, then computes its own D values.
+// Two alternating deposit buffers: a buffer is rewritten two calls later, after every lane passed the barrier of
+// the call in between, i.e. finished reading it.
+template <class Real>
+void mma(float* d, const uint32_t* a, const uint32_t* b, const float* c) {
+  using T = cute::MMA_Traits<Real>;
+  using VA = typename T::ValTypeA;
+  static_assert(std::is_same_v<typename T::Shape_MNK, cute::Shape<cute::_16, cute::_8, cute::_16>>);
+  Warp& w = warp();
+  const int lane = tl_tid % 32, ph = tl_mma_phase++ & 1;
+  std::memcpy(w.a[ph][lane], a, sizeof(uint32_t) * 4);
+  std::memcpy(w.b[ph][lane], b, sizeof(uint32_t) * 2);
+  w.bar.arrive_and_wait();
+  auto unpack = [](uint32_t reg, int half) {
+    return static_cast<float>(VA::bitcast(static_cast<uint16_t>((reg >> (16 * half)) & 0xFFFFu)));
+  };
+  float A[16][16], B[8][16];
+  for (int l = 0; l < 32; ++l) {
+    for (int v = 0; v < 8; ++v) {
+      const int idx = typename T::ALayout{}(l, v);  // m + 16 k
+      A[idx % 16][idx / 16] = unpack(w.a[ph][l][v / 2], v % 2);
+    }
+    for (int v = 0; v < 4; ++v) {
+      const int idx = typename T::BLayout{}(l, v);  // n + 8 k
+      B[idx % 8][idx / 8] = unpack(w.b[ph][l][v / 2], v % 2);
+    }
+  }
+  for (int v = 0; v < 4; ++v) {
+    const int idx = typename T::CLayout{}(lane, v);  // m + 16 n
+    const int m = idx % 16, n = idx / 16;
+    float s = c[v];
+    for (int k = 0; k < 16; ++k) s += A[m][k] * B[n][k];
+    d[v] = s;
+  }
+}
+
+}  // namespace emu
+
+void __syncthreads() { emu::tl_block->bar.arrive_and_wait(); }
+
+float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
+  emu::Warp& w = emu::warp();
+  const int lane = emu::tl_tid % 32, ph = emu::tl_shfl_phase++ & 1;
+  w.shfl[ph][lane] = v;
+  w.bar.arrive_and_wait();
+  return w.shfl[ph][lane ^ lane_mask];
+}
+
+template <class Real>
+struct EmuMma {
+  using DRegisters = float[4];
+  using ARegisters = uint32_t[4];
+  using BRegisters = uint32_t[2];
+  using CRegisters = float[4];
+  static void fma(float& d0, float& d1, float& d2, float& d3, uint32_t const& a0, uint32_t const& a1,
+                  uint32_t const& a2, uint32_t const& a3, uint32_t const& b0, uint32_t const& b1, float const& c0,
+                  float const& c1, float const& c2, float const& c3) {
+    const uint32_t a[4] = {a0, a1, a2, a3}, b[2] = {b0, b1};
+    const float c[4] = {c0, c1, c2, c3};
+    float d[4];
+    emu::mma<Real>(d, a, b, c);
+    d0 = d[0], d1 = d[1], d2 = d[2], d3 = d[3];
+  }
+};
+
+namespace cute {
+template <class Real>
+struct MMA_Traits<EmuMma<Real>> : MMA_Traits<Real> {};
+}  // namespace cute
+
+#include "cuda/infonce_tc.cuh"
+
+// The plain kernels (csrc/cuda/infonce.cu) as host functions: __shared__ variables become function statics (one
+// copy for the CTA's threads; CTAs run one after another), launches run the grid block by block.
+thread_local uint3 threadIdx, blockIdx;
+inline float __expf(float x) { return std::exp(x); }
+
+template <class Kernel>
+void emu_launch_plain(Kernel kernel, unsigned blocks, int threads, const nvembed::cuda::InfoNCEParams& p) {
+  for (unsigned b = 0; b < blocks; ++b) {
+    emu::run_block(threads, 0, [&](int tid, char*) {
+      threadIdx = make_uint3(tid, 0, 0);
+      blockIdx = make_uint3(b, 0, 0);
+      kernel(p);
+    });
+  }
+}
+#define NVE_LAUNCH(kernel, blocks, threads, stream, ...) emu_launch_plain(kernel, blocks, threads, __VA_ARGS__)
+#undef __global__
+#undef __shared__
+#define __global__
+#define __shared__ static
+#define __launch_bounds__(...)
+#include "cuda/infonce.cu"
+
+namespace tc = nvembed::cuda::tc;
+using nvembed::cuda::InfoNCEDType;
+using nvembed::cuda::InfoNCEParams;
+using nvembed::cuda::InfoNCETCPlan;
+using nvembed::cuda::InfoNCETCWorkspace;
+
+template <class E>
+struct EmuAtoms {
+  using G2S = cute::UniversalCopy<cute::uint128_t>;
+  using S2R = cute::DefaultCopy;
+  using S2RTrans = cute::DefaultCopy;
+  using Mma = EmuMma<typename tc::Sm80Atoms<E>::Mma>;
+};
+template <class E>
+using EmuTr = tc::Traits<E, EmuAtoms<E>>;
+
+template <class E>
+struct EmuExec {
+  const InfoNCEParams& p;
+  int launches = 0;
+
+  void fwd_tile(int splits, int64_t blocks, const tc::FwdArgs& a) {
+    ++launches;
+    for (int64_t by = 0; by < blocks; ++by)
+      for (int bx = 0; bx < splits; ++bx)
+        emu::run_block(tc::TileConfig::kThreads, EmuTr<E>::kSmemFwd, [&](int tid, char* smem) {
+          tc::fwd_tile_body<EmuTr<E>>(p, a, smem, tid, bx, static_cast<int>(by));
+        });
+  }
+  void fwd_combine(int64_t blocks, const tc::FwdArgs& a) {
+    ++launches;
+    for (int64_t r = 0; r < blocks * tc::kCombineThreads; ++r) tc::fwd_combine_body(p, a, r);
+  }
+  template <bool kOwnQueries>
+  void side(int splits, int64_t blocks, const tc::SideArgs& a) {
+    ++launches;
+    for (int64_t by = 0; by < blocks; ++by)
+      for (int bx = 0; bx < splits; ++bx)
+        emu::run_block(tc::TileConfig::kThreads, EmuTr<E>::kSmemBwd, [&](int tid, char* smem) {
+          tc::bwd_side_body<EmuTr<E>, kOwnQueries>(p, a, smem, tid, bx, static_cast<int>(by));
+        });
+  }
+  template <bool kOwnQueries>
+  void reduce(int64_t blocks, const tc::SideArgs& a) {
+    ++launches;
+    for (int64_t b = 0; b < blocks; ++b)
+      for (int w = 0; w < tc::kReduceRowsPerBlock; ++w)
+        for (int lane = 0; lane < 32; ++lane)
+          tc::bwd_reduce_body<EmuTr<E>, kOwnQueries>(p, a, a.chunk_row0 + b * tc::kReduceRowsPerBlock + w, lane);
+  }
+};
+
+// ---- cases against the float64 reference ---------------------------------------------------------------------------
+
+struct Case {
+  int64_t B, G, d, extra;
+  double t;
+  bool fp16;
+  tc::DeviceShape dev;
+  const char* note;
+};
+
+struct Errors {
+  double loss, lse, gq, gd;
+  bool finite;
+};
+
+double rel(const std::vector<double>& out, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < out.size(); ++i) {
+    num += (out[i] - ref[i]) * (out[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+
+// Unit-norm rows rounded to E.
+template <class E>
+std::vector<E> make_rows(int64_t rows, int64_t d, std::mt19937_64& rng) {
+  std::normal_distribution<double> nd;
+  std::vector<E> v(rows * d);
+  std::vector<double> x(d);
+  for (int64_t r = 0; r < rows; ++r) {
+    double n2 = 0;
+    for (auto& e : x) {
+      e = nd(rng);
+      n2 += e * e;
+    }
+    for (int64_t k = 0; k < d; ++k) v[r * d + k] = static_cast<E>(static_cast<float>(x[k] / std::sqrt(n2)));
+  }
+  return v;
+}
+
+template <class E>
+std::vector<double> widen(const std::vector<E>& v) {
+  std::vector<double> w(v.size());
+  for (size_t i = 0; i < v.size(); ++i) w[i] = static_cast<float>(v[i]);
+  return w;
+}
+
+struct Reference {
+  double loss = 0;
+  std::vector<double> lse, gq, gd;
+};
+
+// float64 InfoNCE: query i's logits over all N docs (in-batch, target i*G) or its own G docs (target i*G).
+Reference reference(const std::vector<double>& q, const std::vector<double>& docs, int64_t B, int64_t G, int64_t N,
+                    int64_t d, double t, double g, bool inb) {
+  Reference r;
+  r.lse.assign(B, 0);
+  r.gq.assign(B * d, 0);
+  r.gd.assign(N * d, 0);
+  for (int64_t i = 0; i < B; ++i) {
+    const int64_t j0 = inb ? 0 : i * G, j1 = inb ? N : (i + 1) * G;
+    std::vector<double> s(j1 - j0);
+    double m = -INFINITY;
+    for (int64_t j = j0; j < j1; ++j) {
+      double acc = 0;
+      for (int64_t k = 0; k < d; ++k) acc += q[i * d + k] * docs[j * d + k];
+      s[j - j0] = acc / t;
+      m = std::max(m, s[j - j0]);
+    }
+    double sum = 0;
+    for (double v : s) sum += std::exp(v - m);
+    r.lse[i] = m + std::log(sum);
+    r.loss += (r.lse[i] - s[i * G - j0]) / B;
+    for (int64_t j = j0; j < j1; ++j) {
+      const double ds = (std::exp(s[j - j0] - r.lse[i]) - (j == i * G ? 1.0 : 0.0)) * g / (B * t);
+      for (int64_t k = 0; k < d; ++k) {
+        r.gq[i * d + k] += ds * docs[j * d + k];
+        r.gd[j * d + k] += ds * q[i * d + k];
+      }
+    }
+  }
+  return r;
+}
+
+template <class OutVec>
+Errors compare(const Reference& ref, const std::vector<float>& row_loss, const std::vector<float>& lse,
+               const OutVec& gq, const OutVec& gd) {
+  Errors e{};
+  double loss = 0;
+  for (auto v : row_loss) loss += v / double(row_loss.size());
+  std::vector<double> lse_d(lse.begin(), lse.end()), gq_d = widen(gq), gd_d = widen(gd);
+  e.finite = std::isfinite(loss);
+  for (const auto* v : {&lse_d, &gq_d, &gd_d})
+    for (double x : *v) e.finite &= std::isfinite(x);
+  e.loss = std::abs(loss - ref.loss) / std::max(std::abs(ref.loss), 1e-30);
+  e.lse = rel(lse_d, ref.lse);
+  e.gq = rel(gq_d, ref.gq);
+  e.gd = rel(gd_d, ref.gd);
+  return e;
+}
+
+InfoNCEParams base_params(const void* q, const void* docs, InfoNCEDType dtype, int64_t B, int64_t N, int64_t d,
+                          int64_t G, double t, bool inb) {
+  InfoNCEParams p{};
+  p.queries = q;
+  p.docs = docs;
+  p.dtype = dtype;
+  p.B = B, p.N = N, p.d = d, p.G = G;
+  p.inv_temperature = static_cast<float>(1.0 / t);
+  p.in_batch_negatives = inb;
+  p.inv_batch_temperature = static_cast<float>(1.0 / (B * t));
+  return p;
+}
+
+constexpr double kGradLoss = 1.7;
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+// The tensor-core path: plan, forward, backward exactly as infonce_tc.cu sequences them.
+template <class E>
+Errors run_tc_case(const Case& c, uint64_t seed) {
+  const int64_t B = c.B, G = c.G, d = c.d, N = B * G + c.extra;
+  std::mt19937_64 rng(seed);
+  const std::vector<E> q = make_rows<E>(B, d, rng), docs = make_rows<E>(N, d, rng);
+  const Reference ref = reference(widen(q), widen(docs), B, G, N, d, c.t, kGradLoss, true);
+
+  InfoNCEParams p = base_params(q.data(), docs.data(), c.fp16 ? InfoNCEDType::kFloat16 : InfoNCEDType::kBFloat16,
+                                B, N, d, G, c.t, true);
+  std::vector<float> lse(B, kNaN), row_loss(B, kNaN);
+  p.lse = lse.data();
+  p.row_loss = row_loss.data();
+  const InfoNCETCPlan plan = tc::make_tc_plan(B, N, d, 2, c.dev);
+  std::vector<float> part_max(plan.fwd_part_floats, kNaN), part_sum(plan.fwd_part_floats, kNaN), target(B, kNaN),
+      scratch(plan.scratch_floats, kNaN), part_negsum(plan.part_negsum_floats, kNaN), neg_prob_sum(B, kNaN);
+  InfoNCETCWorkspace ws{part_max.data(), part_sum.data(), target.data(), scratch.data(), part_negsum.data()};
+  EmuExec<E> exec{p};
+  tc::run_fwd(p, plan, ws, exec);
+
+  const float gl = static_cast<float>(kGradLoss);
+  p.lse_in = lse.data();
+  p.grad_loss = &gl;
+  p.neg_prob_sum = neg_prob_sum.data();
+  std::vector<E> gq(B * d, static_cast<E>(kNaN)), gd(N * d, static_cast<E>(kNaN));
+  p.grad_queries_out = gq.data();
+  p.grad_docs_out = gd.data();
+  tc::run_bwd(p, plan, ws, exec);
+  std::printf("  plan: fwd_splits=%d q_splits=%d q_chunk_blocks=%" PRId64 " d_splits=%d d_chunk_blocks=%" PRId64
+              " scratch=%" PRId64 " floats, %d launches\n",
+              plan.fwd_splits, plan.q_splits, plan.q_chunk_blocks, plan.d_splits, plan.d_chunk_blocks,
+              plan.scratch_floats, exec.launches);
+  return compare(ref, row_loss, lse, gq, gd);
+}
+
+// The plain kernels through infonce_fwd_launch / infonce_bwd_launch (fp32 gradients, zero-initialized as the
+// launcher does).
+template <class T>
+Errors run_plain_case(const Case& c, bool inb, InfoNCEDType dtype, uint64_t seed) {
+  const int64_t B = c.B, G = c.G, d = c.d, N = B * G + (inb ? c.extra : 0);
+  std::mt19937_64 rng(seed);
+  const std::vector<T> q = make_rows<T>(B, d, rng), docs = make_rows<T>(N, d, rng);
+  const Reference ref = reference(widen(q), widen(docs), B, G, N, d, c.t, kGradLoss, inb);
+  InfoNCEParams p = base_params(q.data(), docs.data(), dtype, B, N, d, G, c.t, inb);
+  std::vector<float> lse(B, kNaN), row_loss(B, kNaN), neg_prob_sum(B, kNaN), gq(B * d, 0.f), gd(N * d, 0.f);
+  p.lse = lse.data();
+  p.row_loss = row_loss.data();
+  nvembed::cuda::infonce_fwd_launch(p, nullptr);
+  const float gl = static_cast<float>(kGradLoss);
+  p.lse_in = lse.data();
+  p.grad_loss = &gl;
+  p.grad_queries = gq.data();
+  p.grad_docs = gd.data();
+  p.neg_prob_sum = neg_prob_sum.data();
+  nvembed::cuda::infonce_bwd_launch(p, nullptr);
+  return compare(ref, row_loss, lse, gq, gd);
+}
+
+bool report(const Errors& e, double tol_g) {
+  const bool ok = e.finite && e.loss <= 1e-4 && e.lse <= 1e-5 && e.gq <= tol_g && e.gd <= tol_g;
+  std::printf("  %s: loss %.2e  lse %.2e  grad_queries %.2e  grad_docs %.2e  finite=%d\n", ok ? "ok" : "FAIL", e.loss,
+              e.lse, e.gq, e.gd, int(e.finite));
+  std::fflush(stdout);
+  return ok;
+}
+
+int main(int argc, char** argv) {
+  const tc::DeviceShape h100{264, 132, 50 << 20, int64_t{256} << 20};
+  // Few slots, a tiny L2 and no scratch budget: many splits and one owned block per launch.
+  const tc::DeviceShape tiny{3, 1, 1 << 15, 0};
+  const tc::DeviceShape mid{6, 4, 1 << 16, 0};
+  // Two slots and an L2 of one block: 2 splits per owned block and one owned block per launch in both passes.
+  const tc::DeviceShape stress{2, 2, 1 << 12, 0};
+  std::vector<Case> cases = {
+      {1, 1, 8, 0, 0.05, false, h100, "B=1 G=1 d=8: one valid logit"},
+      {3, 1, 16, 0, 0.5, true, h100, "G=1 fp16"},
+      {37, 3, 64, 5, 0.05, false, h100, "extra negatives, row/col tails"},
+      {37, 3, 64, 5, 0.05, false, tiny, "same, split and chunked"},
+      {5, 8, 136, 0, 0.02, false, h100, "d=136: k-tile and d-chunk tails"},
+      {5, 8, 136, 0, 0.02, true, mid, "fp16, d=136, splits"},
+      {130, 2, 72, 3, 1.0, false, h100, "2 query blocks, 3 doc tiles, 2 super-tiles"},
+      {130, 2, 72, 3, 1.0, false, tiny, "same, split and chunked"},
+      {130, 2, 72, 3, 0.02, true, tiny, "fp16, split and chunked"},
+      {300, 1, 32, 0, 0.1, false, mid, "3 query blocks, G=1, d=32"},
+      {300, 1, 32, 0, 0.1, false, stress, "same, split and chunked in both passes"},
+      {260, 2, 48, 7, 0.05, true, stress, "fp16, extra negatives, split and chunked in both passes"},
+      {40, 8, 520, 0, 0.05, false, h100, "d=520: 9 k-tiles rotate through the 3 stages; 4 + 1 gradient k-chunks"},
+  };
+  if (argc > 1 && std::string(argv[1]) == "--quick") cases.resize(3);
+  if (argc > 1 && std::string(argv[1]) == "--big") cases = {{4, 2, 1024, 0, 0.05, false, h100, "d=1024"}};
+  int failures = 0, total = 0;
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const Case& c = cases[ci];
+    std::printf("tensor cores, case %zu: B=%" PRId64 " G=%" PRId64 " d=%" PRId64 " extra=%" PRId64 " t=%g %s (%s)\n",
+                ci, c.B, c.G, c.d, c.extra, c.t, c.fp16 ? "fp16" : "bf16", c.note);
+    std::fflush(stdout);
+    const Errors e = c.fp16 ? run_tc_case<cute::half_t>(c, 1234 + ci) : run_tc_case<cute::bfloat16_t>(c, 1234 + ci);
+    // bf16 / fp16 inputs are exact here; errors come from fp32 accumulation, P~ rounded to the input dtype and the
+    // gradients rounded to it: ~2^-9 (bf16) / 2^-12 (fp16) relative per element.
+    failures += !report(e, c.fp16 ? 2e-3 : 1e-2);
+    ++total;
+  }
+  // The plain kernels: every dtype, both modes (own-group: no extra rows).
+  const std::vector<Case> plain_cases = {
+      {1, 1, 8, 0, 0.05, false, {}, "B=1 G=1"},
+      {37, 3, 65, 5, 0.05, false, {}, "tails, d % 8 != 0, extra negatives"},
+      {130, 2, 72, 3, 0.02, false, {}, "3 query blocks of 64, 5 doc tiles"},
+  };
+  const size_t n_plain = (argc > 1 && std::string(argv[1]) == "--quick") ? 1 : plain_cases.size();
+  for (size_t ci = 0; ci < n_plain; ++ci) {
+    const Case& c = plain_cases[ci];
+    for (bool inb : {true, false}) {
+      for (InfoNCEDType dt : {InfoNCEDType::kFloat32, InfoNCEDType::kBFloat16, InfoNCEDType::kFloat16}) {
+        const char* name = dt == InfoNCEDType::kFloat32 ? "fp32" : dt == InfoNCEDType::kBFloat16 ? "bf16" : "fp16";
+        std::printf("plain, case %zu: B=%" PRId64 " G=%" PRId64 " d=%" PRId64 " extra=%" PRId64 " t=%g %s %s (%s)\n",
+                    ci, c.B, c.G, c.d, inb ? c.extra : 0, c.t, name, inb ? "in-batch" : "own-group", c.note);
+        std::fflush(stdout);
+        const uint64_t seed = 777 + ci;
+        const Errors e = dt == InfoNCEDType::kFloat32 ? run_plain_case<float>(c, inb, dt, seed)
+                         : dt == InfoNCEDType::kBFloat16 ? run_plain_case<__nv_bfloat16>(c, inb, dt, seed)
+                                                         : run_plain_case<__half>(c, inb, dt, seed);
+        failures += !report(e, 1e-5);  // fp32 math on exactly representable inputs, fp32 gradients
+        ++total;
+      }
+    }
+  }
+  std::printf("%s: %d of %d cases failed\n", failures ? "FAILED" : "PASSED", failures, total);
+  return failures ? 1 : 0;
+}
