@@ -71,6 +71,7 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.1
+    backbone_dropout: Optional[float] = None  # override the backbone's dropout probability (None: keep its own)
     pooling: str = "latent"            # "latent": give a mean-pooling model NV-Embed's latent head; "keep"
     num_latents: int = 512
     latent_heads: int = 8
@@ -115,6 +116,8 @@ class TrainConfig:
             v = getattr(self, name)
             need(v is None or (math.isfinite(v) and v > 0), f"{name} must be > 0, got {v}")
         need(0.0 <= self.lora_dropout < 1.0, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.backbone_dropout is None or 0.0 <= self.backbone_dropout < 1.0,
+             f"backbone_dropout must be in [0, 1), got {self.backbone_dropout}")
         need(self.pooling in ("latent", "keep"), f"pooling must be 'latent' or 'keep', got {self.pooling!r}")
         need(self.head_init in ("identity", "random"), f"head_init must be 'identity' or 'random'")
         need(self.grad_cache_chunk is None or self.grad_cache_chunk >= 1, "grad_cache_chunk must be >= 1")
@@ -252,6 +255,10 @@ def build_model(cfg: TrainConfig, device: torch.device):
         add_latent_head(model, num_latents=cfg.num_latents, num_heads=cfg.latent_heads,
                         dim_head=cfg.latent_dim_head, init=cfg.head_init, seed=cfg.seed)
     model.config["is_mask_instruction"] = bool(cfg.mask_instruction)
+    if cfg.backbone_dropout is not None:
+        for module in model.embedding_model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = cfg.backbone_dropout
     if cfg.lora:
         apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout)
     else:
