@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m nvembed.training.quickstart", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out_dir")
-    ap.add_argument("--max-steps", type=int, default=80)
+    ap.add_argument("--max-steps", type=int, default=120)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--group-size", type=int, default=2)
     ap.add_argument("--lr", type=float, default=3e-4)
