@@ -135,9 +135,14 @@ def write_jsonl(path: str, examples: Iterable[Example]) -> int:
         problem = _problem(ex.query, ex.pos, ex.neg, ex.instruction, ex.task_type)  # frozen, but not sealed
         if problem is not None:
             raise DataError(f"write_jsonl: examples[{i}]: {problem}")
-    text = "".join(json.dumps(ex.to_json()) + "\n" for ex in examples)
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    atomic_write_text(path, "".join(json.dumps(ex.to_json()) + "\n" for ex in examples))
+    return len(examples)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write `text` to a temporary sibling and rename it over `path`: readers see the old file or the new one,
+    never a half-written one, and a failed write leaves nothing behind."""
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
@@ -145,7 +150,6 @@ def write_jsonl(path: str, examples: Iterable[Example]) -> int:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return len(examples)
 
 
 # ---------------------------------------------------------------------------------------------------- batching

@@ -227,17 +227,6 @@ def split_packages(docs: Sequence[StdlibDoc], seed: int = 0, test_fraction: floa
     return sorted(held_out)
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_stdlib_train_test(out_dir: str, seed: int = 0, modules: Optional[Sequence[str]] = None,
                             test_fraction: float = TEST_FRACTION) -> dict:
     """Write out_dir/train.jsonl and the BEIR folder out_dir/test/ from stdlib_docs(modules), split by top-level
@@ -249,7 +238,7 @@ def write_stdlib_train_test(out_dir: str, seed: int = 0, modules: Optional[Seque
     "q:" + name, "text": summary}), qrels/test.tsv (one relevant document per query), as nvembed.corpora's
     make-stdlib-beir writes them. Each file is written to a temporary name and renamed. Returns the counts and
     the held-out packages."""
-    from .data import Example, write_jsonl
+    from .data import Example, atomic_write_text, write_jsonl
 
     if not isinstance(out_dir, str) or not out_dir:
         raise ValueError(f"write_stdlib_train_test: out_dir must be a non-empty path, got {out_dir!r}")
@@ -264,11 +253,11 @@ def write_stdlib_train_test(out_dir: str, seed: int = 0, modules: Optional[Seque
     os.makedirs(os.path.join(test_dir, "qrels"), exist_ok=True)
     n_train = write_jsonl(os.path.join(out_dir, "train.jsonl"),
                           (Example(query=d.summary, pos=(d.document(),), instruction=INSTRUCTION) for d in train))
-    _atomic_write(os.path.join(test_dir, "corpus.jsonl"), "".join(
+    atomic_write_text(os.path.join(test_dir, "corpus.jsonl"), "".join(
         json.dumps({"_id": d.name, "title": d.name, "text": d.text}) + "\n" for d in test))
-    _atomic_write(os.path.join(test_dir, "queries.jsonl"), "".join(
+    atomic_write_text(os.path.join(test_dir, "queries.jsonl"), "".join(
         json.dumps({"_id": "q:" + d.name, "text": d.summary}) + "\n" for d in test))
-    _atomic_write(os.path.join(test_dir, "qrels", "test.tsv"), "query-id\tcorpus-id\tscore\n" + "".join(
+    atomic_write_text(os.path.join(test_dir, "qrels", "test.tsv"), "query-id\tcorpus-id\tscore\n" + "".join(
         f"q:{d.name}\t{d.name}\t1\n" for d in test))
     return {"train": n_train, "test": len(test),
             "train_packages": len({d.package for d in train}), "test_packages": sorted(test_packages)}
