@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from nvembed import checkpoint
-from nvembed.encode import instruction_length
+from nvembed.encode import tokenize_batch
 from nvembed.layers import LatentAttentionPooling
 
 # LoRA targets: every linear layer of the attention and MLP blocks, as in NV-Embed (which adapts all of Mistral's
@@ -138,29 +138,13 @@ def export_model(model, path: str) -> List[str]:
 
 def tokenize(model, texts: Sequence[str], instructions: Optional[Sequence[str]], max_length: int,
              device=None) -> Dict[str, torch.Tensor]:
-    """input_ids / attention_mask / pool_mask for a training batch, built exactly like encode() builds them (text =
-    instruction + text + eos; the first len(tokenize(instruction)) positions leave the pool mask under the
-    release's rule), but with one instruction per row (stage 2 mixes tasks only across batches, yet a data file may
-    carry different instructions per example)."""
-    tok = model.tokenizer
-    if tok is None:
+    """input_ids / attention_mask / pool_mask of a training batch, built exactly as encode() builds them
+    (nvembed.encode.tokenize_batch: instruction + text + eos, instruction tokens out of the pool mask), one
+    instruction per row; None = no instructions (documents)."""
+    if model.tokenizer is None:
         raise ValueError("tokenize: the model has no tokenizer")
-    if model.config.get("max_seq_length"):
-        max_length = min(max_length, model.config["max_seq_length"])
     instructions = list(instructions) if instructions is not None else [""] * len(texts)
-    eos = tok.eos_token if (model.config["add_eos"] and tok.eos_token is not None) else ""
-    batch = tok([i + t + eos for i, t in zip(instructions, texts)], max_length=max_length, padding=True,
-                truncation=True, return_token_type_ids=False, return_tensors="pt")
-    attention_mask = batch["attention_mask"]
-    pool_mask = attention_mask.clone()
-    lengths: Dict[str, int] = {}
-    for row, ins in enumerate(instructions):
-        if ins not in lengths:
-            lengths[ins] = instruction_length(model, ins)
-        if lengths[ins]:
-            pool_mask[row, :lengths[ins]] = 0
-    out = {"input_ids": batch["input_ids"].long(), "attention_mask": attention_mask, "pool_mask": pool_mask}
-    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+    return tokenize_batch(model, texts, instructions, max_length, device)
 
 
 class EmbeddingWrapper(nn.Module):

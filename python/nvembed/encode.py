@@ -31,6 +31,27 @@ def instruction_length(model, instruction: str) -> int:
     return 0
 
 
+def tokenize_batch(model, texts: Sequence[str], instructions: Sequence[str], max_length: int, device=None):
+    """input_ids / attention_mask / pool_mask of one batch with the release's recipe (module docstring), one
+    instruction per row (encode() passes the same one for every row; training data may mix them)."""
+    tokenizer = model.tokenizer
+    if model.config.get("max_seq_length"):
+        max_length = min(max_length, model.config["max_seq_length"])
+    eos = tokenizer.eos_token if (model.config["add_eos"] and tokenizer.eos_token is not None) else ""
+    batch = tokenizer([i + t + eos for i, t in zip(instructions, texts)], max_length=max_length, padding=True,
+                      truncation=True, return_token_type_ids=False, return_tensors="pt")
+    attention_mask = batch["attention_mask"]
+    pool_mask = attention_mask.clone()
+    lengths = {}
+    for row, ins in enumerate(instructions):
+        if ins not in lengths:
+            lengths[ins] = instruction_length(model, ins)
+        if lengths[ins]:
+            pool_mask[row, :lengths[ins]] = 0
+    out = {"input_ids": batch["input_ids"].long(), "attention_mask": attention_mask, "pool_mask": pool_mask}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
 @torch.inference_mode()
 def encode_texts(model, texts: Sequence[str], instruction: str = "", max_length: int = 4096, batch_size: int = 32,
                  normalize: bool = False, convert_to_numpy: bool = True, show_progress_bar: bool = False):
@@ -42,10 +63,6 @@ def encode_texts(model, texts: Sequence[str], instruction: str = "", max_length:
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("encode: the model has no tokenizer (load it with from_pretrained / nvembed.load)")
-    if model.config.get("max_seq_length"):
-        max_length = min(max_length, model.config["max_seq_length"])
-    eos = tokenizer.eos_token if (model.config["add_eos"] and tokenizer.eos_token is not None) else ""
-    n_instr = instruction_length(model, instruction)
     device = model.device
 
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -59,13 +76,8 @@ def encode_texts(model, texts: Sequence[str], instruction: str = "", max_length:
     try:
         for start in starts:
             idx = order[start:start + batch_size]
-            batch = tokenizer([instruction + texts[i] + eos for i in idx], max_length=max_length, padding=True,
-                              truncation=True, return_token_type_ids=False, return_tensors="pt")
-            attention_mask = batch["attention_mask"].to(device)
-            pool_mask = attention_mask.clone()
-            if n_instr > 0:
-                pool_mask[:, :n_instr] = 0
-            emb = model(batch["input_ids"].to(device).long(), attention_mask, pool_mask)["sentence_embeddings"]
+            batch = tokenize_batch(model, [texts[i] for i in idx], [instruction] * len(idx), max_length, device)
+            emb = model(batch["input_ids"], batch["attention_mask"], batch["pool_mask"])["sentence_embeddings"]
             out[idx] = emb.float().cpu()
     finally:
         model.train(was_training)
