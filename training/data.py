@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence
@@ -140,16 +139,10 @@ def write_jsonl(path: str, examples: Iterable[Example]) -> int:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write `text` to a temporary sibling and rename it over `path`: readers see the old file or the new one,
-    never a half-written one, and a failed write leaves nothing behind."""
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write `text` to a temporary sibling and rename it over `path` (nvembed.retrieval's atomic writer): readers
+    see the old file or the new one, never a half-written one, and a failed write leaves nothing behind."""
+    from nvembed.retrieval import _atomic, _write
+    _atomic(path, lambda tmp: _write(tmp, text))
 
 
 # ---------------------------------------------------------------------------------------------------- batching

@@ -28,13 +28,12 @@ import random
 import shutil
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from .data import Example, check_group_size, iterate_batches, read_jsonl
+from .data import Example, atomic_write_text, check_group_size, iterate_batches, read_jsonl
 from .modeling import (EmbeddingWrapper, add_latent_head, apply_lora, export_model, tokenize,
                        trainable_parameters)
 
@@ -119,7 +118,7 @@ class TrainConfig:
         need(self.backbone_dropout is None or 0.0 <= self.backbone_dropout < 1.0,
              f"backbone_dropout must be in [0, 1), got {self.backbone_dropout}")
         need(self.pooling in ("latent", "keep"), f"pooling must be 'latent' or 'keep', got {self.pooling!r}")
-        need(self.head_init in ("identity", "random"), f"head_init must be 'identity' or 'random'")
+        need(self.head_init in ("identity", "random"), f"head_init must be 'identity' or 'random', got {self.head_init!r}")
         need(self.grad_cache_chunk is None or self.grad_cache_chunk >= 1, "grad_cache_chunk must be >= 1")
         need(self.max_grad_norm >= 0, "max_grad_norm must be >= 0")
 
@@ -465,7 +464,6 @@ class Trainer:
         except BaseException:
             self.close()
             raise
-        self.step = 0
 
     def close(self):
         if self.dist.initialized_here and torch.distributed.is_initialized():
@@ -532,9 +530,9 @@ class Trainer:
             evals.append({"step": step, **metrics, "seconds": round(time.perf_counter() - t, 2)})
             print(f"nvembed train: eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
                   file=sys.stderr)
-            with open(os.path.join(self.cfg.output, "eval.json"), "w") as f:
-                json.dump({"data": os.path.abspath(self.cfg.eval_data), "instruction": self.eval_instruction,
-                           "evals": evals}, f, indent=2)
+            atomic_write_text(os.path.join(self.cfg.output, "eval.json"), json.dumps(
+                {"data": os.path.abspath(self.cfg.eval_data), "instruction": self.eval_instruction,
+                 "evals": evals}, indent=2))
         self.dist.barrier()
 
     def _truncate_log(self, upto_step: int):
@@ -544,16 +542,14 @@ class Trainer:
             return
         with open(path) as f:
             keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
-        with open(path + ".tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(path + ".tmp", path)
+        atomic_write_text(path, "".join(keep))
 
     def run(self) -> Dict[str, Any]:
         cfg, dist = self.cfg, self.dist
         if dist.main:
             os.makedirs(cfg.output, exist_ok=True)
-            with open(os.path.join(cfg.output, "train_config.json"), "w") as f:
-                json.dump(dataclasses.asdict(cfg), f, indent=2)
+            atomic_write_text(os.path.join(cfg.output, "train_config.json"),
+                              json.dumps(dataclasses.asdict(cfg), indent=2))
         dist.barrier()
         start = 0
         ckpts = checkpoint_dirs(cfg.output) if cfg.resume else []
@@ -603,7 +599,6 @@ class Trainer:
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t_run
-        self.step = cfg.total_steps
         save_checkpoint(cfg.output, cfg.total_steps, self.model, self.optimizer, self.scheduler, cfg, dist)
         if dist.main:
             export_model(self.model, cfg.output)

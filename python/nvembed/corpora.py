@@ -48,10 +48,7 @@ def write_stdlib_beir(out_dir: str, limit: int = 400, split: str = "test") -> di
         os.path.join("qrels", f"{split}.tsv"): "query-id\tcorpus-id\tscore\n" + "".join(
             f"q:{name}\t{name}\t1\n" for name, _, _ in corpus),
     }
+    from .retrieval import _atomic, _write
     for rel, text in files.items():
-        path = os.path.join(out_dir, rel)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        _atomic(os.path.join(out_dir, rel), lambda tmp, text=text: _write(tmp, text))
     return {"documents": len(corpus), "queries": len(corpus), "qrels": len(corpus)}
