@@ -13,14 +13,14 @@ namespace nvembed {
 namespace {
 constexpr const char* kOp = "infonce";
 
+}  // namespace
+
+// Every check on (queries, docs, group_size, temperature, in_batch_negatives).
 // docs = [B*G grouped rows | E >= 0 extra rows]. The extra rows are negatives for every query, which only the
 // in-batch softmax (over all N = B*G + E docs) can use; the own-group softmax reads exactly the G rows of each
-// query, so there extra rows would be ignored silently and are rejected instead. `extra_docs_supported` is false
-// for a kernel that assumes N == B*G (the CUDA launcher calls the overload without in_batch_negatives until its
-// kernel is generalized): it keeps the exact rule there.
-void check_inputs_impl(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
-                       std::initializer_list<at::ScalarType> dtypes, bool in_batch_negatives,
-                       bool extra_docs_supported) {
+// query, so there extra rows would be ignored silently and are rejected instead.
+void infonce_check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
+                          std::initializer_list<at::ScalarType> dtypes, bool in_batch_negatives) {
   check_rank(queries, kOp, "queries", 2, "[B, d]");
   check_rank(docs, kOp, "docs", 2, "[B*G + E, d]");
   check_same_device(docs, queries, kOp, "docs", "queries");
@@ -36,30 +36,13 @@ void check_inputs_impl(const Tensor& queries, const Tensor& docs, int64_t group_
   int64_t BG = 0;
   NVE_CHECK_VALUE(!c10::mul_overflows(B, group_size, &BG), kOp, "queries.size(0)*group_size overflows int64 (",
                   "queries.size(0)=", B, ", group_size=", group_size, ")");
-  if (in_batch_negatives && extra_docs_supported) {
+  if (in_batch_negatives) {
     NVE_CHECK_VALUE(N >= BG, kOp, "docs.size(0)=", N, " is less than queries.size(0)*group_size=", BG,
                     " (docs holds the B*G grouped docs, then any extra negatives)");
-  } else if (!in_batch_negatives) {
-    NVE_CHECK_VALUE(N == BG, kOp, "docs.size(0)=", N, " is not queries.size(0)*group_size=", BG,
-                    N > BG ? " (extra negative docs need in_batch_negatives=True)" : "");
   } else {
     NVE_CHECK_VALUE(N == BG, kOp, "docs.size(0)=", N, " is not queries.size(0)*group_size=", BG,
-                    N > BG ? " (this device's kernel takes no extra negative docs)" : "");
+                    N > BG ? " (extra negative docs need in_batch_negatives=True)" : "");
   }
-}
-
-}  // namespace
-
-// Every check on (queries, docs, group_size, temperature, in_batch_negatives), one set of messages for all devices.
-void infonce_check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
-                          std::initializer_list<at::ScalarType> dtypes, bool in_batch_negatives) {
-  check_inputs_impl(queries, docs, group_size, temperature, dtypes, in_batch_negatives, true);
-}
-
-// The CUDA launcher's (declared there): the same checks for a kernel without extra negative docs (N == B*G).
-void infonce_check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
-                          std::initializer_list<at::ScalarType> dtypes) {
-  check_inputs_impl(queries, docs, group_size, temperature, dtypes, true, false);
 }
 
 // Checks of the backward's extra arguments against the (already checked) inputs.
