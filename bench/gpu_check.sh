@@ -3,12 +3,17 @@
 #   build the extension there against its torch, run the CUDA tests, compute-sanitizer memcheck and racecheck on
 #   small cases, and the GPU benchmarks (bench/gpu_*.py --out $OUT); logs, CSVs and PNGs go to $OUT (or ./gpu_out).
 #   Copy the benchmark CSV / PNG into bench/results/ when committing them.
+# Every step after the build has its own log ($OUT/<step>.log) and time limit, and a failing step does not stop the
+# others: $OUT/steps.txt lists each step's exit status (124 = hit its time limit) and duration.
+#   ONLY="flash_tests memcheck_flash"  runs only the named steps (names as in steps.txt; the build always runs).
 # Carry the wheels it lacks in .whl/ (nvidia-cutlass, pybind11, cmake, ninja, pytest-benchmark); see README.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+STEPS="$OUT/steps.txt"
+: > "$STEPS"
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -19,22 +24,56 @@ fi
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUT/env.txt"
 
-# Build in place (no install needed), CUDA required.
+# step NAME LIMIT_S CMD...: run CMD with stdout + stderr in $OUT/NAME.log under a time limit, record its exit status
+# in steps.txt, show the log's tail when it fails, and go on either way.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+    echo "$name not run (ONLY=$ONLY)" | tee -a "$STEPS"
+    return 0
+  fi
+  local t0 rc
+  t0=$(date +%s)
+  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc in $(( $(date +%s) - t0 ))s (log: $name.log)" | tee -a "$STEPS"
+  if [ $rc -ne 0 ]; then tail -30 "$OUT/$name.log"; fi
+  return 0
+}
+
+# Build in place (no install needed), CUDA required. Nothing after it can run without the library: a failed build
+# ends the script.
 start=$(date +%s)
 MAX_JOBS=16 NVEMBED_CUDA=1 NVEMBED_CUDA_ARCHS="${NVEMBED_CUDA_ARCHS:-90a}" ./tools/dev_build.sh > "$OUT/build.log" 2>&1
 rc=$?
-echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt"
+echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt" "$STEPS"
 [ $rc -eq 0 ] || { tail -60 "$OUT/build.log"; exit $rc; }
 export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 
-# CUDA tests (fresh random inputs, fp64 references), then everything else once on this machine too.
-python3 -m pytest tests/ -q -p no:cacheprovider -m cuda -rs 2>&1 | tee "$OUT/cuda_tests.log"
+# Flash attention first (the kernels under work): its CUDA tests, compute-sanitizer on small fwd + bwd cases of
+# every instantiation (bench/sanitize_flash.py; uncached allocations so memcheck sees out-of-bounds accesses), the
+# FA3-protocol benchmark against SDPA flash / cuDNN and FA4.
+step flash_tests 300 python3 -m pytest tests/test_flash_attn_cuda.py -q -p no:cacheprovider -rs
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+if [ -n "$SANITIZER" ]; then
+  for tool in memcheck racecheck; do
+    step "${tool}_flash" 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool "$tool" --error-exitcode 9 python3 bench/sanitize_flash.py
+  done
+else
+  echo "compute-sanitizer not found: memcheck / racecheck skipped" | tee -a "$OUT/env.txt" "$STEPS"
+fi
+step gpu_attention 400 python3 bench/gpu_attention.py --out "$OUT"
+tail -3 "$OUT/gpu_attention.log"
+
+# The other CUDA tests (fresh random inputs, fp64 references).
+step cuda_tests 300 python3 -m pytest tests/ -q -p no:cacheprovider -m cuda -rs --ignore=tests/test_flash_attn_cuda.py
 
 # compute-sanitizer memcheck (out-of-bounds / misaligned accesses) and racecheck (shared-memory hazards) on small
-# cases of every CUDA op that exists. InfoNCE: the tensor-core path (bf16 / fp16; 2 query blocks, 3 doc tiles, split
-# forward and dQ pass; d % 8 != 0 through the padded copy) and the plain path (NVEMBED_INFONCE_CUDA_PLAIN=1; fp32,
-# own-group), forward and backward each.
-SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+# cases of InfoNCE: the tensor-core path (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass;
+# d % 8 != 0 through the padded copy) and the plain path (NVEMBED_INFONCE_CUDA_PLAIN=1; fp32, own-group), forward
+# and backward each.
 if [ -n "$SANITIZER" ]; then
   cat > "$OUT/sanitizer_cases.py" <<'PY'
 import os
@@ -61,17 +100,18 @@ torch.cuda.synchronize()
 print("sanitizer cases done")
 PY
   for tool in memcheck racecheck; do
-    "$SANITIZER" --tool "$tool" --error-exitcode 9 python3 "$OUT/sanitizer_cases.py" > "$OUT/$tool.log" 2>&1
-    echo "compute-sanitizer $tool rc=$? (log: $tool.log)" | tee -a "$OUT/env.txt"
+    step "$tool" 300 "$SANITIZER" --tool "$tool" --error-exitcode 9 python3 "$OUT/sanitizer_cases.py"
     tail -5 "$OUT/$tool.log"
   done
-else
-  echo "compute-sanitizer not found: memcheck / racecheck skipped" | tee -a "$OUT/env.txt"
 fi
 
-# GPU benchmarks (each writes its CSV under $OUT).
+# The other GPU benchmarks (each writes its CSV under $OUT).
 for b in bench/gpu_*.py; do
   [ -e "$b" ] || continue
-  python3 "$b" --out "$OUT" 2>&1 | tee "$OUT/$(basename "$b" .py).log"
+  name=$(basename "$b" .py)
+  [ "$name" = gpu_attention ] && continue
+  step "$name" 400 python3 "$b" --out "$OUT"
 done
+echo "--- steps"
+cat "$STEPS"
 ls -la "$OUT"
