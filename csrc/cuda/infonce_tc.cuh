@@ -45,13 +45,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda/cute_common.cuh"
 #include "cuda/infonce.cuh"
 
-#if defined(__CUDACC__)
-#define NVE_DEVICE __device__ __forceinline__
-#else
-#define NVE_DEVICE inline
-#endif
 
 namespace nvembed::cuda::tc {
 
@@ -77,16 +73,6 @@ struct TileConfig {
   static_assert(kBK % 16 == 0 && kBKo % 16 == 0 && kBK == 64 && kBKo == 64, "the 8 x 64 swizzle atom");
   static_assert(kNS % kBN == 0 && kBN % kBKo == 0 && kBD % 64 == 0);
   static_assert((kBM * kBK / kVec) % kThreads == 0 && (kBKo * kBD / kVec) % kThreads == 0);
-};
-
-// The atoms: real sm80 instructions on the GPU, logical equivalents in the CPU emulator (same CuTe layouts).
-template <class Element>
-struct Sm80Atoms {
-  using G2S = cute::SM80_CP_ASYNC_CACHEGLOBAL<cute::uint128_t>;  // L2 only: every CTA streams the same doc tiles
-  using S2R = cute::SM75_U32x4_LDSM_N;
-  using S2RTrans = cute::SM75_U16x8_LDSM_T;
-  using Mma = std::conditional_t<std::is_same_v<Element, cute::half_t>, cute::SM80_16x8x16_F32F16F16F32_TN,
-                                 cute::SM80_16x8x16_F32BF16BF16F32_TN>;
 };
 
 template <class Element_, class Atoms = Sm80Atoms<Element_>>
@@ -141,48 +127,6 @@ struct Traits : TileConfig {
   static constexpr int kSmemBwd = kSmemPipe + kSmemP + kSmemRed;
   static_assert(kSmemX % 128 == 0 && kSmemY % 128 == 0 && kSmemPipe % 128 == 0 && kSmemP % 128 == 0);
 };
-
-// ---- small helpers ------------------------------------------------------------------------------------------------
-
-constexpr float kLog2e = 1.4426950408889634f;
-
-NVE_DEVICE float shfl_xor(float v, int mask) { return __shfl_xor_sync(0xffffffffu, v, mask); }
-
-// Merge of two (max, sum of exp(x - max)) pairs. max = -inf means "no element yet" (sum 0).
-NVE_DEVICE void lse_merge(float& m, float& s, float m2, float s2) {
-  const float mm = fmaxf(m, m2);
-  if (mm == -INFINITY) return;  // both empty: avoid exp(-inf - -inf) = NaN
-  s = s * exp2f((m - mm) * kLog2e) + s2 * exp2f((m2 - mm) * kLog2e);
-  m = mm;
-}
-
-// (MMA = 4, MMA_M, MMA_N) accumulator layout -> ((2, MMA_M), (2, MMA_N)) = (row slots, column slots). The sm80
-// 16 x 8 C fragment gives a thread rows lane/4 + 8 * (value bit 1) and columns 2 * (lane % 4) + (value bit 0).
-template <class Layout>
-NVE_DEVICE auto acc_rowcol(Layout l) {
-  using namespace cute;
-  static_assert(decltype(rank(l))::value == 3 && decltype(size<0>(l))::value == 4);
-  auto v = logical_divide(l, Shape<_2>{});  // ((2, 2), MMA_M, MMA_N)
-  return make_layout(make_layout(get<0, 1>(v), get<1>(v)), make_layout(get<0, 0>(v), get<2>(v)));
-}
-
-// One tiled copy of a (CPY, CPY_M, CPY_K) partition; vectors whose first element lies outside [rows) x [cols)
-// are zero-filled instead (a 16-byte vector is wholly inside or outside since cols % 8 == 0).
-template <class TiledCopy, class Src, class Dst, class Crd>
-NVE_DEVICE void copy_or_zero(TiledCopy const& tc, Src const& src, Dst&& dst, Crd const& crd, int rows, int cols) {
-  using namespace cute;
-  CUTE_UNROLL
-  for (int m = 0; m < size<1>(src); ++m) {
-    CUTE_UNROLL
-    for (int k = 0; k < size<2>(src); ++k) {
-      if (get<0>(crd(0, m, k)) < rows && get<1>(crd(0, m, k)) < cols) {
-        copy(tc, src(_, m, k), dst(_, m, k));
-      } else {
-        clear(dst(_, m, k));
-      }
-    }
-  }
-}
 
 // ---- score tile: acc[BM x BN] = X[0:x_rows, 0:d] . Y[0:y_rows, 0:d]^T ---------------------------------------------
 // x / y point at the first row of the block; rows >= x_rows / y_rows and columns >= d are read as zeros.
