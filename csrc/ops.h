@@ -29,6 +29,25 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cpu(const Tensor& dout,
                                                              const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                              int64_t max_seqlen_q, int64_t max_seqlen_k,
                                                              std::optional<double> scale);
+#ifdef NVEMBED_WITH_CUDA
+// The same four on CUDA (bf16 / fp16, head dims 32 / 64 / 128, sm_80+): csrc/cuda/flash_launcher.cpp.
+std::tuple<Tensor, Tensor> flash_attn_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                               const std::optional<Tensor>& key_padding_mask,
+                                               std::optional<double> scale);
+std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                       const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                       const std::optional<Tensor>& key_padding_mask,
+                                                       std::optional<double> scale);
+std::tuple<Tensor, Tensor> flash_attn_varlen_fwd_cuda(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                      const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                      int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                      std::optional<double> scale);
+std::tuple<Tensor, Tensor, Tensor> flash_attn_varlen_bwd_cuda(const Tensor& dout, const Tensor& q, const Tensor& k,
+                                                              const Tensor& v, const Tensor& out, const Tensor& lse,
+                                                              const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                                              int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                                              std::optional<double> scale);
+#endif
 
 // ---- InfoNCE over grouped docs, tiled (never materializes B x N) ---------------------------------------------
 // returns (loss 0-dim fp32, lse [B] fp32 per query row); both float64 for float64 inputs (CPU, for gradcheck)
@@ -65,6 +84,23 @@ std::vector<Tensor> latent_pool_bwd_cpu(
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps);
+#ifdef NVEMBED_WITH_CUDA
+// The same two on CUDA (float32 / bfloat16 / float16): csrc/cuda/latent_pool_launcher.cpp.
+std::tuple<Tensor, Tensor> latent_pool_fwd_cuda(
+    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps);
+std::vector<Tensor> latent_pool_bwd_cuda(
+    const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
+    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps);
+#endif
 // LATENT_POOL_DECLS_END
 
 }  // namespace nvembed

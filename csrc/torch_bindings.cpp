@@ -139,6 +139,12 @@ TORCH_LIBRARY_IMPL(nvembed, CPU, m) {
 
 #ifdef NVEMBED_WITH_CUDA
 TORCH_LIBRARY_IMPL(nvembed, CUDA, m) {
+  m.impl("_flash_attn_fwd", &nvembed::flash_attn_fwd_cuda);
+  m.impl("_flash_attn_bwd", &nvembed::flash_attn_bwd_cuda);
+  m.impl("_flash_attn_varlen_fwd", &nvembed::flash_attn_varlen_fwd_cuda);
+  m.impl("_flash_attn_varlen_bwd", &nvembed::flash_attn_varlen_bwd_cuda);
+  m.impl("_latent_pool_fwd", &nvembed::latent_pool_fwd_cuda);
+  m.impl("_latent_pool_bwd", &nvembed::latent_pool_bwd_cuda);
   m.impl("_infonce_fwd", &nvembed::infonce_fwd_cuda);
   m.impl("_infonce_bwd", &nvembed::infonce_bwd_cuda);
 }

@@ -1,6 +1,10 @@
-"""The tensor-core CUDA InfoNCE kernels, run on the CPU: tools/infonce_emu builds the kernel bodies of
-csrc/cuda/infonce_tc.cuh with g++ (one std::thread per CUDA thread, emulated ldmatrix / mma.sync / cp.async) and checks
-loss, lse and both gradients against a float64 reference on awkward shapes, forced splits and chunked launches.
+"""The tensor-core CUDA kernels, run on the CPU: tools/cuda_emu builds the kernel bodies with g++ (one std::thread per
+CUDA thread, emulated ldmatrix / mma.sync / cp.async) and checks them against float64 references:
+  * infonce (tools/infonce_emu, csrc/cuda/infonce_tc.cuh): loss, lse and both gradients on awkward shapes, forced
+    splits and chunked launches;
+  * flash (tools/flash_emu, csrc/cuda/flash_sm80.cuh): attention output, lse, dQ, dK, dV for head dims 32/64/128,
+    bf16/fp16, GQA/MQA, tails, varlen with empty sequences, sequences without keys (output 0, lse +inf), negative
+    scale; outputs start as NaN so an unwritten element fails.
 Needs g++ (C++20), the CUDA toolkit headers and the nvidia-cutlass wheel; no GPU."""
 import glob
 import importlib.util
@@ -22,8 +26,9 @@ def _have_toolchain():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_toolchain(), reason="needs g++, the CUDA headers and the nvidia-cutlass wheel")
-def test_tensor_core_kernels_emulated(tmp_path):
+@pytest.mark.parametrize("kernels", ["infonce", "flash"])
+def test_tensor_core_kernels_emulated(kernels, tmp_path):
     env = dict(os.environ, EMU_BUILD_DIR=str(tmp_path))
-    out = subprocess.run([os.path.join(ROOT, "tools", "infonce_emu", "run.sh")], env=env, capture_output=True,
+    out = subprocess.run([os.path.join(ROOT, "tools", "cuda_emu", "run.sh"), kernels], env=env, capture_output=True,
                          text=True, timeout=1800)
     assert out.returncode == 0 and "PASSED" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]

@@ -3,7 +3,7 @@ fp32-FMA tiles, forced with NVEMBED_INFONCE_CUDA_PLAIN=1) against the float64 re
 d % 8 != 0, tails of every tile size, extra negative rows), plus full-write, determinism and argument checks.
 
 Every test needs a CUDA device (marked `cuda`; skipped elsewhere). The tensor-core kernels are also run on the CPU
-by tools/infonce_emu (test_infonce_emu.py)."""
+by tools/infonce_emu (test_cuda_emu.py)."""
 import math
 
 import pytest

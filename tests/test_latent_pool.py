@@ -135,6 +135,24 @@ def fold_path(value):
             os.environ["NVEMBED_LATENT_POOL_FOLD"] = old
 
 
+@contextmanager
+def impl_path(impl):
+    """Run the op through the CPU kernel ("kernel") or through the device-generic ATen implementation that the CUDA
+    build registers for CUDA tensors ("aten", csrc/latent_pool_aten.cpp), on CPU tensors."""
+    old = os.environ.get("NVEMBED_LATENT_POOL_ATEN")
+    os.environ["NVEMBED_LATENT_POOL_ATEN"] = "1" if impl == "aten" else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("NVEMBED_LATENT_POOL_ATEN", None)
+        else:
+            os.environ["NVEMBED_LATENT_POOL_ATEN"] = old
+
+
+IMPLS = ["kernel", "aten"]
+
+
 def make_weights(d, N, H, dh, F_, dtype=torch.float64, gen=None):
     """Random weights on the scales a trained layer has (LayerNorm weights near 1, Linear ~ 1/sqrt(fan_in))."""
     inner = H * dh
@@ -192,7 +210,8 @@ SHAPES = [  # B, L, d, N, H, dh, F
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
-def test_matches_reference(shape, mask_kind, normalize, path, dtype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_matches_reference(shape, mask_kind, normalize, path, dtype, impl):
     B, L, d, N, H, dh, F_ = shape
     gen = torch.Generator().manual_seed(zlib.crc32(repr((shape, mask_kind, normalize, path)).encode()))
     weights = make_weights(d, N, H, dh, F_, dtype=dtype, gen=gen)
@@ -200,7 +219,7 @@ def test_matches_reference(shape, mask_kind, normalize, path, dtype):
     mask = make_mask(mask_kind, B, L, gen)
     ref, ref_grads = run_with_grads(latent_pool_ref, hs.double(), mask, [w.double() for w in weights], H,
                                     normalize)
-    with fold_path(path):
+    with fold_path(path), impl_path(impl):
         out, grads = run_with_grads(OP, hs, mask, weights, H, normalize)
     assert out.dtype == dtype and out.shape == (B, d)
     assert torch.isfinite(out).all()
@@ -339,8 +358,14 @@ def _tiny_args(dtype=torch.float64, mask_kind="zero_row", requires_grad=True, B=
 
 @pytest.mark.parametrize("mask_kind", ["none", "zero_row"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
-def test_opcheck(mask_kind, dtype):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_opcheck(mask_kind, dtype, impl):
     hs, mask, weights, H = _tiny_args(dtype, mask_kind)
+    with impl_path(impl):
+        _opcheck_all(hs, mask, weights, H)
+
+
+def _opcheck_all(hs, mask, weights, H):
     torch.library.opcheck(torch.ops.nvembed._latent_pool_fwd.default, (hs, mask, *weights, H, True, 1e-5))
     torch.library.opcheck(torch.ops.nvembed.latent_pool.default, (hs, mask, *weights, H, False, 1e-5))
     with torch.no_grad():
@@ -351,11 +376,32 @@ def test_opcheck(mask_kind, dtype):
 
 @pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_gradcheck(path, normalize):
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradcheck(path, normalize, impl):
     hs, mask, weights, H = _tiny_args()
-    with fold_path(path):
+    with fold_path(path), impl_path(impl):
         assert torch.autograd.gradcheck(lambda x, *w: OP(x, mask, *w, H, normalize, 1e-5), (hs, *weights),
                                         eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
+def test_aten_path_chunks_and_determinism(path):
+    """More active tokens than one chunk of the ATen implementation (4096): chunked recomputation and the per-chunk
+    pooling GEMMs give the reference's output and gradients, and the same bits twice."""
+    B, L, d, N, H, dh, F_ = 2, 2600, 8, 3, 2, 4, 12
+    gen = torch.Generator().manual_seed(11)
+    weights = make_weights(d, N, H, dh, F_, gen=gen)
+    hs = torch.randn(B, L, d, dtype=torch.float64, generator=gen)
+    mask = make_mask("random", B, L, gen)
+    mask[1, :] = True  # ~1820 + 2600 active tokens: two chunks
+    ref, ref_grads = run_with_grads(latent_pool_ref, hs, mask, weights, H, True)
+    with fold_path(path), impl_path("aten"):
+        out, grads = run_with_grads(OP, hs, mask, weights, H, True)
+        out2, grads2 = run_with_grads(OP, hs, mask, weights, H, True)
+    assert rel_err(out, ref) <= 1e-10
+    for name, g, rg in zip(("hidden_states",) + WEIGHT_NAMES, grads, ref_grads):
+        assert rel_err(g, rg) <= 1e-10, (name, rel_err(g, rg))
+    assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
 
 
 def test_torch_compile_module():

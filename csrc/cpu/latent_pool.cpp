@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "checks.h"
+#include "latent_pool_aten.h"
 #include "ops.h"
 
 namespace nvembed {
@@ -16,21 +17,24 @@ namespace {
 
 constexpr const char* kOp = "latent_pool";
 
-struct Shapes {
-  int64_t B, L, d, N, H, dh, F;
-};
-
 void check_vec(const Tensor& t, const char* name, int64_t n) {
   NVE_CHECK_VALUE(t.dim() == 1 && t.size(0) == n, kOp, name, " must have shape [", n, "] (d), got ", t.sizes());
 }
 
-Shapes check_args(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-                  const Tensor& norm_w, const Tensor& norm_b, const Tensor& ctx_w, const Tensor& ctx_b,
-                  const Tensor& wq, const Tensor& wkv, const Tensor& wo, const Tensor& ff_norm_w,
-                  const Tensor& ff_norm_b, const Tensor& ff_in_w, const Tensor& ff_in_b, const Tensor& ff_out_w,
-                  const Tensor& ff_out_b, int64_t num_heads, double eps) {
+}  // namespace
+
+LatentPoolShapes latent_pool_check_args(const Tensor& hs, const std::optional<Tensor>& pool_mask,
+                                        const Tensor& latents, const Tensor& norm_w, const Tensor& norm_b,
+                                        const Tensor& ctx_w, const Tensor& ctx_b, const Tensor& wq, const Tensor& wkv,
+                                        const Tensor& wo, const Tensor& ff_norm_w, const Tensor& ff_norm_b,
+                                        const Tensor& ff_in_w, const Tensor& ff_in_b, const Tensor& ff_out_w,
+                                        const Tensor& ff_out_b, int64_t num_heads, double eps, bool cuda) {
   check_rank(hs, kOp, "hidden_states", 3, "[B, L, d]");
-  check_dtype(hs, kOp, "hidden_states", cpu_dtypes());
+  if (cuda) {
+    check_dtype(hs, kOp, "hidden_states", {at::kFloat, at::kBFloat16, at::kHalf});
+  } else {
+    check_dtype(hs, kOp, "hidden_states", cpu_dtypes());
+  }
   const int64_t B = hs.size(0), L = hs.size(1), d = hs.size(2);
   NVE_CHECK_VALUE(B > 0, kOp, "hidden_states has an empty batch (B = 0), shape ", hs.sizes());
   NVE_CHECK_VALUE(d > 0, kOp, "hidden_states has hidden size 0, shape ", hs.sizes());
@@ -87,6 +91,15 @@ Shapes check_args(const Tensor& hs, const std::optional<Tensor>& pool_mask, cons
   return {B, L, d, latents.size(0), num_heads, I / num_heads, F2 / 2};
 }
 
+void latent_pool_check_bwd_args(const Tensor& grad_out, const Tensor& pooled, const LatentPoolShapes& s) {
+  NVE_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == s.B && grad_out.size(1) == s.d, kOp,
+                  "grad_out must have shape [B, d] = [", s.B, ", ", s.d, "], got ", grad_out.sizes());
+  NVE_CHECK_VALUE(pooled.dim() == 2 && pooled.size(0) == s.B && pooled.size(1) == s.d, kOp,
+                  "pooled must have shape [B, d] = [", s.B, ", ", s.d, "], got ", pooled.sizes());
+}
+
+namespace {
+
 // Tensors converted to the compute type S, kept alive while the kernel reads them.
 struct Converted {
   std::vector<Tensor> keep;
@@ -97,6 +110,13 @@ struct Converted {
   }
 };
 
+// NVEMBED_LATENT_POOL_ATEN=1: run the device-generic ATen implementation (the CUDA path) on CPU tensors, so its
+// tests run without a GPU.
+bool use_aten_path() {
+  const char* env = std::getenv("NVEMBED_LATENT_POOL_ATEN");
+  return env != nullptr && std::strcmp(env, "1") == 0;
+}
+
 bool fold_override(bool cost_model_choice) {
   // NVEMBED_LATENT_POOL_FOLD=0|1 forces a path (tests cover both); anything else: the cost model.
   const char* env = std::getenv("NVEMBED_LATENT_POOL_FOLD");
@@ -106,7 +126,7 @@ bool fold_override(bool cost_model_choice) {
 }
 
 template <typename S>
-cpu::latent_pool::Params<S> make_params(Converted& cv, const Shapes& s, at::ScalarType st, const Tensor& hs,
+cpu::latent_pool::Params<S> make_params(Converted& cv, const LatentPoolShapes& s, at::ScalarType st, const Tensor& hs,
                                         const std::optional<Tensor>& pool_mask, const Tensor& latents,
                                         const Tensor& norm_w, const Tensor& norm_b, const Tensor& ctx_w,
                                         const Tensor& ctx_b, const Tensor& wq, const Tensor& wkv, const Tensor& wo,
@@ -148,9 +168,16 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
-  const Shapes s = check_args(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
-                              norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
-                              ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps);
+  const LatentPoolShapes s = latent_pool_check_args(
+      hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight,
+      to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
+      num_heads, eps, /*cuda=*/false);
+  if (use_aten_path()) {
+    return latent_pool_fwd_aten(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
+                                norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
+                                ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads,
+                                normalize, eps);
+  }
   const at::ScalarType st = accum_dtype(hidden_states.scalar_type());
   auto opts = hidden_states.options().dtype(st);
   Tensor out = at::empty({s.B, s.d}, opts);
@@ -173,13 +200,17 @@ std::vector<Tensor> latent_pool_bwd_cpu(
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
-  const Shapes s = check_args(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
-                              norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
-                              ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps);
-  NVE_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == s.B && grad_out.size(1) == s.d, kOp,
-                  "grad_out must have shape [B, d] = [", s.B, ", ", s.d, "], got ", grad_out.sizes());
-  NVE_CHECK_VALUE(pooled.dim() == 2 && pooled.size(0) == s.B && pooled.size(1) == s.d, kOp,
-                  "pooled must have shape [B, d] = [", s.B, ", ", s.d, "], got ", pooled.sizes());
+  const LatentPoolShapes s = latent_pool_check_args(
+      hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight,
+      to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
+      num_heads, eps, /*cuda=*/false);
+  latent_pool_check_bwd_args(grad_out, pooled, s);
+  if (use_aten_path()) {
+    return latent_pool_bwd_aten(grad_out, pooled, hidden_states, pool_mask, latents, norm_weight, norm_bias,
+                                norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
+                                ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
+                                num_heads, normalize, eps);
+  }
   const at::ScalarType st = accum_dtype(hidden_states.scalar_type());
   auto opts = hidden_states.options().dtype(st);
   const Tensor* ins[] = {&hidden_states,  &latents,        &norm_weight,    &norm_bias,    &norm_context_weight,

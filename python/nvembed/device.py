@@ -34,8 +34,9 @@ MODEL_OPS = ("nvembed::_flash_attn_fwd", "nvembed::_latent_pool_fwd")
 
 
 def model_ops_have_cuda() -> bool:
-    """Whether this build has CUDA kernels for every op a model forward needs. Until the CUDA attention and
-    latent-pool kernels land, "auto" stays on the CPU even on a GPU machine instead of failing there."""
+    """Whether this build has CUDA kernels for every op a model forward needs (a CUDA build registers flash_attn's
+    sm80 kernels and latent_pool's ATen implementation; a CPU-only build has neither, and "auto" then stays on the
+    CPU even on a GPU machine instead of failing there)."""
     import nvembed_ext  # noqa: F401  (registers the ops)
     try:
         return all(torch._C._dispatch_has_kernel_for_dispatch_key(op, "CUDA") for op in MODEL_OPS)

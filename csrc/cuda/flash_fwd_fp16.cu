@@ -1,0 +1,8 @@
+// Flash-attention fwdward kernels for fp16, head dims 32 / 64 / 128 (see flash_kernels.cuh).
+#include "cuda/flash_kernels.cuh"
+
+namespace nvembed::cuda {
+
+void flash_fwd_fp16(const FlashParams& p, cudaStream_t stream) { fa::run_fwd_hdim<cute::half_t>(p, stream); }
+
+}  // namespace nvembed::cuda
