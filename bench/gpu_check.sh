@@ -105,11 +105,18 @@ PY
   done
 fi
 
+# The latent_pool benchmark (issue 7): the released eager layer, torch.compile of it (inductor; its compilation is
+# most of the run time) and nvembed::latent_pool at NV-Embed-v2 size, fwd and fwd+bwd, after agreement checks
+# (float64 on the CPU through the ATen path, float32 small, bf16 at full size against a float32 reference that needs
+# ~25 GB). Exit status 1 when ours disagrees with the eager layer.
+step gpu_latent_pool 480 python3 bench/gpu_latent_pool.py --out "$OUT"
+tail -12 "$OUT/gpu_latent_pool.log" 2>/dev/null
+
 # The other GPU benchmarks (each writes its CSV under $OUT).
 for b in bench/gpu_*.py; do
   [ -e "$b" ] || continue
   name=$(basename "$b" .py)
-  [ "$name" = gpu_attention ] && continue
+  case "$name" in gpu_attention|gpu_latent_pool) continue ;; esac
   step "$name" 400 python3 "$b" --out "$OUT"
 done
 echo "--- steps"

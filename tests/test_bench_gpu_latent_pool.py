@@ -1,0 +1,92 @@
+"""bench/gpu_latent_pool.py in its --tiny mode on the CPU: every code path of the latent_pool GPU benchmark (the
+GEMM reference rate, the agreement checks in float64 / float32 and at the benchmark size, the eager released layer,
+torch.compile of it, our op, both masks, fwd and fwd+bwd, ratios, the CSVs) runs in seconds, so the script cannot
+rot between GPU sessions; a provider that cannot run is recorded, not fatal."""
+import csv
+import importlib.util
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "mask", "dtype", "batch", "seqlen",
+           "pooled_tokens", "d", "latents", "heads", "dim_head", "ff_hidden", "gflop", "ms", "ms_p20", "ms_p80",
+           "tflops", "gemm_tflops", "gemm_fraction", "peak_mb", "saved_mb", "grads_mb", "mem_vs_eager",
+           "speedup_vs_eager", "speedup_vs_compile", "agreement", "note"]
+CHECK_COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "check", "provider", "dtype", "reference_dtype", "batch",
+                 "seqlen", "d", "latents", "heads", "dim_head", "out_err", "grad_err", "grad_err_worst", "tol_out",
+                 "tol_grad", "status"]
+
+
+def _run(tmp_path, *argv):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_latent_pool.py"), "--tiny", "--device",
+                          "cpu", "--out", str(tmp_path), *argv], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    tables = []
+    for name, columns in (("gpu_latent_pool_tiny.csv", COLUMNS), ("gpu_latent_pool_tiny_agreement.csv",
+                                                                  CHECK_COLUMNS)):
+        with open(tmp_path / name) as f:
+            reader = csv.DictReader(f)
+            assert reader.fieldnames == columns
+            tables.append(list(reader))
+    return out.stdout, tables[0], tables[1]
+
+
+def test_gpu_latent_pool_tiny_cpu(tmp_path):
+    stdout, rows, checks = _run(tmp_path)
+    for r in rows + checks:
+        assert r["gpu"].startswith("cpu") and r["torch"] and r["commit"] and r["date"]
+
+    # agreement: ours against the released layer in float64, float32 and at the benchmark size (compile too)
+    assert [(c["check"], c["provider"]) for c in checks] == [
+        ("small-fp64", "nvembed"), ("small-fp32", "eager"), ("small-fp32", "nvembed"), ("bench", "eager"),
+        ("bench", "compile"), ("bench", "nvembed")]
+    for c in checks:
+        assert c["status"] == ("baseline" if c["provider"] == "eager" else "ok"), c
+        assert float(c["out_err"]) <= float(c["tol_out"]) and float(c["grad_err"]) <= float(c["tol_grad"])
+    assert float(checks[0]["out_err"]) < 1e-12 and float(checks[0]["grad_err"]) < 1e-12  # float64: exact algebra
+
+    # the reference GEMM row, then provider x mode x mask, every one timed
+    gemm = rows[0]
+    assert gemm["provider"] == "torch.matmul" and gemm["mode"] == "gemm" and float(gemm["tflops"]) > 0
+    timed = rows[1:]
+    assert sorted((r["mask"], r["mode"], r["provider"]) for r in timed) == sorted(
+        (m, mode, p) for m in ("all", "padded") for mode in ("fwd", "fwd+bwd") for p in ("eager", "compile", "nvembed"))
+    for r in timed:
+        assert (r["batch"], r["seqlen"], r["d"], r["latents"], r["heads"], r["dim_head"], r["ff_hidden"], r["dtype"]) \
+            == ("2", "17", "64", "16", "2", "64", "256", "float32")
+        assert "unavailable" not in r["note"] and "skipped" not in r["note"], r
+        assert float(r["ms"]) > 0 and float(r["ms_p20"]) <= float(r["ms"]) <= float(r["ms_p80"])
+        assert float(r["tflops"]) > 0 and float(r["gemm_tflops"]) == float(gemm["tflops"])
+        # the eager layer's FLOPs, the same for every provider: forward 2T(2dI + 2NI + 3dF) + 4NdI, fwd+bwd 3x
+        T, d, N, inner, F = 2 * 17, 64, 16, 128, 256
+        fwd = 2 * T * (2 * d * inner + 2 * N * inner + 3 * d * F) + 4 * N * d * inner
+        assert abs(float(r["gflop"]) * 1e9 - fwd * (3 if r["mode"] == "fwd+bwd" else 1)) < 1e-3 * fwd
+        assert r["peak_mb"] == "" and r["mem_vs_eager"] == ""  # CUDA only
+    by = {(r["mask"], r["mode"], r["provider"]): r for r in timed}
+    for (mask, mode, p), r in by.items():
+        for anchor in ("eager", "compile"):  # speedup = anchor's median / this row's median
+            want = float(by[mask, mode, anchor]["ms"]) / float(r["ms"])
+            assert abs(float(r[f"speedup_vs_{anchor}"]) - want) <= 1e-3 * want + 1e-3
+    assert {int(r["pooled_tokens"]) for r in timed if r["mask"] == "all"} == {34}
+    padded = {int(r["pooled_tokens"]) for r in timed if r["mask"] == "padded"}
+    assert len(padded) == 1 and 0 < padded.pop() < 34
+    ours = [r for r in timed if r["provider"] == "nvembed"]
+    assert all("targets (issue 7)" in r["note"] and "small-fp64 ok" in r["agreement"] for r in ours)
+    assert all("aot_eager" in r["note"] for r in timed if r["provider"] == "compile")
+    assert "wrote" in stdout
+    assert (tmp_path / "gpu_latent_pool_tiny.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_gpu_latent_pool_tiny_records_a_failing_compile(tmp_path):
+    stdout, rows, checks = _run(tmp_path, "--compile-backend", "no_such_backend", "--masks", "padded")
+    compiled = [r for r in rows if r["provider"] == "compile"]
+    assert {r["mode"] for r in compiled} == {"fwd", "fwd+bwd"}
+    for r in compiled:
+        assert r["ms"] == "" and "unavailable: " in r["note"] and "no_such_backend" in r["note"]
+    assert [c["status"].split(":")[0] for c in checks if c["provider"] == "compile"] == ["unavailable"]
+    for r in rows:
+        if r["provider"] in ("eager", "nvembed"):
+            assert float(r["ms"]) > 0 and r["speedup_vs_compile"] == ""
