@@ -274,16 +274,18 @@ std::vector<Tensor> latent_pool_bwd_aten(
   // the latent side: fold -> (dK, dWq), (dV, dWo); K, V -> dWkv, dctx -> LN_ctx backward
   if (s.fold) {
     const Tensor dkx = d_kx.view({s.H, s.N, s.d}), dcx = d_cx.view({s.H, s.N, s.d});
-    const Tensor wq_h = s.wq.to(s.acc).view({s.H, s.dh, s.d});                      // Wq_h [dh, d]
-    const Tensor wo_h = s.wo.to(s.acc).view({s.d, s.H, s.dh}).permute({1, 0, 2});  // Wo_h [d, dh]
-    d_kh = at::matmul(dkx, wq_h.transpose(1, 2));                                    // [H, N, dh]
-    d_wq = at::matmul(s.kh.transpose(1, 2), dkx).reshape({s.I, s.d});              // [H, dh, d]
-    d_vh = at::matmul(dcx, wo_h);                                                    // [H, N, dh]
-    d_wo = at::matmul(s.vh.transpose(1, 2), dcx).permute({2, 0, 1}).reshape({s.d, s.I});
+    // GEMMs in the input dtype like the rest (no fp32 copies of the big projection weights)
+    const Tensor wq_h = s.wq.view({s.H, s.dh, s.d});                      // Wq_h [dh, d]
+    const Tensor wo_h = s.wo.view({s.d, s.H, s.dh}).permute({1, 0, 2});  // Wo_h [d, dh]
+    d_kh = mm(dkx, wq_h.transpose(1, 2), s.io, s.acc);                                  // [H, N, dh]
+    d_wq = mm(s.kh.transpose(1, 2), dkx, s.io, s.acc).reshape({s.I, s.d});              // [H, dh, d]
+    d_vh = mm(dcx, wo_h, s.io, s.acc);                                                   // [H, N, dh]
+    d_wo = mm(s.vh.transpose(1, 2), dcx, s.io, s.acc).permute({2, 0, 1}).reshape({s.d, s.I});
   }
-  const Tensor dkv = at::cat({d_kh.transpose(0, 1).reshape({s.N, s.I}), d_vh.transpose(0, 1).reshape({s.N, s.I})}, 1);
-  const Tensor d_wkv = at::matmul(dkv.t(), s.ctx);
-  const Tensor dctx = at::matmul(dkv, s.wkv.to(s.acc));
+  const Tensor dkv =
+      at::cat({d_kh.transpose(0, 1).reshape({s.N, s.I}), d_vh.transpose(0, 1).reshape({s.N, s.I})}, 1);
+  const Tensor d_wkv = mm(dkv.t(), s.ctx, s.io, s.acc);
+  const Tensor dctx = mm(dkv, s.wkv, s.io, s.acc);
   auto lnc = at::native_layer_norm_backward(dctx, s.latents, {s.d}, s.ctx_mean, s.ctx_rstd, s.ctx_w, s.ctx_b,
                                             {true, true, true});
   std::vector<Tensor> grads = {dx_flat.view({s.B, s.L, s.d}), std::get<0>(lnc), d_norm_w, d_norm_b,
