@@ -14,7 +14,7 @@ except ImportError as e:  # pragma: no cover - only on a broken install
 
 import torch  # noqa: E402
 
-from . import _attention, _infonce, _latent_pool  # noqa: E402,F401  (fake kernels + autograd)
+from . import _attention, _autocast, _infonce, _latent_pool  # noqa: E402,F401  (fake kernels, autograd, autocast)
 
 
 def build_info() -> dict:

@@ -18,8 +18,11 @@ _WEIGHT_NAMES = ("latents", "norm_weight", "norm_bias", "norm_context_weight", "
 
 def _check_args(hidden_states, pool_mask, weights, num_heads, eps):
     torch._check(hidden_states.dim() == 3, lambda: _OP + "hidden_states must be 3-D [B, L, d]")
-    torch._check(hidden_states.dtype in (torch.float32, torch.bfloat16, torch.float64),
-                 lambda: _OP + f"hidden_states has dtype {hidden_states.dtype}; expected float32, bfloat16, float64")
+    # the CPU kernel takes float32 / bfloat16 / float64, the CUDA path float32 / bfloat16 / float16
+    allowed = (torch.float32, torch.bfloat16, torch.float64) if hidden_states.device.type != "cuda" else (
+        torch.float32, torch.bfloat16, torch.float16)
+    torch._check(hidden_states.dtype in allowed,
+                 lambda: _OP + f"hidden_states has dtype {hidden_states.dtype}; expected one of {allowed}")
     B, L, d = hidden_states.shape
     torch._check(B > 0, lambda: _OP + "hidden_states has an empty batch (B = 0)")
     torch._check(num_heads >= 1, lambda: _OP + f"num_heads must be >= 1, got {num_heads}")
