@@ -1,10 +1,14 @@
 """Shared pieces of the benchmarks: environment metadata and the CSV writer (Liger-Kernel style: one row per
-variant with p20/p50/p80, the anchor's time and the ratio, CPU/GPU name, versions, commit, date)."""
+variant with p20/p50/p80, the anchor's time and the ratio, CPU/GPU name, versions, commit, date), and for the GPU
+scripts (bench/gpu_*.py, run as `python3 bench/gpu_X.py`, which puts this folder on sys.path) their device choice,
+CUDA-event timing, quantiles and matplotlib figures."""
 import csv
 import datetime
 import os
 import platform
 import subprocess
+import time
+from typing import Callable, Optional
 
 import torch
 
@@ -29,6 +33,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+def device_name(device) -> str:
+    """The GPU's name for a CUDA device (the current one for a bare "cuda"), else the CPU's."""
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_name()
+
+
+def gpu_environment(device) -> dict:
+    """The leading CSV columns of bench/gpu_attention.py and bench/gpu_latent_pool.py: gpu (a CPU run says
+    "cpu: <model>"), torch, cuda, commit ($NVEMBED_COMMIT first: a copied tree may have no .git), date."""
+    name = device_name(device)
+    return {"gpu": name if device.type == "cuda" else f"cpu: {name}",
+            "torch": torch.__version__, "cuda": torch.version.cuda or "",
+            "commit": os.environ.get("NVEMBED_COMMIT") or git_commit(),
+            "date": datetime.date.today().isoformat()}
+
+
+def describe(env: dict) -> str:
+    """gpu_environment() in one line, for the log's first line and the figures' titles."""
+    return f"{env['gpu']}, torch {env['torch']}, CUDA {env['cuda'] or '-'}, commit {env['commit']}"
+
+
 def environment() -> dict:
     import nvembed_ext
 
@@ -44,17 +68,88 @@ def environment() -> dict:
     }
 
 
-def write_csv(path: str, rows: list) -> None:
-    if not rows:
-        return
+def write_csv(path: str, rows: list, columns: Optional[list] = None) -> None:
+    """`columns` given: exactly those, in that order ("" where a row lacks one, keys not named dropped), the header
+    even when there are no rows. None: the union of the rows' keys in first-seen order, and no file for no rows."""
+    if columns is None:
+        if not rows:
+            return
+        columns = []
+        for r in rows:
+            for k in r:
+                if k not in columns:
+                    columns.append(k)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    keys = []
-    for r in rows:
-        for k in r:
-            if k not in keys:
-                keys.append(k)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
+        w = csv.DictWriter(f, fieldnames=columns)
         w.writeheader()
         for r in rows:
-            w.writerow(r)
+            w.writerow({k: r.get(k, "") for k in columns})
+
+
+def quantile(times: list, p: float) -> float:
+    """The p-quantile of `times` as the benchmarks report it: sorted(times)[min(n - 1, int(p * n))]."""
+    s = sorted(times)
+    return s[min(len(s) - 1, int(p * len(s)))]
+
+
+# ---- the GPU scripts ---------------------------------------------------------------------------------------------
+
+def select_device(prog: str, spec: str, tiny: bool, full_run: str) -> Optional[torch.device]:
+    """--device of a GPU script with a --tiny mode: "auto" = cuda when available, else cpu. None, having said why,
+    where CUDA is asked for and absent or where `full_run` (the non-tiny run) is asked for on a CPU; a CUDA device is
+    made the current one."""
+    device = torch.device(spec if spec != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"{prog}: no CUDA device here; use --tiny (it runs on the CPU)")
+        return None
+    if device.type == "cpu" and not tiny:
+        print(f"{prog}: {full_run} is for a GPU; use --tiny on the CPU")
+        return None
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def time_calls(call: Callable, warmup: int, iters: int, on_cuda: bool) -> list:
+    """Milliseconds of each of `iters` calls after `warmup` untimed ones: on CUDA each between two CUDA events, all
+    recorded back to back and read after one synchronize; on a CPU a perf_counter pair."""
+    for _ in range(warmup):
+        call()
+    if on_cuda:
+        torch.cuda.synchronize()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+        for start, end in events:
+            start.record()
+            call()
+            end.record()
+        torch.cuda.synchronize()
+        return [s.elapsed_time(e) for s, e in events]
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (and a line saying so) where matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no PNG (the CSV has every number)")
+        return None
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 110) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    print(f"wrote {path}")

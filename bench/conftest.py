@@ -8,7 +8,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import environment, write_csv  # noqa: E402
+from common import environment, quantile, write_csv  # noqa: E402
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -28,11 +28,10 @@ def pytest_sessionfinish(session, exitstatus):
             if b.extra_info.get("variant") == b.extra_info.get("anchor"):
                 anchor = b
         for b in items:
-            data = sorted(b.stats.data)
-            q = lambda p: data[min(len(data) - 1, int(p * len(data)))] * 1e3  # noqa: E731
+            data = b.stats.data
             row = {"group": group, "variant": b.extra_info.get("variant", b.name), "rounds": len(data),
-                   "min_ms": round(b.stats.min * 1e3, 4), "p20_ms": round(q(0.2), 4),
-                   "p50_ms": round(b.stats.median * 1e3, 4), "p80_ms": round(q(0.8), 4)}
+                   "min_ms": round(b.stats.min * 1e3, 4), "p20_ms": round(quantile(data, 0.2) * 1e3, 4),
+                   "p50_ms": round(b.stats.median * 1e3, 4), "p80_ms": round(quantile(data, 0.8) * 1e3, 4)}
             if anchor is not None:
                 row["anchor"] = anchor.extra_info.get("variant")
                 row["speedup_vs_anchor"] = round(anchor.stats.median / b.stats.median, 3)

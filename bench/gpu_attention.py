@@ -48,14 +48,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import datetime
 import inspect
 import os
 import statistics
 import sys
-import time
 from typing import Callable, Optional
 
 import torch
@@ -63,6 +60,10 @@ import torch.nn.functional as F
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from common import describe, gpu_environment, pyplot, save_figure, select_device, time_calls, write_csv  # noqa: E402
 
 COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "batch", "seqlen", "heads_q", "heads_kv",
            "head_dim", "ms", "tflops", "note"]
@@ -306,27 +307,6 @@ def check_agreement(name: str, case: Case, device, dtype, tiny: bool, seed: int,
 
 # ---- timing ------------------------------------------------------------------------------------------------------
 
-def time_ms(call: Callable, warmup: int, iters: int, on_cuda: bool) -> float:
-    for _ in range(warmup):
-        call()
-    if on_cuda:
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            call()
-            end.record()
-        torch.cuda.synchronize()
-        times = [s.elapsed_time(e) for s, e in events]
-    else:
-        times = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            call()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
 def measure(name: str, case: Case, mode: str, device, dtype, args, seed: int, gqa_mode: str) -> float:
     gen = torch.Generator(device=device).manual_seed(seed)  # on the device: 16k x 2048 inputs in microseconds
     inp = Inputs(case, name in PACKED, device, dtype, mode != "fwd", gen)
@@ -346,30 +326,19 @@ def measure(name: str, case: Case, mode: str, device, dtype, args, seed: int, gq
             else:
                 def call():
                     torch.autograd.grad(fn(*leaves), leaves, dout)
-        return time_ms(call, args.warmup, args.iters, device.type == "cuda")
+        return statistics.median(time_calls(call, args.warmup, args.iters, device.type == "cuda"))
 
 
 # ---- driver ------------------------------------------------------------------------------------------------------
-
-def environment(device) -> dict:
-    sys.path.insert(0, HERE)
-    from common import cpu_name, git_commit
-
-    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_name()}",
-            "torch": torch.__version__, "cuda": torch.version.cuda or "",
-            "commit": os.environ.get("NVEMBED_COMMIT") or git_commit(),  # a copied tree may have no .git
-            "date": datetime.date.today().isoformat()}
-
 
 def gqa_key(case: Case):
     return (case.lengths is not None, case.heads_q != case.heads_kv, case.head_dim)
 
 
 def run(args, device, dtype) -> tuple:
-    env = environment(device)
-    print(f"gpu_attention: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda'] or '-'}, commit {env['commit']}, "
-          f"{str(dtype).replace('torch.', '')}, {'tiny' if args.tiny else 'full'} run, warm-up {args.warmup}, "
-          f"timed {args.iters}", flush=True)
+    env = gpu_environment(device)
+    print(f"gpu_attention: {describe(env)}, {str(dtype).replace('torch.', '')}, {'tiny' if args.tiny else 'full'} "
+          f"run, warm-up {args.warmup}, timed {args.iters}", flush=True)
     cases = build_cases(args.tiny, args.seqlens, args.head_dims)
     only = set(args.providers) if args.providers else None
     agreement = {}  # (provider, key) -> (error or None, gqa_mode, note)
@@ -435,22 +404,9 @@ def agree(name, case, device, dtype, args, seed) -> tuple:
     return "unavailable: " + (first_error or "unknown error"), "enable_gqa", ""
 
 
-def write_csv(path: str, rows: list) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
-
-
 def plot(rows: list, path: str, tiny: bool) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG (the CSV has every number)")
+    plt = pyplot()
+    if plt is None:
         return
     sweep = [r for r in rows if r["_kind"] == "fa3" and r["ms"] != ""]
     head_dims = sorted({r["head_dim"] for r in sweep})
@@ -479,12 +435,8 @@ def plot(rows: list, path: str, tiny: bool) -> None:
             ax.legend(fontsize=7)
     r0 = rows[0]
     protocol = "tiny shapes" if tiny else "16k tokens, hidden 2048"
-    fig.suptitle(f"non-causal attention, {protocol} — {r0['gpu']}, torch {r0['torch']}, "
-                 f"CUDA {r0['cuda'] or '-'}, commit {r0['commit']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+    fig.suptitle(f"non-causal attention, {protocol} — {describe(r0)}")
+    save_figure(fig, path)
 
 
 def parse_args(argv=None):
@@ -512,27 +464,18 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
-    if args.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_attention: no CUDA device here; use --tiny (it runs on the CPU)")
-        return 2
-    if device.type == "cpu" and not args.tiny:
-        print("gpu_attention: the full sweep is for a GPU; use --tiny on the CPU")
+    device = select_device("gpu_attention", args.device, args.tiny, "the full sweep")
+    if device is None:
         return 2
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if device.type == "cpu" and dtype == torch.float16:
         print("gpu_attention: the CPU op takes bfloat16, not float16")
         return 2
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     rows, mismatch = run(args, device, dtype)
     os.makedirs(args.out, exist_ok=True)
     name = "gpu_attention_tiny" if args.tiny else "gpu_attention"
     csv_path = os.path.join(args.out, f"{name}.csv")
-    write_csv(csv_path, rows)
+    write_csv(csv_path, rows, COLUMNS)
     print(f"wrote {csv_path} ({len(rows)} rows)")
     plot(rows, os.path.join(args.out, f"{name}.png"), args.tiny)
     if mismatch:

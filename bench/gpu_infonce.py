@@ -29,35 +29,26 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from common import device_name, git_commit, pyplot, save_figure, write_csv  # noqa: E402
+
 TEMPERATURE = 0.05
 G = 8
-
-
-def git_commit() -> str:
-    sys.path.insert(0, HERE)
-    from common import git_commit as commit
-
-    return commit()
 
 
 def environment(device: str) -> dict:
     import nvembed_ext
 
-    env = {
+    return {
         "date": datetime.date.today().isoformat(),
         "commit": git_commit(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "",
         "nvembed_archs": nvembed_ext.build_info().get("cuda_archs", ""),
+        "device": device_name(device),
     }
-    if device == "cuda":
-        env["device"] = torch.cuda.get_device_name()
-    else:
-        sys.path.insert(0, HERE)
-        from common import cpu_name
-
-        env["device"] = cpu_name()
-    return env
 
 
 def loss_fn(variant: str):
@@ -178,13 +169,8 @@ def same_input_loss_diff(B: int, d: int, dtype, device: str) -> float:
 
 
 def plot(rows: list[dict], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG (the CSV has every number)")
+    plt = pyplot()
+    if plt is None:
         return
     ok = [r for r in rows if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -209,9 +195,7 @@ def plot(rows: list[dict], path: str) -> None:
     r0 = rows[0]
     fig.suptitle(f"nvembed::infonce vs naive, bf16, in-batch negatives - {r0['device']}, torch {r0['torch']}, "
                  f"CUDA {r0['cuda']}, commit {r0['commit']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -233,9 +217,6 @@ def main(argv=None) -> int:
     sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
     rows = run(args)
     os.makedirs(args.out, exist_ok=True)
-    sys.path.insert(0, HERE)
-    from common import write_csv
-
     name = "gpu_infonce_smoke" if args.smoke else "gpu_infonce"
     csv_path = os.path.join(args.out, f"{name}.csv")
     write_csv(csv_path, rows)

@@ -80,9 +80,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
-import datetime
 import gc
 import math
 import os
@@ -96,6 +94,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from common import (describe, gpu_environment, pyplot, quantile, save_figure, select_device,  # noqa: E402
+                    time_calls, write_csv)
 
 COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "mask", "dtype", "batch", "seqlen",
            "pooled_tokens", "d", "latents", "heads", "dim_head", "ff_hidden", "gflop", "ms", "ms_p20", "ms_p80",
@@ -401,31 +404,6 @@ def _dt(dtype) -> str:
 
 # ---- timing ------------------------------------------------------------------------------------------------------
 
-def time_calls(call: Callable, warmup: int, iters: int, on_cuda: bool) -> list:
-    for _ in range(warmup):
-        call()
-    if on_cuda:
-        torch.cuda.synchronize()
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-        for start, end in events:
-            start.record()
-            call()
-            end.record()
-        torch.cuda.synchronize()
-        return [s.elapsed_time(e) for s, e in events]
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        call()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return times
-
-
-def _quantile(times: list, p: float) -> float:
-    s = sorted(times)
-    return s[min(len(s) - 1, int(p * len(s)))]
-
-
 def gemm_rate(n: int, dtype, device, warmup: int, iters: int) -> tuple:
     """(TFLOP/s, ms) of torch.matmul on n x n x n in `dtype`: the achievable cuBLAS rate on this device."""
     gen = torch.Generator(device=device).manual_seed(0)
@@ -449,7 +427,7 @@ def measure(fn: Callable, layer: Layer, hs, mask, gout, mode: str, args, device)
             torch.autograd.grad(out, leaves, gout.to(out.dtype))
     on_cuda = device.type == "cuda"
     times = time_calls(call, args.warmup, args.iters, on_cuda)
-    res = {"ms": statistics.median(times), "ms_p20": _quantile(times, 0.2), "ms_p80": _quantile(times, 0.8)}
+    res = {"ms": statistics.median(times), "ms_p20": quantile(times, 0.2), "ms_p80": quantile(times, 0.8)}
     if on_cuda:
         _free(device)
         torch.cuda.synchronize()
@@ -469,27 +447,16 @@ def measure(fn: Callable, layer: Layer, hs, mask, gout, mode: str, args, device)
 
 # ---- driver ------------------------------------------------------------------------------------------------------
 
-def environment(device) -> dict:
-    sys.path.insert(0, HERE)
-    from common import cpu_name, git_commit
-
-    return {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {cpu_name()}",
-            "torch": torch.__version__, "cuda": torch.version.cuda or "",
-            "commit": os.environ.get("NVEMBED_COMMIT") or git_commit(),  # a copied tree may have no .git
-            "date": datetime.date.today().isoformat()}
-
-
 def run(args, device) -> tuple:
-    env = environment(device)
+    env = gpu_environment(device)
     shape, small = (TINY, SMALL_TINY) if args.tiny else (FULL, SMALL)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     wide = torch.float64 if dtype == torch.float32 else torch.float32
     on_cuda = device.type == "cuda"
     import nvembed_ext
 
-    print(f"gpu_latent_pool: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda'] or '-'}, commit {env['commit']}, "
-          f"nvembed_ext with_cuda={nvembed_ext.build_info().get('with_cuda')}; {'tiny' if args.tiny else 'full'} run, "
-          f"{_dt(dtype)}, warm-up {args.warmup}, timed {args.iters}", flush=True)
+    print(f"gpu_latent_pool: {describe(env)}, nvembed_ext with_cuda={nvembed_ext.build_info().get('with_cuda')}; "
+          f"{'tiny' if args.tiny else 'full'} run, {_dt(dtype)}, warm-up {args.warmup}, timed {args.iters}", flush=True)
     fwd = shape.fwd_flops()
     print(f"  layer {shape.label()}: eager (unfolded) layer {fwd / 1e12:.4g} TFLOP forward, {3 * fwd / 1e12:.4g} "
           f"fwd+bwd (the released code also spends {shape.release_extra_kv_flops() / 1e12:.4g} TFLOP forward on "
@@ -618,22 +585,9 @@ def run(args, device) -> tuple:
     return rows, checks, mismatch
 
 
-def write_csv(path: str, rows: list, columns: list) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in columns})
-
-
 def plot(rows: list, path: str, tiny: bool) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no PNG (the CSV has every number)")
+    plt = pyplot()
+    if plt is None:
         return
     timed = [r for r in rows if r.get("mode") in MODES and r.get("ms", "") != ""]
     if not timed:
@@ -667,12 +621,8 @@ def plot(rows: list, path: str, tiny: bool) -> None:
     r0 = timed[0]
     size = "tiny" if tiny else "NV-Embed-v2 size"
     fig.suptitle(f"latent_pool {size} (B{r0['batch']} L{r0['seqlen']} d{r0['d']} N{r0['latents']} "
-                 f"H{r0['heads']}x{r0['dim_head']}, {r0['dtype']}) - {r0['gpu']}, torch {r0['torch']}, "
-                 f"CUDA {r0['cuda'] or '-'}, commit {r0['commit']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
+                 f"H{r0['heads']}x{r0['dim_head']}, {r0['dtype']}) - {describe(r0)}", fontsize=9)
+    save_figure(fig, path)
 
 
 def parse_args(argv=None):
@@ -709,15 +659,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("gpu_latent_pool: no CUDA device here; use --tiny (it runs on the CPU)")
+    device = select_device("gpu_latent_pool", args.device, args.tiny, "the NV-Embed-v2-sized run")
+    if device is None:
         return 2
-    if device.type == "cpu" and not args.tiny:
-        print("gpu_latent_pool: the NV-Embed-v2-sized run is for a GPU; use --tiny on the CPU")
-        return 2
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     if args.compile_backend is None:
         args.compile_backend = "aot_eager" if (args.tiny and device.type == "cpu") else "inductor"
     rows, checks, mismatch = run(args, device)

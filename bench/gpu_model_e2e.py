@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import torch  # noqa: E402
 
-from common import git_commit, write_csv  # noqa: E402
+from common import device_name, git_commit, quantile, write_csv  # noqa: E402
 from released_nvembed import port_nvembed, random_state_dict, released_config, released_shapes  # noqa: E402
 
 FULL_TEXT = {"model_type": "bidir_mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
@@ -169,10 +169,6 @@ def time_forwards(fn, batches, warmup, device):
     return times
 
 
-def _quantile(sorted_times, p):
-    return sorted_times[min(len(sorted_times) - 1, int(p * len(sorted_times)))]
-
-
 def measure(name, fn, args, device, vocab):
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same batch sequence for every path
     batches = (make_batch(gen, args.batch, args.seq_len, vocab, device) for _ in range(args.warmup + args.iters))
@@ -180,10 +176,9 @@ def measure(name, fn, args, device, vocab):
         torch.cuda.reset_peak_memory_stats(device)
     with torch.inference_mode():
         times = time_forwards(fn, batches, args.warmup, device)
-    s = sorted(times)
     median = statistics.median(times)
-    row = {"variant": name, "status": "ok", "median_ms": round(median, 3), "p20_ms": round(_quantile(s, 0.2), 3),
-           "p80_ms": round(_quantile(s, 0.8), 3), "min_ms": round(s[0], 3),
+    row = {"variant": name, "status": "ok", "median_ms": round(median, 3), "p20_ms": round(quantile(times, 0.2), 3),
+           "p80_ms": round(quantile(times, 0.8), 3), "min_ms": round(min(times), 3),
            "texts_per_s": round(args.batch / (median / 1e3), 1)}
     if device.type == "cuda":
         row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
@@ -208,12 +203,7 @@ def build(args, device, dtype):
 def environment(device, dtype, args):
     import nvembed_ext
     info = nvembed_ext.build_info()
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        from common import cpu_name
-        name = cpu_name()
-    return {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": name,
+    return {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": device_name(device),
             "device_type": device.type, "torch": torch.__version__, "cuda": torch.version.cuda or "",
             "nvembed_with_cuda": info.get("with_cuda"), "nvembed_cuda_archs": info.get("cuda_archs", ""),
             "mode": "tiny" if args.tiny else "full", "dtype": str(dtype).replace("torch.", "")}

@@ -7,8 +7,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "batch", "seqlen", "heads_q", "heads_kv",
-           "head_dim", "ms", "tflops", "note"]
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+# the script's own CSV columns (the script itself runs in a subprocess below)
+from gpu_attention import COLUMNS  # noqa: E402
 
 
 def _fa4_importable() -> bool:

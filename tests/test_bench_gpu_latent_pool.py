@@ -9,13 +9,9 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "mask", "dtype", "batch", "seqlen",
-           "pooled_tokens", "d", "latents", "heads", "dim_head", "ff_hidden", "gflop", "ms", "ms_p20", "ms_p80",
-           "tflops", "gemm_tflops", "gemm_fraction", "peak_mb", "saved_mb", "grads_mb", "mem_vs_eager",
-           "speedup_vs_eager", "speedup_vs_compile", "agreement", "note"]
-CHECK_COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "check", "provider", "dtype", "reference_dtype", "batch",
-                 "seqlen", "d", "latents", "heads", "dim_head", "out_err", "grad_err", "grad_err_worst", "tol_out",
-                 "tol_grad", "status"]
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+# the script's own CSV columns (the script itself runs in a subprocess below)
+from gpu_latent_pool import COLUMNS, CHECK_COLUMNS  # noqa: E402
 
 
 def _run(tmp_path, *argv):
