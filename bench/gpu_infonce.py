@@ -191,7 +191,9 @@ def plot(rows: list[dict], path: str) -> None:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
-    axes[2].set_yscale("log")
+    # peak memory is NaN off CUDA (the --smoke run on a CPU): a log axis needs a positive value
+    if any(r["peak_mem_mb"] > 0 for r in ok):
+        axes[2].set_yscale("log")
     r0 = rows[0]
     fig.suptitle(f"nvembed::infonce vs naive, bf16, in-batch negatives - {r0['device']}, torch {r0['torch']}, "
                  f"CUDA {r0['cuda']}, commit {r0['commit']}")
