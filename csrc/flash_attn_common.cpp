@@ -106,6 +106,16 @@ PackedKeys pack_keys(const at::Tensor& k, const at::Tensor& v, const std::option
   return {k.index({mask}).contiguous(), v.index({mask}).contiguous(), cu_k};
 }
 
+std::pair<at::Tensor, at::Tensor> unpack_key_grads(const at::Tensor& dk, const at::Tensor& dv, const PackedKeys& keys,
+                                                   const at::Tensor& k,
+                                                   const std::optional<at::Tensor>& key_padding_mask) {
+  if (!keys.cu_k.defined()) return {dk, dv};
+  at::Tensor dk_dense = at::zeros(k.sizes(), dk.options()), dv_dense = at::zeros(k.sizes(), dv.options());
+  dk_dense.index_put_({*key_padding_mask}, dk);
+  dv_dense.index_put_({*key_padding_mask}, dv);
+  return {dk_dense, dv_dense};
+}
+
 void check_bwd_tensors(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
                        at::IntArrayRef lse_shape, const char* op) {
   NVE_CHECK_VALUE(dout.sizes() == q.sizes(), op, "dout has shape ", dout.sizes(), " but q has shape ", q.sizes());

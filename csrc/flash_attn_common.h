@@ -38,5 +38,10 @@ struct PackedKeys {
   at::Tensor k, v, cu_k;  // undefined cu_k: no mask (or nothing masked), k / v are the dense tensors
 };
 PackedKeys pack_keys(const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& key_padding_mask);
+// The backward's packed key gradients scattered back to the dense [B, Lk, Hkv, D] layout of k; padded keys get
+// exactly zero. Returns (dk, dv) unchanged when the keys were not packed.
+std::pair<at::Tensor, at::Tensor> unpack_key_grads(const at::Tensor& dk, const at::Tensor& dv, const PackedKeys& keys,
+                                                   const at::Tensor& k,
+                                                   const std::optional<at::Tensor>& key_padding_mask);
 
 }  // namespace nvembed::flash

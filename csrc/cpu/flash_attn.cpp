@@ -143,11 +143,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cpu(const Tensor& dout, const 
   auto [dq, dk, dv] = run_bwd(dout.to(q.scalar_type()).contiguous(), q.contiguous(), keys.k, keys.v,
                               out.to(q.scalar_type()).contiguous(), lse.to(accum_dtype(q.scalar_type())).contiguous(),
                               {}, keys.cu_k, q.size(0), q.size(1), k.size(1), sc);
-  if (!keys.cu_k.defined()) return {dq, dk, dv};
-  // scatter the packed key gradients back; padded keys get exactly zero
-  at::Tensor dk_dense = at::zeros(k.sizes(), dk.options()), dv_dense = at::zeros(v.sizes(), dv.options());
-  dk_dense.index_put_({*key_padding_mask}, dk);
-  dv_dense.index_put_({*key_padding_mask}, dv);
+  auto [dk_dense, dv_dense] = flash::unpack_key_grads(dk, dv, keys, k, key_padding_mask);
   return {dq, dk_dense, dv_dense};
 }
 

@@ -36,7 +36,8 @@ void check_cuda_limits(const Tensor& q, const Tensor& k, int64_t batch, int64_t 
   NVE_CHECK_VALUE(q.size(-2) <= 65535, op, "q has ", q.size(-2), " heads; the CUDA kernels take at most 65535");
   constexpr int64_t kMaxRows = std::numeric_limits<int>::max();
   const int64_t q_rows = q.numel() / (q.size(-1) * q.size(-2)), k_rows = k.numel() / (k.size(-1) * k.size(-2));
-  NVE_CHECK_VALUE(q_rows < kMaxRows && k_rows < kMaxRows && seqlen_q < kMaxRows && seqlen_k < kMaxRows, op, "sequence lengths and token counts must be below 2^31 for the CUDA kernels");
+  NVE_CHECK_VALUE(q_rows < kMaxRows && k_rows < kMaxRows && seqlen_q < kMaxRows && seqlen_k < kMaxRows, op,
+                  "sequence lengths and token counts must be below 2^31 for the CUDA kernels");
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(q.device().index());
   NVE_CHECK(prop->major >= 8, op, "the CUDA kernels need compute capability 8.0 or newer (cp.async, bf16 mma.sync); ",
             q.device(), " (", prop->name, ") is ", prop->major, ".", prop->minor);
@@ -151,11 +152,7 @@ std::tuple<Tensor, Tensor, Tensor> flash_attn_bwd_cuda(const Tensor& dout, const
   auto keys = flash::pack_keys(aligned(k), aligned(v), key_padding_mask);
   auto [dq, dk, dv] = run_bwd(dout, aligned(q), keys.k, keys.v, out, lse, {}, keys.cu_k, q.size(0), q.size(1),
                               k.size(1), sc);
-  if (!keys.cu_k.defined()) return {dq, dk, dv};
-  // scatter the packed key gradients back; padded keys get exactly zero
-  Tensor dk_dense = at::zeros(k.sizes(), dk.options()), dv_dense = at::zeros(v.sizes(), dv.options());
-  dk_dense.index_put_({*key_padding_mask}, dk);
-  dv_dense.index_put_({*key_padding_mask}, dv);
+  auto [dk_dense, dv_dense] = flash::unpack_key_grads(dk, dv, keys, k, key_padding_mask);
   return {dq, dk_dense, dv_dense};
 }
 

@@ -90,12 +90,15 @@ struct Traits {
   static constexpr int kTileElems = R * kHeadDim;
 };
 
-// Block sizes per head dim (FA2's sm80 choices for the forward), and the shared memory of each kernel in bytes.
+// Block sizes per head dim, and the shared memory of each kernel in bytes.
 template <class Element, int kHeadDim, class Atoms = tc::Sm80Atoms<Element>>
 struct Config {
   using Tr = Traits<Element, kHeadDim, Atoms>;
   static constexpr int kFwdBM = 128;                        // query rows per forward CTA (2 atom rows per warp)
-  static constexpr int kFwdBN = kHeadDim == 128 ? 64 : 128;  // keys per forward step
+  // Keys per forward step, picked by ptxas's spills at the 255-register limit (nvcc 13.0, bytes per thread,
+  // sm_90a / sm_80): head dim 32: 0 / 216 with 128 keys, 0 / 0 with 64; head dim 64: 32 / 64 with 128, 96 / 44 with
+  // 64; head dim 128 with 64: 88 / 116. The backward kernels do not spill.
+  static constexpr int kFwdBN = kHeadDim == 64 ? 128 : 64;
   static constexpr int kDqBM = 64;                          // query rows per dQ CTA
   static constexpr int kDqBN = 64;                          // keys per dQ step
   static constexpr int kDkvBN = 64;                         // keys per dK/dV CTA
@@ -157,6 +160,16 @@ NVE_DEVICE void load_tile(const typename Tr::Element* g, int64_t stride, int row
   Tensor ts = thr.partition_D(sT);
   Tensor tcrd = thr.partition_S(make_identity_tensor(Shape<Int<R>, Int<D>>{}));
   tc::copy_or_zero(gcopy, tg, ts, tcrd, rows, D);
+}
+
+// cp.async of key / value block n (sequence rows [n * BN, +BN), zero-filled past k_len) into stage st of sK / sV.
+template <class Tr, int BN>
+NVE_DEVICE void load_kv(const typename Tr::Element* k, const typename Tr::Element* v, int64_t k_rs, int n,
+                        int k_len, typename Tr::Element* sK, typename Tr::Element* sV, int st, int tid) {
+  const int rows = std::min(BN, k_len - n * BN);
+  const int64_t off = static_cast<int64_t>(n) * BN * k_rs;
+  load_tile<Tr, BN>(k + off, k_rs, rows, sK + st * Tr::template kTileElems<BN>, tid);
+  load_tile<Tr, BN>(v + off, k_rs, rows, sV + st * Tr::template kTileElems<BN>, tid);
 }
 
 // acc[M x N] += A[M x D] . B[N x D]^T, both operands R x D tiles in shared memory.
@@ -300,10 +313,7 @@ NVE_DEVICE void fwd_body(const FlashParams& p, char* smem, int tid, int m_block,
   const float scale_log2 = p.scale * tc::kLog2e;
 
   load_tile<Tr, BM>(q, q_rs, q_rows, sQ, tid);
-  if (n_blocks > 0) {
-    load_tile<Tr, BN>(k, k_rs, std::min(BN, s.k_len), sK, tid);
-    load_tile<Tr, BN>(v, k_rs, std::min(BN, s.k_len), sV, tid);
-  }
+  if (n_blocks > 0) load_kv<Tr, BN>(k, v, k_rs, 0, s.k_len, sK, sV, 0, tid);
   cp_async_fence();
   for (int n = 0; n < n_blocks; ++n) {
     const int st = n & 1;
@@ -311,11 +321,7 @@ NVE_DEVICE void fwd_body(const FlashParams& p, char* smem, int tid, int m_block,
     // thread's reads of stage st ^ 1 (block n - 1), which the prefetch below overwrites.
     cp_async_wait<0>();
     __syncthreads();
-    if (n + 1 < n_blocks) {
-      const int nxt = (n + 1) * BN, rows = std::min(BN, s.k_len - nxt);
-      load_tile<Tr, BN>(k + nxt * k_rs, k_rs, rows, sK + (st ^ 1) * Tr::template kTileElems<BN>, tid);
-      load_tile<Tr, BN>(v + nxt * k_rs, k_rs, rows, sV + (st ^ 1) * Tr::template kTileElems<BN>, tid);
-    }
+    if (n + 1 < n_blocks) load_kv<Tr, BN>(k, v, k_rs, n + 1, s.k_len, sK, sV, st ^ 1, tid);
     cp_async_fence();
 
     clear(acc_s);
@@ -444,20 +450,13 @@ NVE_DEVICE void dq_body(const FlashParams& p, char* smem, int tid, int m_block, 
 
   load_tile<Tr, BM>(q, q_rs, q_rows, sQ, tid);
   load_tile<Tr, BM>(dout, q_rs, q_rows, sdO, tid);
-  if (n_blocks > 0) {
-    load_tile<Tr, BN>(k, k_rs, std::min(BN, s.k_len), sK, tid);
-    load_tile<Tr, BN>(v, k_rs, std::min(BN, s.k_len), sV, tid);
-  }
+  if (n_blocks > 0) load_kv<Tr, BN>(k, v, k_rs, 0, s.k_len, sK, sV, 0, tid);
   cp_async_fence();
   for (int n = 0; n < n_blocks; ++n) {
     const int st = n & 1;
     cp_async_wait<0>();  // as in fwd_body
     __syncthreads();
-    if (n + 1 < n_blocks) {
-      const int nxt = (n + 1) * BN, rows = std::min(BN, s.k_len - nxt);
-      load_tile<Tr, BN>(k + nxt * k_rs, k_rs, rows, sK + (st ^ 1) * Tr::template kTileElems<BN>, tid);
-      load_tile<Tr, BN>(v + nxt * k_rs, k_rs, rows, sV + (st ^ 1) * Tr::template kTileElems<BN>, tid);
-    }
+    if (n + 1 < n_blocks) load_kv<Tr, BN>(k, v, k_rs, n + 1, s.k_len, sK, sV, st ^ 1, tid);
     cp_async_fence();
     const E* sKs = sK + st * Tr::template kTileElems<BN>;
     clear(acc_s);

@@ -155,7 +155,8 @@ bool run_case(const Case& c, uint64_t seed) {
       const int hk = h / g;
       for (int i = 0; i < c.q_lens[b]; ++i) {
         const int64_t qr = cu_q[b] + i;
-        const int64_t li = c.varlen_q ? static_cast<int64_t>(h) * Tq + qr : (static_cast<int64_t>(b) * Hq + h) * max_q + i;
+        const int64_t li =
+            c.varlen_q ? static_cast<int64_t>(h) * Tq + qr : (static_cast<int64_t>(b) * Hq + h) * max_q + i;
         const double* qv = &Q[(qr * Hq + h) * D];
         const int nk = c.k_lens[b];
         if (nk == 0) {
@@ -276,7 +277,9 @@ int main(int argc, char** argv) {
   }
   int failed = 0;
   uint64_t seed = 1234;
-  for (const auto& c : cases) failed += !(c.fp16 ? run_dtype<cute::half_t>(c, seed++) : run_dtype<cute::bfloat16_t>(c, seed++));
+  for (const auto& c : cases) {
+    failed += !(c.fp16 ? run_dtype<cute::half_t>(c, seed++) : run_dtype<cute::bfloat16_t>(c, seed++));
+  }
   std::printf("%s: %d of %zu cases failed\n", failed ? "FAILED" : "PASSED", failed, cases.size());
   return failed ? 1 : 0;
 }
