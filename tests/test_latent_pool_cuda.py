@@ -1,0 +1,142 @@
+"""nvembed::latent_pool on CUDA (the ATen implementation of csrc/latent_pool_aten.cpp that a CUDA build registers):
+output and all 15 gradients against the float64 reference (computed on the CPU) for bf16 / fp16 / fp32, both
+attention paths, masks with an all-zero row, B=1 / L=1 / odd L; agreement with the CPU op; determinism; opcheck;
+torch.compile; the CUDA-side error messages.
+
+Marked `cuda`; skipped unless a CUDA device is present and the build registers the op for CUDA (the same code runs
+on CPU tensors in test_latent_pool.py through NVEMBED_LATENT_POOL_ATEN=1)."""
+import pytest
+import torch
+
+import nvembed
+import nvembed_ext  # noqa: F401
+from nvembed_ext.reference import latent_pool_ref
+from conftest import ERR_TYPES, rel_err
+from test_latent_pool import WEIGHT_NAMES, fold_path, make_mask, make_weights, run_with_grads
+
+
+def _has_cuda_kernel() -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key("nvembed::_latent_pool_fwd", "CUDA")
+    except RuntimeError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not _has_cuda_kernel(), reason="this build has no CUDA implementation of latent_pool"),
+]
+
+OP = torch.ops.nvembed.latent_pool
+# GEMMs run in the input dtype (as the eager layer does), so the low-precision bounds are those of a bf16 / fp16
+# layer; fp32 GEMMs may use TF32 only if the user enabled it (torch's default for matmul is off).
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 6e-3}
+
+SHAPES = [  # B, L, d, N, H, dh, F
+    (1, 1, 32, 1, 1, 32, 64),
+    (3, 17, 64, 7, 4, 16, 128),
+    (2, 33, 64, 16, 4, 64, 256),  # dim_head = d as in the release: the folded path
+    (4, 129, 128, 32, 8, 16, 512),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}L{}d{}N{}H{}dh{}F{}".format(*s))
+@pytest.mark.parametrize("mask_kind", ["none", "zero_row"])
+@pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_matches_reference(shape, mask_kind, path, dtype):
+    B, L, d, N, H, dh, F_ = shape
+    weights = make_weights(d, N, H, dh, F_, dtype=torch.float64)
+    hs = torch.randn(B, L, d, dtype=torch.float64)
+    mask = make_mask(mask_kind, B, L)
+    # the reference on the same rounded inputs
+    w_low = [w.to(dtype) for w in weights]
+    ref, ref_grads = run_with_grads(latent_pool_ref, hs.to(dtype).double(), mask, [w.double() for w in w_low], H,
+                                    True)
+    with fold_path(path):
+        out, grads = run_with_grads(OP, hs.to(dtype).cuda(), None if mask is None else mask.cuda(),
+                                    [w.cuda() for w in w_low], H, True)
+    assert out.device.type == "cuda" and out.dtype == dtype and out.shape == (B, d)
+    assert rel_err(out, ref) <= TOL[dtype], ("out", rel_err(out, ref))
+    for name, g, rg in zip(("hidden_states",) + WEIGHT_NAMES, grads, ref_grads):
+        assert g.dtype == dtype and g.shape == rg.shape, name
+        assert torch.isfinite(g).all(), name
+        assert rel_err(g, rg) <= TOL[dtype] * 2, (name, rel_err(g, rg))
+    if mask_kind == "zero_row":
+        assert (out[B // 2] == 0).all() and (grads[0][B // 2] == 0).all()
+
+
+def test_matches_cpu_op_and_is_deterministic():
+    layer = nvembed.LatentAttentionPooling(hidden_dim=64, num_latents=16, num_heads=4, dim_head=64)
+    hs = torch.randn(3, 50, 64)
+    mask = make_mask("zero_row", 3, 50)
+    cpu = layer(hs, mask)
+    layer_cuda = layer.cuda()
+    outs = []
+    for _ in range(2):
+        x = hs.cuda().requires_grad_()
+        out = layer_cuda(x, mask.cuda())
+        out.square().sum().backward()
+        outs.append((out.detach().clone(), x.grad.clone(), [p.grad.clone() for p in layer_cuda.parameters()]))
+        layer_cuda.zero_grad(set_to_none=True)
+    assert rel_err(outs[0][0], cpu) <= 1e-4
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
+
+
+def test_opcheck_and_compile():
+    d, N, H, dh, F_ = 32, 4, 2, 16, 64
+    weights = [w.float().cuda().requires_grad_() for w in make_weights(d, N, H, dh, F_)]
+    hs = torch.randn(2, 7, d, device="cuda", requires_grad=True)
+    mask = make_mask("zero_row", 2, 7).cuda()
+    torch.library.opcheck(torch.ops.nvembed._latent_pool_fwd.default, (hs, mask, *weights, H, True, 1e-5))
+    torch.library.opcheck(OP.default, (hs, mask, *weights, H, False, 1e-5))
+    torch._dynamo.reset()
+    fn = torch.compile(lambda x, *w: OP(x, mask, *w, H, True, 1e-5), fullgraph=True)
+    out = fn(hs, *weights)
+    exp = OP(hs, mask, *weights, H, True, 1e-5)
+    assert torch.allclose(out, exp, atol=1e-6, rtol=1e-5)
+    out.sum().backward()
+    assert hs.grad is not None and torch.isfinite(hs.grad).all()
+
+
+def test_errors_name_the_op_and_argument():
+    d, N, H, dh, F_ = 32, 4, 2, 16, 64
+    weights = [w.float().cuda() for w in make_weights(d, N, H, dh, F_)]
+    hs = torch.randn(2, 7, d, device="cuda")
+    with pytest.raises(TypeError, match=r"nvembed::latent_pool: hidden_states has dtype Double"):
+        OP(hs.double(), None, *[w.double() for w in weights], H, True, 1e-5)
+    with pytest.raises(ERR_TYPES, match=r"nvembed::latent_pool: latents"):
+        OP(hs, None, weights[0].cpu(), *weights[1:], H, True, 1e-5)
+    with pytest.raises(ERR_TYPES, match=r"nvembed::latent_pool: to_q_weight"):
+        OP(hs, None, *weights[:5], weights[5][:-1], *weights[6:], H, True, 1e-5)
+
+
+TEXTS = ["def parse(path): return json.load(open(path))", "Sorting a list in place with a key function",
+         "the quick brown fox", "x" * 300]
+
+
+@pytest.mark.parametrize("latent_head", [False, True], ids=["mean", "latent"])
+def test_default_model_on_cuda_matches_cpu(latent_head):
+    """The whole model on the GPU (flash_attn's CUDA kernels in the MiniLM backbone, head dim 32; latent_pool's CUDA
+    path with a perturbed latent head) embeds like the fp32 CPU model: cosine >= 0.99 in bf16 / fp16 (the CUDA
+    attention kernels take no fp32)."""
+    import copy
+
+    from nvembed.training.modeling import add_latent_head
+
+    cpu = nvembed.load("default")
+    if latent_head:
+        add_latent_head(cpu, num_latents=64, num_heads=4, seed=1)
+        with torch.no_grad():  # the identity init makes the head a no-op: perturb its zeroed projections
+            for p in cpu.latent_attention_model.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+    instruction = "Instruct: find code\nQuery: "
+    ref = torch.as_tensor(cpu.encode(TEXTS, instruction=instruction)).float()
+    for dtype in (torch.bfloat16, torch.float16):
+        gpu = copy.deepcopy(cpu).to("cuda", dtype)
+        out = torch.as_tensor(gpu.encode(TEXTS, instruction=instruction)).float()
+        cos = torch.nn.functional.cosine_similarity(out, ref, dim=-1)
+        assert (cos >= 0.99).all(), (dtype, cos)
