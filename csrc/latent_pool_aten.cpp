@@ -16,8 +16,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 #include "cpu/latent_pool.h"
 
@@ -38,7 +36,7 @@ struct Layer {
   Tensor ctx, ctx_mean, ctx_rstd;  // LN(latents), acc
   Tensor kh, vh;                   // [H, N, dh] acc
   Tensor kh_io, vh_io;             // unfolded path operands
-  Tensor kx, cx, kx_io, cx_io;     // folded: [H*N, d]
+  Tensor kx_io, cx_io;             // folded: [H*N, d]
   // active tokens
   Tensor idx, batch, w, c;  // [T] flat token index, [T] batch row, [T] pool weight, [B] row weight sum
 };
@@ -47,13 +45,6 @@ Tensor mm(const Tensor& a, const Tensor& b, at::ScalarType io, at::ScalarType ac
   return at::matmul(a.to(io), b.to(io)).to(acc);
 }
 
-bool fold_choice(bool cost_model) {
-  // NVEMBED_LATENT_POOL_FOLD=0|1 forces a path (as for the CPU kernel); anything else: the cost model.
-  const char* env = std::getenv("NVEMBED_LATENT_POOL_FOLD");
-  if (env && std::strcmp(env, "0") == 0) return false;
-  if (env && std::strcmp(env, "1") == 0) return true;
-  return cost_model;
-}
 
 Layer setup(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tensor& latents, const Tensor& norm_w,
             const Tensor& norm_b, const Tensor& ctx_w, const Tensor& ctx_b, const Tensor& wq, const Tensor& wkv,
@@ -88,12 +79,12 @@ Layer setup(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tens
   s.kh = kv.narrow(1, 0, s.I).reshape({s.N, s.H, s.dh}).transpose(0, 1).contiguous();
   s.vh = kv.narrow(1, s.I, s.I).reshape({s.N, s.H, s.dh}).transpose(0, 1).contiguous();
   const int64_t T = std::max<int64_t>(s.idx.size(0), 1);
-  s.fold = fold_choice(cpu::latent_pool::fold_is_cheaper(T, s.d, s.N, s.H, s.dh));
+  s.fold = latent_pool_fold_override(cpu::latent_pool::fold_is_cheaper(T, s.d, s.N, s.H, s.dh));
   if (s.fold) {
     // Kx_h = K_h Wq_h [N, d]; Cx_h = V_h Wo_h^T [N, d]
-    s.kx = mm(s.kh, s.wq.view({s.H, s.dh, s.d}), s.io, s.acc).reshape({s.H * s.N, s.d});
-    s.cx = mm(s.vh, s.wo.view({s.d, s.H, s.dh}).permute({1, 2, 0}), s.io, s.acc).reshape({s.H * s.N, s.d});
-    s.kx_io = s.kx.to(s.io), s.cx_io = s.cx.to(s.io);
+    // (only the GEMM operands are kept: the backward chains dKx / dCx through K, V, Wq, Wo directly)
+    s.kx_io = at::matmul(s.kh.to(s.io), s.wq.view({s.H, s.dh, s.d})).reshape({s.H * s.N, s.d});
+    s.cx_io = at::matmul(s.vh.to(s.io), s.wo.view({s.d, s.H, s.dh}).permute({1, 2, 0})).reshape({s.H * s.N, s.d});
   } else {
     s.kh_io = s.kh.to(s.io), s.vh_io = s.vh.to(s.io);
   }

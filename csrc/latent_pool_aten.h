@@ -22,8 +22,12 @@ LatentPoolShapes latent_pool_check_args(const Tensor& hs, const std::optional<Te
                                         const Tensor& wo, const Tensor& ff_norm_w, const Tensor& ff_norm_b,
                                         const Tensor& ff_in_w, const Tensor& ff_in_b, const Tensor& ff_out_w,
                                         const Tensor& ff_out_b, int64_t num_heads, double eps, bool cuda);
-// grad_out and pooled of the backward: [B, d].
-void latent_pool_check_bwd_args(const Tensor& grad_out, const Tensor& pooled, const LatentPoolShapes& s);
+// grad_out and pooled of the backward: [B, d], on hidden_states' device.
+void latent_pool_check_bwd_args(const Tensor& grad_out, const Tensor& pooled, const Tensor& hs,
+                                const LatentPoolShapes& s);
+// The attention path: NVEMBED_LATENT_POOL_FOLD=0|1 forces plain / folded (tests cover both), anything else keeps
+// the cost model's choice.
+bool latent_pool_fold_override(bool cost_model_choice);
 
 // Same contract as latent_pool_fwd_cpu / latent_pool_bwd_cpu (ops.h); arguments already checked.
 std::tuple<Tensor, Tensor> latent_pool_fwd_aten(

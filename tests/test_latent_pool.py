@@ -119,35 +119,31 @@ class LatentAttentionModel(nn.Module):
 
 # ---- helpers ------------------------------------------------------------------------------------------------
 @contextmanager
-def fold_path(value):
-    """Force the kernel's folded (\"1\") or plain (\"0\") attention path; None = its cost model."""
-    old = os.environ.get("NVEMBED_LATENT_POOL_FOLD")
+def _env(name, value):
+    """Set (or, with None, unset) environment variable `name` for the block."""
+    old = os.environ.get(name)
     if value is None:
-        os.environ.pop("NVEMBED_LATENT_POOL_FOLD", None)
+        os.environ.pop(name, None)
     else:
-        os.environ["NVEMBED_LATENT_POOL_FOLD"] = value
+        os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("NVEMBED_LATENT_POOL_FOLD", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["NVEMBED_LATENT_POOL_FOLD"] = old
+            os.environ[name] = old
 
 
-@contextmanager
+def fold_path(value):
+    """Force the kernel's folded (\"1\") or plain (\"0\") attention path; None = its cost model."""
+    return _env("NVEMBED_LATENT_POOL_FOLD", value)
+
+
 def impl_path(impl):
     """Run the op through the CPU kernel ("kernel") or through the device-generic ATen implementation that the CUDA
     build registers for CUDA tensors ("aten", csrc/latent_pool_aten.cpp), on CPU tensors."""
-    old = os.environ.get("NVEMBED_LATENT_POOL_ATEN")
-    os.environ["NVEMBED_LATENT_POOL_ATEN"] = "1" if impl == "aten" else "0"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("NVEMBED_LATENT_POOL_ATEN", None)
-        else:
-            os.environ["NVEMBED_LATENT_POOL_ATEN"] = old
+    return _env("NVEMBED_LATENT_POOL_ATEN", "1" if impl == "aten" else "0")
 
 
 IMPLS = ["kernel", "aten"]

@@ -13,6 +13,14 @@
 #include "ops.h"
 
 namespace nvembed {
+
+bool latent_pool_fold_override(bool cost_model_choice) {
+  const char* env = std::getenv("NVEMBED_LATENT_POOL_FOLD");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  if (env && std::strcmp(env, "1") == 0) return true;
+  return cost_model_choice;
+}
+
 namespace {
 
 constexpr const char* kOp = "latent_pool";
@@ -91,7 +99,10 @@ LatentPoolShapes latent_pool_check_args(const Tensor& hs, const std::optional<Te
   return {B, L, d, latents.size(0), num_heads, I / num_heads, F2 / 2};
 }
 
-void latent_pool_check_bwd_args(const Tensor& grad_out, const Tensor& pooled, const LatentPoolShapes& s) {
+void latent_pool_check_bwd_args(const Tensor& grad_out, const Tensor& pooled, const Tensor& hs,
+                                const LatentPoolShapes& s) {
+  check_same_device(grad_out, hs, kOp, "grad_out", "hidden_states");
+  check_same_device(pooled, hs, kOp, "pooled", "hidden_states");
   NVE_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == s.B && grad_out.size(1) == s.d, kOp,
                   "grad_out must have shape [B, d] = [", s.B, ", ", s.d, "], got ", grad_out.sizes());
   NVE_CHECK_VALUE(pooled.dim() == 2 && pooled.size(0) == s.B && pooled.size(1) == s.d, kOp,
@@ -115,14 +126,6 @@ struct Converted {
 bool use_aten_path() {
   const char* env = std::getenv("NVEMBED_LATENT_POOL_ATEN");
   return env != nullptr && std::strcmp(env, "1") == 0;
-}
-
-bool fold_override(bool cost_model_choice) {
-  // NVEMBED_LATENT_POOL_FOLD=0|1 forces a path (tests cover both); anything else: the cost model.
-  const char* env = std::getenv("NVEMBED_LATENT_POOL_FOLD");
-  if (env && std::strcmp(env, "0") == 0) return false;
-  if (env && std::strcmp(env, "1") == 0) return true;
-  return cost_model_choice;
 }
 
 template <typename S>
@@ -155,7 +158,8 @@ cpu::latent_pool::Params<S> make_params(Converted& cv, const LatentPoolShapes& s
   p.ff_out_b = cv.template ptr<S>(ff_out_b, st);
   int64_t T = s.B * s.L;
   if (pool_mask.has_value()) T = pool_mask->ne(0).sum().item<int64_t>();
-  p.fold = fold_override(cpu::latent_pool::fold_is_cheaper(std::max<int64_t>(T, 1), s.d, s.N, s.H, s.dh));
+  p.fold =
+      latent_pool_fold_override(cpu::latent_pool::fold_is_cheaper(std::max<int64_t>(T, 1), s.d, s.N, s.H, s.dh));
   return p;
 }
 
@@ -204,7 +208,7 @@ std::vector<Tensor> latent_pool_bwd_cpu(
       hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight,
       to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
       num_heads, eps, /*cuda=*/false);
-  latent_pool_check_bwd_args(grad_out, pooled, s);
+  latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
   if (use_aten_path()) {
     return latent_pool_bwd_aten(grad_out, pooled, hidden_states, pool_mask, latents, norm_weight, norm_bias,
                                 norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,

@@ -38,9 +38,7 @@ std::vector<Tensor> latent_pool_bwd_cuda(
       hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight,
       to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
       num_heads, eps, /*cuda=*/true);
-  latent_pool_check_bwd_args(grad_out, pooled, s);
-  check_same_device(grad_out, hidden_states, "latent_pool", "grad_out", "hidden_states");
-  check_same_device(pooled, hidden_states, "latent_pool", "pooled", "hidden_states");
+  latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
   const c10::cuda::CUDAGuard guard(hidden_states.device());
   return latent_pool_bwd_aten(grad_out, pooled, hidden_states, pool_mask, latents, norm_weight, norm_bias,
                               norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
