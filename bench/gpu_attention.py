@@ -19,7 +19,8 @@ perf_counter pair); the median is reported.
 Providers and what one timed call includes (the same for all; inputs are created, and agreement-checked, outside
 the timed region). Every provider reads the same [B, L, H, D] tensors (the layout a projection produces):
   nvembed      torch.ops.nvembed.flash_attn(q, k, v) (flash_attn_varlen on packed [T, H, D] for nvembed-varlen);
-               GQA native.
+               GQA native. nvembed-sm90 / nvembed-varlen-sm90: the same with NVEMBED_FLASH_KERNEL=sm90, the
+               Hopper forward (TMA + wgmma, head dims 64 / 128; "unavailable" off sm_90); same backward.
   sdpa-flash   F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION) on q.transpose(1, 2)
                (a view, no copy: SDPA takes [B, H, L, D]); the output is transposed back as a view. GQA through
                enable_gqa=True; where a backend refuses it, k / v are repeat_interleave'd inside the timed call
@@ -69,9 +70,12 @@ COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "batch"
            "head_dim", "ms", "tflops", "note"]
 MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
-DENSE_PROVIDERS = ("nvembed", "sdpa-flash", "sdpa-cudnn", "fa4")
-PADDED_PROVIDERS = ("nvembed-varlen", "nvembed", "sdpa", "sdpa-cudnn", "fa4-varlen")
-PACKED = {"nvembed-varlen", "fa4-varlen"}
+DENSE_PROVIDERS = ("nvembed", "nvembed-sm90", "sdpa-flash", "sdpa-cudnn", "fa4")
+PADDED_PROVIDERS = ("nvembed-varlen", "nvembed-varlen-sm90", "nvembed", "sdpa", "sdpa-cudnn", "fa4-varlen")
+PACKED = {"nvembed-varlen", "nvembed-varlen-sm90", "fa4-varlen"}
+# nvembed-sm90 / nvembed-varlen-sm90: the same ops with NVEMBED_FLASH_KERNEL=sm90, i.e. the Hopper forward
+# (TMA + wgmma) where it applies; the backward is the same sm80 kernel set as "nvembed".
+SM90_SUFFIX = "-sm90"
 # max |got - ref| / max(|ref|, 1e-2) for the agreement check, as tests/test_flash_attn_cuda.py
 AGREE_TOL = {torch.bfloat16: (2e-2, 4e-2), torch.float16: (4e-3, 8e-3)}
 
@@ -195,7 +199,29 @@ def _sdpa_backend(name: str):
             "sdpa-math": SDPBackend.MATH}.get(name)
 
 
+@contextlib.contextmanager
+def _fwd_kernel_env(kind: str):
+    """NVEMBED_FLASH_KERNEL=kind inside (read by the op on every call); a device or build where the Hopper
+    kernel does not apply makes the provider unavailable instead of silently timing the sm80 kernel."""
+    import nvembed_ext
+    major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+    old = os.environ.get("NVEMBED_FLASH_KERNEL")
+    os.environ["NVEMBED_FLASH_KERNEL"] = kind
+    try:
+        if kind == "sm90" and nvembed_ext._C.flash_kernel_for(major, minor, 128) != "sm90":
+            raise RuntimeError(f"the Hopper forward does not apply here (compute capability {major}.{minor}, "
+                               f"build archs {nvembed_ext.build_info()['cuda_archs']!r})")
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("NVEMBED_FLASH_KERNEL", None)
+        else:
+            os.environ["NVEMBED_FLASH_KERNEL"] = old
+
+
 def provider_context(name: str):
+    if name.endswith(SM90_SUFFIX):
+        return _fwd_kernel_env("sm90")
     backend = _sdpa_backend(name)
     if backend is None:
         return contextlib.nullcontext()
@@ -220,6 +246,7 @@ def _sdpa(q, k, v, mask, gqa_mode: str):
 def make_fn(name: str, inp: Inputs, gqa_mode: str = "enable_gqa") -> Callable:
     """f(q, k, v) -> out for provider `name` on `inp` (the provider's layout)."""
     case = inp.case
+    name = name.removesuffix(SM90_SUFFIX)  # the kernel choice is provider_context's
     if name == "nvembed":
         import nvembed_ext  # noqa: F401
         op, mask = torch.ops.nvembed.flash_attn, inp.mask

@@ -54,7 +54,7 @@ export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 # Flash attention first (the kernels under work): its CUDA tests, compute-sanitizer on small fwd + bwd cases of
 # every instantiation (bench/sanitize_flash.py; uncached allocations so memcheck sees out-of-bounds accesses), the
 # FA3-protocol benchmark against SDPA flash / cuDNN and FA4.
-step flash_tests 300 python3 -m pytest tests/test_flash_attn_cuda.py -q -p no:cacheprovider -rs
+step flash_tests 480 python3 -m pytest tests/test_flash_attn_cuda.py tests/test_flash_sm90.py -q -p no:cacheprovider -rs
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$SANITIZER" ]; then
   for tool in memcheck racecheck; do

@@ -1,7 +1,9 @@
 """Small flash-attention cases for compute-sanitizer (run by bench/gpu_check.sh under memcheck and racecheck):
 forward + backward of every CUDA template instantiation the ops have (bf16 at head dims 32 / 64 / 128, fp16 at 64),
 each with GQA, a ragged key mask, a batch row without keys and lengths that are not multiples of any tile, then the
-varlen op with an empty sequence and a sequence with queries but no keys.
+varlen op with an empty sequence and a sequence with queries but no keys. On a compute capability 9.0 device with a
+build that has sm_90a code, the forward cases run again on the Hopper kernel (NVEMBED_FLASH_KERNEL=sm90: TMA
+loads past a tensor's end are zero-filled by the hardware, so memcheck checks its stores and its other loads).
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (gpu_check.sh does): every tensor is then its own cudaMalloc, so
 memcheck sees an access past a tensor's end instead of landing silently in a neighbour from the caching pool.
@@ -47,8 +49,7 @@ def varlen_case(dtype, D, Hq=4, Hkv=2):
     assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
 
 
-def main():
-    torch.manual_seed(0)
+def all_cases():
     for D in (32, 64, 128):
         dense_case(torch.bfloat16, D)
     dense_case(torch.float16, 64)
@@ -56,8 +57,21 @@ def main():
     dense_case(torch.bfloat16, 128, L=1, Hq=2, Hkv=1)
     for D in (64, 128):
         varlen_case(torch.bfloat16, D)
+
+
+def main():
+    torch.manual_seed(0)
+    os.environ["NVEMBED_FLASH_KERNEL"] = "sm80"
+    all_cases()
+    major, minor = torch.cuda.get_device_capability()
+    os.environ["NVEMBED_FLASH_KERNEL"] = "sm90"
+    if nvembed_ext._C.flash_kernel_for(major, minor, 128) == "sm90":
+        all_cases()
+        dense_case(torch.float16, 128, B=3, L=300, fully_masked_row=True)
+        print("flash sanitizer cases done (sm80 and sm90 forward kernels)")
+    else:
+        print("flash sanitizer cases done (sm80 forward kernel; the Hopper kernel does not run here)")
     torch.cuda.synchronize()
-    print("flash sanitizer cases done")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 
 #include "cpu/blas.h"
+#include "flash_attn_common.h"
 
 #ifndef NVEMBED_VERSION
 #define NVEMBED_VERSION "0.0.0"
@@ -44,4 +45,16 @@ PYBIND11_MODULE(_C, m) {
     d["cpu_blas"] = nvembed::cpu::blas_name();
     return d;
   });
+  m.def(
+      "flash_kernel_for",
+      [](int major, int minor, int64_t head_dim, bool backward) {
+#ifdef NVEMBED_HAS_SM90A
+        return nvembed::flash::flash_kernel_for(backward, major, minor, head_dim, true);
+#else
+        return nvembed::flash::flash_kernel_for(backward, major, minor, head_dim, false);
+#endif
+      },
+      py::arg("major"), py::arg("minor"), py::arg("head_dim"), py::arg("backward") = false,
+      "The CUDA kernel set flash_attn would run (forward, or backward) on a device of compute capability "
+      "major.minor: 'sm90' or 'sm80' (NVEMBED_FLASH_KERNEL = auto | sm80 | sm90 chooses).");
 }

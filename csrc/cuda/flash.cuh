@@ -20,6 +20,7 @@ struct FlashParams {
   int heads_q, heads_kv;
   int seqlen_q, seqlen_k;  // dense length, or the longest sequence (cu_* given): the grid covers it
   int64_t total_q;         // rows of q
+  int64_t total_k;         // rows of k / v
   const int* cu_q;         // [batch + 1] device int32, or null
   const int* cu_k;
   float scale;             // softmax(scale * q k^T); any finite value, negative included
@@ -47,5 +48,10 @@ void flash_fwd_bf16(const FlashParams& p, cudaStream_t stream);
 void flash_fwd_fp16(const FlashParams& p, cudaStream_t stream);
 void flash_bwd_bf16(const FlashParams& p, cudaStream_t stream);
 void flash_bwd_fp16(const FlashParams& p, cudaStream_t stream);
+
+// The Hopper forward (flash_sm90.cuh): sm_90a devices only, head dims 64 and 128. Compiled only when the build
+// targets sm_90a (NVEMBED_HAS_SM90A); the launcher picks it (flash_kernel_for).
+void flash_fwd_sm90_bf16(const FlashParams& p, cudaStream_t stream);
+void flash_fwd_sm90_fp16(const FlashParams& p, cudaStream_t stream);
 
 }  // namespace nvembed::cuda

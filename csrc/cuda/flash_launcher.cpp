@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string_view>
 
 #include "checks.h"
 #include "cuda/flash.cuh"
@@ -61,6 +62,7 @@ cuda::FlashParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
   p.seqlen_q = static_cast<int>(seqlen_q);
   p.seqlen_k = static_cast<int>(seqlen_k);
   p.total_q = cu_q.defined() ? q.size(0) : batch * seqlen_q;
+  p.total_k = cu_k.defined() ? k.size(0) : batch * seqlen_k;
   p.cu_q = cu_q.defined() ? cu_q.data_ptr<int>() : nullptr;
   p.cu_k = cu_k.defined() ? cu_k.data_ptr<int>() : nullptr;
   p.scale = static_cast<float>(scale);
@@ -70,9 +72,25 @@ cuda::FlashParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
   return p;
 }
 
+#ifdef NVEMBED_HAS_SM90A
+constexpr bool kBuiltWithSm90a = true;
+#else
+constexpr bool kBuiltWithSm90a = false;
+#endif
+
 void launch_fwd(const cuda::FlashParams& p) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (p.dtype == cuda::FlashDType::kBFloat16) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(dev);
+  if (std::string_view(flash::flash_kernel_for(false, prop->major, prop->minor, p.head_dim, kBuiltWithSm90a)) ==
+      "sm90") {
+    if (p.dtype == cuda::FlashDType::kBFloat16) {
+      cuda::flash_fwd_sm90_bf16(p, stream);
+    } else {
+      cuda::flash_fwd_sm90_fp16(p, stream);
+    }
+  } else if (p.dtype == cuda::FlashDType::kBFloat16) {
     cuda::flash_fwd_bf16(p, stream);
   } else {
     cuda::flash_fwd_fp16(p, stream);

@@ -1,0 +1,156 @@
+"""The Hopper flash-attention forward (csrc/cuda/flash_sm90.cuh: TMA + wgmma, warp-specialized) on any machine:
+which kernel the dispatcher picks (NVEMBED_FLASH_KERNEL), and what the compiled sm_90a code contains — HGMMA
+(wgmma), UTMALDG (TMA loads) and USETMAXREG (register reallocation) in SASS, no local-memory spills — read from the
+built library with cuobjdump (the CUDA toolkit's, or the copy triton ships).
+
+Its numerics on a GPU are tested in tests/test_flash_attn_cuda.py (every reference test runs once per forward
+kernel; the sm90 runs need a compute capability 9.0 device) and measured by bench/gpu_attention.py (nvembed-sm90).
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import nvembed_ext
+from nvembed_ext import _C
+
+INFO = nvembed_ext.build_info()
+HAS_SM90A = INFO["with_cuda"] and "90a" in INFO["cuda_archs"].split(",")
+ENV = "NVEMBED_FLASH_KERNEL"
+
+
+# ---- dispatcher -------------------------------------------------------------------------------------------------
+
+def test_auto_keeps_the_sm80_kernel_until_the_hopper_kernel_is_verified(monkeypatch):
+    """auto (the default) picks the sm80 kernel everywhere while the Hopper forward has not run on a GPU."""
+    monkeypatch.delenv(ENV, raising=False)
+    for cap in [(8, 0), (8, 9), (9, 0), (10, 0), (12, 0)]:
+        for d in (32, 64, 128):
+            assert _C.flash_kernel_for(*cap, d) == "sm80"
+    monkeypatch.setenv(ENV, "")
+    assert _C.flash_kernel_for(9, 0, 128) == "sm80"
+    monkeypatch.setenv(ENV, "auto")
+    assert _C.flash_kernel_for(9, 0, 128) == "sm80"
+
+
+def test_sm90_choice_applies_only_on_sm90_with_supported_head_dims(monkeypatch):
+    monkeypatch.setenv(ENV, "sm90")
+    expected = "sm90" if HAS_SM90A else "sm80"  # without sm_90a code in the build the kernel body does not exist
+    assert _C.flash_kernel_for(9, 0, 64) == expected
+    assert _C.flash_kernel_for(9, 0, 128) == expected
+    assert _C.flash_kernel_for(9, 0, 32) == "sm80"  # head dim 32 has no Hopper instantiation
+    for cap in [(8, 0), (8, 6), (8, 9), (10, 0), (12, 0)]:  # sm_90a code runs on 9.0 only
+        assert _C.flash_kernel_for(*cap, 128) == "sm80"
+    monkeypatch.setenv(ENV, "sm80")
+    assert _C.flash_kernel_for(9, 0, 128) == "sm80"
+
+
+def test_backward_has_no_hopper_kernel_yet(monkeypatch):
+    monkeypatch.setenv(ENV, "sm90")
+    for d in (32, 64, 128):
+        assert _C.flash_kernel_for(9, 0, d, backward=True) == "sm80"
+
+
+@pytest.mark.parametrize("value", ["hopper", "SM90", "1", "sm90a"])
+def test_unknown_choice_is_an_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(ENV, value)
+    with pytest.raises(ValueError, match=rf"nvembed::flash_attn: NVEMBED_FLASH_KERNEL must be auto, sm80 or "
+                                         rf"sm90, got '{value}'"):
+        _C.flash_kernel_for(9, 0, 128)
+
+
+# ---- compiled code ------------------------------------------------------------------------------------------------
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    for c in ["/usr/local/cuda/bin/cuobjdump", *sorted(glob.glob("/usr/local/cuda-*/bin/cuobjdump"))]:
+        if os.path.exists(c):
+            return c
+    try:
+        import triton  # ships cuobjdump with its NVIDIA backend
+        c = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+        return c if os.path.exists(c) else None
+    except ImportError:
+        return None
+
+
+_FUNCTION = re.compile(r"^\s*Function\s*:?\s*(\S+?):?\s*$")  # "Function : NAME" (-sass), "Function NAME:" (-res-usage)
+
+
+def _functions(text: str, marker: str) -> dict:
+    """{function name: its text} from cuobjdump output, for names containing `marker`."""
+    out, name = {}, None
+    for line in text.splitlines():
+        m = _FUNCTION.match(line)
+        if m:
+            name = m.group(1) if marker in m.group(1) else None
+            if name:
+                out[name] = []
+        elif name:
+            out[name].append(line)
+    return {k: "\n".join(v) for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def sm90a_code():
+    if not HAS_SM90A:
+        pytest.skip("this build has no sm_90a code (CPU-only build, or NVEMBED_CUDA_ARCHS without 90a)")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
+    lib = _C.__file__
+    run = lambda *a: subprocess.run([tool, *a, lib], check=True, capture_output=True, text=True, timeout=600).stdout
+    sass = _functions(run("-sass", "-arch", "sm_90a"), "fa90")
+    res = _functions(run("-res-usage", "-arch", "sm_90a"), "fa90")
+    return sass, res
+
+
+def test_hopper_forward_sass_uses_wgmma_tma_and_register_reallocation(sm90a_code):
+    sass, _ = sm90a_code
+    kernels = {n: t for n, t in sass.items() if "fwd_kernel" in n}
+    # bf16 / fp16 x head dims 64 / 128
+    assert len(kernels) == 4, sorted(kernels)
+    for name, text in kernels.items():
+        d = 128 if "Li128E" in name else 64
+        assert "HGMMA.64x128x16.F32" in text, f"{name}: no 64x128x16 wgmma for S = Q K^T"
+        assert f"HGMMA.64x{d}x16.F32" in text, f"{name}: no 64x{d}x16 wgmma for O += P V"
+        assert "UTMALDG" in text, f"{name}: no TMA load"
+        assert "USETMAXREG" in text, f"{name}: no register reallocation (setmaxnreg)"
+        assert "SYNCS" in text, f"{name}: no mbarrier operations"
+
+
+def test_hopper_forward_has_no_local_memory(sm90a_code):
+    """No register spills (ptxas with 240 registers per consumer thread) and no stack."""
+    _, res = sm90a_code
+    kernels = {n: t for n, t in res.items() if "fwd_kernel" in n}
+    assert len(kernels) == 4, sorted(kernels)
+    for name, text in kernels.items():
+        assert "LOCAL:0" in text and "STACK:0" in text, f"{name}: {text.strip()}"
+
+
+# ---- register / tile layouts, on the host -------------------------------------------------------------------------
+
+def _nvcc():
+    return shutil.which("nvcc") or next(iter(sorted(glob.glob("/usr/local/cuda*/bin/nvcc"))), None)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (the check is host code, but includes the kernel header)")
+def test_register_and_tile_layouts_host_check(tmp_path):
+    """tools/sm90_check: for every instantiation and every consumer thread, the S accumulator register holding
+    S(m, n) is the one the P V wgmma reads as A(m, n) (P reused in place); a row's scores live in one quad of lanes
+    and cover each column once (the softmax's two shuffles); the epilogue's column pairs; shared memory and TMA
+    byte counts. A planted swap of two modes in acc_as_a fails it (checked when it was written)."""
+    import importlib.util
+    if importlib.util.find_spec("cutlass_library") is None:
+        pytest.skip("needs the nvidia-cutlass wheel's headers")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, EMU_BUILD_DIR=str(tmp_path), NVCC=_nvcc())
+    out = subprocess.run([os.path.join(root, "tools", "sm90_check", "run.sh")], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0 and "PASSED" in out.stdout, out.stdout[-4000:] + out.stderr[-4000:]

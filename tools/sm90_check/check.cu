@@ -1,0 +1,115 @@
+// Host-side checks of the Hopper flash-attention forward's register and tile layouts (csrc/cuda/flash_sm90.cuh),
+// no GPU needed: CuTe's layouts are host functions, so the claims the kernel's softmax and P V GEMM rest on are
+// evaluated here for every instantiation, thread by thread:
+//   * acc_as_a: the S accumulator register that holds S(m, n) is the register the RS wgmma of O += P V reads as
+//     A(m, k = n) (P is rounded in place, never moved between threads or registers);
+//   * acc_rowcol: a thread's accumulator slots form rows x columns, a row's columns live in one quad of lanes
+//     (lanes differing in bits 0 and 1: the two shuffles of the row max / sum), and the quad covers each column of
+//     the tile exactly once;
+//   * the epilogue's paired stores: slots ni, ni + 1 (ni even) are columns c, c + 1 of the same row;
+//   * shared memory fits an sm_90 CTA (227 KB) and the TMA byte counts equal one tile.
+// Built with nvcc as host code (tools/sm90_check/run.sh); prints PASSED or the first failures.
+#include <cstdio>
+
+#include "cuda/flash_sm90.cuh"
+
+using namespace cute;
+namespace fa90 = nvembed::cuda::fa90;
+
+static int failures = 0;
+#define EXPECT(cond, ...)                        \
+  do {                                           \
+    if (!(cond)) {                               \
+      if (++failures <= 20) {                    \
+        std::printf("FAIL %s:%d: ", __FILE__, __LINE__); \
+        std::printf(__VA_ARGS__);                \
+        std::printf("\n");                       \
+      }                                          \
+    }                                            \
+  } while (0)
+
+template <class E, int D>
+void check(const char* name) {
+  using K = fa90::FwdKernel<E, D>;
+  constexpr int BM = K::kBM, BN = K::kBN;
+  typename K::MmaQK mma_qk;
+  typename K::MmaPV mma_pv;
+  static_assert(size(typename K::MmaQK{}) == K::kConsumerThreads && size(typename K::MmaPV{}) == K::kConsumerThreads);
+  for (int tid = 0; tid < K::kConsumerThreads; ++tid) {
+    auto crd_s = mma_qk.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+    // acc_as_a: the S register at A-fragment position i holds the element the RS atom reads as A at position i.
+    auto crd_p = make_tensor(crd_s.data(), fa90::acc_as_a(crd_s.layout()));
+    auto crd_a = mma_pv.get_thread_slice(tid).partition_A(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+    EXPECT(size(crd_p) == size(crd_a), "%s: P fragment has %d values, the A fragment %d", name, int(size(crd_p)),
+           int(size(crd_a)));
+    static_assert(decltype(rank(crd_p))::value == 3 && decltype(rank(crd_a))::value == 3);
+    EXPECT(size<2>(crd_p) == size<2>(crd_a), "%s: k blocks %d vs %d", name, int(size<2>(crd_p)), int(size<2>(crd_a)));
+    for (int i = 0; i < size(crd_a); ++i) {
+      auto s = crd_p(i);
+      auto a = crd_a(i);
+      EXPECT(get<0>(s) == get<0>(a) && get<1>(s) == get<1>(a),
+             "%s: thread %d value %d: S register holds (%d, %d) but the P V wgmma reads it as A(%d, %d)", name, tid,
+             i, int(get<0>(s)), int(get<1>(s)), int(get<0>(a)), int(get<1>(a)));
+    }
+    // acc_rowcol: rows constant along a row slot, columns constant along a column slot.
+    auto rc = make_tensor(crd_s.data(), fa90::acc_rowcol(crd_s.layout()));
+    for (int mi = 0; mi < size<0>(rc); ++mi) {
+      for (int ni = 0; ni < size<1>(rc); ++ni) {
+        EXPECT(get<0>(rc(mi, ni)) == get<0>(rc(mi, 0)), "%s: thread %d row slot %d is not one row", name, tid, mi);
+        EXPECT(get<1>(rc(mi, ni)) == get<1>(rc(0, ni)), "%s: thread %d column slot %d is not one column", name,
+               tid, ni);
+      }
+    }
+  }
+  // Quads: the lanes holding row r are one quad (tid & ~3) and cover each column once.
+  for (int r = 0; r < BM; ++r) {
+    std::vector<int> cols(BN, 0);
+    int owner_quad = -1;
+    for (int tid = 0; tid < K::kConsumerThreads; ++tid) {
+      auto crd_s = mma_qk.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
+      auto rc = make_tensor(crd_s.data(), fa90::acc_rowcol(crd_s.layout()));
+      for (int mi = 0; mi < size<0>(rc); ++mi) {
+        if (get<0>(rc(mi, 0)) != r) continue;
+        EXPECT(owner_quad == -1 || owner_quad == tid / 4, "%s: row %d held by quads %d and %d", name, r, owner_quad,
+               tid / 4);
+        owner_quad = tid / 4;
+        EXPECT(r / 64 == tid / 128, "%s: row %d is not in thread %d's warpgroup", name, r, tid);
+        for (int ni = 0; ni < size<1>(rc); ++ni) cols[get<1>(rc(mi, ni))] += 1;
+      }
+    }
+    for (int c = 0; c < BN; ++c) EXPECT(cols[c] == 1, "%s: row %d column %d held %d times", name, r, c, cols[c]);
+  }
+  // Epilogue pairs over the O accumulator.
+  for (int tid = 0; tid < K::kConsumerThreads; ++tid) {
+    auto crd_o = mma_pv.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
+    auto rc = make_tensor(crd_o.data(), fa90::acc_rowcol(crd_o.layout()));
+    EXPECT(size<1>(rc) % 2 == 0, "%s: odd number of O column slots", name);
+    for (int mi = 0; mi < size<0>(rc); ++mi) {
+      for (int ni = 0; ni + 1 < size<1>(rc); ni += 2) {
+        EXPECT(get<0>(rc(mi, ni)) == get<0>(rc(mi, ni + 1)) && get<1>(rc(mi, ni + 1)) == get<1>(rc(mi, ni)) + 1 &&
+                   get<1>(rc(mi, ni)) % 2 == 0,
+               "%s: thread %d O slots %d, %d are not an aligned column pair", name, tid, ni, ni + 1);
+      }
+    }
+  }
+  EXPECT(K::kSmem <= 227 * 1024, "%s: %d bytes of shared memory", name, K::kSmem);
+  EXPECT(K::kBytesQ == cosize(typename K::SmemQ{}) * sizeof(E), "%s: Q bytes", name);
+  EXPECT(K::kBytesKV == size(take<0, 2>(typename K::SmemK{})) * sizeof(E) &&
+             K::kBytesKV == size(take<0, 2>(typename K::SmemVt{})) * sizeof(E),
+         "%s: K / V stage bytes", name);
+  std::printf("%s: smem %d bytes, %d + %d threads, S tile %dx%d, %d k blocks in P V\n", name, K::kSmem, 128,
+              K::kConsumerThreads, BM, BN, int(BN / 16));
+}
+
+int main() {
+  check<cute::bfloat16_t, 64>("bf16 d64");
+  check<cute::bfloat16_t, 128>("bf16 d128");
+  check<cute::half_t, 64>("fp16 d64");
+  check<cute::half_t, 128>("fp16 d128");
+  if (failures) {
+    std::printf("FAILED: %d checks\n", failures);
+    return 1;
+  }
+  std::printf("PASSED\n");
+  return 0;
+}
