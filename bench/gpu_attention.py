@@ -20,7 +20,7 @@ Providers and what one timed call includes (the same for all; inputs are created
 the timed region). Every provider reads the same [B, L, H, D] tensors (the layout a projection produces):
   nvembed      torch.ops.nvembed.flash_attn(q, k, v) (flash_attn_varlen on packed [T, H, D] for nvembed-varlen);
                GQA native. nvembed-sm90 / nvembed-varlen-sm90: the same with NVEMBED_FLASH_KERNEL=sm90, the
-               Hopper forward (TMA + wgmma, head dims 64 / 128; "unavailable" off sm_90); same backward.
+               Hopper kernels (TMA + wgmma, forward and backward, head dims 64 / 128; "unavailable" off sm_90).
   sdpa-flash   F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION) on q.transpose(1, 2)
                (a view, no copy: SDPA takes [B, H, L, D]); the output is transposed back as a view. GQA through
                enable_gqa=True; where a backend refuses it, k / v are repeat_interleave'd inside the timed call
@@ -73,8 +73,8 @@ MODE_FLOPS = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 DENSE_PROVIDERS = ("nvembed", "nvembed-sm90", "sdpa-flash", "sdpa-cudnn", "fa4")
 PADDED_PROVIDERS = ("nvembed-varlen", "nvembed-varlen-sm90", "nvembed", "sdpa", "sdpa-cudnn", "fa4-varlen")
 PACKED = {"nvembed-varlen", "nvembed-varlen-sm90", "fa4-varlen"}
-# nvembed-sm90 / nvembed-varlen-sm90: the same ops with NVEMBED_FLASH_KERNEL=sm90, i.e. the Hopper forward
-# (TMA + wgmma) where it applies; the backward is the same sm80 kernel set as "nvembed".
+# nvembed-sm90 / nvembed-varlen-sm90: the same ops with NVEMBED_FLASH_KERNEL=sm90, i.e. the Hopper kernels
+# (TMA + wgmma, forward and backward) where they apply.
 SM90_SUFFIX = "-sm90"
 # max |got - ref| / max(|ref|, 1e-2) for the agreement check, as tests/test_flash_attn_cuda.py
 AGREE_TOL = {torch.bfloat16: (2e-2, 4e-2), torch.float16: (4e-3, 8e-3)}
@@ -202,14 +202,14 @@ def _sdpa_backend(name: str):
 @contextlib.contextmanager
 def _fwd_kernel_env(kind: str):
     """NVEMBED_FLASH_KERNEL=kind inside (read by the op on every call); a device or build where the Hopper
-    kernel does not apply makes the provider unavailable instead of silently timing the sm80 kernel."""
+    kernels do not apply makes the provider unavailable instead of silently timing the sm80 kernels."""
     import nvembed_ext
     major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
     old = os.environ.get("NVEMBED_FLASH_KERNEL")
     os.environ["NVEMBED_FLASH_KERNEL"] = kind
     try:
         if kind == "sm90" and nvembed_ext._C.flash_kernel_for(major, minor, 128) != "sm90":
-            raise RuntimeError(f"the Hopper forward does not apply here (compute capability {major}.{minor}, "
+            raise RuntimeError(f"the Hopper kernels do not apply here (compute capability {major}.{minor}, "
                                f"build archs {nvembed_ext.build_info()['cuda_archs']!r})")
         yield
     finally:

@@ -2,8 +2,8 @@
 forward + backward of every CUDA template instantiation the ops have (bf16 at head dims 32 / 64 / 128, fp16 at 64),
 each with GQA, a ragged key mask, a batch row without keys and lengths that are not multiples of any tile, then the
 varlen op with an empty sequence and a sequence with queries but no keys. On a compute capability 9.0 device with a
-build that has sm_90a code, the forward cases run again on the Hopper kernel (NVEMBED_FLASH_KERNEL=sm90: TMA
-loads past a tensor's end are zero-filled by the hardware, so memcheck checks its stores and its other loads).
+build that has sm_90a code, the cases run again on the Hopper kernels (NVEMBED_FLASH_KERNEL=sm90: TMA loads past
+a tensor's end are zero-filled by the hardware, so memcheck checks their stores and their other loads).
 
 Run it with PYTORCH_NO_CUDA_MEMORY_CACHING=1 (gpu_check.sh does): every tensor is then its own cudaMalloc, so
 memcheck sees an access past a tensor's end instead of landing silently in a neighbour from the caching pool.
@@ -68,9 +68,9 @@ def main():
     if nvembed_ext._C.flash_kernel_for(major, minor, 128) == "sm90":
         all_cases()
         dense_case(torch.float16, 128, B=3, L=300, fully_masked_row=True)
-        print("flash sanitizer cases done (sm80 and sm90 forward kernels)")
+        print("flash sanitizer cases done (sm80 and sm90 kernels)")
     else:
-        print("flash sanitizer cases done (sm80 forward kernel; the Hopper kernel does not run here)")
+        print("flash sanitizer cases done (sm80 kernels; the Hopper kernels do not run here)")
     torch.cuda.synchronize()
 
 

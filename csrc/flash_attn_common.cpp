@@ -17,8 +17,7 @@ const char* flash_kernel_for(bool backward, int major, int minor, int64_t head_d
   const std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
   TORCH_CHECK_VALUE(choice == "auto" || choice == "sm80" || choice == "sm90", "nvembed::", kOp,
                     ": NVEMBED_FLASH_KERNEL must be auto, sm80 or sm90, got '", choice, "'");
-  const bool sm90_applies = built_with_sm90a && major == 9 && minor == 0 && (head_dim == 64 || head_dim == 128) &&
-                            (!backward || kHaveSm90Bwd);
+  const bool sm90_applies = built_with_sm90a && major == 9 && minor == 0 && (head_dim == 64 || head_dim == 128);
   const bool verified = backward ? kSm90BwdVerified : kSm90FwdVerified;
   const bool want_sm90 = choice == "sm90" || (choice == "auto" && verified);
   return sm90_applies && want_sm90 ? "sm90" : "sm80";

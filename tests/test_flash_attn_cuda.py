@@ -4,9 +4,10 @@ MQA, ragged key padding with a fully masked batch row, varlen with empty sequenc
 full-write (NaN-poisoned allocator), determinism, custom / negative scale, strided and misaligned inputs, opcheck,
 torch.compile and argument errors.
 
-The reference, masking, varlen, determinism and layout tests run once per CUDA forward kernel (the `fwd_kernel`
-fixture sets NVEMBED_FLASH_KERNEL): "sm80" (mma.sync, every device) and "sm90" (TMA + wgmma, head dims 64 / 128,
-run only on a compute capability 9.0 device with a build that has sm_90a code). The backward is the same in both.
+The reference, masking, varlen, determinism and layout tests run once per CUDA kernel set (the `flash_kernel`
+fixture sets NVEMBED_FLASH_KERNEL, which picks the forward and the backward kernels): "sm80" (mma.sync, every
+device) and "sm90" (TMA + wgmma, head dims 64 / 128, run only on a compute capability 9.0 device with a build that
+has sm_90a code).
 
 Every test needs a CUDA device of sm_80 or newer and a build whose flash-attention ops have CUDA kernels (marked
 `cuda`; skipped elsewhere, so this file is inert on CPU-only machines and on builds without the CUDA kernels).
@@ -79,24 +80,24 @@ SHAPES = [
 # ---- helpers -----------------------------------------------------------------------------------------------------
 
 @pytest.fixture(params=["sm80", "sm90"])
-def fwd_kernel(request, monkeypatch):
-    """The forward kernel under test (NVEMBED_FLASH_KERNEL, read by the op on every call). The sm90 run is
-    skipped where the dispatcher would not pick the Hopper kernel (device not 9.0, build without sm_90a); tests with
-    head dim 32 skip it through _uses (no Hopper instantiation)."""
+def flash_kernel(request, monkeypatch):
+    """The kernel set under test (NVEMBED_FLASH_KERNEL, read by the op on every forward and backward call). The
+    sm90 run is skipped where the dispatcher would not pick the Hopper kernels (device not 9.0, build without
+    sm_90a); tests with head dim 32 skip it through _uses (no Hopper instantiation)."""
     monkeypatch.setenv("NVEMBED_FLASH_KERNEL", request.param)
     if request.param == "sm90":
         major, minor = torch.cuda.get_device_capability()
         if nvembed_ext._C.flash_kernel_for(major, minor, 128) != "sm90":
-            pytest.skip(f"the Hopper forward does not run here (compute capability {major}.{minor}, build archs "
+            pytest.skip(f"the Hopper kernels do not run here (compute capability {major}.{minor}, build archs "
                         f"{nvembed_ext.build_info()['cuda_archs']!r})")
     return request.param
 
 
-def _uses(fwd_kernel, D):
+def _uses(flash_kernel, D):
     """Skip a head dim the kernel under test does not take (the sm80 kernel would run, already tested)."""
     major, minor = torch.cuda.get_device_capability()
-    if nvembed_ext._C.flash_kernel_for(major, minor, D) != fwd_kernel:
-        pytest.skip(f"head dim {D} does not run on the {fwd_kernel} forward")
+    if nvembed_ext._C.flash_kernel_for(major, minor, D) != flash_kernel:
+        pytest.skip(f"head dim {D} does not run on the {flash_kernel} kernels")
 
 
 def _qkv(B, Lq, Lk, Hq, Hkv, D, dtype):
@@ -184,8 +185,8 @@ def _poison_allocator():
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_matches_reference(dtype, D, shape, masked, fwd_kernel):
-    _uses(fwd_kernel, D)
+def test_matches_reference(dtype, D, shape, masked, flash_kernel):
+    _uses(flash_kernel, D)
     B, Lq, Lk, Hq, Hkv = shape
     q, k, v = _qkv(B, Lq, Lk, Hq, Hkv, D, dtype)
     mask = _ragged_mask(B, Lk) if masked else None
@@ -194,8 +195,8 @@ def test_matches_reference(dtype, D, shape, masked, fwd_kernel):
 
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_scattered_mask(dtype, D, fwd_kernel):
-    _uses(fwd_kernel, D)
+def test_scattered_mask(dtype, D, flash_kernel):
+    _uses(flash_kernel, D)
     """A non-prefix mask (every third key off, random holes) over several key tiles, GQA."""
     B, Lq, Lk, Hq, Hkv = 2, 70, 333, 8, 2
     q, k, v = _qkv(B, Lq, Lk, Hq, Hkv, D, dtype)
@@ -207,7 +208,7 @@ def test_scattered_mask(dtype, D, fwd_kernel):
 
 @pytest.mark.parametrize("scale", [0.37, -0.5, 1.0, 1e-3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_custom_scale(dtype, scale, fwd_kernel):
+def test_custom_scale(dtype, scale, flash_kernel):
     """scale multiplies q k^T (1.0: no 1/sqrt(D); negative: the softmax prefers the least similar keys; tiny: near
     uniform attention)."""
     q, k, v = _qkv(2, 45, 200, 4, 2, 64, dtype)
@@ -221,11 +222,11 @@ def test_default_scale_is_inverse_sqrt_head_dim():
 
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_fully_masked_rows_zero_and_everything_written(dtype, D, fwd_kernel):
+def test_fully_masked_rows_zero_and_everything_written(dtype, D, flash_kernel):
     """Batch row 1 has no key: its output and its dq / dk / dv are exactly 0 and its lse is +inf; masked keys of
     the other rows get exactly zero dk / dv (P = 0 there); no NaN / inf anywhere — with the allocator's free
     blocks NaN-poisoned before the forward and before the backward, so an element the kernels skip shows up."""
-    _uses(fwd_kernel, D)
+    _uses(flash_kernel, D)
     B, Lq, Lk, Hq, Hkv = 3, 300, 200, 8, 2  # > 1 MB outputs (large pool) and > 1 tile on both sides
     q, k, v = _qkv(B, Lq, Lk, Hq, Hkv, D, dtype)
     mask = _ragged_mask(B, Lk, fully_masked_row=False)
@@ -315,8 +316,8 @@ VARLEN_LENS = {
 @pytest.mark.parametrize("case", list(VARLEN_LENS))
 @pytest.mark.parametrize("D", HEAD_DIMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_varlen_matches_reference(dtype, D, case, fwd_kernel):
-    _uses(fwd_kernel, D)
+def test_varlen_matches_reference(dtype, D, case, flash_kernel):
+    _uses(flash_kernel, D)
     lens_q, lens_k = VARLEN_LENS[case]
     Hq, Hkv = 8, 2
     cu_q, cu_k = _cu(lens_q), _cu(lens_k)
@@ -347,7 +348,7 @@ def test_varlen_matches_reference(dtype, D, case, fwd_kernel):
     assert torch.equal(public, out.detach())
 
 
-def test_varlen_equals_padded_dense(fwd_kernel):
+def test_varlen_equals_padded_dense(flash_kernel):
     """The same sequences packed (varlen) and padded with a key mask give the same valid rows."""
     lens = [33, 1, 200, 70]
     Hq, Hkv, D = 4, 2, 64
@@ -372,21 +373,19 @@ def test_varlen_equals_padded_dense(fwd_kernel):
 
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_long_sequences(dtype, D, fwd_kernel):
-    """Thousands of keys (the K / V stage ring of the Hopper kernel wraps ~16 times per CTA, 33 key blocks with a
-    partial one) and 3 query heads per kv head, forward against the float64 reference, lse included."""
-    q, k, v = _qkv(1, 513, 4100, 6, 2, D, dtype)
-    out, lse = ops._flash_attn_fwd(q, k, v, None, None)
-    ref_out, ref_lse, _ = _ref(q, k, v, None, None)
-    _check("out", out, ref_out, FWD_TOL[dtype])
-    _check_lse(lse, ref_lse)
+def test_long_sequences(dtype, D, flash_kernel):
+    """Thousands of keys and queries: the Hopper kernels' stage rings wrap many times (33 key blocks of the forward
+    with a partial one, 65 of dQ; 5 query blocks x 3 query heads per kv head in dK / dV), forward and backward
+    against the float64 reference, lse included."""
+    q, k, v = _qkv(1, 300, 4100, 6, 2, D, dtype)
+    _check_all(q, k, v)
 
 
 # ---- determinism, layouts ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_deterministic(dtype, D, fwd_kernel):
+def test_deterministic(dtype, D, flash_kernel):
     """No atomics: the same inputs give the same bits, forward and backward (GQA, so dk / dv sum over 4 query
     heads; several key and query tiles; a ragged mask)."""
     q, k, v = _qkv(2, 300, 1000, 8, 2, D, dtype)
@@ -401,7 +400,7 @@ def test_deterministic(dtype, D, fwd_kernel):
         assert torch.equal(a, b), f"{name} differs between two identical runs"
 
 
-def test_varlen_deterministic(fwd_kernel):
+def test_varlen_deterministic(flash_kernel):
     lens = [300, 0, 129, 1000]
     cu = _cu(lens)
     q = torch.randn(sum(lens), 8, 128, device=DEV).bfloat16()
@@ -418,7 +417,7 @@ def test_varlen_deterministic(fwd_kernel):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_non_contiguous_inputs(dtype, fwd_kernel):
+def test_non_contiguous_inputs(dtype, flash_kernel):
     """q from a transpose of [B, H, L, D] (what an attention module holds), k / v unbound from one packed kv
     projection [B, L, 2, Hkv, D]: the same output and gradients as contiguous copies."""
     B, L, Hq, Hkv, D = 2, 77, 8, 2, 64
@@ -439,7 +438,7 @@ def test_non_contiguous_inputs(dtype, fwd_kernel):
         assert torch.equal(a, b), f"{name} with a non-contiguous dout"
 
 
-def test_misaligned_inputs(fwd_kernel):
+def test_misaligned_inputs(flash_kernel):
     """Contiguous tensors whose data starts 2 bytes into their storage (not 16-byte aligned, so no vector loads
     straight from them): the same result as aligned copies."""
     B, L, H, D = 2, 70, 4, 64

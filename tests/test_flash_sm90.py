@@ -1,10 +1,11 @@
-"""The Hopper flash-attention forward (csrc/cuda/flash_sm90.cuh: TMA + wgmma, warp-specialized) on any machine:
-which kernel the dispatcher picks (NVEMBED_FLASH_KERNEL), and what the compiled sm_90a code contains — HGMMA
-(wgmma), UTMALDG (TMA loads) and USETMAXREG (register reallocation) in SASS, no local-memory spills — read from the
-built library with cuobjdump (the CUDA toolkit's, or the copy triton ships).
+"""The Hopper flash-attention kernels (csrc/cuda/flash_sm90.cuh forward, flash_sm90_bwd.cuh dQ and dK/dV: TMA +
+wgmma, warp-specialized) on any machine: which kernels the dispatcher picks (NVEMBED_FLASH_KERNEL), what the
+compiled sm_90a code contains — HGMMA (wgmma), UTMALDG (TMA loads) and USETMAXREG (register reallocation) in SASS,
+no local-memory spills — read from the built library with cuobjdump (the CUDA toolkit's, or the copy triton ships),
+and the host-side layout checks of tools/sm90_check.
 
-Its numerics on a GPU are tested in tests/test_flash_attn_cuda.py (every reference test runs once per forward
-kernel; the sm90 runs need a compute capability 9.0 device) and measured by bench/gpu_attention.py (nvembed-sm90).
+Their numerics on a GPU are tested in tests/test_flash_attn_cuda.py (the reference tests run once per kernel set;
+the sm90 runs need a compute capability 9.0 device) and measured by bench/gpu_attention.py (nvembed-sm90).
 """
 import glob
 import os
@@ -48,10 +49,15 @@ def test_sm90_choice_applies_only_on_sm90_with_supported_head_dims(monkeypatch):
     assert _C.flash_kernel_for(9, 0, 128) == "sm80"
 
 
-def test_backward_has_no_hopper_kernel_yet(monkeypatch):
+def test_backward_follows_the_same_rule(monkeypatch):
+    monkeypatch.delenv(ENV, raising=False)
+    assert _C.flash_kernel_for(9, 0, 128, backward=True) == "sm80"
     monkeypatch.setenv(ENV, "sm90")
-    for d in (32, 64, 128):
-        assert _C.flash_kernel_for(9, 0, d, backward=True) == "sm80"
+    expected = "sm90" if HAS_SM90A else "sm80"
+    assert _C.flash_kernel_for(9, 0, 64, backward=True) == expected
+    assert _C.flash_kernel_for(9, 0, 128, backward=True) == expected
+    assert _C.flash_kernel_for(9, 0, 32, backward=True) == "sm80"
+    assert _C.flash_kernel_for(8, 0, 128, backward=True) == "sm80"
 
 
 @pytest.mark.parametrize("value", ["hopper", "SM90", "1", "sm90a"])
@@ -110,25 +116,29 @@ def sm90a_code():
     return sass, res
 
 
-def test_hopper_forward_sass_uses_wgmma_tma_and_register_reallocation(sm90a_code):
+def test_hopper_kernels_sass_use_wgmma_tma_and_register_reallocation(sm90a_code):
     sass, _ = sm90a_code
-    kernels = {n: t for n, t in sass.items() if "fwd_kernel" in n}
-    # bf16 / fp16 x head dims 64 / 128
-    assert len(kernels) == 4, sorted(kernels)
+    kernels = {n: t for n, t in sass.items() if "fwd_kernel" in n or "bwd_kernel" in n}
+    # bf16 / fp16 x head dims 64 / 128 x (forward, dQ, dK/dV)
+    assert len(kernels) == 12, sorted(kernels)
     for name, text in kernels.items():
         d = 128 if "Li128E" in name else 64
-        assert "HGMMA.64x128x16.F32" in text, f"{name}: no 64x128x16 wgmma for S = Q K^T"
-        assert f"HGMMA.64x{d}x16.F32" in text, f"{name}: no 64x{d}x16 wgmma for O += P V"
+        if "fwd_kernel" in name:
+            assert "HGMMA.64x128x16.F32" in text, f"{name}: no 64x128x16 wgmma for S = Q K^T"
+            assert f"HGMMA.64x{d}x16.F32" in text, f"{name}: no 64x{d}x16 wgmma for O += P V"
+        else:  # S, dP: 64 x 64 tiles per warpgroup; dQ / dK / dV: 64 x D
+            assert "HGMMA.64x64x16.F32" in text, f"{name}: no 64x64x16 wgmma for S / dP"
+            assert f"HGMMA.64x{d}x16.F32" in text, f"{name}: no 64x{d}x16 wgmma for the gradient GEMMs"
         assert "UTMALDG" in text, f"{name}: no TMA load"
         assert "USETMAXREG" in text, f"{name}: no register reallocation (setmaxnreg)"
         assert "SYNCS" in text, f"{name}: no mbarrier operations"
 
 
-def test_hopper_forward_has_no_local_memory(sm90a_code):
+def test_hopper_kernels_have_no_local_memory(sm90a_code):
     """No register spills (ptxas with 240 registers per consumer thread) and no stack."""
     _, res = sm90a_code
-    kernels = {n: t for n, t in res.items() if "fwd_kernel" in n}
-    assert len(kernels) == 4, sorted(kernels)
+    kernels = {n: t for n, t in res.items() if "fwd_kernel" in n or "bwd_kernel" in n}
+    assert len(kernels) == 12, sorted(kernels)
     for name, text in kernels.items():
         assert "LOCAL:0" in text and "STACK:0" in text, f"{name}: {text.strip()}"
 
@@ -143,9 +153,10 @@ def _nvcc():
 @pytest.mark.skipif(_nvcc() is None, reason="needs nvcc (the check is host code, but includes the kernel header)")
 def test_register_and_tile_layouts_host_check(tmp_path):
     """tools/sm90_check: for every instantiation and every consumer thread, the S accumulator register holding
-    S(m, n) is the one the P V wgmma reads as A(m, n) (P reused in place); a row's scores live in one quad of lanes
-    and cover each column once (the softmax's two shuffles); the epilogue's column pairs; shared memory and TMA
-    byte counts. A planted swap of two modes in acc_as_a fails it (checked when it was written)."""
+    S(m, n) is the one the P V wgmma reads as A(m, n) (P reused in place), and likewise dS -> dQ, P^T -> dV,
+    dS^T -> dK in the backward; a row's scores live in one quad of lanes and cover each column once (the softmax's
+    two shuffles); the epilogue's column pairs; the transposed K / Q / dO tile views; shared memory and TMA byte
+    counts. A planted swap of two modes in acc_as_a fails it (checked when it was written)."""
     import importlib.util
     if importlib.util.find_spec("cutlass_library") is None:
         pytest.skip("needs the nvidia-cutlass wheel's headers")

@@ -53,5 +53,8 @@ void flash_bwd_fp16(const FlashParams& p, cudaStream_t stream);
 // targets sm_90a (NVEMBED_HAS_SM90A); the launcher picks it (flash_kernel_for).
 void flash_fwd_sm90_bf16(const FlashParams& p, cudaStream_t stream);
 void flash_fwd_sm90_fp16(const FlashParams& p, cudaStream_t stream);
+// The Hopper backward (flash_sm90_bwd.cuh), same conditions: dsum, then the dQ and dK / dV kernels.
+void flash_bwd_sm90_bf16(const FlashParams& p, cudaStream_t stream);
+void flash_bwd_sm90_fp16(const FlashParams& p, cudaStream_t stream);
 
 }  // namespace nvembed::cuda

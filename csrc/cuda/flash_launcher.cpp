@@ -100,7 +100,17 @@ void launch_fwd(const cuda::FlashParams& p) {
 
 void launch_bwd(const cuda::FlashParams& p) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (p.dtype == cuda::FlashDType::kBFloat16) {
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(dev);
+  if (std::string_view(flash::flash_kernel_for(true, prop->major, prop->minor, p.head_dim, kBuiltWithSm90a)) ==
+      "sm90") {
+    if (p.dtype == cuda::FlashDType::kBFloat16) {
+      cuda::flash_bwd_sm90_bf16(p, stream);
+    } else {
+      cuda::flash_bwd_sm90_fp16(p, stream);
+    }
+  } else if (p.dtype == cuda::FlashDType::kBFloat16) {
     cuda::flash_bwd_bf16(p, stream);
   } else {
     cuda::flash_bwd_fp16(p, stream);

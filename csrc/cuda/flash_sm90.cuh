@@ -86,6 +86,43 @@ CUTE_DEVICE void gemm(Mma& mma, TA const& tA, TB const& tB, TC& tC) {
   if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(tA));
 }
 
+// Row offset and length of sequence b in q and in k / v (flash.cuh: cu_seqlens, or b * L for dense tensors); row
+// counts are below 2^31 (checked by the launcher).
+struct Seq {
+  int q_off, q_len, k_off, k_len;
+};
+
+CUTE_DEVICE Seq seq_of(const FlashParams& p, int b) {
+  Seq s;
+  if (p.cu_q != nullptr) {
+    s.q_off = p.cu_q[b];
+    s.q_len = p.cu_q[b + 1] - s.q_off;
+  } else {
+    s.q_off = b * p.seqlen_q;
+    s.q_len = p.seqlen_q;
+  }
+  if (p.cu_k != nullptr) {
+    s.k_off = p.cu_k[b];
+    s.k_len = p.cu_k[b + 1] - s.k_off;
+  } else {
+    s.k_off = b * p.seqlen_k;
+    s.k_len = p.seqlen_k;
+  }
+  return s;
+}
+
+// Index of (sequence b, head h, row i of the sequence) in lse / dsum (flash.cuh).
+CUTE_DEVICE int64_t stat_index(const FlashParams& p, int b, int h, int q_off, int i) {
+  return p.cu_q != nullptr ? static_cast<int64_t>(h) * p.total_q + q_off + i
+                           : (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + i;
+}
+
+// Element pair of a 4-byte store of two adjacent output columns.
+template <class E>
+struct alignas(2 * sizeof(E)) Pair {
+  E x, y;
+};
+
 template <class Element_, int kHeadDim_>
 struct FwdKernel {
   using E = Element_;
@@ -166,32 +203,14 @@ CUTE_DEVICE void FwdKernel<E, D>::run(Params const& prm, char* smem_raw) {
   SharedStorage& ss = *reinterpret_cast<SharedStorage*>(smem_raw);
   const int m_block = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
 
-  // Sequence geometry (flash.cuh): row offset and length of sequence b in q and in k / v.
-  int q_off, q_len, k_off, k_len;
-  if (p.cu_q != nullptr) {
-    q_off = p.cu_q[b];
-    q_len = p.cu_q[b + 1] - q_off;
-  } else {
-    q_off = b * p.seqlen_q;
-    q_len = p.seqlen_q;
-  }
-  if (p.cu_k != nullptr) {
-    k_off = p.cu_k[b];
-    k_len = p.cu_k[b + 1] - k_off;
-  } else {
-    k_off = b * p.seqlen_k;
-    k_len = p.seqlen_k;
-  }
+  const auto [q_off, q_len, k_off, k_len] = seq_of(p, b);
   const int row0 = m_block * kBM;
   if (row0 >= q_len) return;  // uniform over the CTA, before any barrier
   const int q_rows = min(kBM, q_len - row0);
   const int n_blocks = (k_len + kBN - 1) / kBN;
   const int64_t q_rs = static_cast<int64_t>(p.heads_q) * D;
   E* out = static_cast<E*>(p.out) + (static_cast<int64_t>(q_off) + row0) * q_rs + static_cast<int64_t>(h) * D;
-  auto lse_index = [&](int r) {  // lse slot of tile row r
-    return p.cu_q != nullptr ? static_cast<int64_t>(h) * p.total_q + q_off + row0 + r
-                             : (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + row0 + r;
-  };
+  auto lse_index = [&](int r) { return stat_index(p, b, h, q_off, row0 + r); };  // lse slot of tile row r
 
   if (n_blocks == 0) {  // no keys: O = 0, lse = +inf
     for (int i = threadIdx.x; i < q_rows * D; i += kThreads) out[(i / D) * q_rs + i % D] = E(0.f);
@@ -373,9 +392,6 @@ CUTE_DEVICE void FwdKernel<E, D>::run(Params const& prm, char* smem_raw) {
 
   // Epilogue: O / rowsum, lse = ln 2 * (max + log2 sum); rows past the sequence's end are not written.
   const int lane = threadIdx.x % 32;
-  struct alignas(2 * sizeof(E)) E2 {
-    E x, y;
-  };
   CUTE_UNROLL
   for (int mi = 0; mi < kRows; ++mi) {
     float sum = row_sum[mi];
@@ -388,8 +404,8 @@ CUTE_DEVICE void FwdKernel<E, D>::run(Params const& prm, char* smem_raw) {
     CUTE_UNROLL
     for (int ni = 0; ni < kColsO; ni += 2) {
       const int col = get<1>(crd_o_rc(mi, ni));  // even; col + 1 is slot ni + 1
-      *reinterpret_cast<E2*>(out + r * q_rs + col) =
-          E2{static_cast<E>(acc_o_rc(mi, ni) * mul), static_cast<E>(acc_o_rc(mi, ni + 1) * mul)};
+      *reinterpret_cast<Pair<E>*>(out + r * q_rs + col) =
+          Pair<E>{static_cast<E>(acc_o_rc(mi, ni) * mul), static_cast<E>(acc_o_rc(mi, ni + 1) * mul)};
     }
   }
 }
@@ -408,14 +424,19 @@ void run_fwd(const FlashParams& p, cudaStream_t stream) {
   using namespace cute;
   using K = FwdKernel<E, D>;
   const int grid_x = (p.seqlen_q + K::kBM - 1) / K::kBM;
-  if (grid_x <= 0 || p.heads_q <= 0 || p.batch <= 0) return;
-  const int tq = static_cast<int>(p.total_q), tk = static_cast<int>(p.total_k > 0 ? p.total_k : 1);  // no keys at all: no TMA of k / v is issued
+  if (grid_x <= 0 || p.heads_q <= 0 || p.batch <= 0 || p.total_q <= 0) return;
+  // No keys at all: every CTA writes zeros and issues no TMA of k / v; their descriptors then describe q's memory
+  // (a valid address; an empty tensor's may be null).
+  const bool no_keys = p.total_k <= 0;
+  const void* k_ptr = no_keys ? p.q : p.k;
+  const void* v_ptr = no_keys ? p.q : p.v;
+  const int tq = static_cast<int>(p.total_q), tk = no_keys ? 1 : static_cast<int>(p.total_k);
   const int64_t q_rs = static_cast<int64_t>(p.heads_q) * D, k_rs = static_cast<int64_t>(p.heads_kv) * D;
   auto gq = make_tensor(make_gmem_ptr(static_cast<E const*>(p.q)), make_shape(tq, D, p.heads_q),
                         make_stride(q_rs, _1{}, static_cast<int64_t>(D)));
-  auto gk = make_tensor(make_gmem_ptr(static_cast<E const*>(p.k)), make_shape(tk, D, p.heads_kv),
+  auto gk = make_tensor(make_gmem_ptr(static_cast<E const*>(k_ptr)), make_shape(tk, D, p.heads_kv),
                         make_stride(k_rs, _1{}, static_cast<int64_t>(D)));
-  auto gvt = make_tensor(make_gmem_ptr(static_cast<E const*>(p.v)), make_shape(D, tk, p.heads_kv),
+  auto gvt = make_tensor(make_gmem_ptr(static_cast<E const*>(v_ptr)), make_shape(D, tk, p.heads_kv),
                          make_stride(_1{}, k_rs, static_cast<int64_t>(D)));
   typename K::Params prm{p, make_tma_copy(SM90_TMA_LOAD{}, gq, typename K::SmemQ{}),
                          make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename K::SmemK{})),

@@ -7,11 +7,13 @@
 //     (lanes differing in bits 0 and 1: the two shuffles of the row max / sum), and the quad covers each column of
 //     the tile exactly once;
 //   * the epilogue's paired stores: slots ni, ni + 1 (ni even) are columns c, c + 1 of the same row;
-//   * shared memory fits an sm_90 CTA (227 KB) and the TMA byte counts equal one tile.
+//   * shared memory fits an sm_90 CTA (227 KB) and the TMA byte counts equal one tile;
+//   * the backward (flash_sm90_bwd.cuh): the same register reuse for dS -> dQ += dS K, P^T -> dV += P^T dO and
+//     dS^T -> dK += dS^T Q, and the transposed tile views (K^T, Q^T, dO^T) address the same bytes as the tiles.
 // Built with nvcc as host code (tools/sm90_check/run.sh); prints PASSED or the first failures.
 #include <cstdio>
 
-#include "cuda/flash_sm90.cuh"
+#include "cuda/flash_sm90_bwd.cuh"
 
 using namespace cute;
 namespace fa90 = nvembed::cuda::fa90;
@@ -27,6 +29,48 @@ static int failures = 0;
       }                                          \
     }                                            \
   } while (0)
+
+// The register of an M x N accumulator of mma_c that holds (m, n) is the register mma_a's RS wgmma reads as A(m, n).
+template <int M, int N, class MmaC, class MmaA>
+void check_reuse(const char* name, MmaC mma_c, MmaA mma_a) {
+  for (int tid = 0; tid < size(mma_c); ++tid) {
+    auto crd_c = mma_c.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+    auto crd_p = make_tensor(crd_c.data(), fa90::acc_as_a(crd_c.layout()));
+    auto crd_a = mma_a.get_thread_slice(tid).partition_A(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+    EXPECT(size(crd_p) == size(crd_a), "%s: %d accumulator values, %d A values", name, int(size(crd_p)),
+           int(size(crd_a)));
+    for (int i = 0; i < size(crd_a); ++i) {
+      EXPECT(get<0>(crd_p(i)) == get<0>(crd_a(i)) && get<1>(crd_p(i)) == get<1>(crd_a(i)),
+             "%s: thread %d value %d: register holds (%d, %d), read as A(%d, %d)", name, tid, i,
+             int(get<0>(crd_p(i))), int(get<1>(crd_p(i))), int(get<0>(crd_a(i))), int(get<1>(crd_a(i))));
+    }
+  }
+}
+
+// A transposed view: t(d, r, s) is the element tile(r, d, s).
+template <class Tile, class TileT>
+void check_transposed(const char* name, Tile tile, TileT tile_t) {
+  for (int s = 0; s < size<2>(tile); ++s)
+    for (int r = 0; r < size<0>(tile); ++r)
+      for (int d = 0; d < size<1>(tile); ++d)
+        EXPECT(tile(r, d, s) == tile_t(d, r, s), "%s: (%d, %d, %d) at %d vs %d", name, r, d, s, int(tile(r, d, s)),
+               int(tile_t(d, r, s)));
+}
+
+template <class E, int D>
+void check_bwd(const char* name) {
+  using Dq = fa90::DqKernel<E, D>;
+  using Dkdv = fa90::DkdvKernel<E, D>;
+  check_reuse<Dq::kBM, Dq::kBN>(name, typename Dq::MmaS{}, typename Dq::MmaDQ{});
+  check_reuse<Dkdv::kBN, Dkdv::kBM>(name, typename Dkdv::MmaS{}, typename Dkdv::MmaKV{});
+  check_transposed(name, typename Dq::SmemKV{}, typename Dq::SmemKt{});
+  check_transposed(name, typename Dkdv::SmemQ{}, typename Dkdv::SmemQt{});
+  EXPECT(Dq::kSmem <= 227 * 1024 && Dkdv::kSmem <= 227 * 1024, "%s: smem %d / %d", name, Dq::kSmem, Dkdv::kSmem);
+  EXPECT(Dq::kBytesKV == size(take<0, 2>(typename Dq::SmemKV{})) * sizeof(E) &&
+             Dkdv::kBytesQ == size(take<0, 2>(typename Dkdv::SmemQ{})) * sizeof(E),
+         "%s: pipeline stage bytes", name);
+  std::printf("%s backward: smem dQ %d, dK/dV %d bytes\n", name, Dq::kSmem, Dkdv::kSmem);
+}
 
 template <class E, int D>
 void check(const char* name) {
@@ -106,6 +150,10 @@ int main() {
   check<cute::bfloat16_t, 128>("bf16 d128");
   check<cute::half_t, 64>("fp16 d64");
   check<cute::half_t, 128>("fp16 d128");
+  check_bwd<cute::bfloat16_t, 64>("bf16 d64");
+  check_bwd<cute::bfloat16_t, 128>("bf16 d128");
+  check_bwd<cute::half_t, 64>("fp16 d64");
+  check_bwd<cute::half_t, 128>("fp16 d128");
   if (failures) {
     std::printf("FAILED: %d checks\n", failures);
     return 1;
