@@ -78,13 +78,18 @@ constexpr bool kBuiltWithSm90a = true;
 constexpr bool kBuiltWithSm90a = false;
 #endif
 
-void launch_fwd(const cuda::FlashParams& p) {
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+// Whether the Hopper kernels run the forward / backward on the current device (flash::flash_kernel_for).
+bool use_sm90(const cuda::FlashParams& p, bool backward) {
   int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(dev);
-  if (std::string_view(flash::flash_kernel_for(false, prop->major, prop->minor, p.head_dim, kBuiltWithSm90a)) ==
-      "sm90") {
+  return std::string_view(flash::flash_kernel_for(backward, prop->major, prop->minor, p.head_dim,
+                                                  kBuiltWithSm90a)) == "sm90";
+}
+
+void launch_fwd(const cuda::FlashParams& p) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (use_sm90(p, /*backward=*/false)) {
     if (p.dtype == cuda::FlashDType::kBFloat16) {
       cuda::flash_fwd_sm90_bf16(p, stream);
     } else {
@@ -100,11 +105,7 @@ void launch_fwd(const cuda::FlashParams& p) {
 
 void launch_bwd(const cuda::FlashParams& p) {
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  const cudaDeviceProp* prop = at::cuda::getDeviceProperties(dev);
-  if (std::string_view(flash::flash_kernel_for(true, prop->major, prop->minor, p.head_dim, kBuiltWithSm90a)) ==
-      "sm90") {
+  if (use_sm90(p, /*backward=*/true)) {
     if (p.dtype == cuda::FlashDType::kBFloat16) {
       cuda::flash_bwd_sm90_bf16(p, stream);
     } else {

@@ -123,6 +123,25 @@ struct alignas(2 * sizeof(E)) Pair {
   E x, y;
 };
 
+// Parameters of a TMA ring (cutlass::PipelineTmaAsync) of a CTA whose warpgroup 0 produces and whose other
+// `consumers` threads consume: thread 0 issues the loads (and is the leader that sets each stage's byte count),
+// every consumer thread releases each stage once.
+template <class Pipeline>
+CUTE_DEVICE typename Pipeline::Params ring_params(uint32_t stage_bytes, int warp_group, int consumers) {
+  typename Pipeline::Params pp;
+  pp.transaction_bytes = stage_bytes;
+  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
+  pp.is_leader = threadIdx.x == 0;
+  pp.num_consumers = consumers;
+  return pp;
+}
+
+template <class Pipeline, class State>
+CUTE_DEVICE void consumer_wait(Pipeline& pipe, State const& st) {
+  auto token = pipe.consumer_try_wait(st);
+  pipe.consumer_wait(st, token);
+}
+
 template <class Element_, int kHeadDim_>
 struct FwdKernel {
   using E = Element_;
@@ -220,11 +239,7 @@ CUTE_DEVICE void FwdKernel<E, D>::run(Params const& prm, char* smem_raw) {
   const int hk = h / (p.heads_q / p.heads_kv);
   const int warp_group = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
 
-  typename Pipeline::Params pp;
-  pp.transaction_bytes = kBytesKV;
-  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pp.is_leader = threadIdx.x == 0;
-  pp.num_consumers = kConsumerThreads;
+  const auto pp = ring_params<Pipeline>(kBytesKV, warp_group, kConsumerThreads);
   if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_q, 1);
   Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});  // initializes the barriers, fences the init
   Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
@@ -339,10 +354,6 @@ CUTE_DEVICE void FwdKernel<E, D>::run(Params const& prm, char* smem_raw) {
       CUTE_UNROLL
       for (int ni = 0; ni < kColsO; ++ni) acc_o_rc(mi, ni) *= corr[mi];
     }
-  };
-  auto consumer_wait = [](Pipeline& pipe, PipelineState const& st) {
-    auto token = pipe.consumer_try_wait(st);
-    pipe.consumer_wait(st, token);
   };
   // Ping-pong: a warpgroup issues its GEMMs after the other one issued its own.
   auto sched_sync = [&]() { cutlass::arch::NamedBarrier::sync(kConsumerThreads, kSchedBarrier0 + cwg); };

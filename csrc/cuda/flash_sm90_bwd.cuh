@@ -148,11 +148,7 @@ CUTE_DEVICE void DqKernel<E, D>::run(Params const& prm, char* smem_raw) {
   const int hk = h / (p.heads_q / p.heads_kv);
   const int warp_group = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
 
-  typename Pipeline::Params pp;
-  pp.transaction_bytes = kBytesKV;
-  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pp.is_leader = threadIdx.x == 0;
-  pp.num_consumers = kConsumerThreads;
+  const auto pp = ring_params<Pipeline>(kBytesKV, warp_group, kConsumerThreads);
   if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_q, 1);
   Pipeline pipe_k(ss.pipe_k, pp, Shape<_1, _1, _1>{});
   Pipeline pipe_v(ss.pipe_v, pp, Shape<_1, _1, _1>{});
@@ -231,10 +227,6 @@ CUTE_DEVICE void DqKernel<E, D>::run(Params const& prm, char* smem_raw) {
     dsum[mi] = r < q_rows ? p.dsum[idx] : 0.f;
   }
 
-  auto consumer_wait = [](Pipeline& pipe, PipelineState const& st) {
-    auto token = pipe.consumer_try_wait(st);
-    pipe.consumer_wait(st, token);
-  };
   PipelineState read;
   cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_q, 0);
   for (int n = n_blocks - 1; n >= 0; --n) {
@@ -339,11 +331,7 @@ CUTE_DEVICE void DkdvKernel<E, D>::run(Params const& prm, char* smem_raw) {
   }
   const int warp_group = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / 128, 0);
 
-  typename Pipeline::Params pp;
-  pp.transaction_bytes = kBytesQ;
-  pp.role = warp_group == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pp.is_leader = threadIdx.x == 0;
-  pp.num_consumers = kConsumerThreads;
+  const auto pp = ring_params<Pipeline>(kBytesQ, warp_group, kConsumerThreads);
   if (threadIdx.x == 0) cutlass::arch::ClusterTransactionBarrier::init(&ss.bar_kv, 1);
   Pipeline pipe_q(ss.pipe_q, pp, Shape<_1, _1, _1>{});
   Pipeline pipe_do(ss.pipe_do, pp, Shape<_1, _1, _1>{});
@@ -419,10 +407,6 @@ CUTE_DEVICE void DkdvKernel<E, D>::run(Params const& prm, char* smem_raw) {
   constexpr int kCols = decltype(size<1>(crd_s_rc))::value;
   const float scale_log2 = p.scale * kLog2e;
 
-  auto consumer_wait = [](Pipeline& pipe, PipelineState const& st) {
-    auto token = pipe.consumer_try_wait(st);
-    pipe.consumer_wait(st, token);
-  };
   PipelineState read;
   cutlass::arch::ClusterTransactionBarrier::wait(&ss.bar_kv, 0);
   for (int step = 0; step < n_steps; ++step) {
