@@ -54,7 +54,7 @@ export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 # Flash attention first (the kernels under work): its CUDA tests, compute-sanitizer on small fwd + bwd cases of
 # every instantiation (bench/sanitize_flash.py; uncached allocations so memcheck sees out-of-bounds accesses), the
 # FA3-protocol benchmark against SDPA flash / cuDNN and FA4.
-step flash_tests 480 python3 -m pytest tests/test_flash_attn_cuda.py tests/test_flash_sm90.py -q -p no:cacheprovider -rs
+step flash_tests 480 python3 -m pytest tests/test_flash_attn_cuda.py tests/test_hopper_kernels.py -q -p no:cacheprovider -rs
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 if [ -n "$SANITIZER" ]; then
   for tool in memcheck racecheck; do
@@ -72,7 +72,7 @@ step cuda_tests 300 python3 -m pytest tests/ -q -p no:cacheprovider -m cuda -rs 
 
 # compute-sanitizer memcheck (out-of-bounds / misaligned accesses) and racecheck (shared-memory hazards) on small
 # cases of InfoNCE: the tensor-core path (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass;
-# d % 8 != 0 through the padded copy) and the plain path (NVEMBED_INFONCE_CUDA_PLAIN=1; fp32, own-group), forward
+# d % 8 != 0 through the padded copy; with the sm80 and the Hopper forward) and the plain path (NVEMBED_INFONCE_CUDA_PLAIN=1; fp32, own-group), forward
 # and backward each.
 if [ -n "$SANITIZER" ]; then
   cat > "$OUT/sanitizer_cases.py" <<'PY'
@@ -89,8 +89,9 @@ def case(dtype, inb, B, G, d, extra):
     ops.infonce(q, docs, G, 0.05, inb).backward()
 
 
-for plain in ("0", "1"):
+for plain, kernel in (("0", "sm80"), ("0", "sm90"), ("1", "sm80")):
     os.environ["NVEMBED_INFONCE_CUDA_PLAIN"] = plain
+    os.environ["NVEMBED_INFONCE_KERNEL"] = kernel  # sm90: the Hopper forward where it applies, else sm80 again
     for dtype in (torch.bfloat16, torch.float16):
         case(dtype, True, 130, 2, 72, 3)
         case(dtype, True, 37, 3, 65, 0)

@@ -6,6 +6,8 @@ Protocol (the CUDA InfoNCE issue): d in {1024, 4096}, B in {4096, 16384, 65536} 
            for the softmax (the tests' reference, so benchmark and tests cannot drift). Skipped, with the reason
            in the CSV, where its logits would not fit in the free GPU memory.
   nvembed  torch.ops.nvembed.infonce (tensor-core kernels for bf16).
+  nvembed-sm90  the same with NVEMBED_INFONCE_KERNEL=sm90: the Hopper forward (TMA + wgmma), sm80 backward; on
+           CUDA only, "skipped" where it does not apply (not a compute capability 9.0 device, no sm_90a code).
 Per configuration: one warm-up round, then timed rounds, each on fresh random inputs; the time of a round is the
 CUDA-event time of loss = f(q, docs); loss.backward(). Reported: median (p20, p80) time, TFLOP/s counting
 2 B N d (forward) + 4 B N d (backward) flops, and the peak memory one fwd+bwd adds above its inputs
@@ -51,10 +53,43 @@ def environment(device: str) -> dict:
     }
 
 
+def sm90_unavailable() -> str | None:
+    """Why the Hopper InfoNCE forward cannot run here, or None."""
+    import nvembed_ext
+
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    major, minor = torch.cuda.get_device_capability()
+    old = os.environ.get("NVEMBED_INFONCE_KERNEL")
+    os.environ["NVEMBED_INFONCE_KERNEL"] = "sm90"
+    try:
+        if nvembed_ext._C.infonce_fwd_kernel_for(major, minor) != "sm90":
+            return (f"the Hopper forward does not apply (compute capability {major}.{minor}, build archs "
+                    f"{nvembed_ext.build_info()['cuda_archs']!r})")
+        return None
+    finally:
+        if old is None:
+            os.environ.pop("NVEMBED_INFONCE_KERNEL", None)
+        else:
+            os.environ["NVEMBED_INFONCE_KERNEL"] = old
+
+
 def loss_fn(variant: str):
     import nvembed_ext  # noqa: F401
     from nvembed_ext.reference import infonce_ref
 
+    if variant == "nvembed-sm90":
+        def sm90(*args):  # the op reads the variable on every call
+            old = os.environ.get("NVEMBED_INFONCE_KERNEL")
+            os.environ["NVEMBED_INFONCE_KERNEL"] = "sm90"
+            try:
+                return torch.ops.nvembed.infonce(*args)
+            finally:
+                if old is None:
+                    os.environ.pop("NVEMBED_INFONCE_KERNEL", None)
+                else:
+                    os.environ["NVEMBED_INFONCE_KERNEL"] = old
+        return sm90
     return torch.ops.nvembed.infonce if variant == "nvembed" else infonce_ref
 
 
@@ -119,17 +154,21 @@ def run(args) -> list[dict]:
     dtype = torch.bfloat16
     env = environment(device)
     rows = []
+    variants = ("nvembed", "nvembed-sm90", "naive") if device == "cuda" else ("nvembed", "naive")
+    sm90_why = sm90_unavailable() if device == "cuda" else None
     for d in args.d:
         for B in args.B:
             N = B * G
             flops = 6 * B * N * d  # 2 BNd forward + 4 BNd backward
             results = {}
-            for variant in ("nvembed", "naive"):
+            for variant in variants:
                 row = {**env, "variant": variant, "dtype": "bfloat16", "B": B, "G": G, "N": N, "d": d,
                        "temperature": TEMPERATURE, "in_batch_negatives": True, "status": "ok"}
                 need = (naive_bytes if variant == "naive" else nvembed_bytes)(B, d)
                 free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
-                if free is not None and need > 0.9 * free:
+                if variant == "nvembed-sm90" and sm90_why is not None:
+                    row["status"] = f"skipped: {sm90_why}"
+                elif free is not None and need > 0.9 * free:
                     row["status"] = (f"skipped: needs ~{need / 2**30:.1f} GiB beyond its inputs, "
                                      f"{free / 2**30:.1f} GiB free")
                 else:
@@ -149,9 +188,12 @@ def run(args) -> list[dict]:
                 if device == "cuda":
                     torch.cuda.empty_cache()
             if "nvembed" in results and "naive" in results:
-                ours, naive = results["nvembed"], results["naive"]
+                naive = results["naive"]
                 diff = same_input_loss_diff(B, d, dtype, device)
-                for row in rows[-2:]:
+                for row in rows[-len(variants):]:  # the naive row carries the nvembed row's ratios
+                    ours = results.get(row["variant"] if row["variant"] != "naive" else "nvembed")
+                    if ours is None:
+                        continue
                     row["speedup_vs_naive"] = round(naive["time_ms"] / ours["time_ms"], 3)
                     if naive["peak_mem_mb"] == naive["peak_mem_mb"] and ours["peak_mem_mb"] > 0:
                         row["mem_reduction_vs_naive"] = round(naive["peak_mem_mb"] / ours["peak_mem_mb"], 2)
@@ -175,7 +217,7 @@ def plot(rows: list[dict], path: str) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for d in sorted({r["d"] for r in ok}):
-        for variant, style in (("nvembed", "-o"), ("naive", "--s")):
+        for variant, style in (("nvembed", "-o"), ("nvembed-sm90", "-^"), ("naive", "--s")):
             pts = sorted((r["B"], r) for r in ok if r["d"] == d and r["variant"] == variant)
             if not pts:
                 continue

@@ -4,6 +4,7 @@
 
 #include "cpu/blas.h"
 #include "flash_attn_common.h"
+#include "kernel_choice.h"
 
 #ifndef NVEMBED_VERSION
 #define NVEMBED_VERSION "0.0.0"
@@ -48,13 +49,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "flash_kernel_for",
       [](int major, int minor, int64_t head_dim, bool backward) {
-#ifdef NVEMBED_HAS_SM90A
-        return nvembed::flash::flash_kernel_for(backward, major, minor, head_dim, true);
-#else
-        return nvembed::flash::flash_kernel_for(backward, major, minor, head_dim, false);
-#endif
+        return nvembed::flash::flash_kernel_for(backward, major, minor, head_dim, nvembed::kBuiltWithSm90a);
       },
       py::arg("major"), py::arg("minor"), py::arg("head_dim"), py::arg("backward") = false,
       "The CUDA kernel set flash_attn would run (forward, or backward) on a device of compute capability "
       "major.minor: 'sm90' or 'sm80' (NVEMBED_FLASH_KERNEL = auto | sm80 | sm90 chooses).");
+  m.def("infonce_fwd_kernel_for", &nvembed::infonce_fwd_kernel_for, py::arg("major"), py::arg("minor"),
+        "The CUDA forward kernel infonce's tensor-core path would run on a device of compute capability "
+        "major.minor: 'sm90' or 'sm80' (NVEMBED_INFONCE_KERNEL = auto | sm80 | sm90 chooses).");
 }

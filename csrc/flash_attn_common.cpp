@@ -5,22 +5,15 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
-#include <cstdlib>
-#include <string>
 
 #include "checks.h"
+#include "kernel_choice.h"
 
 namespace nvembed::flash {
 
 const char* flash_kernel_for(bool backward, int major, int minor, int64_t head_dim, bool built_with_sm90a) {
-  const char* env = std::getenv("NVEMBED_FLASH_KERNEL");
-  const std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
-  TORCH_CHECK_VALUE(choice == "auto" || choice == "sm80" || choice == "sm90", "nvembed::", kOp,
-                    ": NVEMBED_FLASH_KERNEL must be auto, sm80 or sm90, got '", choice, "'");
-  const bool sm90_applies = built_with_sm90a && major == 9 && minor == 0 && (head_dim == 64 || head_dim == 128);
-  const bool verified = backward ? kSm90BwdVerified : kSm90FwdVerified;
-  const bool want_sm90 = choice == "sm90" || (choice == "auto" && verified);
-  return sm90_applies && want_sm90 ? "sm90" : "sm80";
+  const bool applies = built_with_sm90a && major == 9 && minor == 0 && (head_dim == 64 || head_dim == 128);
+  return hopper_kernel_choice("NVEMBED_FLASH_KERNEL", kOp, applies, backward ? kSm90BwdVerified : kSm90FwdVerified);
 }
 
 double resolve_scale(std::optional<double> scale, int64_t head_dim, const char* op) {

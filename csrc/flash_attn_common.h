@@ -12,10 +12,10 @@ constexpr const char* kOp = "flash_attn";
 constexpr const char* kVarlenOp = "flash_attn_varlen";
 
 // The CUDA kernel set for a device of compute capability major.minor, forward or backward: "sm90" (TMA + wgmma,
-// flash_sm90.cuh / flash_sm90_bwd.cuh: head dims 64 / 128, sm_90a builds on 9.0 devices) or "sm80" (flash_sm80.cuh: every sm80+ device and
-// head dim). NVEMBED_FLASH_KERNEL chooses: "auto" (default, unset or empty), "sm80" (always the sm80 kernels) or
-// "sm90" (the Hopper kernels wherever they apply). "auto" picks a Hopper kernel only once it has been verified on a
-// GPU by bench/gpu_check.sh (kSm90*Verified); none has run on one yet. Any other value is an error.
+// flash_sm90.cuh / flash_sm90_bwd.cuh: head dims 64 / 128, sm_90a builds on 9.0 devices) or "sm80" (flash_sm80.cuh:
+// every sm80+ device and head dim), chosen by NVEMBED_FLASH_KERNEL = auto | sm80 | sm90 (kernel_choice.h). auto
+// picks a Hopper kernel only once it has been verified on a GPU by bench/gpu_check.sh (kSm90*Verified); none has
+// run on one yet.
 constexpr bool kSm90FwdVerified = false;
 constexpr bool kSm90BwdVerified = false;
 const char* flash_kernel_for(bool backward, int major, int minor, int64_t head_dim, bool built_with_sm90a);

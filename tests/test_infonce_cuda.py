@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import nvembed_ext  # noqa: F401  (registers torch.ops.nvembed.*)
+import nvembed_ext  # registers torch.ops.nvembed.*
 from nvembed_ext.reference import infonce_ref
 
 ops = torch.ops.nvembed
@@ -21,13 +21,21 @@ pytestmark = [pytest.mark.cuda,
 # ||out - ref|| / ||ref|| against float64, per input dtype (as tests/test_infonce.py), or twice PyTorch's own error
 # in the input dtype, whichever is larger.
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
-PATHS = ["tensorcore", "plain"]
+# tensorcore-sm90: the tensor-core path with the Hopper forward (NVEMBED_INFONCE_KERNEL=sm90; TMA + wgmma), run
+# only where the dispatcher picks it (a compute capability 9.0 device, a build with sm_90a code).
+PATHS = ["tensorcore", "tensorcore-sm90", "plain"]
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
-    # The launcher reads the variable on every call; "0" and unset both mean the automatic choice.
+    # The launcher reads the variables on every call; "0" and unset both mean the automatic choice.
     monkeypatch.setenv("NVEMBED_INFONCE_CUDA_PLAIN", "1" if request.param == "plain" else "0")
+    monkeypatch.setenv("NVEMBED_INFONCE_KERNEL", "sm90" if request.param == "tensorcore-sm90" else "sm80")
+    if request.param == "tensorcore-sm90":
+        major, minor = torch.cuda.get_device_capability()
+        if nvembed_ext._C.infonce_fwd_kernel_for(major, minor) != "sm90":
+            pytest.skip(f"the Hopper InfoNCE forward does not run here (compute capability {major}.{minor}, build "
+                        f"archs {nvembed_ext.build_info()['cuda_archs']!r})")
     return request.param
 
 

@@ -19,6 +19,7 @@
 #include "checks.h"
 #include "cuda/flash.cuh"
 #include "flash_attn_common.h"
+#include "kernel_choice.h"
 #include "ops.h"
 
 namespace nvembed {
@@ -71,12 +72,6 @@ cuda::FlashParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
   p.v = v.data_ptr();
   return p;
 }
-
-#ifdef NVEMBED_HAS_SM90A
-constexpr bool kBuiltWithSm90a = true;
-#else
-constexpr bool kBuiltWithSm90a = false;
-#endif
 
 // Whether the Hopper kernels run the forward / backward on the current device (flash::flash_kernel_for).
 bool use_sm90(const cuda::FlashParams& p, bool backward) {

@@ -123,6 +123,11 @@ struct alignas(2 * sizeof(E)) Pair {
   E x, y;
 };
 
+// Registers per thread after setmaxnreg: the producer warpgroup gives up what the two consumer warpgroups take
+// (128 * 24 + 256 * 240 <= 64K).
+constexpr int kProducerRegs = 24;
+constexpr int kConsumerRegs = 240;
+
 // Parameters of a TMA ring (cutlass::PipelineTmaAsync) of a CTA whose warpgroup 0 produces and whose other
 // `consumers` threads consume: thread 0 issues the loads (and is the leader that sets each stage's byte count),
 // every consumer thread releases each stage once.
@@ -153,8 +158,6 @@ struct FwdKernel {
   static constexpr int kConsumerWGs = kBM / 64;
   static constexpr int kConsumerThreads = 128 * kConsumerWGs;
   static constexpr int kThreads = 128 + kConsumerThreads;
-  static constexpr int kProducerRegs = 24;
-  static constexpr int kConsumerRegs = 240;  // 128 * 24 + 256 * 240 <= 64K registers
   static_assert(kConsumerWGs == 2, "the ping-pong schedule below is written for two consumer warpgroups");
 
   using TileQK = cute::Shape<cute::Int<kBM>, cute::Int<kBN>, cute::Int<D>>;

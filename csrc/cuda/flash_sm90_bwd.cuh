@@ -78,9 +78,6 @@ struct BwdTiles {
   }
 };
 
-constexpr int kProducerRegs = 24;
-constexpr int kConsumerRegs = 240;
-
 // ---- dQ -------------------------------------------------------------------------------------------------------------
 
 template <class Element_, int kHeadDim_>

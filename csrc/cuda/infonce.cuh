@@ -52,6 +52,7 @@ struct InfoNCETCPlan {
   int64_t fwd_part_floats;    // fwd_splits * B, twice (running max, running sum)
   int64_t scratch_floats;     // max over both passes of splits * chunk_blocks * 128 * d
   int64_t part_negsum_floats; // q_splits * B
+  bool sm90_fwd = false;      // the forward's tile pass on the Hopper kernel (infonce_sm90.cuh; set by the caller)
 };
 
 struct InfoNCETCWorkspace {

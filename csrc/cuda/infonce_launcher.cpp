@@ -9,6 +9,7 @@
 //     plain fp32-FMA tiles of infonce.cu.
 //   * own-group negatives (in_batch_negatives=False), any dtype: one warp per query, G dot products (infonce.cu).
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -16,9 +17,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string_view>
 
 #include "checks.h"
 #include "cuda/infonce.cuh"
+#include "kernel_choice.h"
 #include "ops.h"
 
 namespace nvembed {
@@ -125,7 +128,9 @@ std::tuple<Tensor, Tensor> infonce_fwd_cuda(const Tensor& queries, const Tensor&
     auto p = make_params(q, dc, group_size, temperature, in_batch_negatives);
     p.lse = lse.data_ptr<float>();
     p.row_loss = row_loss.data_ptr<float>();
-    const cuda::InfoNCETCPlan plan = cuda::infonce_tc_plan(p, queries.get_device());
+    cuda::InfoNCETCPlan plan = cuda::infonce_tc_plan(p, queries.get_device());
+    const cudaDeviceProp* prop = at::cuda::getDeviceProperties(queries.get_device());
+    plan.sm90_fwd = std::string_view(infonce_fwd_kernel_for(prop->major, prop->minor)) == "sm90";
     Tensor ws = at::empty({2 * plan.fwd_part_floats + B}, f32);
     float* w = ws.data_ptr<float>();
     const cuda::InfoNCETCWorkspace workspace{w, w + plan.fwd_part_floats, w + 2 * plan.fwd_part_floats, nullptr,

@@ -8,6 +8,11 @@
 #include "cuda/infonce_tc.cuh"
 
 namespace nvembed::cuda {
+
+// infonce_sm90.cu: the forward's tile pass on TMA + wgmma (sm_90a builds, compute capability 9.0 devices).
+void infonce_sm90_fwd_tile(const InfoNCEParams& p, int splits, int64_t qblocks, const tc::FwdArgs& a,
+                           cudaStream_t stream);
+
 namespace {
 
 using tc::TileConfig;
@@ -52,8 +57,10 @@ template <class E>
 struct CudaExec {
   const InfoNCEParams& p;
   cudaStream_t stream;
+  bool sm90_fwd = false;
 
   void fwd_tile(int splits, int64_t blocks, const tc::FwdArgs& a) {
+    if (sm90_fwd) return infonce_sm90_fwd_tile(p, splits, blocks, a, stream);
     allow_smem(infonce_tc_fwd_kernel<E>, Tr<E>::kSmemFwd);
     infonce_tc_fwd_kernel<E><<<dim3(splits, static_cast<unsigned>(blocks)), TileConfig::kThreads,
                                Tr<E>::kSmemFwd, stream>>>(p, a);
@@ -135,7 +142,7 @@ const DeviceInfo& device_info(int device) {
 
 template <class E>
 void tc_fwd(const InfoNCEParams& p, const InfoNCETCPlan& plan, const InfoNCETCWorkspace& ws, cudaStream_t s) {
-  CudaExec<E> exec{p, s};
+  CudaExec<E> exec{p, s, plan.sm90_fwd};
   tc::run_fwd(p, plan, ws, exec);
 }
 

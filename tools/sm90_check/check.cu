@@ -8,12 +8,14 @@
 //     the tile exactly once;
 //   * the epilogue's paired stores: slots ni, ni + 1 (ni even) are columns c, c + 1 of the same row;
 //   * shared memory fits an sm_90 CTA (227 KB) and the TMA byte counts equal one tile;
+//   * InfoNCE's Hopper forward (infonce_sm90.cuh): its rows' statistics by quads, stage bytes;
 //   * the backward (flash_sm90_bwd.cuh): the same register reuse for dS -> dQ += dS K, P^T -> dV += P^T dO and
 //     dS^T -> dK += dS^T Q, and the transposed tile views (K^T, Q^T, dO^T) address the same bytes as the tiles.
 // Built with nvcc as host code (tools/sm90_check/run.sh); prints PASSED or the first failures.
 #include <cstdio>
 
 #include "cuda/flash_sm90_bwd.cuh"
+#include "cuda/infonce_sm90.cuh"
 
 using namespace cute;
 namespace fa90 = nvembed::cuda::fa90;
@@ -45,6 +47,41 @@ void check_reuse(const char* name, MmaC mma_c, MmaA mma_a) {
              int(get<0>(crd_p(i))), int(get<1>(crd_p(i))), int(get<0>(crd_a(i))), int(get<1>(crd_a(i))));
     }
   }
+}
+
+// Quads: the lanes holding row r of an M x N accumulator are one quad (tid & ~3), inside the row's warpgroup, and
+// hold each column exactly once (the two shuffles of a row reduction see the whole row).
+template <int M, int N, class Mma>
+void check_quads(const char* name, Mma mma) {
+  for (int r = 0; r < M; ++r) {
+    std::vector<int> cols(N, 0);
+    int owner_quad = -1;
+    for (int tid = 0; tid < size(mma); ++tid) {
+      auto crd_s = mma.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<M>, Int<N>>{}));
+      auto rc = make_tensor(crd_s.data(), fa90::acc_rowcol(crd_s.layout()));
+      for (int mi = 0; mi < size<0>(rc); ++mi) {
+        if (get<0>(rc(mi, 0)) != r) continue;
+        EXPECT(owner_quad == -1 || owner_quad == tid / 4, "%s: row %d held by quads %d and %d", name, r, owner_quad,
+               tid / 4);
+        owner_quad = tid / 4;
+        EXPECT(r / 64 == tid / 128, "%s: row %d is not in thread %d's warpgroup", name, r, tid);
+        for (int ni = 0; ni < size<1>(rc); ++ni) cols[get<1>(rc(mi, ni))] += 1;
+      }
+    }
+    for (int c = 0; c < N; ++c) EXPECT(cols[c] == 1, "%s: row %d column %d held %d times", name, r, c, cols[c]);
+  }
+}
+
+// The InfoNCE Hopper forward (infonce_sm90.cuh): per-row statistics by quads, stage bytes.
+template <class E>
+void check_infonce(const char* name) {
+  using K = nvembed::cuda::nce90::FwdKernel<E>;
+  check_quads<K::kBM, K::kBN>(name, typename K::MmaS{});
+  EXPECT(K::kStageBytes == (size(take<0, 2>(typename K::SmemX{})) + size(take<0, 2>(typename K::SmemY{}))) * sizeof(E),
+         "%s: stage bytes", name);
+  EXPECT(K::kSmem <= 227 * 1024, "%s: smem %d", name, K::kSmem);
+  std::printf("%s infonce forward: smem %d bytes, %d stages of %u bytes\n", name, K::kSmem, K::kStages,
+              K::kStageBytes);
 }
 
 // A transposed view: t(d, r, s) is the element tile(r, d, s).
@@ -105,24 +142,7 @@ void check(const char* name) {
       }
     }
   }
-  // Quads: the lanes holding row r are one quad (tid & ~3) and cover each column once.
-  for (int r = 0; r < BM; ++r) {
-    std::vector<int> cols(BN, 0);
-    int owner_quad = -1;
-    for (int tid = 0; tid < K::kConsumerThreads; ++tid) {
-      auto crd_s = mma_qk.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
-      auto rc = make_tensor(crd_s.data(), fa90::acc_rowcol(crd_s.layout()));
-      for (int mi = 0; mi < size<0>(rc); ++mi) {
-        if (get<0>(rc(mi, 0)) != r) continue;
-        EXPECT(owner_quad == -1 || owner_quad == tid / 4, "%s: row %d held by quads %d and %d", name, r, owner_quad,
-               tid / 4);
-        owner_quad = tid / 4;
-        EXPECT(r / 64 == tid / 128, "%s: row %d is not in thread %d's warpgroup", name, r, tid);
-        for (int ni = 0; ni < size<1>(rc); ++ni) cols[get<1>(rc(mi, ni))] += 1;
-      }
-    }
-    for (int c = 0; c < BN; ++c) EXPECT(cols[c] == 1, "%s: row %d column %d held %d times", name, r, c, cols[c]);
-  }
+  check_quads<BM, BN>(name, mma_qk);
   // Epilogue pairs over the O accumulator.
   for (int tid = 0; tid < K::kConsumerThreads; ++tid) {
     auto crd_o = mma_pv.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<BM>, Int<D>>{}));
@@ -154,6 +174,8 @@ int main() {
   check_bwd<cute::bfloat16_t, 128>("bf16 d128");
   check_bwd<cute::half_t, 64>("fp16 d64");
   check_bwd<cute::half_t, 128>("fp16 d128");
+  check_infonce<cute::bfloat16_t>("bf16");
+  check_infonce<cute::half_t>("fp16");
   if (failures) {
     std::printf("FAILED: %d checks\n", failures);
     return 1;

@@ -1,11 +1,12 @@
-"""The Hopper flash-attention kernels (csrc/cuda/flash_sm90.cuh forward, flash_sm90_bwd.cuh dQ and dK/dV: TMA +
-wgmma, warp-specialized) on any machine: which kernels the dispatcher picks (NVEMBED_FLASH_KERNEL), what the
-compiled sm_90a code contains — HGMMA (wgmma), UTMALDG (TMA loads) and USETMAXREG (register reallocation) in SASS,
+"""The Hopper kernels — flash attention (csrc/cuda/flash_sm90.cuh forward, flash_sm90_bwd.cuh dQ and dK/dV) and the
+InfoNCE forward (infonce_sm90.cuh): TMA + wgmma, warp-specialized — on any machine: which kernels the dispatchers
+pick (NVEMBED_FLASH_KERNEL, NVEMBED_INFONCE_KERNEL), what the compiled sm_90a code contains — HGMMA (wgmma), UTMALDG (TMA loads) and USETMAXREG (register reallocation) in SASS,
 no local-memory spills — read from the built library with cuobjdump (the CUDA toolkit's, or the copy triton ships),
 and the host-side layout checks of tools/sm90_check.
 
-Their numerics on a GPU are tested in tests/test_flash_attn_cuda.py (the reference tests run once per kernel set;
-the sm90 runs need a compute capability 9.0 device) and measured by bench/gpu_attention.py (nvembed-sm90).
+Their numerics on a GPU are tested in tests/test_flash_attn_cuda.py and tests/test_infonce_cuda.py (the reference
+tests run once per kernel set; the sm90 runs need a compute capability 9.0 device) and measured by
+bench/gpu_attention.py (nvembed-sm90) and bench/gpu_infonce.py (nvembed-sm90).
 """
 import glob
 import os
@@ -68,6 +69,20 @@ def test_unknown_choice_is_an_error_naming_the_variable(monkeypatch, value):
         _C.flash_kernel_for(9, 0, 128)
 
 
+def test_infonce_forward_choice(monkeypatch):
+    monkeypatch.delenv("NVEMBED_INFONCE_KERNEL", raising=False)
+    for cap in [(8, 0), (9, 0), (10, 0)]:
+        assert _C.infonce_fwd_kernel_for(*cap) == "sm80"  # auto: not verified on a GPU yet
+    monkeypatch.setenv("NVEMBED_INFONCE_KERNEL", "sm90")
+    assert _C.infonce_fwd_kernel_for(9, 0) == ("sm90" if HAS_SM90A else "sm80")
+    for cap in [(8, 0), (8, 9), (10, 0), (12, 0)]:
+        assert _C.infonce_fwd_kernel_for(*cap) == "sm80"
+    monkeypatch.setenv("NVEMBED_INFONCE_KERNEL", "wgmma")
+    with pytest.raises(ValueError, match=r"nvembed::infonce: NVEMBED_INFONCE_KERNEL must be auto, sm80 or sm90, "
+                                         r"got 'wgmma'"):
+        _C.infonce_fwd_kernel_for(9, 0)
+
+
 # ---- compiled code ------------------------------------------------------------------------------------------------
 
 def _cuobjdump():
@@ -111,14 +126,14 @@ def sm90a_code():
         pytest.skip("cuobjdump not found (CUDA toolkit or triton)")
     lib = _C.__file__
     run = lambda *a: subprocess.run([tool, *a, lib], check=True, capture_output=True, text=True, timeout=600).stdout
-    sass = _functions(run("-sass", "-arch", "sm_90a"), "fa90")
-    res = _functions(run("-res-usage", "-arch", "sm_90a"), "fa90")
+    sass = _functions(run("-sass", "-arch", "sm_90a"), "90")
+    res = _functions(run("-res-usage", "-arch", "sm_90a"), "90")
     return sass, res
 
 
 def test_hopper_kernels_sass_use_wgmma_tma_and_register_reallocation(sm90a_code):
     sass, _ = sm90a_code
-    kernels = {n: t for n, t in sass.items() if "fwd_kernel" in n or "bwd_kernel" in n}
+    kernels = {n: t for n, t in sass.items() if "fa90" in n and ("fwd_kernel" in n or "bwd_kernel" in n)}
     # bf16 / fp16 x head dims 64 / 128 x (forward, dQ, dK/dV)
     assert len(kernels) == 12, sorted(kernels)
     for name, text in kernels.items():
@@ -132,13 +147,18 @@ def test_hopper_kernels_sass_use_wgmma_tma_and_register_reallocation(sm90a_code)
         assert "UTMALDG" in text, f"{name}: no TMA load"
         assert "USETMAXREG" in text, f"{name}: no register reallocation (setmaxnreg)"
         assert "SYNCS" in text, f"{name}: no mbarrier operations"
+    infonce = {n: t for n, t in sass.items() if "nce90" in n and "fwd_kernel" in n}
+    assert len(infonce) == 2, sorted(infonce)  # bf16, fp16
+    for name, text in infonce.items():
+        for needle in ("HGMMA.64x128x16.F32", "UTMALDG", "USETMAXREG", "SYNCS"):
+            assert needle in text, f"{name}: no {needle}"
 
 
 def test_hopper_kernels_have_no_local_memory(sm90a_code):
     """No register spills (ptxas with 240 registers per consumer thread) and no stack."""
     _, res = sm90a_code
-    kernels = {n: t for n, t in res.items() if "fwd_kernel" in n or "bwd_kernel" in n}
-    assert len(kernels) == 12, sorted(kernels)
+    kernels = {n: t for n, t in res.items() if ("fa90" in n or "nce90" in n) and "_kernel" in n}
+    assert len(kernels) == 14, sorted(kernels)
     for name, text in kernels.items():
         assert "LOCAL:0" in text and "STACK:0" in text, f"{name}: {text.strip()}"
 

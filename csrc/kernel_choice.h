@@ -1,0 +1,27 @@
+// Which CUDA kernel generation runs an op: the environment variable that chooses between the sm80 kernels (every
+// sm80+ device) and the Hopper (sm_90a: TMA + wgmma) kernels where they exist. Plain C++ (CPU and CUDA builds).
+#pragma once
+#include <cstdint>
+
+namespace nvembed {
+
+// "sm90" or "sm80". `env_var` holds auto (default, also when unset or empty), sm80 or sm90; any other value raises
+// an error naming `op` and the variable. sm90 is returned only where the Hopper kernel `applies` (an sm_90a build,
+// a compute capability 9.0 device, a supported shape) and is wanted: always for sm90, for auto only once it has
+// been `verified` on a GPU (bench/gpu_check.sh).
+const char* hopper_kernel_choice(const char* env_var, const char* op, bool applies, bool verified);
+
+// Whether this build has sm_90a code (NVEMBED_CUDA_ARCHS contains 90a): the Hopper kernels' bodies exist.
+constexpr bool kBuiltWithSm90a =
+#ifdef NVEMBED_HAS_SM90A
+    true;
+#else
+    false;
+#endif
+
+// The InfoNCE tensor-core forward on a device of compute capability major.minor (NVEMBED_INFONCE_KERNEL): the
+// Hopper forward (infonce_sm90.cuh) or the sm80 one. The backward is sm80 either way.
+constexpr bool kInfonceSm90FwdVerified = false;
+const char* infonce_fwd_kernel_for(int major, int minor);
+
+}  // namespace nvembed
