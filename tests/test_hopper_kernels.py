@@ -133,12 +133,13 @@ def sm90a_code():
 
 def test_hopper_kernels_sass_use_wgmma_tma_and_register_reallocation(sm90a_code):
     sass, _ = sm90a_code
-    kernels = {n: t for n, t in sass.items() if "fa90" in n and ("fwd_kernel" in n or "bwd_kernel" in n)}
+    # fa90::sm90_kernel<K>: K = fa90::FwdKernel / DqKernel / DkdvKernel, or nce90::FwdKernel (InfoNCE)
+    kernels = {n: t for n, t in sass.items() if "sm90_kernel" in n and "nce90" not in n}
     # bf16 / fp16 x head dims 64 / 128 x (forward, dQ, dK/dV)
     assert len(kernels) == 12, sorted(kernels)
     for name, text in kernels.items():
         d = 128 if "Li128E" in name else 64
-        if "fwd_kernel" in name:
+        if "FwdKernel" in name:
             assert "HGMMA.64x128x16.F32" in text, f"{name}: no 64x128x16 wgmma for S = Q K^T"
             assert f"HGMMA.64x{d}x16.F32" in text, f"{name}: no 64x{d}x16 wgmma for O += P V"
         else:  # S, dP: 64 x 64 tiles per warpgroup; dQ / dK / dV: 64 x D
@@ -147,7 +148,7 @@ def test_hopper_kernels_sass_use_wgmma_tma_and_register_reallocation(sm90a_code)
         assert "UTMALDG" in text, f"{name}: no TMA load"
         assert "USETMAXREG" in text, f"{name}: no register reallocation (setmaxnreg)"
         assert "SYNCS" in text, f"{name}: no mbarrier operations"
-    infonce = {n: t for n, t in sass.items() if "nce90" in n and "fwd_kernel" in n}
+    infonce = {n: t for n, t in sass.items() if "sm90_kernel" in n and "nce90" in n}
     assert len(infonce) == 2, sorted(infonce)  # bf16, fp16
     for name, text in infonce.items():
         for needle in ("HGMMA.64x128x16.F32", "UTMALDG", "USETMAXREG", "SYNCS"):
@@ -157,7 +158,7 @@ def test_hopper_kernels_sass_use_wgmma_tma_and_register_reallocation(sm90a_code)
 def test_hopper_kernels_have_no_local_memory(sm90a_code):
     """No register spills (ptxas with 240 registers per consumer thread) and no stack."""
     _, res = sm90a_code
-    kernels = {n: t for n, t in res.items() if ("fa90" in n or "nce90" in n) and "_kernel" in n}
+    kernels = {n: t for n, t in res.items() if "sm90_kernel" in n}
     assert len(kernels) == 14, sorted(kernels)
     for name, text in kernels.items():
         assert "LOCAL:0" in text and "STACK:0" in text, f"{name}: {text.strip()}"

@@ -424,8 +424,11 @@ CUTE_DEVICE void FwdKernel<E, D>::run(Params const& prm, char* smem_raw) {
   }
 }
 
+// The __global__ wrapper of every Hopper kernel K (K::run, K::Params, K::kThreads): one CTA per SM (setmaxnreg needs
+// the whole register file), the TMA descriptors in K::Params as a __grid_constant__ parameter. The body exists in
+// sm_90a code only; the sm_80 pass compiles an empty kernel that is never launched.
 template <class K>
-__global__ void __launch_bounds__(K::kThreads, 1) fwd_kernel(const __grid_constant__ typename K::Params prm) {
+__global__ void __launch_bounds__(K::kThreads, 1) sm90_kernel(const __grid_constant__ typename K::Params prm) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   extern __shared__ __align__(1024) char smem[];
   K::run(prm, smem);
@@ -455,7 +458,7 @@ void run_fwd(const FlashParams& p, cudaStream_t stream) {
   typename K::Params prm{p, make_tma_copy(SM90_TMA_LOAD{}, gq, typename K::SmemQ{}),
                          make_tma_copy(SM90_TMA_LOAD{}, gk, take<0, 2>(typename K::SmemK{})),
                          make_tma_copy(SM90_TMA_LOAD{}, gvt, take<0, 2>(typename K::SmemVt{}))};
-  auto kernel = fwd_kernel<K>;
+  auto kernel = sm90_kernel<K>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmem);
   kernel<<<dim3(grid_x, p.heads_q, p.batch), K::kThreads, K::kSmem, stream>>>(prm);
 }

@@ -453,14 +453,6 @@ CUTE_DEVICE void DkdvKernel<E, D>::run(Params const& prm, char* smem_raw) {
 
 // ---- kernels and launches -----------------------------------------------------------------------------------------
 
-template <class K>
-__global__ void __launch_bounds__(K::kThreads, 1) bwd_kernel(const __grid_constant__ typename K::Params prm) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(1024) char smem[];
-  K::run(prm, smem);
-#endif
-}
-
 // Launch of one backward kernel; `owned_rows` is the row count of the side its CTAs own (q for dQ, k for dK / dV):
 // with none there is nothing to write.
 template <class K>
@@ -474,7 +466,7 @@ void launch_bwd(const FlashParams& p, dim3 grid, int64_t owned_rows, cudaStream_
       make_tma_copy(SM90_TMA_LOAD{}, T::gmem(p.dout, p.total_q, p.heads_q, any), take<0, 2>(typename K::SmemQ{})),
       make_tma_copy(SM90_TMA_LOAD{}, T::gmem(p.k, p.total_k, p.heads_kv, any), take<0, 2>(typename K::SmemKV{})),
       make_tma_copy(SM90_TMA_LOAD{}, T::gmem(p.v, p.total_k, p.heads_kv, any), take<0, 2>(typename K::SmemKV{}))};
-  auto kernel = bwd_kernel<K>;
+  auto kernel = sm90_kernel<K>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmem);
   kernel<<<grid, K::kThreads, K::kSmem, stream>>>(prm);
 }

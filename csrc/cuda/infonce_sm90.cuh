@@ -123,7 +123,6 @@ CUTE_DEVICE void FwdKernel<E>::run(Params const& prm, char* smem_raw) {
   Tensor crd = mma.get_thread_slice(tid).partition_C(make_identity_tensor(Shape<Int<kBM>, Int<kBN>>{}));
   Tensor crd_rc = make_tensor(crd.data(), acc_rowcol(crd.layout()));
   constexpr int kRows = decltype(size<0>(acc_rc))::value;
-  constexpr int kCols = decltype(size<1>(acc_rc))::value;
 
   float run_max[kRows], run_sum[kRows];
   CUTE_UNROLL
@@ -150,26 +149,7 @@ CUTE_DEVICE void FwdKernel<E>::run(Params const& prm, char* smem_raw) {
 
     const int64_t col0 = t * kBN;
     const int y_rows = static_cast<int>(std::min<int64_t>(kBN, p.N - col0));
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int64_t row = row0 + get<0>(crd_rc(mi, 0));
-      float tile_max = -INFINITY;
-      CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
-        const int col = get<1>(crd_rc(mi, ni));
-        const float s = col < y_rows ? acc_rc(mi, ni) * p.inv_temperature : -INFINITY;
-        acc_rc(mi, ni) = s;
-        tile_max = fmaxf(tile_max, s);
-        if (col0 + col == row * p.G && row < p.B) a.target[row] = s;  // one thread of one CTA meets it
-      }
-      if (tile_max == -INFINITY) continue;  // no valid column of this row in this thread's part of the tile
-      const float new_max = fmaxf(run_max[mi], tile_max);
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) sum += exp2f((acc_rc(mi, ni) - new_max) * tc::kLog2e);  // -inf -> 0
-      run_sum[mi] = run_sum[mi] * exp2f((run_max[mi] - new_max) * tc::kLog2e) + sum;
-      run_max[mi] = new_max;
-    }
+    tc::tile_row_stats(p, a, acc_rc, crd_rc, row0, col0, y_rows, run_max, run_sum);
   }
 
   // A row's columns are in one quad: merge its 4 partial (max, sum), then lane 0 of the quad writes them.
@@ -190,14 +170,6 @@ CUTE_DEVICE void FwdKernel<E>::run(Params const& prm, char* smem_raw) {
   }
 }
 
-template <class K>
-__global__ void __launch_bounds__(K::kThreads, 1) fwd_kernel(const __grid_constant__ typename K::Params prm) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(1024) char smem[];
-  K::run(prm, smem);
-#endif
-}
-
 // The tile pass of the forward: grid (splits, query blocks), like tc::run_fwd's fwd_tile.
 template <class E>
 void fwd_tile(const InfoNCEParams& p, int splits, int64_t qblocks, const tc::FwdArgs& a, cudaStream_t stream) {
@@ -211,7 +183,7 @@ void fwd_tile(const InfoNCEParams& p, int splits, int64_t qblocks, const tc::Fwd
                         make_stride(p.d, _1{}));
   typename K::Params prm{p, a, make_tma_copy(SM90_TMA_LOAD{}, gx, take<0, 2>(typename K::SmemX{})),
                          make_tma_copy(SM90_TMA_LOAD{}, gy, take<0, 2>(typename K::SmemY{}))};
-  auto kernel = fwd_kernel<K>;
+  auto kernel = fa90::sm90_kernel<K>;
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, K::kSmem);
   kernel<<<dim3(splits, static_cast<unsigned>(qblocks)), K::kThreads, K::kSmem, stream>>>(prm);
 }

@@ -286,6 +286,39 @@ struct SideArgs {
 
 // ---- forward ---------------------------------------------------------------------------------------------------
 
+// One score tile's part of the forward, on this thread's accumulator slots (acc_rc / crd_rc: (row slot, column slot)
+// views, rows relative to row0, columns to col0): scale by 1 / t, mask columns >= y_rows, write the target logit of
+// a row whose target column this thread holds, and fold the tile into the running (max, sum) of each row slot over
+// this thread's columns. Shared by the sm80 (fwd_tile_body) and the Hopper (infonce_sm90.cuh) forward.
+template <int kRows, class AccRC, class CrdRC>
+NVE_DEVICE void tile_row_stats(const InfoNCEParams& p, const FwdArgs& a, AccRC& acc_rc, CrdRC const& crd_rc,
+                               int64_t row0, int64_t col0, int y_rows, float (&run_max)[kRows],
+                               float (&run_sum)[kRows]) {
+  using namespace cute;
+  constexpr int kCols = decltype(size<1>(acc_rc))::value;
+  static_assert(decltype(size<0>(acc_rc))::value == kRows);
+  CUTE_UNROLL
+  for (int mi = 0; mi < kRows; ++mi) {
+    const int64_t row = row0 + get<0>(crd_rc(mi, 0));
+    float tile_max = -INFINITY;
+    CUTE_UNROLL
+    for (int ni = 0; ni < kCols; ++ni) {
+      const int c = get<1>(crd_rc(mi, ni));
+      const float s = c < y_rows ? acc_rc(mi, ni) * p.inv_temperature : -INFINITY;
+      acc_rc(mi, ni) = s;
+      tile_max = fmaxf(tile_max, s);
+      if (col0 + c == row * p.G && row < p.B) a.target[row] = s;  // one thread of one CTA meets it
+    }
+    if (tile_max == -INFINITY) continue;  // no valid column of this row in this thread's part of the tile
+    const float new_max = fmaxf(run_max[mi], tile_max);
+    float sum = 0.f;
+    CUTE_UNROLL
+    for (int ni = 0; ni < kCols; ++ni) sum += exp2f((acc_rc(mi, ni) - new_max) * kLog2e);  // -inf -> 0
+    run_sum[mi] = run_sum[mi] * exp2f((run_max[mi] - new_max) * kLog2e) + sum;
+    run_max[mi] = new_max;
+  }
+}
+
 // CTA (split, qblock): partial (max, sum) of query rows [qblock * BM, +BM) over doc tiles of the split's range.
 template <class Tr>
 NVE_DEVICE void fwd_tile_body(const InfoNCEParams& p, const FwdArgs& a, char* smem, int tid, int split,
@@ -313,7 +346,6 @@ NVE_DEVICE void fwd_tile_body(const InfoNCEParams& p, const FwdArgs& a, char* sm
   Tensor crd = thr_mma.partition_C(make_identity_tensor(Shape<Int<BM>, Int<BN>>{}));
   Tensor crd_rc = make_tensor(crd.data(), acc_rowcol(crd.layout()));  // (row, column) within the tile
   constexpr int kRows = decltype(size<0>(acc_rc))::value;
-  constexpr int kCols = decltype(size<1>(acc_rc))::value;
 
   float run_max[kRows], run_sum[kRows];
   CUTE_UNROLL
@@ -325,26 +357,7 @@ NVE_DEVICE void fwd_tile_body(const InfoNCEParams& p, const FwdArgs& a, char* sm
     const int64_t col0 = t * BN;
     const int y_rows = static_cast<int>(std::min<int64_t>(BN, p.N - col0));
     score_tile<Tr>(q + row0 * p.d, x_rows, docs + col0 * p.d, y_rows, d, smem_x, smem_y, acc, tid);
-    CUTE_UNROLL
-    for (int mi = 0; mi < kRows; ++mi) {
-      const int64_t row = row0 + get<0>(crd_rc(mi, 0));
-      float tile_max = -INFINITY;
-      CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) {
-        const int c = get<1>(crd_rc(mi, ni));
-        const float s = c < y_rows ? acc_rc(mi, ni) * p.inv_temperature : -INFINITY;
-        acc_rc(mi, ni) = s;
-        tile_max = fmaxf(tile_max, s);
-        if (col0 + c == row * p.G && row < p.B) a.target[row] = s;  // one thread of one CTA meets it
-      }
-      if (tile_max == -INFINITY) continue;  // no valid column of this row in this thread's part of the tile
-      const float new_max = fmaxf(run_max[mi], tile_max);
-      float sum = 0.f;
-      CUTE_UNROLL
-      for (int ni = 0; ni < kCols; ++ni) sum += exp2f((acc_rc(mi, ni) - new_max) * kLog2e);  // -inf -> 0
-      run_sum[mi] = run_sum[mi] * exp2f((run_max[mi] - new_max) * kLog2e) + sum;
-      run_max[mi] = new_max;
-    }
+    tile_row_stats(p, a, acc_rc, crd_rc, row0, col0, y_rows, run_max, run_sum);
   }
 
   // Merge the 8 partial (max, sum) of each row: the 4 lanes of a quad (same rows, xor 1 and 2), then the
