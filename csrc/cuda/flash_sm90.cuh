@@ -39,11 +39,13 @@
 #include <type_traits>
 
 #include "cuda/flash.cuh"
+#include "cuda/flash_sm80.cuh"  // fa::seq_of, fa::stat_index, fa::kLn2, tc::kLog2e: one definition for both paths
 
 namespace nvembed::cuda::fa90 {
 
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
+using fa::kLn2;
+using fa::stat_index;  // index of (sequence, head, row) in lse / dsum
+using tc::kLog2e;
 
 // ((2, 2, V), MMA_M, MMA_N) wgmma accumulator layout -> ((2, MMA_M), (2, V, MMA_N)) = (row slots, column slots). A
 // thread of warp w holds rows 16 w + lane / 4 (+ 8) and columns 8 v + 2 (lane % 4) (+ 1) of each 64-row atom.
@@ -86,35 +88,15 @@ CUTE_DEVICE void gemm(Mma& mma, TA const& tA, TB const& tB, TC& tC) {
   if constexpr (kRS) warpgroup_fence_operand(const_cast<TA&>(tA));
 }
 
-// Row offset and length of sequence b in q and in k / v (flash.cuh: cu_seqlens, or b * L for dense tensors); row
-// counts are below 2^31 (checked by the launcher).
+// fa::seq_of with the row offsets as int, the TMA coordinates' type (row counts are below 2^31, checked by the
+// launcher).
 struct Seq {
   int q_off, q_len, k_off, k_len;
 };
 
 CUTE_DEVICE Seq seq_of(const FlashParams& p, int b) {
-  Seq s;
-  if (p.cu_q != nullptr) {
-    s.q_off = p.cu_q[b];
-    s.q_len = p.cu_q[b + 1] - s.q_off;
-  } else {
-    s.q_off = b * p.seqlen_q;
-    s.q_len = p.seqlen_q;
-  }
-  if (p.cu_k != nullptr) {
-    s.k_off = p.cu_k[b];
-    s.k_len = p.cu_k[b + 1] - s.k_off;
-  } else {
-    s.k_off = b * p.seqlen_k;
-    s.k_len = p.seqlen_k;
-  }
-  return s;
-}
-
-// Index of (sequence b, head h, row i of the sequence) in lse / dsum (flash.cuh).
-CUTE_DEVICE int64_t stat_index(const FlashParams& p, int b, int h, int q_off, int i) {
-  return p.cu_q != nullptr ? static_cast<int64_t>(h) * p.total_q + q_off + i
-                           : (static_cast<int64_t>(b) * p.heads_q + h) * p.seqlen_q + i;
+  const fa::Seq s = fa::seq_of(p, b);
+  return {static_cast<int>(s.q_off), s.q_len, static_cast<int>(s.k_off), s.k_len};
 }
 
 // Element pair of a 4-byte store of two adjacent output columns.
