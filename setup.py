@@ -5,6 +5,8 @@ Environment knobs:
   NVEMBED_CUDA_ARCHS    CUDA architectures, default "80;90a" (sm_80 and sm_90a for wgmma/TMA).
   NVEMBED_NATIVE_CPU=0  compile the CPU kernels without -march=native (portable binaries).
   MAX_JOBS              parallel compile jobs (default: CPU count).
+  NVEMBED_CUDA_OBJECTS  folder of prebuilt csrc/cuda/*.cu objects (tools/pack_cuda_objects.sh) to link instead
+                        of compiling the .cu files (no CUTLASS headers needed then).
   NVEMBED_BUILD_DIR     CMake build directory (default build/cmake-<python tag>, kept for incremental builds).
 """
 import glob
@@ -87,8 +89,9 @@ class CMakeBuild(build_ext):
         import torch.utils.cpp_extension as cpp_ext
 
         with_cuda, nvcc, reason = _cuda_plan(torch)
+        cuda_objects = os.environ.get("NVEMBED_CUDA_OBJECTS") if with_cuda else None
         cutlass = _cutlass_include() if with_cuda else None
-        if with_cuda and cutlass is None:
+        if with_cuda and cutlass is None and not cuda_objects:
             if os.environ.get("NVEMBED_CUDA", "auto") == "1":
                 raise RuntimeError("NVEMBED_CUDA=1 but the nvidia-cutlass wheel (CUTLASS/CuTe headers) is missing")
             with_cuda, reason = False, "the nvidia-cutlass wheel (CUTLASS/CuTe headers) is not installed"
@@ -132,9 +135,18 @@ class CMakeBuild(build_ext):
             args += [
                 f"-DCMAKE_CUDA_COMPILER={nvcc}",
                 f"-DNVEMBED_CUDA_ARCHS={os.environ.get('NVEMBED_CUDA_ARCHS', '80;90a')}",
-                f"-DNVEMBED_CUTLASS_INCLUDE_DIR={cutlass}",
+                f"-DNVEMBED_CUTLASS_INCLUDE_DIR={cutlass or ''}",
+                f"-DNVEMBED_CUDA_OBJECTS_DIR={os.path.abspath(cuda_objects) if cuda_objects else ''}",
                 f"-DNVEMBED_CUDA_EXTRA_INCLUDE_DIRS={';'.join(_cuda_wheel_includes())}",
             ]
+        # CMake answers a changed compiler path (another nvcc wrapper on PATH, say) by deleting its cache and
+        # configuring again without the -D values above: start from a fresh cache instead.
+        cache = os.path.join(build_dir, "CMakeCache.txt")
+        if with_cuda and os.path.exists(cache):
+            with open(cache) as f:
+                cached = [ln.split("=", 1)[1].strip() for ln in f if ln.startswith("CMAKE_CUDA_COMPILER:")]
+            if cached and cached[0] != nvcc:
+                os.remove(cache)
         subprocess.check_call(args, cwd=build_dir)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.check_call([cmake, "--build", ".", "--", f"-j{jobs}"], cwd=build_dir)

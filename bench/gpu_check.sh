@@ -1,81 +1,119 @@
 #!/usr/bin/env bash
-# One-call GPU verification for a lent device machine (H100/H200, torch 2.11+cu130, no internet):
-#   build the extension there against its torch, run the CUDA tests, compute-sanitizer memcheck and racecheck on
-#   small cases, and the GPU benchmarks (bench/gpu_*.py --out $OUT); logs, CSVs and PNGs go to $OUT (or ./gpu_out).
-#   Copy the benchmark CSV / PNG into bench/results/ when committing them.
-# Every step after the build has its own log ($OUT/<step>.log) and time limit, and a failing step does not stop the
-# others: $OUT/steps.txt lists each step's exit status (124 = hit its time limit) and duration.
-#   ONLY="flash_tests memcheck_flash"  runs only the named steps (names as in steps.txt; the build always runs).
-# Carry the wheels it lacks in .whl/ (nvidia-cutlass, pybind11, cmake, ninja, pytest-benchmark); see README.
+# One-call GPU verification for a lent device machine (H100/H200, torch 2.11+cu130, no internet): build the
+# extension there against its torch, a first correctness sweep of every kernel family (bench/gpu_smoke.py), the
+# CUDA tests, the GPU benchmarks (bench/gpu_*.py) and compute-sanitizer memcheck / racecheck on small cases.
+#
+# The steps run in that order (the most telling first) and each has its own time limit and log; a failing step does
+# not stop the others. DEADLINE=S (seconds from the start) shortens every step to what is left before it, keeping
+# 15 s for the hand-back, and skips the steps that no longer fit, so one device call can be given a fixed budget:
+#   DEADLINE=560 bench/gpu_check.sh                          # everything that fits in 560 s
+#   ONLY="gpu_attention memcheck_flash" DEADLINE=200 bench/gpu_check.sh   # a second call for the rest
+# Logs, CSVs and PNGs go to a folder packed after every step into $OUT/logs.tgz (a device call brings back few
+# files); $OUT/steps.txt lists each step's exit status (124 = hit its limit) and duration. $OUT defaults to
+# ./gpu_out.
+#
+# Build: where .cuda_objects/ holds the kernels' objects compiled here (tools/pack_cuda_objects.sh; carry it) and
+# its digest matches the sources, only the C++ launchers are compiled there and the objects linked (seconds instead
+# of minutes of nvcc); otherwise the full build. Carry the wheels it lacks in .whl/ (nvidia-cutlass; README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+T0=$(date +%s)
 OUT="${OUT:-$PWD/gpu_out}"
-mkdir -p "$OUT"
+LOGS="${GPU_CHECK_LOGS:-/tmp/gpu_check_logs}"
+rm -rf "$LOGS"
+mkdir -p "$OUT" "$LOGS"
 export PYTHONUNBUFFERED=1
-STEPS="$OUT/steps.txt"
+STEPS="$LOGS/steps.txt"
 : > "$STEPS"
+pack() { cp "$STEPS" "$OUT/steps.txt"; tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
+left() { if [ -n "${DEADLINE:-}" ]; then echo $(( DEADLINE - ($(date +%s) - T0) - 15 )); else echo 100000; fi; }
+
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   export PATH=/tmp/site/bin:$PATH
 fi
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-} 2>&1 | tee "$OUT/env.txt"
+  git log -1 --format='commit %H %s' 2>/dev/null || true
+  nproc
+} 2>&1 | tee "$LOGS/env.txt"
 
-# step NAME LIMIT_S CMD...: run CMD with stdout + stderr in $OUT/NAME.log under a time limit, record its exit status
-# in steps.txt, show the log's tail when it fails, and go on either way.
+# step NAME LIMIT_S CMD...: run CMD with stdout + stderr in $LOGS/NAME.log under min(LIMIT_S, time left), record
+# its exit status in steps.txt, show the log's tail when it fails, and go on either way.
 step() {
   local name=$1 limit=$2
   shift 2
   if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
-    echo "$name not run (ONLY=$ONLY)" | tee -a "$STEPS"
     return 0
   fi
-  local t0 rc
+  local l t0 rc
+  l=$(left)
+  if [ "$l" -lt 20 ]; then
+    echo "$name not run (deadline)" | tee -a "$STEPS"
+    return 0
+  fi
+  [ "$l" -lt "$limit" ] && limit=$l
   t0=$(date +%s)
-  timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
-  echo "$name rc=$rc in $(( $(date +%s) - t0 ))s (log: $name.log)" | tee -a "$STEPS"
-  if [ $rc -ne 0 ]; then tail -30 "$OUT/$name.log"; fi
+  echo "$name rc=$rc in $(( $(date +%s) - t0 ))s (limit ${limit}s; log: $name.log)" | tee -a "$STEPS"
+  if [ $rc -ne 0 ]; then tail -15 "$LOGS/$name.log"; fi
+  pack
   return 0
 }
 
 # Build in place (no install needed), CUDA required. Nothing after it can run without the library: a failed build
 # ends the script.
 start=$(date +%s)
-MAX_JOBS=16 NVEMBED_CUDA=1 NVEMBED_CUDA_ARCHS="${NVEMBED_CUDA_ARCHS:-90a}" ./tools/dev_build.sh > "$OUT/build.log" 2>&1
-rc=$?
-echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$OUT/env.txt" "$STEPS"
-[ $rc -eq 0 ] || { tail -60 "$OUT/build.log"; exit $rc; }
-export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
-
-# Flash attention first (the kernels under work): its CUDA tests, compute-sanitizer on small fwd + bwd cases of
-# every instantiation (bench/sanitize_flash.py; uncached allocations so memcheck sees out-of-bounds accesses), the
-# FA3-protocol benchmark against SDPA flash / cuDNN and FA4.
-step flash_tests 480 python3 -m pytest tests/test_flash_attn_cuda.py tests/test_hopper_kernels.py -q -p no:cacheprovider -rs
-SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
-if [ -n "$SANITIZER" ]; then
-  for tool in memcheck racecheck; do
-    step "${tool}_flash" 300 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SANITIZER" --tool "$tool" --error-exitcode 9 python3 bench/sanitize_flash.py
-  done
-else
-  echo "compute-sanitizer not found: memcheck / racecheck skipped" | tee -a "$OUT/env.txt" "$STEPS"
+if [ -f .cuda_objects/digest ] && [ -f .cuda_objects/archs ] &&
+   [ "$(NVEMBED_CUDA_ARCHS=$(cat .cuda_objects/archs) ./tools/pack_cuda_objects.sh --digest)" = "$(cat .cuda_objects/digest)" ]; then
+  export NVEMBED_CUDA_OBJECTS=$PWD/.cuda_objects NVEMBED_CUDA_ARCHS=$(cat .cuda_objects/archs)
+  echo "build: linking the prebuilt kernel objects (.cuda_objects, archs $NVEMBED_CUDA_ARCHS, $(cat .cuda_objects/nvcc 2>/dev/null))" | tee -a "$STEPS"
+elif [ -d .cuda_objects ]; then
+  echo "build: .cuda_objects does not match the sources: full build" | tee -a "$STEPS"
 fi
-step gpu_attention 400 python3 bench/gpu_attention.py --out "$OUT"
-tail -3 "$OUT/gpu_attention.log"
+MAX_JOBS=16 NVEMBED_CUDA=1 NVEMBED_CUDA_ARCHS="${NVEMBED_CUDA_ARCHS:-90a}" ./tools/dev_build.sh > "$LOGS/build.log" 2>&1
+rc=$?
+if [ $rc -ne 0 ] && [ -n "${NVEMBED_CUDA_OBJECTS:-}" ]; then
+  echo "build with the prebuilt objects failed (rc=$rc; build_objects.log): full build" | tee -a "$STEPS"
+  mv "$LOGS/build.log" "$LOGS/build_objects.log"
+  unset NVEMBED_CUDA_OBJECTS
+  MAX_JOBS=16 NVEMBED_CUDA=1 NVEMBED_BUILD_DIR=build/gpu-check-full ./tools/dev_build.sh > "$LOGS/build.log" 2>&1
+  rc=$?
+fi
+echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$STEPS"
+pack
+[ $rc -eq 0 ] || { tail -60 "$LOGS/build.log"; exit $rc; }
+export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+# pytest on 8 workers (pytest-xdist); a test that hangs (a kernel waiting on a barrier forever) is ended after
+# 120 s by pytest-timeout's thread method, its worker replaced, and reported as failed.
+PYTEST="python3 -m pytest -q -p no:cacheprovider -rfE -n 8 --timeout 120 -o timeout_method=thread"
 
-# The other CUDA tests (fresh random inputs, fp64 references).
-step cuda_tests 300 python3 -m pytest tests/ -q -p no:cacheprovider -m cuda -rs --ignore=tests/test_flash_attn_cuda.py
+# 1. Every kernel family on a few awkward shapes against the float64 references: seconds, and says which kernel
+#    hangs if one does.
+step smoke 90 python3 bench/gpu_smoke.py
+grep -E "^(ok|FAIL)|^---" "$LOGS/smoke.log" | tail -60
 
-# compute-sanitizer memcheck (out-of-bounds / misaligned accesses) and racecheck (shared-memory hazards) on small
-# cases of InfoNCE: the tensor-core path (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass;
-# d % 8 != 0 through the padded copy; with the sm80 and the Hopper forward) and the plain path (NVEMBED_INFONCE_CUDA_PLAIN=1; fp32, own-group), forward
-# and backward each.
-if [ -n "$SANITIZER" ]; then
-  cat > "$OUT/sanitizer_cases.py" <<'PY'
+# 2. The CUDA tests (fresh random inputs, fp64 references): flash attention (sm80 and Hopper kernels), the Hopper
+#    SASS / dispatcher checks, then the rest.
+step flash_tests 180 $PYTEST tests/test_flash_attn_cuda.py tests/test_hopper_kernels.py
+step cuda_tests 180 $PYTEST tests/ -m cuda --ignore=tests/test_flash_attn_cuda.py
+tail -3 "$LOGS/flash_tests.log" "$LOGS/cuda_tests.log" 2>/dev/null
+
+# 3. The benchmarks of the open issues, each against its anchor in the same run: InfoNCE vs the naive loss (issue
+#    6), the latent-attention layer vs the eager released layer and torch.compile of it (issue 7).
+step gpu_infonce 120 python3 bench/gpu_infonce.py --out "$LOGS" --max-seconds 6 --rounds 8
+step gpu_latent_pool 200 python3 bench/gpu_latent_pool.py --out "$LOGS"
+
+# 4. compute-sanitizer on small cases (uncached allocations so memcheck sees accesses past a tensor's end):
+#    flash fwd + bwd of every instantiation, sm80 and Hopper (bench/sanitize_flash.py); InfoNCE's tensor-core path
+#    (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass; d % 8 != 0 through the padded copy; the
+#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward.
+cat > "$LOGS/sanitizer_cases.py" <<'PY'
 import os
 import torch
 import nvembed_ext  # noqa: F401
@@ -100,26 +138,25 @@ case(torch.float32, True, 37, 3, 65, 5)
 torch.cuda.synchronize()
 print("sanitizer cases done")
 PY
-  for tool in memcheck racecheck; do
-    step "$tool" 300 "$SANITIZER" --tool "$tool" --error-exitcode 9 python3 "$OUT/sanitizer_cases.py"
-    tail -5 "$OUT/$tool.log"
-  done
+if [ -n "$SANITIZER" ]; then
+  sanitize() {  # sanitize TOOL: flash then InfoNCE cases under compute-sanitizer TOOL
+    step "$1_flash" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool "$1" --error-exitcode 9 python3 bench/sanitize_flash.py
+    step "$1_infonce" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+      "$SANITIZER" --tool "$1" --error-exitcode 9 python3 "$LOGS/sanitizer_cases.py"
+  }
+  sanitize memcheck
+else
+  echo "compute-sanitizer not found: memcheck / racecheck skipped" | tee -a "$STEPS"
 fi
 
-# The latent_pool benchmark (issue 7): the released eager layer, torch.compile of it (inductor; its compilation is
-# most of the run time) and nvembed::latent_pool at NV-Embed-v2 size, fwd and fwd+bwd, after agreement checks
-# (float64 on the CPU through the ATen path, float32 small, bf16 at full size against a float32 reference that needs
-# ~25 GB). Exit status 1 when ours disagrees with the eager layer.
-step gpu_latent_pool 480 python3 bench/gpu_latent_pool.py --out "$OUT"
-tail -12 "$OUT/gpu_latent_pool.log" 2>/dev/null
-
-# The other GPU benchmarks (each writes its CSV under $OUT).
-for b in bench/gpu_*.py; do
-  [ -e "$b" ] || continue
-  name=$(basename "$b" .py)
-  case "$name" in gpu_attention|gpu_latent_pool) continue ;; esac
-  step "$name" 400 python3 "$b" --out "$OUT"
+# 5. Flash attention against SDPA flash / cuDNN (FA3 protocol), racecheck, the encoder end to end.
+step gpu_attention 150 python3 bench/gpu_attention.py --out "$LOGS" --warmup 3 --iters 10
+[ -n "$SANITIZER" ] && sanitize racecheck
+step gpu_model_e2e 120 python3 bench/gpu_model_e2e.py --out "$LOGS"
+for f in gpu_infonce gpu_latent_pool gpu_attention gpu_model_e2e; do
+  [ -f "$LOGS/$f.log" ] && { echo "--- $f"; tail -12 "$LOGS/$f.log"; }
 done
-echo "--- steps"
+echo "--- steps ($(( $(date +%s) - T0 ))s)"
 cat "$STEPS"
-ls -la "$OUT"
+pack

@@ -8,7 +8,7 @@ NAME=${1:?usage: tools/cuda_emu/run.sh NAME [args]}
 shift
 SRC=tools/${NAME}_emu/emu.cpp
 [ -f "$SRC" ] || { echo "no emulator $SRC"; exit 2; }
-CUTLASS=$(python -c "import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include'))")
+CUTLASS=$(${PYTHON:-python3} -c "import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include'))")
 # The CUDA headers (vector types, cuda_runtime_api.h): the first candidate that has them.
 NVCC_DIR=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc || echo /nonexistent/bin/nvcc)")")")
 for c in "${CUDA_HOME:-}" "$NVCC_DIR" /usr/local/cuda /usr/local/cuda-*; do

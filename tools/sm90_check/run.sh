@@ -3,7 +3,7 @@
 # nvidia-cutlass wheel's headers, no GPU. EMU_BUILD_DIR: where the binary goes (default build/sm90_check).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-CUTLASS=$(python -c "import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include'))")
+CUTLASS=$(${PYTHON:-python3} -c "import importlib.util, os; s = importlib.util.find_spec('cutlass_library'); print(os.path.join(list(s.submodule_search_locations)[0], 'source', 'include'))")
 NVCC=${NVCC:-$(command -v nvcc || ls /usr/local/cuda*/bin/nvcc 2>/dev/null | head -1)}
 [ -n "$NVCC" ] || { echo "nvcc not found"; exit 2; }
 OUT=${EMU_BUILD_DIR:-build/sm90_check}
