@@ -107,6 +107,8 @@ def select_device(prog: str, spec: str, tiny: bool, full_run: str) -> Optional[t
         print(f"{prog}: {full_run} is for a GPU; use --tiny on the CPU")
         return None
     if device.type == "cuda":
+        if device.index is None:  # torch 2.11's set_device refuses an index-less "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 

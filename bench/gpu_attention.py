@@ -18,8 +18,8 @@ perf_counter pair); the median is reported.
 
 Providers and what one timed call includes (the same for all; inputs are created, and agreement-checked, outside
 the timed region). Every provider reads the same [B, L, H, D] tensors (the layout a projection produces):
-  nvembed      torch.ops.nvembed.flash_attn(q, k, v) (flash_attn_varlen on packed [T, H, D] for nvembed-varlen);
-               GQA native. nvembed-sm90 / nvembed-varlen-sm90: the same with NVEMBED_FLASH_KERNEL=sm90, the
+  nvembed      torch.ops.nvembed.flash_attn(q, k, v) with NVEMBED_FLASH_KERNEL=sm80, the sm80 kernels
+               (flash_attn_varlen on packed [T, H, D] for nvembed-varlen); GQA native. nvembed-sm90 / nvembed-varlen-sm90: the same with NVEMBED_FLASH_KERNEL=sm90, the
                Hopper kernels (TMA + wgmma, forward and backward, head dims 64 / 128; "unavailable" off sm_90).
   sdpa-flash   F.scaled_dot_product_attention under sdpa_kernel(SDPBackend.FLASH_ATTENTION) on q.transpose(1, 2)
                (a view, no copy: SDPA takes [B, H, L, D]); the output is transposed back as a view. GQA through
@@ -222,6 +222,8 @@ def _fwd_kernel_env(kind: str):
 def provider_context(name: str):
     if name.endswith(SM90_SUFFIX):
         return _fwd_kernel_env("sm90")
+    if name.startswith("nvembed"):
+        return _fwd_kernel_env("sm80")  # auto would pick the Hopper kernels on an H100 / H200
     backend = _sdpa_backend(name)
     if backend is None:
         return contextlib.nullcontext()

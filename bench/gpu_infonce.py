@@ -5,7 +5,7 @@ Protocol (the CUDA InfoNCE issue): d in {1024, 4096}, B in {4096, 16384, 65536} 
   naive    nvembed_ext.reference.infonce_ref: cross_entropy(q @ docs.T / t), the bf16 B x N logits upcast to fp32
            for the softmax (the tests' reference, so benchmark and tests cannot drift). Skipped, with the reason
            in the CSV, where its logits would not fit in the free GPU memory.
-  nvembed  torch.ops.nvembed.infonce (tensor-core kernels for bf16).
+  nvembed  torch.ops.nvembed.infonce with NVEMBED_INFONCE_KERNEL=sm80 (the sm80 tensor-core kernels for bf16).
   nvembed-sm90  the same with NVEMBED_INFONCE_KERNEL=sm90: the Hopper forward (TMA + wgmma), sm80 backward; on
            CUDA only, "skipped" where it does not apply (not a compute capability 9.0 device, no sm_90a code).
 Per configuration: one warm-up round, then timed rounds, each on fresh random inputs; the time of a round is the
@@ -78,10 +78,12 @@ def loss_fn(variant: str):
     import nvembed_ext  # noqa: F401
     from nvembed_ext.reference import infonce_ref
 
-    if variant == "nvembed-sm90":
-        def sm90(*args):  # the op reads the variable on every call
+    if variant in ("nvembed", "nvembed-sm90"):
+        kernel = "sm90" if variant == "nvembed-sm90" else "sm80"
+
+        def ours(*args):  # the op reads the variable on every call
             old = os.environ.get("NVEMBED_INFONCE_KERNEL")
-            os.environ["NVEMBED_INFONCE_KERNEL"] = "sm90"
+            os.environ["NVEMBED_INFONCE_KERNEL"] = kernel
             try:
                 return torch.ops.nvembed.infonce(*args)
             finally:
@@ -89,8 +91,8 @@ def loss_fn(variant: str):
                     os.environ.pop("NVEMBED_INFONCE_KERNEL", None)
                 else:
                     os.environ["NVEMBED_INFONCE_KERNEL"] = old
-        return sm90
-    return torch.ops.nvembed.infonce if variant == "nvembed" else infonce_ref
+        return ours
+    return infonce_ref
 
 
 def fresh_inputs(B: int, d: int, dtype, device):

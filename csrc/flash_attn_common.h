@@ -14,10 +14,11 @@ constexpr const char* kVarlenOp = "flash_attn_varlen";
 // The CUDA kernel set for a device of compute capability major.minor, forward or backward: "sm90" (TMA + wgmma,
 // flash_sm90.cuh / flash_sm90_bwd.cuh: head dims 64 / 128, sm_90a builds on 9.0 devices) or "sm80" (flash_sm80.cuh:
 // every sm80+ device and head dim), chosen by NVEMBED_FLASH_KERNEL = auto | sm80 | sm90 (kernel_choice.h). auto
-// picks a Hopper kernel only once it has been verified on a GPU by bench/gpu_check.sh (kSm90*Verified); none has
-// run on one yet.
-constexpr bool kSm90FwdVerified = false;
-constexpr bool kSm90BwdVerified = false;
+// picks a Hopper kernel where it applies once it has been verified on a GPU by bench/gpu_check.sh (kSm90*Verified):
+// both were, on an H200 on 2026-11-26 (CUDA tests against the fp64 reference, compute-sanitizer memcheck and
+// racecheck clean; bench/results/h200_2026-11-26/).
+constexpr bool kSm90FwdVerified = true;
+constexpr bool kSm90BwdVerified = true;
 const char* flash_kernel_for(bool backward, int major, int minor, int64_t head_dim, bool built_with_sm90a);
 
 // The softmax scale: 1/sqrt(head_dim) by default, else any finite value.

@@ -195,6 +195,9 @@ std::vector<Tensor> latent_pool_bwd_aten(
     const Tensor nrm = pl.norm(2, {1}, true);
     const Tensor o = pl / nrm.clamp_min(1e-12);
     gp = at::where(nrm > 1e-12, (go - o * (o * go).sum(1, true)) / nrm.clamp_min(1e-12), go / 1e-12);
+    // A row with no pooled token is the constant 0: no gradient. Its go / 1e-12 would also overflow to inf in the
+    // fp16 GEMM operand below, and inf * 0 spread NaN into every weight gradient.
+    gp = at::where(s.c.unsqueeze(1) > 0, gp, at::zeros_like(gp));
   }
   const Tensor d_ff_out_b = (gp * s.c.unsqueeze(1)).sum(0);
   Tensor d_ff_out_w = at::zeros({s.d, s.F}, opts);

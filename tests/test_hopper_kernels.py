@@ -26,16 +26,20 @@ ENV = "NVEMBED_FLASH_KERNEL"
 
 # ---- dispatcher -------------------------------------------------------------------------------------------------
 
-def test_auto_keeps_the_sm80_kernel_until_the_hopper_kernel_is_verified(monkeypatch):
-    """auto (the default) picks the sm80 kernel everywhere while the Hopper forward has not run on a GPU."""
-    monkeypatch.delenv(ENV, raising=False)
-    for cap in [(8, 0), (8, 9), (9, 0), (10, 0), (12, 0)]:
-        for d in (32, 64, 128):
-            assert _C.flash_kernel_for(*cap, d) == "sm80"
-    monkeypatch.setenv(ENV, "")
-    assert _C.flash_kernel_for(9, 0, 128) == "sm80"
-    monkeypatch.setenv(ENV, "auto")
-    assert _C.flash_kernel_for(9, 0, 128) == "sm80"
+def test_auto_picks_the_hopper_kernel_where_it_applies(monkeypatch):
+    """auto (the default; the Hopper kernels were verified on an H200) picks the sm90 kernel on compute capability
+    9.0 for head dims 64 / 128 in an sm_90a build, and the sm80 kernel everywhere else."""
+    hopper = "sm90" if HAS_SM90A else "sm80"
+    for value in (None, "", "auto"):
+        if value is None:
+            monkeypatch.delenv(ENV, raising=False)
+        else:
+            monkeypatch.setenv(ENV, value)
+        for cap in [(8, 0), (8, 9), (9, 0), (10, 0), (12, 0)]:
+            for d in (32, 64, 128):
+                want = hopper if cap == (9, 0) and d in (64, 128) else "sm80"
+                assert _C.flash_kernel_for(*cap, d) == want, (value, cap, d)
+                assert _C.flash_kernel_for(*cap, d, backward=True) == want, (value, cap, d)
 
 
 def test_sm90_choice_applies_only_on_sm90_with_supported_head_dims(monkeypatch):
@@ -51,7 +55,7 @@ def test_sm90_choice_applies_only_on_sm90_with_supported_head_dims(monkeypatch):
 
 
 def test_backward_follows_the_same_rule(monkeypatch):
-    monkeypatch.delenv(ENV, raising=False)
+    monkeypatch.setenv(ENV, "sm80")
     assert _C.flash_kernel_for(9, 0, 128, backward=True) == "sm80"
     monkeypatch.setenv(ENV, "sm90")
     expected = "sm90" if HAS_SM90A else "sm80"
@@ -70,9 +74,12 @@ def test_unknown_choice_is_an_error_naming_the_variable(monkeypatch, value):
 
 
 def test_infonce_forward_choice(monkeypatch):
-    monkeypatch.delenv("NVEMBED_INFONCE_KERNEL", raising=False)
-    for cap in [(8, 0), (9, 0), (10, 0)]:
-        assert _C.infonce_fwd_kernel_for(*cap) == "sm80"  # auto: not verified on a GPU yet
+    monkeypatch.delenv("NVEMBED_INFONCE_KERNEL", raising=False)  # auto: verified on an H200
+    assert _C.infonce_fwd_kernel_for(9, 0) == ("sm90" if HAS_SM90A else "sm80")
+    for cap in [(8, 0), (10, 0)]:
+        assert _C.infonce_fwd_kernel_for(*cap) == "sm80"
+    monkeypatch.setenv("NVEMBED_INFONCE_KERNEL", "sm80")
+    assert _C.infonce_fwd_kernel_for(9, 0) == "sm80"
     monkeypatch.setenv("NVEMBED_INFONCE_KERNEL", "sm90")
     assert _C.infonce_fwd_kernel_for(9, 0) == ("sm90" if HAS_SM90A else "sm80")
     for cap in [(8, 0), (8, 9), (10, 0), (12, 0)]:

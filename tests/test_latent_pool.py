@@ -186,7 +186,7 @@ def run_with_grads(fn, hs, mask, weights, H, normalize, grad_out_seed=0):
     weights = [w.detach().clone().requires_grad_() for w in weights]
     out = fn(hs, mask, *weights, H, normalize, 1e-5)
     go = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(grad_out_seed))
-    grads = torch.autograd.grad(out, [hs, *weights], go.to(out.dtype))
+    grads = torch.autograd.grad(out, [hs, *weights], go.to(device=out.device, dtype=out.dtype))
     return out, grads
 
 

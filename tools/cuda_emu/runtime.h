@@ -111,6 +111,10 @@ float __shfl_xor_sync(unsigned /*mask*/, float v, int lane_mask) {
   return w.shfl[ph][lane ^ lane_mask];
 }
 
+// Cache-hinted global accesses: plain loads / stores on the host.
+inline float2 __ldcg(const float2* p) { return *p; }
+inline void __stcg(float2* p, float2 v) { *p = v; }
+
 template <class Real>
 struct EmuMma {
   using DRegisters = float[4];
