@@ -12,26 +12,19 @@ import sys
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [HERE, ROOT, os.path.join(ROOT, "python")]
 
 import nvembed_ext  # noqa: E402,F401
+from common import time_calls  # noqa: E402
 
 ops = torch.ops.nvembed
 
 
-def timed(fn, n=5):
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+def timed(fn):
+    """Median CUDA-event milliseconds of 5 calls after one warm-up."""
+    return statistics.median(time_calls(fn, 1, 5, True))
 
 
 def main():

@@ -244,15 +244,15 @@ NVE_DEVICE void gemm_rs(ARegs const& tA, const typename Tr::Element* sb, Acc& ac
 }
 
 // Stores rows [0, rows) of an accumulator tile (times `mul`) in the element type; row r of the tile goes to
-// g + r * stride. Pairs of adjacent columns are one 4-byte store.
-template <class E, class Acc, class Crd>
-NVE_DEVICE void store_rows(Acc const& acc, Crd const& crd, E* g, int64_t stride, int rows, float mul) {
+// g + r * stride. `a` is the tile as (row slots, column slots) and `c` the (row, column) of each slot (the sm80
+// mma.sync layout through tc::acc_rowcol here, the wgmma layout through fa90::acc_rowcol in the Hopper backward).
+// Pairs of adjacent columns are one 4-byte store.
+template <class E, class A, class C>
+NVE_DEVICE void store_rowcol(A const& a, C const& c, E* g, int64_t stride, int rows, float mul) {
   using namespace cute;
   struct alignas(2 * sizeof(E)) E2 {
     E x, y;
   };
-  Tensor a = make_tensor(acc.data(), tc::acc_rowcol(acc.layout()));
-  Tensor c = make_tensor(crd.data(), tc::acc_rowcol(crd.layout()));
   static_assert(decltype(size<1>(a))::value % 2 == 0);
   CUTE_UNROLL
   for (int mi = 0; mi < size<0>(a); ++mi) {
@@ -265,6 +265,13 @@ NVE_DEVICE void store_rows(Acc const& acc, Crd const& crd, E* g, int64_t stride,
       *reinterpret_cast<E2*>(g + r * stride + col) = v;
     }
   }
+}
+
+template <class E, class Acc, class Crd>
+NVE_DEVICE void store_rows(Acc const& acc, Crd const& crd, E* g, int64_t stride, int rows, float mul) {
+  using namespace cute;
+  store_rowcol<E>(make_tensor(acc.data(), tc::acc_rowcol(acc.layout())),
+                  make_tensor(crd.data(), tc::acc_rowcol(crd.layout())), g, stride, rows, mul);
 }
 
 // ---- forward -------------------------------------------------------------------------------------------------------

@@ -21,22 +21,12 @@
 
 namespace nvembed::cuda::fa90 {
 
-// Rows [0, rows) of an accumulator tile times `mul`, in the element type, at g + row * stride (column pairs).
+// Rows [0, rows) of a wgmma accumulator tile times `mul`, in the element type, at g + row * stride (column pairs).
 template <class E, class Acc, class Crd>
 CUTE_DEVICE void store_rows(Acc const& acc, Crd const& crd, E* g, int64_t stride, int rows, float mul) {
   using namespace cute;
-  Tensor a = make_tensor(acc.data(), acc_rowcol(acc.layout()));
-  Tensor c = make_tensor(crd.data(), acc_rowcol(crd.layout()));
-  CUTE_UNROLL
-  for (int mi = 0; mi < size<0>(a); ++mi) {
-    const int r = get<0>(c(mi, 0));
-    if (r >= rows) continue;
-    CUTE_UNROLL
-    for (int ni = 0; ni < size<1>(a); ni += 2) {
-      *reinterpret_cast<Pair<E>*>(g + r * stride + get<1>(c(mi, ni))) =
-          Pair<E>{static_cast<E>(a(mi, ni) * mul), static_cast<E>(a(mi, ni + 1) * mul)};
-    }
-  }
+  fa::store_rowcol<E>(make_tensor(acc.data(), acc_rowcol(acc.layout())),
+                      make_tensor(crd.data(), acc_rowcol(crd.layout())), g, stride, rows, mul);
 }
 
 // An accumulator rounded to the element type, as the A operand of an RS wgmma.
