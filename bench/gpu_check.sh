@@ -120,7 +120,7 @@ step infonce_profile 60 python3 bench/gpu_profile_infonce.py
 # 4. compute-sanitizer on small cases (uncached allocations so memcheck sees accesses past a tensor's end):
 #    flash fwd + bwd of every instantiation, sm80 and Hopper (bench/sanitize_flash.py); InfoNCE's tensor-core path
 #    (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass; d % 8 != 0 through the padded copy; the
-#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward.
+#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward; the chunked-GEMM backward.
 cat > "$LOGS/sanitizer_cases.py" <<'PY'
 import os
 import torch
@@ -143,6 +143,13 @@ for plain, kernel in (("0", "sm80"), ("0", "sm90"), ("1", "sm80")):
         case(dtype, True, 37, 3, 65, 0)
     case(torch.float16, False, 37, 3, 65, 0)
 case(torch.float32, True, 37, 3, 65, 5)
+# the chunked-GEMM backward: its chunk kernel's float4 path (one chunk of 264 docs) and scalar path (chunks of 37)
+os.environ["NVEMBED_INFONCE_CUDA_PLAIN"] = "0"
+os.environ["NVEMBED_INFONCE_BWD"] = "gemm"
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    case(dtype, True, 130, 2, 72, 4)
+os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "37"
+case(torch.bfloat16, True, 130, 2, 72, 3)
 torch.cuda.synchronize()
 print("sanitizer cases done")
 PY

@@ -8,6 +8,9 @@ Protocol (the CUDA InfoNCE issue): d in {1024, 4096}, B in {4096, 16384, 65536} 
   nvembed  torch.ops.nvembed.infonce with NVEMBED_INFONCE_KERNEL=sm80 (the sm80 tensor-core kernels for bf16).
   nvembed-sm90  the same with NVEMBED_INFONCE_KERNEL=sm90: the Hopper forward (TMA + wgmma), sm80 backward; on
            CUDA only, "skipped" where it does not apply (not a compute capability 9.0 device, no sm_90a code).
+  nvembed-gemm  the automatic forward (the Hopper one on compute capability 9.0) and the chunked-GEMM backward
+           (NVEMBED_INFONCE_BWD=gemm: cuBLAS GEMMs over column chunks of the logits, csrc/infonce_gemm.h).
+  (nvembed and nvembed-sm90 pin the tile backward, NVEMBED_INFONCE_BWD=tiles.)
 Per configuration: one warm-up round, then timed rounds, each on fresh random inputs; the time of a round is the
 CUDA-event time of loss = f(q, docs); loss.backward(). Reported: median (p20, p80) time, TFLOP/s counting
 2 B N d (forward) + 4 B N d (backward) flops, and the peak memory one fwd+bwd adds above its inputs
@@ -78,21 +81,49 @@ def loss_fn(variant: str):
     import nvembed_ext  # noqa: F401
     from nvembed_ext.reference import infonce_ref
 
-    if variant in ("nvembed", "nvembed-sm90"):
-        kernel = "sm90" if variant == "nvembed-sm90" else "sm80"
+    settings = {"nvembed": {"NVEMBED_INFONCE_KERNEL": "sm80", "NVEMBED_INFONCE_BWD": "tiles"},
+                "nvembed-sm90": {"NVEMBED_INFONCE_KERNEL": "sm90", "NVEMBED_INFONCE_BWD": "tiles"},
+                "nvembed-gemm": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_BWD": "gemm"}}
+    if variant not in settings:
+        return infonce_ref
 
-        def ours(*args):  # the op reads the variable on every call
-            old = os.environ.get("NVEMBED_INFONCE_KERNEL")
-            os.environ["NVEMBED_INFONCE_KERNEL"] = kernel
-            try:
-                return torch.ops.nvembed.infonce(*args)
-            finally:
-                if old is None:
-                    os.environ.pop("NVEMBED_INFONCE_KERNEL", None)
-                else:
-                    os.environ["NVEMBED_INFONCE_KERNEL"] = old
-        return ours
-    return infonce_ref
+    class Ours(torch.autograd.Function):
+        # The op reads the variables on every call, forward and backward: they are set around both.
+        @staticmethod
+        def forward(ctx, q, docs, group_size, t, inb):
+            with env_vars(settings[variant]):
+                loss, lse = torch.ops.nvembed._infonce_fwd(q, docs, group_size, t, inb)
+            ctx.save_for_backward(q, docs, lse)
+            ctx.args = (group_size, t, inb)
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad):
+            q, docs, lse = ctx.saved_tensors
+            with env_vars(settings[variant]):
+                gq, gd = torch.ops.nvembed._infonce_bwd(grad, q, docs, lse, *ctx.args)
+            return gq, gd, None, None, None
+
+    return Ours.apply
+
+
+class env_vars:
+    """Set environment variables for a block, restoring the previous values after."""
+
+    def __init__(self, values: dict):
+        self.values, self.old = values, {}
+
+    def __enter__(self):
+        for k, v in self.values.items():
+            self.old[k] = os.environ.get(k)
+            os.environ[k] = v
+
+    def __exit__(self, *exc):
+        for k, v in self.old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def fresh_inputs(B: int, d: int, dtype, device):
@@ -114,6 +145,13 @@ def nvembed_bytes(B: int, d: int) -> int:
     """Input gradients, their padded / fp32 workspaces and the backward scratch (bounded at about 0.6 GB)."""
     N = B * G
     return 2 * (B + N) * d + (600 << 20)
+
+
+def gemm_bytes(B: int, d: int) -> int:
+    """Input gradients, the fp32 dQ / target-row accumulators and one GEMM output of [B, d], the chunk's fp32 scores
+    and bf16 probabilities (256 MiB budget) and its fp32 [c, d] dDocs block."""
+    N = B * G
+    return 2 * (B + N) * d + 12 * B * d + (256 << 20) + 4 * d * max(256, (256 << 20) // (6 * B))
 
 
 def measure(variant: str, B: int, d: int, dtype, device: str, rounds: int, max_seconds: float) -> dict:
@@ -156,7 +194,7 @@ def run(args) -> list[dict]:
     dtype = torch.bfloat16
     env = environment(device)
     rows = []
-    variants = ("nvembed", "nvembed-sm90", "naive") if device == "cuda" else ("nvembed", "naive")
+    variants = ("nvembed", "nvembed-sm90", "nvembed-gemm", "naive") if device == "cuda" else ("nvembed", "naive")
     sm90_why = sm90_unavailable() if device == "cuda" else None
     for d in args.d:
         for B in args.B:
@@ -166,7 +204,7 @@ def run(args) -> list[dict]:
             for variant in variants:
                 row = {**env, "variant": variant, "dtype": "bfloat16", "B": B, "G": G, "N": N, "d": d,
                        "temperature": TEMPERATURE, "in_batch_negatives": True, "status": "ok"}
-                need = (naive_bytes if variant == "naive" else nvembed_bytes)(B, d)
+                need = {"naive": naive_bytes, "nvembed-gemm": gemm_bytes}.get(variant, nvembed_bytes)(B, d)
                 free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
                 if variant == "nvembed-sm90" and sm90_why is not None:
                     row["status"] = f"skipped: {sm90_why}"
@@ -219,7 +257,7 @@ def plot(rows: list[dict], path: str) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for d in sorted({r["d"] for r in ok}):
-        for variant, style in (("nvembed", "-o"), ("nvembed-sm90", "-^"), ("naive", "--s")):
+        for variant, style in (("nvembed", "-o"), ("nvembed-sm90", "-^"), ("nvembed-gemm", "-D"), ("naive", "--s")):
             pts = sorted((r["B"], r) for r in ok if r["d"] == d and r["variant"] == variant)
             if not pts:
                 continue

@@ -205,6 +205,75 @@ def test_gradcheck_extra_negatives(B, G, E, d):
     assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, G, 0.5, True), (q, docs))
 
 
+# ---- the chunked-GEMM backward (NVEMBED_INFONCE_BWD=gemm) on CPU tensors -------------------------------------------
+# The CUDA path's loop (csrc/infonce_gemm.cpp) with ATen's elementwise pass instead of the CUDA chunk kernel (that
+# one is checked by tools/infonce_emu). Chunk widths that split groups, put a query's positive in a later chunk than
+# its own row block would, leave a 1-column last chunk, and one chunk for everything.
+
+@pytest.fixture
+def gemm_bwd(monkeypatch):
+    monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 256, None])
+@pytest.mark.parametrize("t", [0.02, 1.0])
+@pytest.mark.parametrize("B,G,E,d", [(1, 1, 0, 16), (1, 4, 1, 33), (3, 2, 7, 32), (17, 8, 601, 64), (130, 2, 5, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_gemm_bwd_matches_reference_cpu(gemm_bwd, dtype, B, G, E, d, t, chunk):
+    if chunk is not None:
+        gemm_bwd.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
+    q, docs = make_inputs_extra(B, G, E, d, dtype)
+    check_against_ref(q, docs, G, t, True, dtype)
+
+
+def test_gemm_bwd_equals_tiles_cpu(monkeypatch):
+    """Same gradients as the tile kernels (fp64: to rounding), and the default chunking splits N > budget."""
+    q, docs = make_inputs_extra(40, 4, 77, 24, torch.float64, requires_grad=False)
+    _, lse = ops._infonce_fwd(q, docs, 4, 0.05, True)
+    g = torch.tensor(0.7, dtype=torch.float64)
+    monkeypatch.setenv("NVEMBED_INFONCE_BWD", "tiles")
+    tiles = ops._infonce_bwd(g, q, docs, lse, 4, 0.05, True)
+    monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm")
+    monkeypatch.setenv("NVEMBED_INFONCE_CHUNK_MB", "1")  # 1 MiB / (40 rows * 16 bytes) -> chunks of 1536 >= N
+    gemm = ops._infonce_bwd(g, q, docs, lse, 4, 0.05, True)
+    monkeypatch.setenv("NVEMBED_INFONCE_CHUNK_COLS", "5")
+    gemm5 = ops._infonce_bwd(g, q, docs, lse, 4, 0.05, True)
+    for a, b, c in zip(tiles, gemm, gemm5):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("chunk", [2, None])
+def test_gemm_bwd_gradcheck_cpu(gemm_bwd, chunk):
+    if chunk is not None:
+        gemm_bwd.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
+    q, docs = make_inputs_extra(3, 2, 5, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, 2, 0.5, True), (q, docs))
+
+
+def test_gemm_bwd_own_group_uses_its_kernel_cpu(gemm_bwd):
+    """Without in-batch negatives there is no B x N matrix: the variable changes nothing there."""
+    q, docs = make_inputs(9, 3, 16, torch.float64)
+    check_against_ref(q, docs, 3, 0.05, False, torch.float64)
+
+
+@pytest.mark.parametrize("var,value,match", [
+    ("NVEMBED_INFONCE_BWD", "cublas", r"nvembed::infonce: NVEMBED_INFONCE_BWD must be auto, tiles or gemm, got "
+                                      r"'cublas'"),
+    ("NVEMBED_INFONCE_CHUNK_COLS", "0", r"nvembed::infonce: NVEMBED_INFONCE_CHUNK_COLS must be a positive integer, "
+                                        r"got '0'"),
+    ("NVEMBED_INFONCE_CHUNK_MB", "lots", r"nvembed::infonce: NVEMBED_INFONCE_CHUNK_MB must be a positive integer, "
+                                         r"got 'lots'"),
+])
+def test_gemm_bwd_bad_variables_cpu(gemm_bwd, var, value, match):
+    gemm_bwd.setenv(var, value)
+    q, docs = make_inputs(4, 2, 8, torch.float32, requires_grad=False)
+    _, lse = ops._infonce_fwd(q, docs, 2, 0.1, True)
+    with pytest.raises(ValueError, match=match):
+        ops._infonce_bwd(torch.tensor(1.0), q, docs, lse, 2, 0.1, True)
+
+
 # ---- opcheck / gradcheck / compile ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("inb", [True, False])

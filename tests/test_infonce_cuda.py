@@ -23,14 +23,17 @@ pytestmark = [pytest.mark.cuda,
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 # tensorcore-sm90: the tensor-core path with the Hopper forward (NVEMBED_INFONCE_KERNEL=sm90; TMA + wgmma), run
 # only where the dispatcher picks it (a compute capability 9.0 device, a build with sm_90a code).
-PATHS = ["tensorcore", "tensorcore-sm90", "plain"]
+# gemm: the chunked-GEMM backward (NVEMBED_INFONCE_BWD=gemm: cuBLAS + the chunk kernel of infonce.cu) after the
+# automatic forward; the other paths pin the tile backward.
+PATHS = ["tensorcore", "tensorcore-sm90", "plain", "gemm"]
 
 
 @pytest.fixture(params=PATHS)
 def path(request, monkeypatch):
     # The launcher reads the variables on every call; "0" and unset both mean the automatic choice.
     monkeypatch.setenv("NVEMBED_INFONCE_CUDA_PLAIN", "1" if request.param == "plain" else "0")
-    monkeypatch.setenv("NVEMBED_INFONCE_KERNEL", "sm90" if request.param == "tensorcore-sm90" else "sm80")
+    monkeypatch.setenv("NVEMBED_INFONCE_KERNEL", {"tensorcore-sm90": "sm90", "gemm": "auto"}.get(request.param, "sm80"))
+    monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm" if request.param == "gemm" else "tiles")
     if request.param == "tensorcore-sm90":
         major, minor = torch.cuda.get_device_capability()
         if nvembed_ext._C.infonce_fwd_kernel_for(major, minor) != "sm90":
@@ -180,6 +183,17 @@ def test_grad_loss_scaling(path):
     g2 = ops._infonce_bwd(torch.tensor(-2.5, device="cuda"), q, docs, lse, 3, 0.1, True)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(b.float(), -2.5 * a.float(), rtol=2e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gemm_bwd_chunks(monkeypatch, dtype, chunk):
+    """The chunked-GEMM backward with chunk widths that split groups, leave ragged last chunks and odd widths (the
+    chunk kernel's scalar path), against the float64 reference."""
+    monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm")
+    monkeypatch.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
+    q, docs = make_inputs(67, 3, 72, dtype, extra=5)
+    check_against_ref(q, docs, 3, 0.05, True)
 
 
 @pytest.mark.parametrize("inb", [True, False])

@@ -5,7 +5,10 @@
 #include <ATen/ATen.h>
 #include <c10/util/safe_numerics.h>
 
+#include <string_view>
+
 #include "checks.h"
+#include "infonce_gemm.h"
 #include "ops.h"
 
 namespace nvembed {
@@ -103,6 +106,11 @@ std::tuple<Tensor, Tensor> infonce_bwd_cpu(const Tensor& grad_loss, const Tensor
   infonce_check_inputs(queries, docs, group_size, temperature, cpu_dtypes(), in_batch_negatives);
   infonce_check_bwd_inputs(grad_loss, queries, lse);
   NVE_CHECK_VALUE(queries.device().is_cpu(), kOp, "queries must be a CPU tensor here, got ", queries.device());
+  if (in_batch_negatives && std::string_view(infonce_bwd_choice(false)) == "gemm") {
+    // the CUDA chunked-GEMM backward's loop on CPU tensors (NVEMBED_INFONCE_BWD=gemm): its tests
+    return infonce_bwd_gemm(grad_loss, queries.contiguous(), docs.contiguous(), lse, group_size, temperature,
+                            nullptr);
+  }
   const auto acc = accum_dtype(queries.scalar_type());
   const Tensor q = queries.contiguous().to(acc);
   const Tensor dc = docs.contiguous().to(acc);

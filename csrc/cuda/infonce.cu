@@ -382,6 +382,60 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_own_group_kernel(const I
   }
 }
 
+// ---- chunked-GEMM backward (infonce_gemm.h): the elementwise pass between its GEMMs -------------------------
+
+__device__ __forceinline__ float from_float(float x, float*) { return x; }
+__device__ __forceinline__ __half from_float(float x, __half*) { return __float2half_rn(x); }
+__device__ __forceinline__ __nv_bfloat16 from_float(float x, __nv_bfloat16*) { return __float2bfloat16_rn(x); }
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+
+// One block per row of the chunk: probs[r, j] = exp(scores[r, j] / t - lse[r]), 0 in the row's target column
+// r*G - col0 (its P_t - 1 is applied by the caller as -neg_prob_sum), neg_prob_sum[r] += the row's fp32 sum. One
+// owner per row and launches in stream order: deterministic, no atomics.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) infonce_chunk_grad_kernel(const InfoNCEChunkGradParams p) {
+  __shared__ float warp_part[kWarpsPerBlock];
+  const int64_t row = blockIdx.x;
+  const float* __restrict__ s = p.scores + row * p.cols;
+  T* __restrict__ out = static_cast<T*>(p.probs) + row * p.cols;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float k = p.inv_temperature * kLog2e, shift = p.lse[row] * kLog2e;
+  const int64_t target = row * p.G - p.col0;  // outside [0, cols) when the row's positive is in another chunk
+  float sum = 0.f;
+  if (p.vec4) {
+    for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < p.cols; j += 4 * kThreads) {
+      const float4 x = *reinterpret_cast<const float4*>(s + j);
+      const float xs[4] = {x.x, x.y, x.z, x.w};
+      Vec4<T> v;
+#pragma unroll
+      for (int l = 0; l < 4; ++l) {
+        const float e = j + l == target ? 0.f : exp2f(fmaf(xs[l], k, -shift));
+        sum += e;
+        v.v[l] = from_float(e, static_cast<T*>(nullptr));
+      }
+      *reinterpret_cast<Vec4<T>*>(out + j) = v;
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < p.cols; j += kThreads) {
+      const float e = j == target ? 0.f : exp2f(fmaf(s[j], k, -shift));
+      sum += e;
+      out[j] = from_float(e, static_cast<T*>(nullptr));
+    }
+  }
+  sum = warp_sum(sum);
+  if (threadIdx.x % 32 == 0) warp_part[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.f;
+    for (int w = 0; w < kWarpsPerBlock; ++w) total += warp_part[w];
+    p.neg_prob_sum[row] += total;
+  }
+}
+
 template <typename T>
 void fwd(const InfoNCEParams& p, cudaStream_t stream) {
   if (p.in_batch_negatives) {
@@ -421,6 +475,18 @@ void infonce_bwd_launch(const InfoNCEParams& p, cudaStream_t stream) {
     case InfoNCEDType::kFloat32: return bwd<float>(p, stream);
     case InfoNCEDType::kBFloat16: return bwd<__nv_bfloat16>(p, stream);
     case InfoNCEDType::kFloat16: return bwd<__half>(p, stream);
+  }
+}
+
+void infonce_chunk_grad_launch(const InfoNCEChunkGradParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.cols == 0) return;
+  const unsigned blocks = static_cast<unsigned>(p.rows);
+  switch (p.dtype) {
+    case InfoNCEDType::kFloat32: NVE_LAUNCH(infonce_chunk_grad_kernel<float>, blocks, kThreads, stream, p); break;
+    case InfoNCEDType::kBFloat16:
+      NVE_LAUNCH(infonce_chunk_grad_kernel<__nv_bfloat16>, blocks, kThreads, stream, p);
+      break;
+    case InfoNCEDType::kFloat16: NVE_LAUNCH(infonce_chunk_grad_kernel<__half>, blocks, kThreads, stream, p); break;
   }
 }
 

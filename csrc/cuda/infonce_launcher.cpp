@@ -21,6 +21,7 @@
 
 #include "checks.h"
 #include "cuda/infonce.cuh"
+#include "infonce_gemm.h"
 #include "kernel_choice.h"
 #include "ops.h"
 
@@ -110,6 +111,27 @@ cuda::InfoNCEParams make_params(const Tensor& q, const Tensor& docs, int64_t gro
   return p;
 }
 
+// The chunked-GEMM backward's elementwise pass (infonce_gemm.h) on the CUDA kernel of infonce.cu.
+void cuda_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Tensor& probs, int64_t col0,
+                     int64_t group_size, double inv_temperature) {
+  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && probs.is_contiguous() && scores.scalar_type() == at::kFloat);
+  cuda::InfoNCEChunkGradParams p{};
+  p.scores = scores.data_ptr<float>();
+  p.lse = lse.data_ptr<float>();
+  p.neg_prob_sum = neg_prob_sum.data_ptr<float>();
+  p.probs = probs.data_ptr();
+  p.dtype = kernel_dtype(probs.scalar_type());
+  p.rows = scores.size(0);
+  p.cols = scores.size(1);
+  p.col0 = col0;
+  p.G = group_size;
+  p.inv_temperature = static_cast<float>(inv_temperature);
+  p.vec4 = p.cols % 4 == 0 && reinterpret_cast<uintptr_t>(p.scores) % 16 == 0 &&
+           reinterpret_cast<uintptr_t>(p.probs) % (4 * probs.element_size()) == 0;
+  cuda::infonce_chunk_grad_launch(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> infonce_fwd_cuda(const Tensor& queries, const Tensor& docs, int64_t group_size,
@@ -160,6 +182,13 @@ std::tuple<Tensor, Tensor> infonce_bwd_cuda(const Tensor& grad_loss, const Tenso
   const int64_t B = queries.size(0);
   const Tensor lse_c = lse.to(at::kFloat).contiguous();
   const Tensor g = grad_loss.reshape({}).to(at::kFloat).contiguous();  // stays on the device: no host sync
+  const bool low_precision = queries.scalar_type() != at::kFloat;
+  if (in_batch_negatives &&
+      std::string_view(infonce_bwd_choice(kInfonceGemmBwdVerified && low_precision)) == "gemm") {
+    NVE_CHECK_VALUE(B <= int64_t{0x7fffffff}, kOp, "queries.size(0)=", B, " is too large for the gemm backward");
+    return infonce_bwd_gemm(g, queries.contiguous(), docs.contiguous(), lse_c, group_size, temperature,
+                            &cuda_chunk_grad);
+  }
   if (use_tensor_cores(queries, docs, in_batch_negatives)) {
     const int64_t d = queries.size(1), d8 = round_up8(d);
     const Tensor q = tc_operand(queries, d8);

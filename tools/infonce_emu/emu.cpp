@@ -21,8 +21,8 @@
 thread_local uint3 threadIdx, blockIdx;
 inline float __expf(float x) { return std::exp(x); }
 
-template <class Kernel>
-void emu_launch_plain(Kernel kernel, unsigned blocks, int threads, const nvembed::cuda::InfoNCEParams& p) {
+template <class Kernel, class Params>
+void emu_launch_plain(Kernel kernel, unsigned blocks, int threads, const Params& p) {
   for (unsigned b = 0; b < blocks; ++b) {
     emu::run_block(threads, 0, [&](int tid, char*) {
       threadIdx = make_uint3(tid, 0, 0);
@@ -267,6 +267,60 @@ Errors run_plain_case(const Case& c, bool inb, InfoNCEDType dtype, uint64_t seed
   return compare(ref, row_loss, lse, gq, gd);
 }
 
+// The chunked-GEMM backward's elementwise kernel (infonce_chunk_grad_launch) against its contract in float64:
+// probs = exp(scores / t - lse) with column r*G - col0 of row r zeroed, neg_prob_sum += the row sums. probs start
+// as NaN (an unwritten element shows), neg_prob_sum at 0.25 (the kernel adds to it).
+template <class T>
+bool run_chunk_grad_case(int64_t rows, int64_t cols, int64_t col0, int64_t G, double t, InfoNCEDType dtype,
+                         bool vec4, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<float> scores(rows * cols), lse(rows), nps(rows, 0.25f);
+  for (auto& x : scores) x = u(rng);
+  for (int64_t r = 0; r < rows; ++r) {  // the row's log-sum-exp over this chunk plus a few more docs
+    double m = 0;
+    for (int64_t j = 0; j < cols; ++j) m += std::exp(scores[r * cols + j] / t);
+    lse[r] = static_cast<float>(std::log(m + 3.0));
+  }
+  alignas(16) static T probs_store[1 << 14];
+  T* probs = probs_store;
+  for (int64_t i = 0; i < rows * cols; ++i) probs[i] = static_cast<T>(kNaN);
+  nvembed::cuda::InfoNCEChunkGradParams p{};
+  p.scores = scores.data();
+  p.lse = lse.data();
+  p.neg_prob_sum = nps.data();
+  p.probs = probs;
+  p.dtype = dtype;
+  p.rows = rows, p.cols = cols, p.col0 = col0, p.G = G;
+  p.inv_temperature = static_cast<float>(1.0 / t);
+  p.vec4 = vec4;
+  nvembed::cuda::infonce_chunk_grad_launch(p, nullptr);
+  double err = 0, err_sum = 0;
+  bool finite = true;
+  const double tol = dtype == InfoNCEDType::kFloat32 ? 1e-5 : dtype == InfoNCEDType::kFloat16 ? 1e-3 : 8e-3;
+  // fp16 flushes probabilities below its normal range (6.1e-5) to subnormals / 0: relative error from there on
+  const double floor = dtype == InfoNCEDType::kFloat16 ? 6.1e-5 : 1e-30;
+  for (int64_t r = 0; r < rows; ++r) {
+    double sum = 0;
+    for (int64_t j = 0; j < cols; ++j) {
+      const double want = col0 + j == r * G ? 0.0 : std::exp(scores[r * cols + j] / t - lse[r]);
+      const double got = static_cast<double>(static_cast<float>(probs[r * cols + j]));
+      finite = finite && std::isfinite(got);
+      err = std::max(err, std::abs(got - want) / std::max(want, floor));  // a zeroed target must be exactly 0
+      sum += want;
+    }
+    err_sum = std::max(err_sum, std::abs(nps[r] - (0.25 + sum)) / (0.25 + sum));
+  }
+  const bool ok = finite && err <= tol && err_sum <= 1e-5;
+  std::printf("chunk grad: rows=%" PRId64 " cols=%" PRId64 " col0=%" PRId64 " G=%" PRId64 " %s vec4=%d: %s  "
+              "probs %.2e  neg_prob_sum %.2e  finite=%d\n",
+              rows, cols, col0, G,
+              dtype == InfoNCEDType::kFloat32 ? "fp32" : dtype == InfoNCEDType::kBFloat16 ? "bf16" : "fp16",
+              int(vec4), ok ? "ok" : "FAIL", err, err_sum, int(finite));
+  std::fflush(stdout);
+  return ok;
+}
+
 bool report(const Errors& e, double tol_g) {
   const bool ok = e.finite && e.loss <= 1e-4 && e.lse <= 1e-5 && e.gq <= tol_g && e.gd <= tol_g;
   std::printf("  %s: loss %.2e  lse %.2e  grad_queries %.2e  grad_docs %.2e  finite=%d\n", ok ? "ok" : "FAIL", e.loss,
@@ -333,6 +387,29 @@ int main(int argc, char** argv) {
         failures += !report(e, 1e-5);  // fp32 math on exactly representable inputs, fp32 gradients
         ++total;
       }
+    }
+  }
+  // The chunked-GEMM backward's elementwise kernel: targets inside / before / after the chunk, G = 1 and > 1,
+  // scalar and float4 paths (cols % 4 != 0 forces the scalar one), a row longer than one pass of the block.
+  struct ChunkCase {
+    int64_t rows, cols, col0, G;
+    bool vec4;
+  };
+  const std::vector<ChunkCase> chunk_cases = {
+      {5, 7, 0, 1, false}, {5, 8, 0, 1, true}, {6, 12, 4, 2, true}, {9, 13, 10, 3, false},
+      {3, 1100, 0, 400, true}, {4, 1101, 2, 300, false}, {7, 16, 100, 2, true},
+  };
+  for (size_t ci = 0; ci < chunk_cases.size(); ++ci) {
+    const ChunkCase& c = chunk_cases[ci];
+    for (InfoNCEDType dt : {InfoNCEDType::kFloat32, InfoNCEDType::kBFloat16, InfoNCEDType::kFloat16}) {
+      const uint64_t seed = 4242 + ci;
+      const bool ok = dt == InfoNCEDType::kFloat32
+                          ? run_chunk_grad_case<float>(c.rows, c.cols, c.col0, c.G, 0.05, dt, c.vec4, seed)
+                      : dt == InfoNCEDType::kBFloat16
+                          ? run_chunk_grad_case<__nv_bfloat16>(c.rows, c.cols, c.col0, c.G, 0.05, dt, c.vec4, seed)
+                          : run_chunk_grad_case<__half>(c.rows, c.cols, c.col0, c.G, 0.05, dt, c.vec4, seed);
+      failures += !ok;
+      ++total;
     }
   }
   std::printf("%s: %d of %d cases failed\n", failures ? "FAILED" : "PASSED", failures, total);

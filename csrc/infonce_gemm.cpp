@@ -1,0 +1,124 @@
+// The chunked-GEMM InfoNCE backward (infonce_gemm.h). Device-generic ATen: cuBLAS GEMMs with fp32 output and the
+// CUDA chunk kernel (cuda/infonce.cu) on CUDA; on CPU (NVEMBED_INFONCE_BWD=gemm, for its tests) the same loop with
+// fp32 products of the rounded operands, i.e. the numbers the CUDA path forms.
+#include "infonce_gemm.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <string>
+
+#include "checks.h"
+
+namespace nvembed {
+using at::Tensor;
+
+namespace {
+
+constexpr const char* kOp = "infonce";
+
+// A non-negative integer from the environment, or `fallback` when unset / empty; anything else is an error.
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long long x = std::strtoll(v, &end, 10);
+  NVE_CHECK_VALUE(errno == 0 && end != v && *end == '\0' && x > 0, kOp, name, " must be a positive integer, got '",
+                  v, "'");
+  return static_cast<int64_t>(x);
+}
+
+// a @ b in the accumulation dtype. bf16 / fp16 on CUDA: cuBLAS with fp32 accumulation and fp32 output (no
+// rounding of partial products to the input dtype); on CPU the same products formed in fp32.
+Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
+  if (a.scalar_type() == acc) return at::mm(a, b);
+  if (a.is_cuda()) return at::mm(a, b, acc);
+  return at::mm(a.to(acc), b.to(acc));
+}
+
+// The target entries (i, i*G - col0) of a contiguous [B, c] chunk that starts at doc col0, as a strided 1-d view
+// (row i's target sits i*(c + G) - col0 elements into the chunk), and the first / one-past-last query they belong to.
+struct ChunkTargets {
+  int64_t i0, i1;
+};
+ChunkTargets chunk_targets(int64_t B, int64_t c, int64_t col0, int64_t G) {
+  const int64_t i0 = (col0 + G - 1) / G;
+  const int64_t i1 = std::min(B, (col0 + c + G - 1) / G);
+  return {i0, std::max(i0, i1)};
+}
+
+void aten_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Tensor& probs, int64_t col0,
+                     int64_t G, double inv_temperature) {
+  const int64_t B = scores.size(0), c = scores.size(1);
+  scores.mul_(inv_temperature).sub_(lse.unsqueeze(1)).exp_();
+  const ChunkTargets t = chunk_targets(B, c, col0, G);
+  if (t.i1 > t.i0) {
+    at::as_strided(scores, {t.i1 - t.i0}, {c + G}, scores.storage_offset() + t.i0 * (c + G) - col0).fill_(0);
+  }
+  neg_prob_sum.add_(scores.sum(1));
+  probs.copy_(scores);
+}
+
+}  // namespace
+
+const char* infonce_bwd_choice(bool gemm_default) {
+  const char* env = std::getenv("NVEMBED_INFONCE_BWD");
+  const std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
+  NVE_CHECK_VALUE(choice == "auto" || choice == "tiles" || choice == "gemm", kOp,
+                  "NVEMBED_INFONCE_BWD must be auto, tiles or gemm, got '", choice, "'");
+  return choice == "gemm" || (choice == "auto" && gemm_default) ? "gemm" : "tiles";
+}
+
+int64_t infonce_gemm_chunk_cols(int64_t B, int64_t N, int64_t elem_bytes) {
+  const int64_t forced = env_int("NVEMBED_INFONCE_CHUNK_COLS", 0);
+  if (forced > 0) return std::min(forced, N);
+  const int64_t budget = env_int("NVEMBED_INFONCE_CHUNK_MB", 256) << 20;
+  const int64_t acc_bytes = elem_bytes == 8 ? 8 : 4;
+  int64_t c = budget / (B * (acc_bytes + elem_bytes)) / 256 * 256;
+  return std::min(std::max<int64_t>(c, 256), N);
+}
+
+std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
+                                            const Tensor& lse, int64_t group_size, double temperature,
+                                            InfoNCEChunkGradFn chunk_grad) {
+  const at::ScalarType io = queries.scalar_type();
+  const at::ScalarType acc = io == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = queries.size(0), N = docs.size(0), d = queries.size(1), G = group_size;
+  const auto opts = queries.options().dtype(acc);
+  // g / (B t) as a 0-dim tensor on the device: the backward never waits for the host
+  const Tensor coef = grad_loss.reshape({}).to(acc) * (1.0 / (static_cast<double>(B) * temperature));
+  const Tensor lse_acc = lse.to(acc).contiguous();
+  Tensor grad_q = at::zeros({B, d}, opts);    // sum over chunks of P_c D_c (fp32)
+  Tensor grad_tgt = at::empty({B, d}, opts);  // row i: P^T Q of doc i*G before its target term; every row written
+  Tensor neg_prob_sum = at::zeros({B}, opts);
+  Tensor grad_d = at::empty({N, d}, queries.options());
+  const int64_t c = infonce_gemm_chunk_cols(B, N, queries.element_size());
+  for (int64_t col0 = 0; col0 < N; col0 += c) {
+    const int64_t cn = std::min(c, N - col0);
+    const Tensor dc = docs.narrow(0, col0, cn);
+    Tensor probs = at::empty({B, cn}, queries.options());
+    {
+      Tensor scores = mm_acc(queries, dc.t(), acc);  // freed before the gradient GEMMs
+      (chunk_grad != nullptr ? chunk_grad : aten_chunk_grad)(scores, lse_acc, neg_prob_sum, probs, col0, G,
+                                                               1.0 / temperature);
+    }
+    grad_q.add_(mm_acc(probs, dc, acc));
+    Tensor gd = mm_acc(probs.t(), queries, acc);  // [cn, d]
+    const ChunkTargets t = chunk_targets(B, cn, col0, G);
+    if (t.i1 > t.i0) {
+      grad_tgt.narrow(0, t.i0, t.i1 - t.i0).copy_(gd.slice(0, t.i0 * G - col0, (t.i1 - 1) * G - col0 + 1, G));
+    }
+    grad_d.narrow(0, col0, cn).copy_(gd.mul_(coef));
+  }
+  // target terms: (P_t - 1) = -neg_prob_sum, applied in fp32 before the one rounding to the output dtype
+  const Tensor ns = neg_prob_sum.unsqueeze(1);
+  grad_q.sub_(at::mul(docs.slice(0, 0, B * G, G).to(acc), ns)).mul_(coef);
+  grad_tgt.sub_(at::mul(queries.to(acc), ns)).mul_(coef);
+  grad_d.slice(0, 0, B * G, G).copy_(grad_tgt);
+  return {grad_q.to(io), grad_d};
+}
+
+}  // namespace nvembed
