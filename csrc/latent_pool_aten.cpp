@@ -61,7 +61,8 @@ Tensor mm(const Tensor& a, const Tensor& b, at::ScalarType io, at::ScalarType ac
 // out += a @ b (GEMM in io, accumulation in out's acc dtype) one block of out's rows at a time: the io GEMM output
 // exists for <= ~kChunkElems elements and is added in place with promotion (CUDA casts on the fly; the CPU makes an
 // acc copy of the block), instead of an io and an acc copy of all of out (d_ff_in_w [2F, d] at NV-Embed-v2 size:
-// 0.125 instead of 0.75 GB per chunk); blocks of >= 1024 rows keep the GEMMs big. With io == acc (fp32 / fp64) the GEMM accumulates into out itself (beta = 1).
+// 0.125 instead of 0.75 GB per chunk); blocks of >= 1024 rows keep the GEMMs big. With io == acc (fp32 / fp64) the
+// GEMM accumulates into out itself (beta = 1).
 void add_mm(Tensor& out, const Tensor& a, const Tensor& b, at::ScalarType io, at::ScalarType acc) {
   if (io == acc) {
     out.addmm_(a, b);
