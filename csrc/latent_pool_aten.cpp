@@ -6,6 +6,11 @@
 //   * the last feed-forward matrix applied after the masked mean ([B, F] GEMM instead of [T, F]);
 //   * tokens with pool weight 0 skipped (their gradient is exactly 0);
 //   * the backward recomputes the token activations chunk by chunk (the forward saves only pooled [B, d]).
+// Memory: a chunk's length comes from an element budget (Layer::chunk), the GEGLU backward runs in place in the
+// [t, 2F] buffer of its input, weight-gradient accumulations go through row blocks (add_mm), and gradients that are
+// only returned come out of their GEMM in the input dtype. fwd + bwd at NV-Embed-v2 size (bf16) then peaks at the
+// returned gradients (1.5 GiB) plus ~0.2 GiB, the chunk loop at ~1.6 GiB (model_peak_bytes in
+// tests/test_latent_pool_memory.py, checked against measured CPU peaks; an estimate for CUDA).
 // GEMMs run in the input dtype (bf16 / fp16: tensor cores with fp32 accumulation), like the eager layer;
 // activations, LayerNorm, softmax, GELU, the pooled sums and every gradient accumulation are fp32 (fp64 for fp64
 // inputs). The masked mean is a [B, t] x [t, *] GEMM per chunk, not a scatter-add: chunks run in order and no
@@ -22,20 +27,28 @@
 namespace nvembed {
 namespace {
 
-constexpr int64_t kChunkTokens = 4096;
+// Token chunks hold ~kChunkElems elements in their widest per-token row (u [t, 2F], q / o [t, I], scores
+// [t, H*N]): 256 MB of fp32, whatever F (a fixed 4096-token chunk at NV-Embed-v2 size, 2F = 32768, held 0.5 GB per
+// [t, 2F] fp32 tensor and several of them at once). At v2 size that is t = 2048 and the backward's chunk loop peaks
+// under its end (the returned gradients): a smaller chunk would not lower the peak, but every chunk costs one fp32
+// read-modify-write of the [2F, d] / [H*N, d] accumulators (at t = 1024 ~80 % of the d_ff_in_w GEMM's time on an
+// H200, from its bandwidth and GEMM rate). Never below kMinRows (unless fewer tokens are active): GEMMs keep M >= 1024,
+// where cuBLAS runs near peak; never above kMaxChunkTokens, the old fixed length.
+constexpr int64_t kChunkElems = int64_t(64) << 20;
+constexpr int64_t kMinRows = 1024, kMaxChunkTokens = 4096;
 
 struct Layer {
   int64_t B, L, d, N, H, dh, I, F;
   double scale, eps;
   bool fold;
+  int64_t chunk;  // tokens per chunk
   at::ScalarType io, acc;
   // GEMM weights (io) and LayerNorm parameters / biases (acc)
   Tensor wq, wkv, wo, ff_in_w, ff_out_w;
   Tensor norm_w, norm_b, ctx_w, ctx_b, ff_norm_w, ff_norm_b, ff_in_b, ff_out_b;
   Tensor latents;                  // acc
   Tensor ctx, ctx_mean, ctx_rstd;  // LN(latents), acc
-  Tensor kh, vh;                   // [H, N, dh] acc
-  Tensor kh_io, vh_io;             // unfolded path operands
+  Tensor kh_io, vh_io;             // [H, N, dh]: only ever GEMM operands, so no acc copy is kept
   Tensor kx_io, cx_io;             // folded: [H*N, d]
   // active tokens
   Tensor idx, batch, w, c;  // [T] flat token index, [T] batch row, [T] pool weight, [B] row weight sum
@@ -43,6 +56,25 @@ struct Layer {
 
 Tensor mm(const Tensor& a, const Tensor& b, at::ScalarType io, at::ScalarType acc) {
   return at::matmul(a.to(io), b.to(io)).to(acc);
+}
+
+// out += a @ b (GEMM in io, accumulation in out's acc dtype) one block of out's rows at a time: the io GEMM output
+// exists for <= ~kChunkElems elements and is added in place with promotion (CUDA casts on the fly; the CPU makes an
+// acc copy of the block), instead of an io and an acc copy of all of out (d_ff_in_w [2F, d] at NV-Embed-v2 size:
+// 0.125 instead of 0.75 GB per chunk); blocks of >= 1024 rows keep the GEMMs big. With io == acc (fp32 / fp64) the
+// GEMM accumulates into out itself (beta = 1).
+void add_mm(Tensor& out, const Tensor& a, const Tensor& b, at::ScalarType io, at::ScalarType acc) {
+  if (io == acc) {
+    out.addmm_(a, b);
+    return;
+  }
+  const Tensor a_io = a.to(io), b_io = b.to(io);
+  const int64_t R = out.size(0);
+  const int64_t rows = std::max<int64_t>(kMinRows, kChunkElems / std::max<int64_t>(out.size(1), 1));
+  for (int64_t r0 = 0; r0 < R; r0 += rows) {
+    const int64_t r = std::min(rows, R - r0);
+    out.narrow(0, r0, r).add_(at::mm(a_io.narrow(0, r0, r), b_io));
+  }
 }
 
 
@@ -75,29 +107,29 @@ Layer setup(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tens
 
   auto ln = at::native_layer_norm(s.latents, {s.d}, s.ctx_w, s.ctx_b, eps);
   s.ctx = std::get<0>(ln), s.ctx_mean = std::get<1>(ln), s.ctx_rstd = std::get<2>(ln);
-  const Tensor kv = mm(s.ctx, s.wkv.t(), s.io, s.acc);  // [N, 2I]
-  s.kh = kv.narrow(1, 0, s.I).reshape({s.N, s.H, s.dh}).transpose(0, 1).contiguous();
-  s.vh = kv.narrow(1, s.I, s.I).reshape({s.N, s.H, s.dh}).transpose(0, 1).contiguous();
+  const Tensor kv = at::matmul(s.ctx.to(s.io), s.wkv.t());  // [N, 2I] io
+  s.kh_io = kv.narrow(1, 0, s.I).reshape({s.N, s.H, s.dh}).transpose(0, 1).contiguous();
+  s.vh_io = kv.narrow(1, s.I, s.I).reshape({s.N, s.H, s.dh}).transpose(0, 1).contiguous();
   const int64_t T = std::max<int64_t>(s.idx.size(0), 1);
   s.fold = latent_pool_fold_override(cpu::latent_pool::fold_is_cheaper(T, s.d, s.N, s.H, s.dh));
   if (s.fold) {
     // Kx_h = K_h Wq_h [N, d]; Cx_h = V_h Wo_h^T [N, d]
     // (only the GEMM operands are kept: the backward chains dKx / dCx through K, V, Wq, Wo directly)
-    s.kx_io = at::matmul(s.kh.to(s.io), s.wq.view({s.H, s.dh, s.d})).reshape({s.H * s.N, s.d});
-    s.cx_io = at::matmul(s.vh.to(s.io), s.wo.view({s.d, s.H, s.dh}).permute({1, 2, 0})).reshape({s.H * s.N, s.d});
-  } else {
-    s.kh_io = s.kh.to(s.io), s.vh_io = s.vh.to(s.io);
+    s.kx_io = at::matmul(s.kh_io, s.wq.view({s.H, s.dh, s.d})).reshape({s.H * s.N, s.d});
+    s.cx_io = at::matmul(s.vh_io, s.wo.view({s.d, s.H, s.dh}).permute({1, 2, 0})).reshape({s.H * s.N, s.d});
   }
+  const int64_t width = std::max({2 * s.F, s.I, s.H * s.N});
+  s.chunk = std::clamp(kChunkElems / width, kMinRows, kMaxChunkTokens);
   return s;
 }
 
-// One chunk of active tokens, recomputed in the backward.
+// One chunk of active tokens up to the feed-forward's input z, recomputed in the backward.
 struct Acts {
   Tensor x, xn, xn_mean, xn_rstd;
   Tensor q;  // [t, I], unfolded path only
   Tensor p;  // [t, H, N] softmax
   Tensor o;  // [t, I], unfolded path only
-  Tensor y1, z, z_mean, z_rstd, a, gate, g;
+  Tensor y1, z, z_mean, z_rstd;
 };
 
 Acts token_forward(const Layer& s, const Tensor& x_flat, const Tensor& idx) {
@@ -126,11 +158,15 @@ Acts token_forward(const Layer& s, const Tensor& x_flat, const Tensor& idx) {
   a.y1 = attn + a.x;
   auto ln2 = at::native_layer_norm(a.y1, {s.d}, s.ff_norm_w, s.ff_norm_b, s.eps);
   a.z = std::get<0>(ln2), a.z_mean = std::get<1>(ln2), a.z_rstd = std::get<2>(ln2);
-  const Tensor u = mm(a.z, s.ff_in_w.t(), s.io, s.acc) + s.ff_in_b;
-  a.a = u.narrow(1, 0, s.F);
-  a.gate = u.narrow(1, s.F, s.F);
-  a.g = a.a * at::gelu(a.gate);
   return a;
+}
+
+// u = z W_in^T + b_in = [a | gate], [t, 2F] acc; the GEGLU output is g = a * gelu(gate). The io GEMM output dies
+// with the conversion, the bias goes in in place.
+Tensor ff_in(const Layer& s, const Tensor& z) {
+  Tensor u = at::matmul(z.to(s.io), s.ff_in_w.t()).to(s.acc);
+  u.add_(s.ff_in_b);
+  return u;
 }
 
 // [B, t] pooling matrix of a chunk: row b holds the weights of the chunk's tokens of batch row b.
@@ -141,8 +177,8 @@ Tensor pool_matrix(const Layer& s, const Tensor& batch, const Tensor& w) {
 template <class Fn>
 void for_chunks(const Layer& s, Fn fn) {
   const int64_t T = s.idx.size(0);
-  for (int64_t t0 = 0; t0 < T; t0 += kChunkTokens) {
-    const int64_t t = std::min(kChunkTokens, T - t0);
+  for (int64_t t0 = 0; t0 < T; t0 += s.chunk) {
+    const int64_t t = std::min(s.chunk, T - t0);
     fn(s.idx.narrow(0, t0, t), s.batch.narrow(0, t0, t), s.w.narrow(0, t0, t));
   }
 }
@@ -163,10 +199,18 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
   Tensor gbar = at::zeros({s.B, s.F}, x_flat.options().dtype(s.acc));
   Tensor ybar = at::zeros({s.B, s.d}, x_flat.options().dtype(s.acc));
   for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w) {
-    const Acts a = token_forward(s, x_flat, idx);
     const Tensor pm = pool_matrix(s, batch, w);
-    gbar.add_(at::matmul(pm, a.g));
-    ybar.add_(at::matmul(pm, a.y1));
+    Tensor z;
+    {
+      const Acts a = token_forward(s, x_flat, idx);
+      ybar.add_(at::matmul(pm, a.y1));
+      z = a.z;
+    }
+    Tensor u = ff_in(s, z);
+    Tensor g = at::gelu(u.narrow(1, s.F, s.F));
+    g.mul_(u.narrow(1, 0, s.F));  // a * gelu(gate)
+    u.reset();
+    gbar.add_(at::matmul(pm, g));
   });
   Tensor pooled = mm(gbar, s.ff_out_w.t(), s.io, s.acc) + s.c.unsqueeze(1) * s.ff_out_b + ybar;
   // out never aliases pooled (two outputs of one op must not share storage, also for fp32 / fp64 where .to is a
@@ -182,9 +226,9 @@ std::vector<Tensor> latent_pool_bwd_aten(
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
-  const Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
-                        norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias,
-                        ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps);
+  Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias,
+                  to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias,
+                  ff_out_weight, ff_out_bias, num_heads, eps);
   const auto opts = hidden_states.options().dtype(s.acc);
   const Tensor x_flat = hidden_states.reshape({s.B * s.L, s.d});
 
@@ -200,10 +244,12 @@ std::vector<Tensor> latent_pool_bwd_aten(
     gp = at::where(s.c.unsqueeze(1) > 0, gp, at::zeros_like(gp));
   }
   const Tensor d_ff_out_b = (gp * s.c.unsqueeze(1)).sum(0);
-  Tensor d_ff_out_w = at::zeros({s.d, s.F}, opts);
   const Tensor dgbar = mm(gp, s.ff_out_w, s.io, s.acc);  // [B, F]
 
-  Tensor dx_flat = at::zeros({s.B * s.L, s.d}, opts);
+  // Each active token's row of dx is written once, so it is stored in the output dtype right away (the same single
+  // rounding as a conversion at the end, without an acc copy of [B*L, d]).
+  Tensor dx_flat = at::zeros({s.B * s.L, s.d}, hidden_states.options().dtype(s.io));
+  Tensor gbar = at::zeros({s.B, s.F}, opts);  // d_ff_out_w = gp^T gbar after the loop: no [d, F] accumulator
   Tensor d_ff_in_w = at::zeros({2 * s.F, s.d}, opts), d_ff_in_b = at::zeros({2 * s.F}, opts);
   Tensor d_ff_norm_w = at::zeros({s.d}, opts), d_ff_norm_b = at::zeros({s.d}, opts);
   Tensor d_norm_w = at::zeros({s.d}, opts), d_norm_b = at::zeros({s.d}, opts);
@@ -217,28 +263,44 @@ std::vector<Tensor> latent_pool_bwd_aten(
 
   for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w) {
     const int64_t t = idx.size(0);
-    const Acts a = token_forward(s, x_flat, idx);
+    Acts a = token_forward(s, x_flat, idx);
     const Tensor pm = pool_matrix(s, batch, w);  // [B, t]
-    d_ff_out_w.add_(at::matmul(gp.t(), at::matmul(pm, a.g)));
-    const Tensor dg = at::matmul(pm.t(), dgbar);  // [t, F]
-    Tensor dy1 = at::matmul(pm.t(), gp);          // [t, d]
-    // GEGLU: g = a * gelu(gate)
-    const Tensor du = at::cat({dg * at::gelu(a.gate), at::gelu_backward(dg * a.a, a.gate)}, 1);  // [t, 2F]
-    d_ff_in_w.add_(mm(du.t(), a.z, s.io, s.acc));
-    d_ff_in_b.add_(du.sum(0));
+    Tensor dy1 = at::matmul(pm.t(), gp);         // [t, d]
+    Tensor du;                                   // [t, 2F] io
+    {
+      // GEGLU g = a * gelu(gate); its backward overwrites u = [a | gate] with du = [dg gelu(gate) | gelu'(gate) dg a]
+      // (the same operations on the same operands as out of place: the same bits). At most u and two [t, F] acc
+      // tensors are alive (gelu(gate) with g, then with dg), instead of a dozen [t, F] temporaries and a
+      // concatenated copy.
+      Tensor u = ff_in(s, a.z);
+      {
+        Tensor ua = u.narrow(1, 0, s.F), ugate = u.narrow(1, s.F, s.F);
+        const Tensor gg = at::gelu(ugate);
+        gbar.add_(at::matmul(pm, ua * gg));
+        const Tensor dg = at::matmul(pm.t(), dgbar);  // [t, F]
+        ua.mul_(dg);
+        at::gelu_backward_out(ugate, ua, ugate);
+        at::mul_out(ua, dg, gg);
+      }
+      d_ff_in_b.add_(u.sum(0));
+      du = u.to(s.io);
+    }
+    add_mm(d_ff_in_w, du.t(), a.z, s.io, s.acc);
+    a.z.reset();
     const Tensor dz = mm(du, s.ff_in_w, s.io, s.acc);
+    du.reset();
     auto ln2 = at::native_layer_norm_backward(dz, a.y1, {s.d}, a.z_mean, a.z_rstd, s.ff_norm_w, s.ff_norm_b,
                                               {true, true, true});
-    dy1 = dy1 + std::get<0>(ln2);
+    dy1.add_(std::get<0>(ln2));
     d_ff_norm_w.add_(std::get<1>(ln2));
     d_ff_norm_b.add_(std::get<2>(ln2));
     // y1 = attn + x
     Tensor dp;  // [t, H, N]
     if (s.fold) {
       dp = mm(dy1, s.cx_io.t(), s.io, s.acc).view({t, s.H, s.N});
-      d_cx.add_(mm(a.p.reshape({t, s.H * s.N}).t(), dy1, s.io, s.acc));
+      add_mm(d_cx, a.p.reshape({t, s.H * s.N}).t(), dy1, s.io, s.acc);
     } else {
-      d_wo.add_(mm(dy1.t(), a.o, s.io, s.acc));
+      add_mm(d_wo, dy1.t(), a.o, s.io, s.acc);
       const Tensor doh = mm(dy1, s.wo, s.io, s.acc).view({t, s.H, s.dh}).transpose(0, 1);  // [H, t, dh]
       dp = at::matmul(doh.to(s.io), s.vh_io.transpose(1, 2)).to(s.acc).transpose(0, 1);
       d_vh.add_(at::matmul(a.p.permute({1, 2, 0}).to(s.io), doh.to(s.io)).to(s.acc));  // [H, N, dh]
@@ -248,38 +310,54 @@ std::vector<Tensor> latent_pool_bwd_aten(
     if (s.fold) {
       const Tensor ds2 = ds.reshape({t, s.H * s.N});
       dxn = mm(ds2, s.kx_io, s.io, s.acc);
-      d_kx.add_(mm(ds2.t(), a.xn, s.io, s.acc));
+      add_mm(d_kx, ds2.t(), a.xn, s.io, s.acc);
     } else {
       const Tensor dsh = ds.transpose(0, 1);                                       // [H, t, N]
       const Tensor dq = at::matmul(dsh.to(s.io), s.kh_io).to(s.acc);              // [H, t, dh]
       d_kh.add_(at::matmul(dsh.transpose(1, 2).to(s.io), a.q.view({t, s.H, s.dh}).transpose(0, 1).to(s.io))
                     .to(s.acc));
       const Tensor dq2 = dq.transpose(0, 1).reshape({t, s.I});
-      d_wq.add_(mm(dq2.t(), a.xn, s.io, s.acc));
+      add_mm(d_wq, dq2.t(), a.xn, s.io, s.acc);
       dxn = mm(dq2, s.wq, s.io, s.acc);
     }
     auto ln1 = at::native_layer_norm_backward(dxn, a.x, {s.d}, a.xn_mean, a.xn_rstd, s.norm_w, s.norm_b,
                                               {true, true, true});
     d_norm_w.add_(std::get<1>(ln1));
     d_norm_b.add_(std::get<2>(ln1));
-    dx_flat.index_copy_(0, idx, dy1 + std::get<0>(ln1));
+    dx_flat.index_copy_(0, idx, dy1.add_(std::get<0>(ln1)).to(s.io));
   });
 
+  // Returned gradients leave acc as soon as they are final, each before the next big one is made; the ones that
+  // come straight out of an io GEMM stay io (with io = bf16 / fp16 the acc round trip was exact and only cost an
+  // acc copy of d_wq / d_wkv / d_wo: 2 GB at NV-Embed-v2 size).
+  s.kx_io.reset(), s.cx_io.reset();  // token side done
+  d_ff_in_w = d_ff_in_w.to(s.io);
+  const Tensor d_ff_out_w = at::matmul(gp.t(), gbar).to(s.io);  // [d, F], one acc GEMM over the pooled rows
   // the latent side: fold -> (dK, dWq), (dV, dWo); K, V -> dWkv, dctx -> LN_ctx backward
   if (s.fold) {
-    const Tensor dkx = d_kx.view({s.H, s.N, s.d}), dcx = d_cx.view({s.H, s.N, s.d});
-    // GEMMs in the input dtype like the rest (no fp32 copies of the big projection weights)
+    const Tensor dkx = d_kx.to(s.io).view({s.H, s.N, s.d}), dcx = d_cx.to(s.io).view({s.H, s.N, s.d});
+    d_kx.reset(), d_cx.reset();
+    // GEMMs in the input dtype like the rest (no acc copies of the big projection weights)
     const Tensor wq_h = s.wq.view({s.H, s.dh, s.d});                      // Wq_h [dh, d]
     const Tensor wo_h = s.wo.view({s.d, s.H, s.dh}).permute({1, 0, 2});  // Wo_h [d, dh]
-    d_kh = mm(dkx, wq_h.transpose(1, 2), s.io, s.acc);                                  // [H, N, dh]
-    d_wq = mm(s.kh.transpose(1, 2), dkx, s.io, s.acc).reshape({s.I, s.d});              // [H, dh, d]
-    d_vh = mm(dcx, wo_h, s.io, s.acc);                                                   // [H, N, dh]
-    d_wo = mm(s.vh.transpose(1, 2), dcx, s.io, s.acc).permute({2, 0, 1}).reshape({s.d, s.I});
+    d_kh = at::matmul(dkx, wq_h.transpose(1, 2));                                         // [H, N, dh]
+    d_wq = at::matmul(s.kh_io.transpose(1, 2), dkx).reshape({s.I, s.d});                  // [H, dh, d]
+    d_vh = at::matmul(dcx, wo_h);                                                         // [H, N, dh]
+    // dWo[:, h] = dCx_h^T V_h [d, dh], written in place into its column block (no [H, dh, d] -> [d, I] copy)
+    d_wo = at::empty({s.d, s.I}, dcx.options());
+    for (int64_t h = 0; h < s.H; ++h) {
+      Tensor d_wo_h = d_wo.narrow(1, h * s.dh, s.dh);
+      at::mm_out(d_wo_h, dcx[h].t(), s.vh_io[h]);
+    }
+  } else {
+    d_wq = d_wq.to(s.io), d_wo = d_wo.to(s.io);
   }
-  const Tensor dkv =
-      at::cat({d_kh.transpose(0, 1).reshape({s.N, s.I}), d_vh.transpose(0, 1).reshape({s.N, s.I})}, 1);
-  const Tensor d_wkv = mm(dkv.t(), s.ctx, s.io, s.acc);
-  const Tensor dctx = mm(dkv, s.wkv, s.io, s.acc);
+  const Tensor dkv = at::cat({d_kh.to(s.io).transpose(0, 1).reshape({s.N, s.I}),
+                              d_vh.to(s.io).transpose(0, 1).reshape({s.N, s.I})},
+                             1);  // [N, 2I] io
+  d_kh.reset(), d_vh.reset();
+  const Tensor d_wkv = at::matmul(dkv.t(), s.ctx.to(s.io));
+  const Tensor dctx = at::matmul(dkv, s.wkv).to(s.acc);
   auto lnc = at::native_layer_norm_backward(dctx, s.latents, {s.d}, s.ctx_mean, s.ctx_rstd, s.ctx_w, s.ctx_b,
                                             {true, true, true});
   std::vector<Tensor> grads = {dx_flat.view({s.B, s.L, s.d}), std::get<0>(lnc), d_norm_w, d_norm_b,

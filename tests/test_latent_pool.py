@@ -382,8 +382,8 @@ def test_gradcheck(path, normalize, impl):
 
 @pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
 def test_aten_path_chunks_and_determinism(path):
-    """More active tokens than one chunk of the ATen implementation (4096): chunked recomputation and the per-chunk
-    pooling GEMMs give the reference's output and gradients, and the same bits twice."""
+    """More active tokens than one chunk of the ATen implementation (4096 at this width): chunked recomputation and
+    the per-chunk pooling GEMMs give the reference's output and gradients, and the same bits twice."""
     B, L, d, N, H, dh, F_ = 2, 2600, 8, 3, 2, 4, 12
     gen = torch.Generator().manual_seed(11)
     weights = make_weights(d, N, H, dh, F_, gen=gen)
