@@ -8,6 +8,8 @@
 //   * in-batch negatives, fp32 (or NVEMBED_INFONCE_CUDA_PLAIN=1, which the tests use to check both paths): the
 //     plain fp32-FMA tiles of infonce.cu.
 //   * own-group negatives (in_batch_negatives=False), any dtype: one warp per query, G dot products (infonce.cu).
+//   * backward with in-batch negatives and NVEMBED_INFONCE_BWD=gemm (any dtype): the chunked cuBLAS GEMMs of
+//     infonce_gemm.cpp around the chunk kernel of infonce.cu (auto picks it once kInfonceGemmBwdVerified).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
