@@ -114,7 +114,7 @@ step cuda_tests 180 $PYTEST tests/ -m cuda --ignore=tests/test_flash_attn_cuda.p
 tail -3 "$LOGS/flash_tests.log" "$LOGS/cuda_tests.log" 2>/dev/null
 
 # 3. InfoNCE against the naive loss in the same run (issue 6), and where its time goes.
-# the tile backward with the Hopper forward, the chunked-GEMM backward, and the naive loss (the sm80 forward's row
+# the tile backward with the Hopper forward, the blocked-GEMM backward, and the naive loss (the sm80 forward's row
 # is in bench/results/h200_2026-11-26: INFONCE_VARIANTS=nvembed,... adds it back)
 step gpu_infonce 150 python3 bench/gpu_infonce.py --out "$LOGS" --max-seconds 4 --rounds 6 \
   --variants "${INFONCE_VARIANTS:-nvembed-sm90,nvembed-gemm,naive}"
@@ -123,7 +123,7 @@ step infonce_profile 60 python3 bench/gpu_profile_infonce.py
 # 4. compute-sanitizer on small cases (uncached allocations so memcheck sees accesses past a tensor's end):
 #    flash fwd + bwd of every instantiation, sm80 and Hopper (bench/sanitize_flash.py); InfoNCE's tensor-core path
 #    (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass; d % 8 != 0 through the padded copy; the
-#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward; the chunked-GEMM backward.
+#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward; the blocked-GEMM backward.
 cat > "$LOGS/sanitizer_cases.py" <<'PY'
 import os
 import torch
@@ -146,12 +146,14 @@ for plain, kernel in (("0", "sm80"), ("0", "sm90"), ("1", "sm80")):
         case(dtype, True, 37, 3, 65, 0)
     case(torch.float16, False, 37, 3, 65, 0)
 case(torch.float32, True, 37, 3, 65, 5)
-# the chunked-GEMM backward: its chunk kernel's float4 path (one chunk of 264 docs) and scalar path (chunks of 37)
+# the blocked-GEMM backward: its chunk kernel's float4 path (one block and chunk of 264 docs) and scalar path into
+# a strided block buffer (blocks of 37 docs, chunks of 9)
 os.environ["NVEMBED_INFONCE_CUDA_PLAIN"] = "0"
 os.environ["NVEMBED_INFONCE_BWD"] = "gemm"
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
     case(dtype, True, 130, 2, 72, 4)
-os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "37"
+os.environ["NVEMBED_INFONCE_BLOCK_COLS"] = "37"
+os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
 case(torch.bfloat16, True, 130, 2, 72, 3)
 torch.cuda.synchronize()
 print("sanitizer cases done")

@@ -8,8 +8,8 @@ Protocol (the CUDA InfoNCE issue): d in {1024, 4096}, B in {4096, 16384, 65536} 
   nvembed  torch.ops.nvembed.infonce with NVEMBED_INFONCE_KERNEL=sm80 (the sm80 tensor-core kernels for bf16).
   nvembed-sm90  the same with NVEMBED_INFONCE_KERNEL=sm90: the Hopper forward (TMA + wgmma), sm80 backward; on
            CUDA only, "skipped" where it does not apply (not a compute capability 9.0 device, no sm_90a code).
-  nvembed-gemm  the automatic forward (the Hopper one on compute capability 9.0) and the chunked-GEMM backward
-           (NVEMBED_INFONCE_BWD=gemm: cuBLAS GEMMs over column chunks of the logits, csrc/infonce_gemm.h).
+  nvembed-gemm  the automatic forward (the Hopper one on compute capability 9.0) and the blocked-GEMM backward
+           (NVEMBED_INFONCE_BWD=gemm: cuBLAS GEMMs over column blocks of the logits, csrc/infonce_gemm.h).
   (nvembed and nvembed-sm90 pin the tile backward, NVEMBED_INFONCE_BWD=tiles.)
 Per configuration: one warm-up round, then timed rounds, each on fresh random inputs; the time of a round is the
 CUDA-event time of loss = f(q, docs); loss.backward(). Reported: median (p20, p80) time, TFLOP/s counting
@@ -148,10 +148,10 @@ def nvembed_bytes(B: int, d: int) -> int:
 
 
 def gemm_bytes(B: int, d: int) -> int:
-    """Input gradients, the fp32 dQ / target-row accumulators and one GEMM output of [B, d], the chunk's fp32 scores
-    and bf16 probabilities (256 MiB budget) and its fp32 [c, d] dDocs block."""
+    """Input gradients, the fp32 dQ / target-row accumulators, a block's bf16 probabilities (256 MiB, at least 4096
+    columns), a chunk's fp32 scores and a GEMM's fp32 row block (64 MiB each)."""
     N = B * G
-    return 2 * (B + N) * d + 12 * B * d + (256 << 20) + 4 * d * max(256, (256 << 20) // (6 * B))
+    return 2 * (B + N) * d + 8 * B * d + max(256 << 20, 2 * B * min(4096, N)) + (128 << 20)
 
 
 def measure(variant: str, B: int, d: int, dtype, device: str, rounds: int, max_seconds: float) -> dict:

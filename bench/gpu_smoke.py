@@ -172,17 +172,19 @@ def main():
                  infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
     os.environ.pop("NVEMBED_INFONCE_CUDA_PLAIN")
     run_case("infonce float32 B=37 G=3 d=65 +5", torch.float32, infonce(torch.float32, 37, 3, 65, 5, True))
-    # the chunked-GEMM backward: one chunk, ragged odd-width chunks (the chunk kernel's scalar path), and fp32
+    # the blocked-GEMM backward: one block, ragged odd-width blocks and chunks (the chunk kernel's scalar path), fp32
     os.environ["NVEMBED_INFONCE_KERNEL"] = "auto"
     os.environ["NVEMBED_INFONCE_BWD"] = "gemm"
     for dtype in (torch.bfloat16, torch.float16):
         run_case(f"infonce gemm-bwd {str(dtype)[6:]} B=300 G=4 d=128 +17 inb", dtype,
                  infonce(dtype, 300, 4, 128, 17, True))
-    os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "37"
-    run_case("infonce gemm-bwd bfloat16 B=77 G=3 d=72 +5 chunks of 37", torch.bfloat16,
+    os.environ["NVEMBED_INFONCE_BLOCK_COLS"] = "37"
+    os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
+    run_case("infonce gemm-bwd bfloat16 B=77 G=3 d=72 +5 blocks 37 chunks 9", torch.bfloat16,
              infonce(torch.bfloat16, 77, 3, 72, 5, True))
-    run_case("infonce gemm-bwd float32 B=77 G=3 d=72 +5 chunks of 37", torch.float32,
+    run_case("infonce gemm-bwd float32 B=77 G=3 d=72 +5 blocks 37 chunks 9", torch.float32,
              infonce(torch.float32, 77, 3, 72, 5, True))
+    os.environ.pop("NVEMBED_INFONCE_BLOCK_COLS")
     os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
     run_case("infonce gemm-bwd bfloat16 B=2048 G=8 d=1024 inb", torch.bfloat16,
              infonce(torch.bfloat16, 2048, 8, 1024, 0, True))

@@ -1,4 +1,4 @@
-// The chunked-GEMM InfoNCE backward (infonce_gemm.h). Device-generic ATen: cuBLAS GEMMs with fp32 output and the
+// The blocked-GEMM InfoNCE backward (infonce_gemm.h). Device-generic ATen: cuBLAS GEMMs with fp32 output and the
 // CUDA chunk kernel (cuda/infonce.cu) on CUDA; on CPU (NVEMBED_INFONCE_BWD=gemm, for its tests) the same loop with
 // fp32 products of the rounded operands, i.e. the numbers the CUDA path forms.
 #include "infonce_gemm.h"
@@ -18,6 +18,7 @@ using at::Tensor;
 namespace {
 
 constexpr const char* kOp = "infonce";
+constexpr int64_t kPartBytes = int64_t{64} << 20;  // a chunk's scores, a row block of a GEMM's fp32 output
 
 // A non-negative integer from the environment, or `fallback` when unset / empty; anything else is an error.
 int64_t env_int(const char* name, int64_t fallback) {
@@ -54,7 +55,7 @@ void aten_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
                      int64_t G, double inv_temperature) {
   const int64_t B = scores.size(0), c = scores.size(1);
   scores.mul_(inv_temperature).sub_(lse.unsqueeze(1)).exp_();
-  const ChunkTargets t = chunk_targets(B, c, col0, G);
+  const ChunkTargets t = chunk_targets(B, c, col0, G);  // scores is contiguous: the strided view below is exact
   if (t.i1 > t.i0) {
     at::as_strided(scores, {t.i1 - t.i0}, {c + G}, scores.storage_offset() + t.i0 * (c + G) - col0).fill_(0);
   }
@@ -72,13 +73,17 @@ const char* infonce_bwd_choice(bool gemm_default) {
   return choice == "gemm" || (choice == "auto" && gemm_default) ? "gemm" : "tiles";
 }
 
-int64_t infonce_gemm_chunk_cols(int64_t B, int64_t N, int64_t elem_bytes) {
-  const int64_t forced = env_int("NVEMBED_INFONCE_CHUNK_COLS", 0);
-  if (forced > 0) return std::min(forced, N);
-  const int64_t budget = env_int("NVEMBED_INFONCE_CHUNK_MB", 256) << 20;
+InfoNCEGemmWidths infonce_gemm_widths(int64_t B, int64_t N, int64_t elem_bytes) {
   const int64_t acc_bytes = elem_bytes == 8 ? 8 : 4;
-  int64_t c = budget / (B * (acc_bytes + elem_bytes)) / 256 * 256;
-  return std::min(std::max<int64_t>(c, 256), N);
+  int64_t block = env_int("NVEMBED_INFONCE_BLOCK_COLS", 0);
+  if (block == 0) {
+    const int64_t budget = env_int("NVEMBED_INFONCE_BLOCK_MB", 256) << 20;
+    block = std::max<int64_t>(budget / (B * elem_bytes) / 256 * 256, 4096);
+  }
+  block = std::min(block, N);
+  int64_t chunk = env_int("NVEMBED_INFONCE_CHUNK_COLS", 0);
+  if (chunk == 0) chunk = std::max<int64_t>(kPartBytes / (B * acc_bytes) / 256 * 256, 256);
+  return {block, std::min(chunk, block)};
 }
 
 std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
@@ -91,28 +96,40 @@ std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tenso
   // g / (B t) as a 0-dim tensor on the device: the backward never waits for the host
   const Tensor coef = grad_loss.reshape({}).to(acc) * (1.0 / (static_cast<double>(B) * temperature));
   const Tensor lse_acc = lse.to(acc).contiguous();
-  Tensor grad_q = at::zeros({B, d}, opts);    // sum over chunks of P_c D_c (fp32)
+  Tensor grad_q = at::zeros({B, d}, opts);    // sum over blocks of P_C D_C
   Tensor grad_tgt = at::empty({B, d}, opts);  // row i: P^T Q of doc i*G before its target term; every row written
   Tensor neg_prob_sum = at::zeros({B}, opts);
   Tensor grad_d = at::empty({N, d}, queries.options());
-  const int64_t c = infonce_gemm_chunk_cols(B, N, queries.element_size());
-  for (int64_t col0 = 0; col0 < N; col0 += c) {
-    const int64_t cn = std::min(c, N - col0);
+  const InfoNCEGemmWidths w = infonce_gemm_widths(B, N, queries.element_size());
+  // the fp32 products of dQ and dD exist one row block (<= 64 MiB, >= 1024 rows: GEMMs stay large) at a time
+  const int64_t rows = std::max<int64_t>(kPartBytes / (d * 4), 1024);
+  Tensor probs_buf = at::empty({B, w.block}, queries.options());
+  for (int64_t col0 = 0; col0 < N; col0 += w.block) {
+    const int64_t cn = std::min(w.block, N - col0);
     const Tensor dc = docs.narrow(0, col0, cn);
-    Tensor probs = at::empty({B, cn}, queries.options());
-    {
-      Tensor scores = mm_acc(queries, dc.t(), acc);  // freed before the gradient GEMMs
-      (chunk_grad != nullptr ? chunk_grad : aten_chunk_grad)(scores, lse_acc, neg_prob_sum, probs, col0, G,
+    const Tensor probs = probs_buf.narrow(1, 0, cn);
+    for (int64_t s0 = 0; s0 < cn; s0 += w.chunk) {
+      const int64_t sn = std::min(w.chunk, cn - s0);
+      Tensor scores = mm_acc(queries, dc.narrow(0, s0, sn).t(), acc);
+      Tensor p = probs.narrow(1, s0, sn);
+      (chunk_grad != nullptr ? chunk_grad : aten_chunk_grad)(scores, lse_acc, neg_prob_sum, p, col0 + s0, G,
                                                                1.0 / temperature);
     }
-    grad_q.add_(mm_acc(probs, dc, acc));
-    Tensor gd = mm_acc(probs.t(), queries, acc);  // [cn, d]
-    const ChunkTargets t = chunk_targets(B, cn, col0, G);
-    if (t.i1 > t.i0) {
-      grad_tgt.narrow(0, t.i0, t.i1 - t.i0).copy_(gd.slice(0, t.i0 * G - col0, (t.i1 - 1) * G - col0 + 1, G));
+    for (int64_t r0 = 0; r0 < B; r0 += rows) {
+      const int64_t rn = std::min(rows, B - r0);
+      grad_q.narrow(0, r0, rn).add_(mm_acc(probs.narrow(0, r0, rn), dc, acc));
     }
-    grad_d.narrow(0, col0, cn).copy_(gd.mul_(coef));
+    for (int64_t r0 = 0; r0 < cn; r0 += rows) {  // docs col0 + r0 ..
+      const int64_t rn = std::min(rows, cn - r0), n0 = col0 + r0;
+      Tensor gd = mm_acc(probs.narrow(1, r0, rn).t(), queries, acc);  // [rn, d]
+      const ChunkTargets t = chunk_targets(B, rn, n0, G);
+      if (t.i1 > t.i0) {
+        grad_tgt.narrow(0, t.i0, t.i1 - t.i0).copy_(gd.slice(0, t.i0 * G - n0, (t.i1 - 1) * G - n0 + 1, G));
+      }
+      grad_d.narrow(0, n0, rn).copy_(gd.mul_(coef));
+    }
   }
+  probs_buf.reset();
   // target terms: (P_t - 1) = -neg_prob_sum, applied in fp32 before the one rounding to the output dtype
   const Tensor ns = neg_prob_sum.unsqueeze(1);
   grad_q.sub_(at::mul(docs.slice(0, 0, B * G, G).to(acc), ns)).mul_(coef);

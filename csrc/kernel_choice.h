@@ -20,7 +20,7 @@ constexpr bool kBuiltWithSm90a =
 #endif
 
 // The InfoNCE tensor-core forward on a device of compute capability major.minor (NVEMBED_INFONCE_KERNEL): the
-// Hopper forward (infonce_sm90.cuh) or the sm80 one. The tile backward is sm80 either way (the chunked-GEMM
+// Hopper forward (infonce_sm90.cuh) or the sm80 one. The tile backward is sm80 either way (the blocked-GEMM
 // backward is chosen separately: infonce_gemm.h). Verified on an H200 on
 // 2026-11-26 (CUDA tests, memcheck and racecheck clean), so auto picks it on compute capability 9.0.
 constexpr bool kInfonceSm90FwdVerified = true;

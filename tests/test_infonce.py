@@ -205,10 +205,12 @@ def test_gradcheck_extra_negatives(B, G, E, d):
     assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, G, 0.5, True), (q, docs))
 
 
-# ---- the chunked-GEMM backward (NVEMBED_INFONCE_BWD=gemm) on CPU tensors -------------------------------------------
+# ---- the blocked-GEMM backward (NVEMBED_INFONCE_BWD=gemm) on CPU tensors -------------------------------------------
 # The CUDA path's loop (csrc/infonce_gemm.cpp) with ATen's elementwise pass instead of the CUDA chunk kernel (that
-# one is checked by tools/infonce_emu). Chunk widths that split groups, put a query's positive in a later chunk than
-# its own row block would, leave a 1-column last chunk, and one chunk for everything.
+# one is checked by tools/infonce_emu). (block, chunk) widths that split groups, put a query's positive in a later
+# block than its own row would, leave 1-column and ragged last blocks / chunks, a chunk narrower than its block
+# (probabilities written into a strided buffer), and one block for everything.
+GEMM_WIDTHS = [(1, 1), (3, 3), (7, 3), (9, 2), (256, 64), (None, None)]
 
 @pytest.fixture
 def gemm_bwd(monkeypatch):
@@ -216,13 +218,18 @@ def gemm_bwd(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 256, None])
+def set_widths(monkeypatch, block, chunk):
+    for var, value in (("NVEMBED_INFONCE_BLOCK_COLS", block), ("NVEMBED_INFONCE_CHUNK_COLS", chunk)):
+        if value is not None:
+            monkeypatch.setenv(var, str(value))
+
+
+@pytest.mark.parametrize("block,chunk", GEMM_WIDTHS)
 @pytest.mark.parametrize("t", [0.02, 1.0])
 @pytest.mark.parametrize("B,G,E,d", [(1, 1, 0, 16), (1, 4, 1, 33), (3, 2, 7, 32), (17, 8, 601, 64), (130, 2, 5, 48)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
-def test_gemm_bwd_matches_reference_cpu(gemm_bwd, dtype, B, G, E, d, t, chunk):
-    if chunk is not None:
-        gemm_bwd.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
+def test_gemm_bwd_matches_reference_cpu(gemm_bwd, dtype, B, G, E, d, t, block, chunk):
+    set_widths(gemm_bwd, block, chunk)
     q, docs = make_inputs_extra(B, G, E, d, dtype)
     check_against_ref(q, docs, G, t, True, dtype)
 
@@ -235,19 +242,18 @@ def test_gemm_bwd_equals_tiles_cpu(monkeypatch):
     monkeypatch.setenv("NVEMBED_INFONCE_BWD", "tiles")
     tiles = ops._infonce_bwd(g, q, docs, lse, 4, 0.05, True)
     monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm")
-    monkeypatch.setenv("NVEMBED_INFONCE_CHUNK_MB", "1")  # 1 MiB / (40 rows * 16 bytes) -> chunks of 1536 >= N
+    monkeypatch.setenv("NVEMBED_INFONCE_BLOCK_MB", "1")  # at least 4096 columns: one block for all 237 docs
     gemm = ops._infonce_bwd(g, q, docs, lse, 4, 0.05, True)
-    monkeypatch.setenv("NVEMBED_INFONCE_CHUNK_COLS", "5")
+    set_widths(monkeypatch, 11, 5)
     gemm5 = ops._infonce_bwd(g, q, docs, lse, 4, 0.05, True)
     for a, b, c in zip(tiles, gemm, gemm5):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("chunk", [2, None])
-def test_gemm_bwd_gradcheck_cpu(gemm_bwd, chunk):
-    if chunk is not None:
-        gemm_bwd.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
+@pytest.mark.parametrize("block,chunk", [(3, 2), (None, None)])
+def test_gemm_bwd_gradcheck_cpu(gemm_bwd, block, chunk):
+    set_widths(gemm_bwd, block, chunk)
     q, docs = make_inputs_extra(3, 2, 5, 4, torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, 2, 0.5, True), (q, docs))
 
@@ -263,7 +269,9 @@ def test_gemm_bwd_own_group_uses_its_kernel_cpu(gemm_bwd):
                                       r"'cublas'"),
     ("NVEMBED_INFONCE_CHUNK_COLS", "0", r"nvembed::infonce: NVEMBED_INFONCE_CHUNK_COLS must be a positive integer, "
                                         r"got '0'"),
-    ("NVEMBED_INFONCE_CHUNK_MB", "lots", r"nvembed::infonce: NVEMBED_INFONCE_CHUNK_MB must be a positive integer, "
+    ("NVEMBED_INFONCE_BLOCK_COLS", "-3", r"nvembed::infonce: NVEMBED_INFONCE_BLOCK_COLS must be a positive integer, "
+                                         r"got '-3'"),
+    ("NVEMBED_INFONCE_BLOCK_MB", "lots", r"nvembed::infonce: NVEMBED_INFONCE_BLOCK_MB must be a positive integer, "
                                          r"got 'lots'"),
 ])
 def test_gemm_bwd_bad_variables_cpu(gemm_bwd, var, value, match):

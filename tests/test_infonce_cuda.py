@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.cuda,
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 # tensorcore-sm90: the tensor-core path with the Hopper forward (NVEMBED_INFONCE_KERNEL=sm90; TMA + wgmma), run
 # only where the dispatcher picks it (a compute capability 9.0 device, a build with sm_90a code).
-# gemm: the chunked-GEMM backward (NVEMBED_INFONCE_BWD=gemm: cuBLAS + the chunk kernel of infonce.cu) after the
+# gemm: the blocked-GEMM backward (NVEMBED_INFONCE_BWD=gemm: cuBLAS + the chunk kernel of infonce.cu) after the
 # automatic forward; the other paths pin the tile backward.
 PATHS = ["tensorcore", "tensorcore-sm90", "plain", "gemm"]
 
@@ -185,12 +185,14 @@ def test_grad_loss_scaling(path):
         torch.testing.assert_close(b.float(), -2.5 * a.float(), rtol=2e-3, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 128])
+@pytest.mark.parametrize("block,chunk", [(1, 1), (7, 7), (37, 7), (64, 8), (128, 128)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
-def test_gemm_bwd_chunks(monkeypatch, dtype, chunk):
-    """The chunked-GEMM backward with chunk widths that split groups, leave ragged last chunks and odd widths (the
-    chunk kernel's scalar path), against the float64 reference."""
+def test_gemm_bwd_chunks(monkeypatch, dtype, block, chunk):
+    """The blocked-GEMM backward with block / chunk widths that split groups, leave ragged last blocks and chunks,
+    odd widths (the chunk kernel's scalar path) and chunks written into a wider block's buffer, against the float64
+    reference."""
     monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm")
+    monkeypatch.setenv("NVEMBED_INFONCE_BLOCK_COLS", str(block))
     monkeypatch.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
     q, docs = make_inputs(67, 3, 72, dtype, extra=5)
     check_against_ref(q, docs, 3, 0.05, True)

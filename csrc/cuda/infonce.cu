@@ -382,7 +382,7 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_own_group_kernel(const I
   }
 }
 
-// ---- chunked-GEMM backward (infonce_gemm.h): the elementwise pass between its GEMMs -------------------------
+// ---- blocked-GEMM backward (infonce_gemm.h): the elementwise pass between its GEMMs -------------------------
 
 __device__ __forceinline__ float from_float(float x, float*) { return x; }
 __device__ __forceinline__ __half from_float(float x, __half*) { return __float2half_rn(x); }
@@ -401,7 +401,7 @@ __global__ void __launch_bounds__(kThreads) infonce_chunk_grad_kernel(const Info
   __shared__ float warp_part[kWarpsPerBlock];
   const int64_t row = blockIdx.x;
   const float* __restrict__ s = p.scores + row * p.cols;
-  T* __restrict__ out = static_cast<T*>(p.probs) + row * p.cols;
+  T* __restrict__ out = static_cast<T*>(p.probs) + row * p.probs_ld;
   constexpr float kLog2e = 1.4426950408889634f;
   const float k = p.inv_temperature * kLog2e, shift = p.lse[row] * kLog2e;
   const int64_t target = row * p.G - p.col0;  // outside [0, cols) when the row's positive is in another chunk

@@ -39,16 +39,17 @@ struct InfoNCEParams {
 void infonce_fwd_launch(const InfoNCEParams& p, cudaStream_t stream);
 void infonce_bwd_launch(const InfoNCEParams& p, cudaStream_t stream);
 
-// ---- chunked-GEMM backward (infonce_gemm.h): its elementwise pass (infonce.cu) ----
+// ---- blocked-GEMM backward (infonce_gemm.h): its elementwise pass (infonce.cu) ----
 struct InfoNCEChunkGradParams {
   const float* scores;  // [rows, cols] fp32, row-major: Q D_chunk^T, unscaled
   const float* lse;     // [rows] as saved by the forward
   float* neg_prob_sum;  // [rows] += each row's sum of what is written (its target column excluded)
-  void* probs;          // [rows, cols] `dtype`: exp(scores / t - lse), 0 at column r*G - col0 of row r
+  void* probs;          // [rows, cols] `dtype`, row stride probs_ld: exp(scores / t - lse), 0 at column r*G - col0
+                        // of row r
   InfoNCEDType dtype;
-  int64_t rows, cols, col0, G;
+  int64_t rows, cols, probs_ld, col0, G;
   float inv_temperature;
-  bool vec4;  // cols % 4 == 0, scores 16-byte and probs 4-element aligned: float4 loads
+  bool vec4;  // cols and probs_ld % 4 == 0, scores 16-byte and probs 4-element aligned: float4 loads
 };
 // rows <= 2^31 - 1 (one block per row).
 void infonce_chunk_grad_launch(const InfoNCEChunkGradParams& p, cudaStream_t stream);

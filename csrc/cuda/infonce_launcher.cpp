@@ -113,10 +113,10 @@ cuda::InfoNCEParams make_params(const Tensor& q, const Tensor& docs, int64_t gro
   return p;
 }
 
-// The chunked-GEMM backward's elementwise pass (infonce_gemm.h) on the CUDA kernel of infonce.cu.
+// The blocked-GEMM backward's elementwise pass (infonce_gemm.h) on the CUDA kernel of infonce.cu.
 void cuda_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Tensor& probs, int64_t col0,
                      int64_t group_size, double inv_temperature) {
-  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && probs.is_contiguous() && scores.scalar_type() == at::kFloat);
+  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && probs.stride(1) == 1 && scores.scalar_type() == at::kFloat);
   cuda::InfoNCEChunkGradParams p{};
   p.scores = scores.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
@@ -125,10 +125,11 @@ void cuda_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
   p.dtype = kernel_dtype(probs.scalar_type());
   p.rows = scores.size(0);
   p.cols = scores.size(1);
+  p.probs_ld = probs.stride(0);
   p.col0 = col0;
   p.G = group_size;
   p.inv_temperature = static_cast<float>(inv_temperature);
-  p.vec4 = p.cols % 4 == 0 && reinterpret_cast<uintptr_t>(p.scores) % 16 == 0 &&
+  p.vec4 = p.cols % 4 == 0 && p.probs_ld % 4 == 0 && reinterpret_cast<uintptr_t>(p.scores) % 16 == 0 &&
            reinterpret_cast<uintptr_t>(p.probs) % (4 * probs.element_size()) == 0;
   cuda::infonce_chunk_grad_launch(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -271,8 +271,8 @@ Errors run_plain_case(const Case& c, bool inb, InfoNCEDType dtype, uint64_t seed
 // probs = exp(scores / t - lse) with column r*G - col0 of row r zeroed, neg_prob_sum += the row sums. probs start
 // as NaN (an unwritten element shows), neg_prob_sum at 0.25 (the kernel adds to it).
 template <class T>
-bool run_chunk_grad_case(int64_t rows, int64_t cols, int64_t col0, int64_t G, double t, InfoNCEDType dtype,
-                         bool vec4, uint64_t seed) {
+bool run_chunk_grad_case(int64_t rows, int64_t cols, int64_t ld, int64_t col0, int64_t G, double t,
+                         InfoNCEDType dtype, bool vec4, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   std::vector<float> scores(rows * cols), lse(rows), nps(rows, 0.25f);
@@ -284,14 +284,14 @@ bool run_chunk_grad_case(int64_t rows, int64_t cols, int64_t col0, int64_t G, do
   }
   alignas(16) static T probs_store[1 << 14];
   T* probs = probs_store;
-  for (int64_t i = 0; i < rows * cols; ++i) probs[i] = static_cast<T>(kNaN);
+  for (int64_t i = 0; i < rows * ld; ++i) probs[i] = static_cast<T>(kNaN);  // the gaps must stay NaN
   nvembed::cuda::InfoNCEChunkGradParams p{};
   p.scores = scores.data();
   p.lse = lse.data();
   p.neg_prob_sum = nps.data();
   p.probs = probs;
   p.dtype = dtype;
-  p.rows = rows, p.cols = cols, p.col0 = col0, p.G = G;
+  p.rows = rows, p.cols = cols, p.probs_ld = ld, p.col0 = col0, p.G = G;
   p.inv_temperature = static_cast<float>(1.0 / t);
   p.vec4 = vec4;
   nvembed::cuda::infonce_chunk_grad_launch(p, nullptr);
@@ -304,17 +304,18 @@ bool run_chunk_grad_case(int64_t rows, int64_t cols, int64_t col0, int64_t G, do
     double sum = 0;
     for (int64_t j = 0; j < cols; ++j) {
       const double want = col0 + j == r * G ? 0.0 : std::exp(scores[r * cols + j] / t - lse[r]);
-      const double got = static_cast<double>(static_cast<float>(probs[r * cols + j]));
+      const double got = static_cast<double>(static_cast<float>(probs[r * ld + j]));
       finite = finite && std::isfinite(got);
       err = std::max(err, std::abs(got - want) / std::max(want, floor));  // a zeroed target must be exactly 0
       sum += want;
     }
     err_sum = std::max(err_sum, std::abs(nps[r] - (0.25 + sum)) / (0.25 + sum));
+    for (int64_t j = cols; j < ld; ++j) finite = finite && std::isnan(static_cast<float>(probs[r * ld + j]));
   }
   const bool ok = finite && err <= tol && err_sum <= 1e-5;
-  std::printf("chunk grad: rows=%" PRId64 " cols=%" PRId64 " col0=%" PRId64 " G=%" PRId64 " %s vec4=%d: %s  "
-              "probs %.2e  neg_prob_sum %.2e  finite=%d\n",
-              rows, cols, col0, G,
+  std::printf("chunk grad: rows=%" PRId64 " cols=%" PRId64 " ld=%" PRId64 " col0=%" PRId64 " G=%" PRId64
+              " %s vec4=%d: %s  probs %.2e  neg_prob_sum %.2e  finite/untouched=%d\n",
+              rows, cols, ld, col0, G,
               dtype == InfoNCEDType::kFloat32 ? "fp32" : dtype == InfoNCEDType::kBFloat16 ? "bf16" : "fp16",
               int(vec4), ok ? "ok" : "FAIL", err, err_sum, int(finite));
   std::fflush(stdout);
@@ -391,23 +392,27 @@ int main(int argc, char** argv) {
   }
   // The chunked-GEMM backward's elementwise kernel: targets inside / before / after the chunk, G = 1 and > 1,
   // scalar and float4 paths (cols % 4 != 0 forces the scalar one), a row longer than one pass of the block.
+  // Row strides past the chunk's width (a chunk written into its block's probability buffer): the gap untouched.
   struct ChunkCase {
-    int64_t rows, cols, col0, G;
+    int64_t rows, cols, ld, col0, G;
     bool vec4;
   };
   const std::vector<ChunkCase> chunk_cases = {
-      {5, 7, 0, 1, false}, {5, 8, 0, 1, true}, {6, 12, 4, 2, true}, {9, 13, 10, 3, false},
-      {3, 1100, 0, 400, true}, {4, 1101, 2, 300, false}, {7, 16, 100, 2, true},
+      {5, 7, 7, 0, 1, false},     {5, 8, 8, 0, 1, true},        {6, 12, 20, 4, 2, true},
+      {9, 13, 17, 10, 3, false},  {3, 1100, 1100, 0, 400, true}, {4, 1101, 1105, 2, 300, false},
+      {7, 16, 16, 100, 2, true},
   };
   for (size_t ci = 0; ci < chunk_cases.size(); ++ci) {
     const ChunkCase& c = chunk_cases[ci];
     for (InfoNCEDType dt : {InfoNCEDType::kFloat32, InfoNCEDType::kBFloat16, InfoNCEDType::kFloat16}) {
       const uint64_t seed = 4242 + ci;
-      const bool ok = dt == InfoNCEDType::kFloat32
-                          ? run_chunk_grad_case<float>(c.rows, c.cols, c.col0, c.G, 0.05, dt, c.vec4, seed)
-                      : dt == InfoNCEDType::kBFloat16
-                          ? run_chunk_grad_case<__nv_bfloat16>(c.rows, c.cols, c.col0, c.G, 0.05, dt, c.vec4, seed)
-                          : run_chunk_grad_case<__half>(c.rows, c.cols, c.col0, c.G, 0.05, dt, c.vec4, seed);
+      auto run = [&](auto tag) {
+        using T = decltype(tag);
+        return run_chunk_grad_case<T>(c.rows, c.cols, c.ld, c.col0, c.G, 0.05, dt, c.vec4, seed);
+      };
+      const bool ok = dt == InfoNCEDType::kFloat32    ? run(float{})
+                      : dt == InfoNCEDType::kBFloat16 ? run(__nv_bfloat16{})
+                                                      : run(__half{});
       failures += !ok;
       ++total;
     }
