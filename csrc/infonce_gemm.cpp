@@ -130,10 +130,11 @@ std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tenso
     }
   }
   probs_buf.reset();
-  // target terms: (P_t - 1) = -neg_prob_sum, applied in fp32 before the one rounding to the output dtype
+  // target terms: (P_t - 1) = -neg_prob_sum, applied in fp32 before the one rounding to the output dtype (in place:
+  // CUDA casts the input-dtype rows on the fly, no [B, d] fp32 copies)
   const Tensor ns = neg_prob_sum.unsqueeze(1);
-  grad_q.sub_(at::mul(docs.slice(0, 0, B * G, G).to(acc), ns)).mul_(coef);
-  grad_tgt.sub_(at::mul(queries.to(acc), ns)).mul_(coef);
+  grad_q.addcmul_(docs.slice(0, 0, B * G, G), ns, -1).mul_(coef);
+  grad_tgt.addcmul_(queries, ns, -1).mul_(coef);
   grad_d.slice(0, 0, B * G, G).copy_(grad_tgt);
   return {grad_q.to(io), grad_d};
 }
