@@ -2,6 +2,7 @@
 variant with p20/p50/p80, the anchor's time and the ratio, CPU/GPU name, versions, commit, date), and for the GPU
 scripts (bench/gpu_*.py, run as `python3 bench/gpu_X.py`, which puts this folder on sys.path) their device choice,
 CUDA-event timing, quantiles and matplotlib figures."""
+import contextlib
 import csv
 import datetime
 import os
@@ -36,6 +37,22 @@ def git_commit() -> str:
 def device_name(device) -> str:
     """The GPU's name for a CUDA device (the current one for a bare "cuda"), else the CPU's."""
     return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu_name()
+
+
+@contextlib.contextmanager
+def env_vars(values: dict):
+    """The environment variables `values` set inside the block (the ops read theirs on every call), the previous
+    values restored after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def gpu_environment(device) -> dict:

@@ -64,7 +64,8 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import describe, gpu_environment, pyplot, save_figure, select_device, time_calls, write_csv  # noqa: E402
+from common import (describe, env_vars, gpu_environment, pyplot, save_figure, select_device, time_calls,  # noqa: E402
+                    write_csv)
 
 COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "batch", "seqlen", "heads_q", "heads_kv",
            "head_dim", "ms", "tflops", "note"]
@@ -205,18 +206,11 @@ def _fwd_kernel_env(kind: str):
     kernels do not apply makes the provider unavailable instead of silently timing the sm80 kernels."""
     import nvembed_ext
     major, minor = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
-    old = os.environ.get("NVEMBED_FLASH_KERNEL")
-    os.environ["NVEMBED_FLASH_KERNEL"] = kind
-    try:
+    with env_vars({"NVEMBED_FLASH_KERNEL": kind}):
         if kind == "sm90" and nvembed_ext._C.flash_kernel_for(major, minor, 128) != "sm90":
             raise RuntimeError(f"the Hopper kernels do not apply here (compute capability {major}.{minor}, "
                                f"build archs {nvembed_ext.build_info()['cuda_archs']!r})")
         yield
-    finally:
-        if old is None:
-            os.environ.pop("NVEMBED_FLASH_KERNEL", None)
-        else:
-            os.environ["NVEMBED_FLASH_KERNEL"] = old
 
 
 def provider_context(name: str):

@@ -113,9 +113,9 @@ step flash_tests 180 $PYTEST tests/test_flash_attn_cuda.py tests/test_hopper_ker
 step cuda_tests 180 $PYTEST tests/ -m cuda --ignore=tests/test_flash_attn_cuda.py
 tail -3 "$LOGS/flash_tests.log" "$LOGS/cuda_tests.log" 2>/dev/null
 
-# 3. InfoNCE against the naive loss in the same run (issue 6), and where its time goes.
-# the tile backward with the Hopper forward, the blocked-GEMM backward, and the naive loss (the sm80 forward's row
-# is in bench/results/h200_2026-11-26: INFONCE_VARIANTS=nvembed,... adds it back)
+# 3. InfoNCE against the naive loss in the same run (issue 6), and where its time goes: the tile backward after the
+#    Hopper forward, the blocked-GEMM backward, the naive loss (the sm80 forward's row is in
+#    bench/results/h200_2026-11-26; INFONCE_VARIANTS=nvembed,... adds it back).
 step gpu_infonce 150 python3 bench/gpu_infonce.py --out "$LOGS" --max-seconds 4 --rounds 6 \
   --variants "${INFONCE_VARIANTS:-nvembed-sm90,nvembed-gemm,naive}"
 step infonce_profile 60 python3 bench/gpu_profile_infonce.py

@@ -37,10 +37,14 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import device_name, git_commit, pyplot, save_figure, write_csv  # noqa: E402
+from common import device_name, env_vars, git_commit, pyplot, save_figure, write_csv  # noqa: E402
 
 TEMPERATURE = 0.05
 G = 8
+# our variants: the op's kernel choices around its forward and backward (the fourth variant is "naive")
+OURS = {"nvembed": {"NVEMBED_INFONCE_KERNEL": "sm80", "NVEMBED_INFONCE_BWD": "tiles"},
+        "nvembed-sm90": {"NVEMBED_INFONCE_KERNEL": "sm90", "NVEMBED_INFONCE_BWD": "tiles"},
+        "nvembed-gemm": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_BWD": "gemm"}}
 
 
 def environment(device: str) -> dict:
@@ -63,35 +67,26 @@ def sm90_unavailable() -> str | None:
     if not torch.cuda.is_available():
         return "no CUDA device"
     major, minor = torch.cuda.get_device_capability()
-    old = os.environ.get("NVEMBED_INFONCE_KERNEL")
-    os.environ["NVEMBED_INFONCE_KERNEL"] = "sm90"
-    try:
+    with env_vars({"NVEMBED_INFONCE_KERNEL": "sm90"}):
         if nvembed_ext._C.infonce_fwd_kernel_for(major, minor) != "sm90":
             return (f"the Hopper forward does not apply (compute capability {major}.{minor}, build archs "
                     f"{nvembed_ext.build_info()['cuda_archs']!r})")
         return None
-    finally:
-        if old is None:
-            os.environ.pop("NVEMBED_INFONCE_KERNEL", None)
-        else:
-            os.environ["NVEMBED_INFONCE_KERNEL"] = old
 
 
 def loss_fn(variant: str):
     import nvembed_ext  # noqa: F401
     from nvembed_ext.reference import infonce_ref
 
-    settings = {"nvembed": {"NVEMBED_INFONCE_KERNEL": "sm80", "NVEMBED_INFONCE_BWD": "tiles"},
-                "nvembed-sm90": {"NVEMBED_INFONCE_KERNEL": "sm90", "NVEMBED_INFONCE_BWD": "tiles"},
-                "nvembed-gemm": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_BWD": "gemm"}}
-    if variant not in settings:
+    if variant not in OURS:
         return infonce_ref
+    settings = OURS[variant]
 
     class Ours(torch.autograd.Function):
         # The op reads the variables on every call, forward and backward: they are set around both.
         @staticmethod
         def forward(ctx, q, docs, group_size, t, inb):
-            with env_vars(settings[variant]):
+            with env_vars(settings):
                 loss, lse = torch.ops.nvembed._infonce_fwd(q, docs, group_size, t, inb)
             ctx.save_for_backward(q, docs, lse)
             ctx.args = (group_size, t, inb)
@@ -100,30 +95,11 @@ def loss_fn(variant: str):
         @staticmethod
         def backward(ctx, grad):
             q, docs, lse = ctx.saved_tensors
-            with env_vars(settings[variant]):
+            with env_vars(settings):
                 gq, gd = torch.ops.nvembed._infonce_bwd(grad, q, docs, lse, *ctx.args)
             return gq, gd, None, None, None
 
     return Ours.apply
-
-
-class env_vars:
-    """Set environment variables for a block, restoring the previous values after."""
-
-    def __init__(self, values: dict):
-        self.values, self.old = values, {}
-
-    def __enter__(self):
-        for k, v in self.values.items():
-            self.old[k] = os.environ.get(k)
-            os.environ[k] = v
-
-    def __exit__(self, *exc):
-        for k, v in self.old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def fresh_inputs(B: int, d: int, dtype, device):
@@ -194,8 +170,7 @@ def run(args) -> list[dict]:
     dtype = torch.bfloat16
     env = environment(device)
     rows = []
-    variants = args.variants or (("nvembed", "nvembed-sm90", "nvembed-gemm", "naive") if device == "cuda"
-                                 else ("nvembed", "naive"))
+    variants = args.variants or ((*OURS, "naive") if device == "cuda" else ("nvembed", "naive"))
     sm90_why = sm90_unavailable() if device == "cuda" else None
     for d in args.d:
         for B in args.B:
@@ -293,12 +268,12 @@ def main(argv=None) -> int:
     ap.add_argument("--B", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 16384, 65536])
     ap.add_argument("--rounds", type=int, default=10, help="timed rounds per configuration (at most)")
     ap.add_argument("--variants", type=lambda s: tuple(s.split(",")), default=None,
-                    help="comma-separated subset of nvembed,nvembed-sm90,nvembed-gemm,naive (default: all that "
-                         "apply to the device)")
+                    help=f"comma-separated subset of {','.join([*OURS, 'naive'])} (default: all that apply to the "
+                         "device)")
     ap.add_argument("--max-seconds", type=float, default=20.0,
                     help="stop timing a configuration after this long (at least 3 timed rounds)")
     args = ap.parse_args(argv)
-    unknown = set(args.variants or ()) - {"nvembed", "nvembed-sm90", "nvembed-gemm", "naive"}
+    unknown = set(args.variants or ()) - {*OURS, "naive"}
     if unknown:
         ap.error(f"unknown --variants {sorted(unknown)}")
     if args.smoke:

@@ -99,8 +99,8 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import (describe, gpu_environment, pyplot, quantile, save_figure, select_device,  # noqa: E402
-                    time_calls, write_csv)
+from common import (describe, env_vars, gpu_environment, pyplot, quantile, save_figure,  # noqa: E402
+                    select_device, time_calls, write_csv)
 
 COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "mask", "dtype", "batch", "seqlen",
            "pooled_tokens", "d", "latents", "heads", "dim_head", "ff_hidden", "gflop", "ms", "ms_p20", "ms_p80",
@@ -247,15 +247,8 @@ class Compiled:
 def aten_on_cpu():
     """Route the CPU op through the device-generic ATen implementation (the one the CUDA build registers for CUDA
     tensors, csrc/latent_pool_aten.cpp), as tests/test_latent_pool.py's impl_path("aten") does."""
-    old = os.environ.get("NVEMBED_LATENT_POOL_ATEN")
-    os.environ["NVEMBED_LATENT_POOL_ATEN"] = "1"
-    try:
+    with env_vars({"NVEMBED_LATENT_POOL_ATEN": "1"}):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("NVEMBED_LATENT_POOL_ATEN", None)
-        else:
-            os.environ["NVEMBED_LATENT_POOL_ATEN"] = old
 
 
 def provider_fn(name: str, layer: Layer, compiled: Optional[Compiled]) -> Callable:

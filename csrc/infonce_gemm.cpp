@@ -8,9 +8,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
-#include <string>
 
 #include "checks.h"
+#include "kernel_choice.h"
 
 namespace nvembed {
 using at::Tensor;
@@ -66,11 +66,7 @@ void aten_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
 }  // namespace
 
 const char* infonce_bwd_choice(bool gemm_default) {
-  const char* env = std::getenv("NVEMBED_INFONCE_BWD");
-  const std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
-  NVE_CHECK_VALUE(choice == "auto" || choice == "tiles" || choice == "gemm", kOp,
-                  "NVEMBED_INFONCE_BWD must be auto, tiles or gemm, got '", choice, "'");
-  return choice == "gemm" || (choice == "auto" && gemm_default) ? "gemm" : "tiles";
+  return kernel_choice("NVEMBED_INFONCE_BWD", kOp, "tiles", "gemm", true, gemm_default);
 }
 
 InfoNCEGemmWidths infonce_gemm_widths(int64_t B, int64_t N, int64_t elem_bytes) {

@@ -7,13 +7,18 @@
 
 namespace nvembed {
 
-const char* hopper_kernel_choice(const char* env_var, const char* op, bool applies, bool verified) {
+const char* kernel_choice(const char* env_var, const char* op, const char* base, const char* alt, bool applies,
+                          bool verified) {
   const char* env = std::getenv(env_var);
   const std::string choice = env == nullptr || *env == '\0' ? "auto" : env;
-  TORCH_CHECK_VALUE(choice == "auto" || choice == "sm80" || choice == "sm90", "nvembed::", op, ": ", env_var,
-                    " must be auto, sm80 or sm90, got '", choice, "'");
-  const bool want = choice == "sm90" || (choice == "auto" && verified);
-  return applies && want ? "sm90" : "sm80";
+  TORCH_CHECK_VALUE(choice == "auto" || choice == base || choice == alt, "nvembed::", op, ": ", env_var,
+                    " must be auto, ", base, " or ", alt, ", got '", choice, "'");
+  const bool want = choice == alt || (choice == "auto" && verified);
+  return applies && want ? alt : base;
+}
+
+const char* hopper_kernel_choice(const char* env_var, const char* op, bool applies, bool verified) {
+  return kernel_choice(env_var, op, "sm80", "sm90", applies, verified);
 }
 
 const char* infonce_fwd_kernel_for(int major, int minor) {

@@ -5,10 +5,15 @@
 
 namespace nvembed {
 
-// "sm90" or "sm80". `env_var` holds auto (default, also when unset or empty), sm80 or sm90; any other value raises
-// an error naming `op` and the variable. sm90 is returned only where the Hopper kernel `applies` (an sm_90a build,
-// a compute capability 9.0 device, a supported shape) and is wanted: always for sm90, for auto only once it has
-// been `verified` on a GPU (bench/gpu_check.sh).
+// `base` or `alt`, the two implementations of one op step named by `env_var`: it holds auto (default, also when unset
+// or empty), `base` or `alt`; any other value raises an error naming `op` and the variable. `alt` is returned only
+// where it `applies` and is wanted: always when named, for auto only once it has been `verified` on a GPU
+// (bench/gpu_check.sh).
+const char* kernel_choice(const char* env_var, const char* op, const char* base, const char* alt, bool applies,
+                          bool verified);
+
+// "sm90" or "sm80": kernel_choice between the sm80 kernels and the Hopper one, which `applies` on an sm_90a build,
+// a compute capability 9.0 device and a supported shape.
 const char* hopper_kernel_choice(const char* env_var, const char* op, bool applies, bool verified);
 
 // Whether this build has sm_90a code (NVEMBED_CUDA_ARCHS contains 90a): the Hopper kernels' bodies exist.

@@ -107,7 +107,7 @@ std::tuple<Tensor, Tensor> infonce_bwd_cpu(const Tensor& grad_loss, const Tensor
   infonce_check_bwd_inputs(grad_loss, queries, lse);
   NVE_CHECK_VALUE(queries.device().is_cpu(), kOp, "queries must be a CPU tensor here, got ", queries.device());
   if (in_batch_negatives && std::string_view(infonce_bwd_choice(false)) == "gemm") {
-    // the CUDA chunked-GEMM backward's loop on CPU tensors (NVEMBED_INFONCE_BWD=gemm): its tests
+    // the CUDA blocked-GEMM backward's loop on CPU tensors (NVEMBED_INFONCE_BWD=gemm): its tests
     return infonce_bwd_gemm(grad_loss, queries.contiguous(), docs.contiguous(), lse, group_size, temperature,
                             nullptr);
   }
