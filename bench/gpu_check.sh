@@ -123,7 +123,8 @@ step infonce_profile 60 python3 bench/gpu_profile_infonce.py
 # 4. compute-sanitizer on small cases (uncached allocations so memcheck sees accesses past a tensor's end):
 #    flash fwd + bwd of every instantiation, sm80 and Hopper (bench/sanitize_flash.py); InfoNCE's tensor-core path
 #    (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass; d % 8 != 0 through the padded copy; the
-#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward; the blocked-GEMM backward.
+#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward; the blocked-GEMM backward;
+#    latent_pool's fused GEGLU stage (csrc/cuda/latent_pool.cu: vector and scalar paths, units cut at 64 tokens).
 cat > "$LOGS/sanitizer_cases.py" <<'PY'
 import os
 import torch
@@ -156,13 +157,32 @@ os.environ["NVEMBED_INFONCE_BLOCK_COLS"] = "37"
 os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
 case(torch.bfloat16, True, 130, 2, 72, 3)
 torch.cuda.synchronize()
+
+
+def latent_case(dtype, B, L, d, N, H, dh, F):
+    def p(*shape, scale=1.0):
+        return (torch.randn(*shape, device="cuda", dtype=dtype) * scale).requires_grad_()
+    x = p(B, L, d)
+    mask = (torch.rand(B, L, device="cuda") < 0.8).to(torch.int64)
+    mask[0] = 0
+    inner = H * dh
+    w = [p(N, d), p(d), p(d), p(d), p(d), p(inner, d, scale=d ** -0.5), p(2 * inner, d, scale=d ** -0.5),
+         p(d, inner, scale=inner ** -0.5), p(d), p(d), p(2 * F, d, scale=d ** -0.5), p(2 * F), p(d, F, scale=F ** -0.5),
+         p(d)]
+    ops.latent_pool(x, mask, *w, H, True, 1e-5).square().sum().backward()
+
+
+os.environ["NVEMBED_LATENT_POOL_KERNELS"] = "fused"
+latent_case(torch.bfloat16, 3, 150, 64, 8, 2, 32, 1028)  # F % 4 == 0: 4 columns per thread, a ragged last CTA
+latent_case(torch.float32, 2, 70, 32, 5, 2, 16, 37)      # odd F: one column per thread
+torch.cuda.synchronize()
 print("sanitizer cases done")
 PY
 if [ -n "$SANITIZER" ]; then
-  sanitize() {  # sanitize TOOL: flash then InfoNCE cases under compute-sanitizer TOOL
+  sanitize() {  # sanitize TOOL: flash, then InfoNCE and latent_pool cases under compute-sanitizer TOOL
     step "$1_flash" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool "$1" --error-exitcode 9 python3 bench/sanitize_flash.py
-    step "$1_infonce" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    step "$1_infonce_latent_pool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool "$1" --error-exitcode 9 python3 "$LOGS/sanitizer_cases.py"
   }
   sanitize memcheck

@@ -20,7 +20,10 @@ to the hidden states and all 14 weights):
            dynamic=False). A compile failure is recorded in the note column ("unavailable: ..."), not fatal. The
            first call per grad mode (the compilation) is reported in the note.
   nvembed  nvembed.LatentAttentionPooling (its forward: torch.ops.nvembed.latent_pool on the module's parameters),
-           on CUDA the ATen implementation (csrc/latent_pool_aten.cpp).
+           on CUDA the ATen implementation (csrc/latent_pool_aten.cpp) with its GEGLU + masked-mean stage on ATen
+           ops (NVEMBED_LATENT_POOL_KERNELS=aten).
+  nvembed-fused  the same with that stage on the fused kernels of csrc/cuda/latent_pool.cu
+           (NVEMBED_LATENT_POOL_KERNELS=fused; on CPU tensors both run ATen ops).
 Masks: "all" (every token pooled) and "padded" (right-padded rows of uniform random length in [L/4, L], the first
 row full, and the first 16 positions - an instruction - left out of pooling, as encode() builds them). The eager
 layer computes every token either way; ours skips the tokens with pool weight 0.
@@ -109,7 +112,9 @@ COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "mask",
 CHECK_COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "check", "provider", "dtype", "reference_dtype", "batch",
                  "seqlen", "d", "latents", "heads", "dim_head", "out_err", "grad_err", "grad_err_worst", "tol_out",
                  "tol_grad", "status"]
-PROVIDERS = ("eager", "compile", "nvembed")
+PROVIDERS = ("eager", "compile", "nvembed", "nvembed-fused")
+# our providers and the environment each runs under (the op reads it on every call, backward included)
+OURS = {"nvembed": {"NVEMBED_LATENT_POOL_KERNELS": "aten"}, "nvembed-fused": {"NVEMBED_LATENT_POOL_KERNELS": "fused"}}
 MODES = ("fwd", "fwd+bwd")
 MASKS = ("all", "padded")
 PREFIX = "latent_attention_model."
@@ -258,7 +263,7 @@ def provider_fn(name: str, layer: Layer, compiled: Optional[Compiled]) -> Callab
         return lambda hs, mask: port(layer.sd, layer.cfg, hs, mask, "sdpa")
     if name == "compile":
         return lambda hs, mask: compiled(layer.sd, layer.cfg, hs, mask)
-    if name == "nvembed":
+    if name in OURS:
         import nvembed_ext  # noqa: F401  (registers torch.ops.nvembed)
 
         return layer.module
@@ -360,13 +365,14 @@ def agreement(check: str, layer: Layer, wide, providers, device, seed: int, comp
     for name in providers:
         row = {**base, "provider": name}
         try:
-            out, grads = fwd_bwd(provider_fn(name, layer, compiled), layer, hs, mask, gout)
+            with env_vars(OURS.get(name, {})):
+                out, grads = fwd_bwd(provider_fn(name, layer, compiled), layer, hs, mask, gout)
         except Exception as e:
             row["status"] = ("skipped: out of memory" if _is_oom(e) else "unavailable") + f": {_first_line(e)}"
             if not _is_oom(e):
                 traceback.print_exc(limit=4, file=sys.stdout)
             rows.append(row)
-            print(f"  check {check:<10} {name:<8} {row['status']}", flush=True)
+            print(f"  check {check:<10} {name:<13} {row['status']}", flush=True)
             _free(device)
             continue
         out_err = rel_err(out, ref_out)
@@ -385,7 +391,7 @@ def agreement(check: str, layer: Layer, wide, providers, device, seed: int, comp
         row.update({"out_err": f"{out_err:.3e}", "grad_err": f"{grad_err:.3e}", "grad_err_worst": worst,
                     "tol_out": f"{t_out:.1e}", "tol_grad": f"{t_grad:.1e}", "status": verdict})
         rows.append(row)
-        print(f"  check {check:<10} {name:<8} {_dt(low)} vs {_dt(wide)} eager: out {out_err:.2e} (tol {t_out:.0e}), "
+        print(f"  check {check:<10} {name:<13} {_dt(low)} vs {_dt(wide)} eager: out {out_err:.2e} (tol {t_out:.0e}), "
               f"grads max {grad_err:.2e} [{worst}] (tol {t_grad:.0e}) {verdict}", flush=True)
         _free(device)
     del hs, ref_out, ref_grads
@@ -476,7 +482,8 @@ def run(args, device) -> tuple:
         with aten_on_cpu():
             checks = agreement("small-fp64-cpu-aten", small64, torch.float64, ["nvembed"], cpu, seed, None, env)
     small32 = Layer(small, random_values(small, seed + 1, device, torch.float32))
-    checks += agreement("small-fp32", small32, torch.float64, ["eager", "nvembed"], device, seed + 1, None, env)
+    ours = [p for p in OURS if p in args.providers] or ["nvembed"]
+    checks += agreement("small-fp32", small32, torch.float64, ["eager", *ours], device, seed + 1, None, env)
     del small64, small32
     layer = Layer(shape, random_values(shape, seed + 2, device, dtype))
     if args.bench_check:
@@ -488,7 +495,7 @@ def run(args, device) -> tuple:
                                     f"{r['grad_err']} [{r['grad_err_worst']}])"
         elif r["check"] == "bench" and r["status"].startswith("unavailable") and r["provider"] not in status:
             status[r["provider"]] = r["status"]
-    mismatch = any(r["status"] == "mismatch" and r["provider"] == "nvembed" for r in checks)
+    mismatch = any(r["status"] == "mismatch" and r["provider"] in OURS for r in checks)
 
     def summary(provider):
         mine = [r for r in checks if r["provider"] == provider]
@@ -536,7 +543,9 @@ def run(args, device) -> tuple:
                     notes.append(status[name])
                 else:
                     try:
-                        res = measure(provider_fn(name, layer, compiled), layer, hs, mask, gout, mode, args, device)
+                        with env_vars(OURS.get(name, {})):
+                            res = measure(provider_fn(name, layer, compiled), layer, hs, mask, gout, mode, args,
+                                          device)
                     except Exception as e:  # recorded, not fatal: the other providers still run
                         if _is_oom(e):
                             notes.append(f"skipped: out of memory ({_first_line(e)})")
@@ -559,7 +568,7 @@ def run(args, device) -> tuple:
                 shown = (f"{row['ms']:10.3f} ms {row['tflops']:9.2f} TFLOP/s ({row['gemm_fraction']:.0%} of GEMM)"
                          + (f" peak {row['peak_mb']:9.1f} MB" if "peak_mb" in row else "")
                          if "ms" in row else row["note"])
-                print(f"  {mask_kind:<6} {mode:<7} {name:<8} {shown}", flush=True)
+                print(f"  {mask_kind:<6} {mode:<7} {name:<13} {shown}", flush=True)
             by = {r["provider"]: r for r in group}
             for r in group:
                 if "ms" not in r:
@@ -574,11 +583,12 @@ def run(args, device) -> tuple:
                     eager_act = by.get("eager", {}).get("act_mb")
                     if eager_act:
                         r["act_vs_eager"] = round(r["act_mb"] / eager_act, 3)
-            ours = by.get("nvembed", {})
-            if "ms" in ours:
-                print(f"  {mask_kind:<6} {mode:<7} nvembed: {ours.get('speedup_vs_eager', '-')}x eager, "
-                      f"{ours.get('speedup_vs_compile', '-')}x compile, {ours['gemm_fraction']:.0%} of the GEMM "
-                      f"rate, memory {ours.get('mem_vs_eager', '-')} of eager", flush=True)
+            for p in OURS:
+                r = by.get(p, {})
+                if "ms" in r:
+                    print(f"  {mask_kind:<6} {mode:<7} {p}: {r.get('speedup_vs_eager', '-')}x eager, "
+                          f"{r.get('speedup_vs_compile', '-')}x compile, {r['gemm_fraction']:.0%} of the GEMM "
+                          f"rate, memory {r.get('mem_vs_eager', '-')} of eager", flush=True)
             rows += group
         del hs, mask, gout
         _free(device)

@@ -189,9 +189,14 @@ def main():
     run_case("infonce gemm-bwd bfloat16 B=2048 G=8 d=1024 inb", torch.bfloat16,
              infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
     os.environ.pop("NVEMBED_INFONCE_BWD")
-    for dtype in (torch.bfloat16, torch.float32):
-        run_case(f"latent_pool {str(dtype)[6:]} B=3 L=37 d=64 N=16 H=2", dtype,
-                 latent_pool(dtype, 3, 37, 64, 16, 2, 96))
+    for kernels in ("aten", "fused"):  # the GEGLU + masked-mean stage on ATen ops / on csrc/cuda/latent_pool.cu
+        os.environ["NVEMBED_LATENT_POOL_KERNELS"] = kernels
+        for dtype in (torch.bfloat16, torch.float32):
+            run_case(f"latent_pool {kernels} {str(dtype)[6:]} B=3 L=37 d=64 N=16 H=2", dtype,
+                     latent_pool(dtype, 3, 37, 64, 16, 2, 96))
+        run_case(f"latent_pool {kernels} float16 B=2 L=300 d=64 N=16 H=2 F=37", torch.float16,
+                 latent_pool(torch.float16, 2, 300, 64, 16, 2, 37))
+    os.environ.pop("NVEMBED_LATENT_POOL_KERNELS")
     print(f"--- {len(failures)} failed" + (": " + "; ".join(failures) if failures else ""), flush=True)
     return 1 if failures else 0
 

@@ -15,16 +15,28 @@
 // activations, LayerNorm, softmax, GELU, the pooled sums and every gradient accumulation are fp32 (fp64 for fp64
 // inputs). The masked mean is a [B, t] x [t, *] GEMM per chunk, not a scatter-add: chunks run in order and no
 // atomics are involved, so repeated calls give the same bits.
+// The GEGLU + masked mean of the feed-forward's [t, 2F] input, the widest tensor of the layer, is one stage with a
+// fixed contract (LatentPoolKernels in the header): the fused CUDA kernels of cuda/latent_pool.cu (one read of u,
+// per-unit partial sums; NVEMBED_LATENT_POOL_KERNELS) or the ATen ops below; both reduce the units of a batch row
+// with a small GEMM.
 #include "latent_pool_aten.h"
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "cpu/latent_pool.h"
+#include "kernel_choice.h"
 
 namespace nvembed {
+
+const char* latent_pool_kernel_choice() {
+  return kernel_choice("NVEMBED_LATENT_POOL_KERNELS", "latent_pool", "aten", "fused", true,
+                       kLatentPoolFusedVerified);
+}
+
 namespace {
 
 // Token chunks hold ~kChunkElems elements in their widest per-token row (u [t, 2F], q / o [t, I], scores
@@ -52,6 +64,10 @@ struct Layer {
   Tensor kx_io, cx_io;             // folded: [H*N, d]
   // active tokens
   Tensor idx, batch, w, c;  // [T] flat token index, [T] batch row, [T] pool weight, [B] row weight sum
+  // units of the fused GEGLU stage (LatentPoolKernels): int32 [U, 3] for all chunks (first token relative to its
+  // chunk, count, row); chunk k owns rows [unit_off[k], unit_off[k + 1])
+  Tensor units;
+  std::vector<int64_t> unit_off;
 };
 
 Tensor mm(const Tensor& a, const Tensor& b, at::ScalarType io, at::ScalarType acc) {
@@ -120,6 +136,27 @@ Layer setup(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tens
   }
   const int64_t width = std::max({2 * s.F, s.I, s.H * s.N});
   s.chunk = std::clamp(kChunkElems / width, kMinRows, kMaxChunkTokens);
+
+  // Units: the active tokens of each batch row are consecutive in flat order; cut them at chunk borders and every
+  // kLatentPoolUnitTokens tokens (one host copy of the B row counts; the nonzero above synchronized already).
+  const Tensor counts = wgt.ne(0).sum(1).to(at::kCPU, at::kLong).contiguous();
+  const int64_t* cnt = counts.data_ptr<int64_t>();
+  std::vector<int32_t> units;
+  int64_t row = 0, row_begin = 0;  // row's first active token (flat active order)
+  for (int64_t t0 = 0; t0 < s.idx.size(0); t0 += s.chunk) {
+    s.unit_off.push_back(static_cast<int64_t>(units.size() / 3));
+    const int64_t t1 = std::min(t0 + s.chunk, s.idx.size(0));
+    for (int64_t pos = t0; pos < t1;) {
+      while (row_begin + cnt[row] <= pos) row_begin += cnt[row++];  // skips rows without active tokens
+      const int64_t end = std::min({t1, row_begin + cnt[row], pos + kLatentPoolUnitTokens});
+      units.insert(units.end(), {static_cast<int32_t>(pos - t0), static_cast<int32_t>(end - pos),
+                                 static_cast<int32_t>(row)});
+      pos = end;
+    }
+  }
+  s.unit_off.push_back(static_cast<int64_t>(units.size() / 3));
+  s.units = at::from_blob(units.data(), {static_cast<int64_t>(units.size() / 3), 3}, at::kInt)
+                .to(hs.device(), at::kInt, /*non_blocking=*/false, /*copy=*/true);
   return s;
 }
 
@@ -161,12 +198,69 @@ Acts token_forward(const Layer& s, const Tensor& x_flat, const Tensor& idx) {
   return a;
 }
 
-// u = z W_in^T + b_in = [a | gate], [t, 2F] acc; the GEGLU output is g = a * gelu(gate). The io GEMM output dies
-// with the conversion, the bias goes in in place.
-Tensor ff_in(const Layer& s, const Tensor& z) {
-  Tensor u = at::matmul(z.to(s.io), s.ff_in_w.t()).to(s.acc);
-  u.add_(s.ff_in_b);
-  return u;
+// u = z W_in^T = [a | gate] - b_in, [t, 2F] io: the input of the GEGLU stage, whose output is g = a * gelu(gate).
+Tensor ff_in(const Layer& s, const Tensor& z) { return at::matmul(z.to(s.io), s.ff_in_w.t()); }
+
+// ---- the GEGLU stage through ATen ops (the LatentPoolKernels contract; CPU, and CUDA unless fused) -------------
+
+// [U, t]: row k holds the weights w of unit k's tokens (w undefined: ones).
+Tensor unit_matrix(const Tensor& units, const Tensor& w, int64_t t, at::ScalarType acc) {
+  const int64_t U = units.size(0);
+  const Tensor lens = units.select(1, 1).to(at::kLong);
+  const Tensor unit_of = at::repeat_interleave(at::arange(U, lens.options()), lens, 0, t);
+  Tensor um = at::arange(U, lens.options()).unsqueeze(1).eq(unit_of.unsqueeze(0)).to(acc);
+  if (w.defined()) um.mul_(w.unsqueeze(0));
+  return um;
+}
+
+// The io GEMM output dies with the conversion to acc (u = uf when io == acc: then it is overwritten in place).
+Tensor geglu_input(Tensor& u, const Tensor& bias, at::ScalarType acc) {
+  Tensor uf = u.to(acc);
+  u.reset();
+  uf.add_(bias);
+  return uf;
+}
+
+void aten_geglu_pool_fwd(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, Tensor& part_g) {
+  const int64_t t = u.size(0), F = u.size(1) / 2;
+  Tensor uf = geglu_input(u, bias, w.scalar_type());
+  Tensor g = at::gelu(uf.narrow(1, F, F));
+  g.mul_(uf.narrow(1, 0, F));  // a * gelu(gate)
+  uf.reset();
+  at::mm_out(part_g, unit_matrix(units, w, t, w.scalar_type()), g);
+}
+
+// The GEGLU backward in place in the [t, 2F] acc buffer: u = [a | gate] becomes du = [dg gelu(gate) |
+// gelu'(gate) dg a] (at most u and two [t, F] acc tensors alive: gelu(gate) with g, then with dg).
+void aten_geglu_pool_bwd(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, const Tensor& dgbar,
+                         Tensor& part_g, Tensor& part_b) {
+  const int64_t t = u.size(0), F = u.size(1) / 2;
+  const at::ScalarType io = u.scalar_type(), acc = w.scalar_type();
+  Tensor uf = geglu_input(u, bias, acc);
+  Tensor ua = uf.narrow(1, 0, F), ugate = uf.narrow(1, F, F);
+  const Tensor um = unit_matrix(units, w, t, acc);
+  {
+    const Tensor gg = at::gelu(ugate);
+    at::mm_out(part_g, um, ua * gg);
+    const Tensor lens = units.select(1, 1).to(at::kLong);
+    const Tensor row_of = at::repeat_interleave(units.select(1, 2).to(at::kLong), lens, 0, t);
+    const Tensor dg = dgbar.index_select(0, row_of).mul_(w.unsqueeze(1));  // [t, F]
+    ua.mul_(dg);
+    at::gelu_backward_out(ugate, ua, ugate);
+    at::mul_out(ua, dg, gg);
+  }
+  at::mm_out(part_b, unit_matrix(units, Tensor(), t, acc), uf);
+  u = uf.to(io);
+}
+
+constexpr LatentPoolKernels kAtenKernels{&aten_geglu_pool_fwd, &aten_geglu_pool_bwd};
+
+// [B, U]: 1 where unit k belongs to batch row b (adds the units' partial sums per row)
+Tensor unit_rows(const Layer& s, const Tensor& units) {
+  return at::arange(s.B, units.options().dtype(at::kLong))
+      .unsqueeze(1)
+      .eq(units.select(1, 2).to(at::kLong).unsqueeze(0))
+      .to(s.acc);
 }
 
 // [B, t] pooling matrix of a chunk: row b holds the weights of the chunk's tokens of batch row b.
@@ -177,9 +271,10 @@ Tensor pool_matrix(const Layer& s, const Tensor& batch, const Tensor& w) {
 template <class Fn>
 void for_chunks(const Layer& s, Fn fn) {
   const int64_t T = s.idx.size(0);
-  for (int64_t t0 = 0; t0 < T; t0 += s.chunk) {
+  for (int64_t t0 = 0, k = 0; t0 < T; t0 += s.chunk, ++k) {
     const int64_t t = std::min(s.chunk, T - t0);
-    fn(s.idx.narrow(0, t0, t), s.batch.narrow(0, t0, t), s.w.narrow(0, t0, t));
+    fn(s.idx.narrow(0, t0, t), s.batch.narrow(0, t0, t), s.w.narrow(0, t0, t),
+       s.units.narrow(0, s.unit_off[k], s.unit_off[k + 1] - s.unit_off[k]));
   }
 }
 
@@ -191,26 +286,26 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+    bool normalize, double eps, const LatentPoolKernels* kernels) {
+  const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   const Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
                         norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias,
                         ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps);
   const Tensor x_flat = hidden_states.reshape({s.B * s.L, s.d});
   Tensor gbar = at::zeros({s.B, s.F}, x_flat.options().dtype(s.acc));
   Tensor ybar = at::zeros({s.B, s.d}, x_flat.options().dtype(s.acc));
-  for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w) {
-    const Tensor pm = pool_matrix(s, batch, w);
+  for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w, const Tensor& units) {
     Tensor z;
     {
       const Acts a = token_forward(s, x_flat, idx);
-      ybar.add_(at::matmul(pm, a.y1));
+      ybar.add_(at::matmul(pool_matrix(s, batch, w), a.y1));
       z = a.z;
     }
     Tensor u = ff_in(s, z);
-    Tensor g = at::gelu(u.narrow(1, s.F, s.F));
-    g.mul_(u.narrow(1, 0, s.F));  // a * gelu(gate)
-    u.reset();
-    gbar.add_(at::matmul(pm, g));
+    z.reset();
+    Tensor part_g = at::empty({units.size(0), s.F}, x_flat.options().dtype(s.acc));
+    k.geglu_pool_fwd(u, s.ff_in_b, w, units, part_g);
+    gbar.add_(at::mm(unit_rows(s, units), part_g));
   });
   Tensor pooled = mm(gbar, s.ff_out_w.t(), s.io, s.acc) + s.c.unsqueeze(1) * s.ff_out_b + ybar;
   // out never aliases pooled (two outputs of one op must not share storage, also for fp32 / fp64 where .to is a
@@ -225,7 +320,8 @@ std::vector<Tensor> latent_pool_bwd_aten(
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+    bool normalize, double eps, const LatentPoolKernels* kernels) {
+  const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias,
                   to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias,
                   ff_out_weight, ff_out_bias, num_heads, eps);
@@ -261,29 +357,16 @@ std::vector<Tensor> latent_pool_bwd_aten(
     d_kh = at::zeros({s.H, s.N, s.dh}, opts), d_vh = at::zeros({s.H, s.N, s.dh}, opts);
   }
 
-  for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w) {
+  for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w, const Tensor& units) {
     const int64_t t = idx.size(0);
     Acts a = token_forward(s, x_flat, idx);
-    const Tensor pm = pool_matrix(s, batch, w);  // [B, t]
-    Tensor dy1 = at::matmul(pm.t(), gp);         // [t, d]
-    Tensor du;                                   // [t, 2F] io
+    Tensor dy1 = at::matmul(pool_matrix(s, batch, w).t(), gp);  // [t, d]
+    Tensor du = ff_in(s, a.z);                                  // [t, 2F] io: u, then du in its place
     {
-      // GEGLU g = a * gelu(gate); its backward overwrites u = [a | gate] with du = [dg gelu(gate) | gelu'(gate) dg a]
-      // (the same operations on the same operands as out of place: the same bits). At most u and two [t, F] acc
-      // tensors are alive (gelu(gate) with g, then with dg), instead of a dozen [t, F] temporaries and a
-      // concatenated copy.
-      Tensor u = ff_in(s, a.z);
-      {
-        Tensor ua = u.narrow(1, 0, s.F), ugate = u.narrow(1, s.F, s.F);
-        const Tensor gg = at::gelu(ugate);
-        gbar.add_(at::matmul(pm, ua * gg));
-        const Tensor dg = at::matmul(pm.t(), dgbar);  // [t, F]
-        ua.mul_(dg);
-        at::gelu_backward_out(ugate, ua, ugate);
-        at::mul_out(ua, dg, gg);
-      }
-      d_ff_in_b.add_(u.sum(0));
-      du = u.to(s.io);
+      Tensor part_g = at::empty({units.size(0), s.F}, opts), part_b = at::empty({units.size(0), 2 * s.F}, opts);
+      k.geglu_pool_bwd(du, s.ff_in_b, w, units, dgbar, part_g, part_b);
+      gbar.add_(at::mm(unit_rows(s, units), part_g));
+      d_ff_in_b.add_(part_b.sum(0));
     }
     add_mm(d_ff_in_w, du.t(), a.z, s.io, s.acc);
     a.z.reset();

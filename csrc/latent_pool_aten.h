@@ -29,20 +29,45 @@ void latent_pool_check_bwd_args(const Tensor& grad_out, const Tensor& pooled, co
 // the cost model's choice.
 bool latent_pool_fold_override(bool cost_model_choice);
 
-// Same contract as latent_pool_fwd_cpu / latent_pool_bwd_cpu (ops.h); arguments already checked.
+// The fused GEGLU + masked-mean stage of a token chunk (contract: cuda/latent_pool.cuh). The chunk's tokens are
+// split into units, runs of <= kLatentPoolUnitTokens consecutive tokens of one batch row, described by `units`
+// (int32 [U, 3] on the tensors' device: first token in the chunk, token count, batch row). u is the feed-forward
+// input z W_in^T [t, 2F] in the input dtype without bias; bias [2F], w [t] (pool weights), dgbar [B, F] and the
+// outputs are in the accumulation dtype:
+//   geglu_pool_fwd: part_g [U, F] = per unit sum_tok w_tok * a * gelu(gate); u is consumed (released or
+//                   overwritten)
+//   geglu_pool_bwd: the same part_g; u replaced by du = [dg gelu(gate) | dg a gelu'(gate)] in the input dtype
+//                   (dg = w_tok dgbar[row]); part_b [U, 2F] = per unit sums of du before its rounding
+// Null members: ATen ops (any device; the CPU tests run them).
+constexpr int64_t kLatentPoolUnitTokens = 64;
+struct LatentPoolKernels {
+  void (*geglu_pool_fwd)(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, Tensor& part_g);
+  void (*geglu_pool_bwd)(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, const Tensor& dgbar,
+                         Tensor& part_g, Tensor& part_b);
+};
+
+// Whether the fused CUDA kernels (cuda/latent_pool.cu) have run on a GPU (bench/gpu_check.sh: CUDA tests, memcheck,
+// benchmark); until then auto keeps ATen's elementwise ops and NVEMBED_LATENT_POOL_KERNELS=fused opts in.
+constexpr bool kLatentPoolFusedVerified = false;
+// NVEMBED_LATENT_POOL_KERNELS = auto | aten | fused: "fused" or "aten"; any other value raises an error naming the
+// op and the variable.
+const char* latent_pool_kernel_choice();
+
+// Same contract as latent_pool_fwd_cpu / latent_pool_bwd_cpu (ops.h); arguments already checked. `kernels`: the
+// fused stage's device kernels, null for ATen ops.
 std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
     const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
     const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
+    bool normalize, double eps, const LatentPoolKernels* kernels = nullptr);
 std::vector<Tensor> latent_pool_bwd_aten(
     const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
     const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
+    bool normalize, double eps, const LatentPoolKernels* kernels = nullptr);
 
 }  // namespace nvembed

@@ -1,10 +1,13 @@
-"""The tensor-core CUDA kernels, run on the CPU: tools/cuda_emu builds the kernel bodies with g++ (one std::thread per
+"""The CUDA kernels, run on the CPU: tools/cuda_emu builds the kernel bodies with g++ (one std::thread per
 CUDA thread, emulated ldmatrix / mma.sync / cp.async) and checks them against float64 references:
   * infonce (tools/infonce_emu, csrc/cuda/infonce_tc.cuh): loss, lse and both gradients on awkward shapes, forced
     splits and chunked launches;
   * flash (tools/flash_emu, csrc/cuda/flash_sm80.cuh): attention output, lse, dQ, dK, dV for head dims 32/64/128,
     bf16/fp16, GQA/MQA, tails, varlen with empty sequences, sequences without keys (output 0, lse +inf), negative
-    scale; outputs start as NaN so an unwritten element fails.
+    scale; outputs start as NaN so an unwritten element fails;
+  * latent_pool (tools/latent_pool_emu, csrc/cuda/latent_pool.cu): the fused GEGLU + masked-mean stage, forward and
+    backward, fp32 / bf16 / fp16, vector and scalar paths, units of 1..64 tokens, rows without tokens, more columns
+    than one CTA; rows of u outside every unit must stay untouched.
 Needs g++ (C++20), the CUDA toolkit headers and the nvidia-cutlass wheel; no GPU."""
 import glob
 import importlib.util
@@ -26,7 +29,7 @@ def _have_toolchain():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _have_toolchain(), reason="needs g++, the CUDA headers and the nvidia-cutlass wheel")
-@pytest.mark.parametrize("kernels", ["infonce", "flash"])
+@pytest.mark.parametrize("kernels", ["infonce", "flash", "latent_pool"])
 def test_tensor_core_kernels_emulated(kernels, tmp_path):
     env = dict(os.environ, EMU_BUILD_DIR=str(tmp_path))
     out = subprocess.run([os.path.join(ROOT, "tools", "cuda_emu", "run.sh"), kernels], env=env, capture_output=True,

@@ -400,6 +400,22 @@ def test_aten_path_chunks_and_determinism(path):
     assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
 
 
+def test_kernels_variable_cpu(monkeypatch):
+    """NVEMBED_LATENT_POOL_KERNELS picks the CUDA GEGLU stage (aten | fused | auto) and is checked on the ATen path
+    on CPU tensors too, where both values run ATen's ops; anything else is an error naming the op and the variable."""
+    hs, mask, weights, H = _tiny_args()
+    with impl_path("aten"):
+        outs = []
+        for value in ("auto", "aten", "fused", ""):
+            monkeypatch.setenv("NVEMBED_LATENT_POOL_KERNELS", value)
+            outs.append(OP(hs, mask, *weights, H, True, 1e-5))
+        assert all(torch.equal(o, outs[0]) for o in outs)
+        monkeypatch.setenv("NVEMBED_LATENT_POOL_KERNELS", "cutlass")
+        with pytest.raises(ValueError, match=r"nvembed::latent_pool: NVEMBED_LATENT_POOL_KERNELS must be auto, aten "
+                                             r"or fused, got 'cutlass'"):
+            OP(hs, mask, *weights, H, True, 1e-5)
+
+
 def test_torch_compile_module():
     torch._dynamo.reset()
     torch.manual_seed(3)

@@ -1,7 +1,8 @@
 """nvembed::latent_pool on CUDA (the ATen implementation of csrc/latent_pool_aten.cpp that a CUDA build registers):
 output and all 15 gradients against the float64 reference (computed on the CPU) for bf16 / fp16 / fp32, both
 attention paths, masks with an all-zero row, B=1 / L=1 / odd L; agreement with the CPU op; determinism; opcheck;
-torch.compile; the CUDA-side error messages.
+torch.compile; the CUDA-side error messages. Every test runs twice: with the GEGLU + masked-mean stage on ATen ops
+(aten) and on the fused kernels of csrc/cuda/latent_pool.cu (fused, NVEMBED_LATENT_POOL_KERNELS=fused).
 
 Marked `cuda`; skipped unless a CUDA device is present and the build registers the op for CUDA (the same code runs
 on CPU tensors in test_latent_pool.py through NVEMBED_LATENT_POOL_ATEN=1)."""
@@ -29,6 +30,14 @@ pytestmark = [
 ]
 
 OP = torch.ops.nvembed.latent_pool
+
+
+@pytest.fixture(autouse=True, params=["aten", "fused"])
+def kernels(request, monkeypatch):
+    # read by the launcher on every call
+    monkeypatch.setenv("NVEMBED_LATENT_POOL_KERNELS", request.param)
+    return request.param
+
 # GEMMs run in the input dtype (as the eager layer does), so the low-precision bounds are those of a bf16 / fp16
 # layer; fp32 GEMMs may use TF32 only if the user enabled it (torch's default for matmul is off).
 TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 6e-3}
@@ -83,6 +92,46 @@ def test_matches_cpu_op_and_is_deterministic():
     assert rel_err(outs[0][0], cpu) <= 1e-4
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][2], outs[1][2]))
+
+
+@pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
+def test_chunks_units_and_determinism(path, kernels):
+    """More active tokens than one chunk (4096 at this width), rows cut into many 64-token units, a row across the
+    chunk border, a row without tokens; bf16 (the fused kernels' vector path, F % 4 == 0) and fp32 with an odd F
+    (their scalar path): the reference's output and gradients, the same bits twice."""
+    for dtype, F_ in ((torch.bfloat16, 64), (torch.float32, 13)):
+        B, L, d, N, H, dh = 3, 2600, 32, 8, 2, 16
+        weights = [w.to(dtype) for w in make_weights(d, N, H, dh, F_)]
+        hs = torch.randn(B, L, d, dtype=torch.float64).to(dtype)
+        mask = make_mask("zero_row", B, L)
+        mask[2, :] = True
+        ref, ref_grads = run_with_grads(latent_pool_ref, hs.double(), mask, [w.double() for w in weights], H, True)
+        runs = []
+        with fold_path(path):
+            for _ in range(2):
+                runs.append(run_with_grads(OP, hs.cuda(), mask.cuda(), [w.cuda() for w in weights], H, True))
+        (out, grads), (out2, grads2) = runs
+        assert rel_err(out, ref) <= TOL[dtype], ("out", rel_err(out, ref))
+        for name, g, rg in zip(("hidden_states",) + WEIGHT_NAMES, grads, ref_grads):
+            assert rel_err(g, rg) <= TOL[dtype] * 2, (name, dtype, rel_err(g, rg))
+        assert torch.equal(out, out2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+
+
+def test_fused_matches_aten(kernels, monkeypatch):
+    """The fused stage against ATen's ops on the same GEMM outputs: the same algebra, only the fp32 rounding of the
+    GELU and the order of the per-unit sums differ."""
+    if kernels != "fused":
+        pytest.skip("compares the two")
+    d, N, H, dh, F_ = 64, 16, 4, 64, 256
+    weights = [w.float().cuda() for w in make_weights(d, N, H, dh, F_)]
+    hs = torch.randn(5, 150, d, dtype=torch.float64).float().cuda()
+    mask = make_mask("random", 5, 150).cuda()
+    fused = run_with_grads(OP, hs, mask, weights, H, False)
+    monkeypatch.setenv("NVEMBED_LATENT_POOL_KERNELS", "aten")
+    aten = run_with_grads(OP, hs, mask, weights, H, False)
+    assert rel_err(fused[0], aten[0]) <= 1e-5
+    for name, g, rg in zip(("hidden_states",) + WEIGHT_NAMES, fused[1], aten[1]):
+        assert rel_err(g, rg) <= 1e-5, (name, rel_err(g, rg))
 
 
 def test_opcheck_and_compile():

@@ -125,7 +125,10 @@ struct Converted {
 // tests run without a GPU.
 bool use_aten_path() {
   const char* env = std::getenv("NVEMBED_LATENT_POOL_ATEN");
-  return env != nullptr && std::strcmp(env, "1") == 0;
+  const bool aten = env != nullptr && std::strcmp(env, "1") == 0;
+  // NVEMBED_LATENT_POOL_KERNELS is checked as on CUDA; either value runs ATen ops on CPU tensors (no fused kernels)
+  if (aten) latent_pool_kernel_choice();
+  return aten;
 }
 
 template <typename S>

@@ -1,14 +1,74 @@
-// CUDA registration of nvembed::_latent_pool_{fwd,bwd}: the op's checks, then the device-generic ATen
-// implementation (latent_pool_aten.cpp: cuBLAS GEMMs in the input dtype, folded algebra, chunked recomputation in
-// the backward). Fused CUDA kernels for the layer do not exist yet.
+// CUDA registration of nvembed::_latent_pool_{fwd,bwd}: the op's checks, then the device-generic implementation
+// (latent_pool_aten.cpp: cuBLAS GEMMs in the input dtype, folded algebra, chunked recomputation in the backward) with
+// its GEGLU + masked-mean stage on the fused kernels of latent_pool.cu where NVEMBED_LATENT_POOL_KERNELS picks them
+// (auto: ATen ops until a GPU run has verified the kernels, kLatentPoolFusedVerified).
 #include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include <string_view>
+
 #include "checks.h"
+#include "cuda/latent_pool.cuh"
 #include "latent_pool_aten.h"
 #include "ops.h"
 
 namespace nvembed {
+namespace {
+
+cuda::LatentPoolDType kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return cuda::LatentPoolDType::kFloat32;
+    case at::kBFloat16: return cuda::LatentPoolDType::kBFloat16;
+    case at::kHalf: return cuda::LatentPoolDType::kFloat16;
+    default: TORCH_INTERNAL_ASSERT(false, "nvembed::latent_pool: no fused kernel for ", t);
+  }
+}
+
+cuda::GegluPoolParams geglu_params(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units,
+                                   Tensor& part_g) {
+  TORCH_INTERNAL_ASSERT(u.is_contiguous() && bias.is_contiguous() && w.is_contiguous() && units.is_contiguous() &&
+                        part_g.is_contiguous() && bias.scalar_type() == at::kFloat &&
+                        w.scalar_type() == at::kFloat && units.scalar_type() == at::kInt &&
+                        part_g.scalar_type() == at::kFloat && u.size(1) % 2 == 0);
+  cuda::GegluPoolParams p{};
+  p.u = u.data_ptr();
+  p.bias = bias.data_ptr<float>();
+  p.w = w.data_ptr<float>();
+  p.units = units.data_ptr<int32_t>();
+  p.part_g = part_g.data_ptr<float>();
+  p.dtype = kernel_dtype(u.scalar_type());
+  p.U = units.size(0);
+  p.F = u.size(1) / 2;
+  p.vec4 = p.F % 4 == 0 && reinterpret_cast<uintptr_t>(p.u) % 16 == 0;
+  return p;
+}
+
+void cuda_geglu_pool_fwd(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, Tensor& part_g) {
+  const cuda::GegluPoolParams p = geglu_params(u, bias, w, units, part_g);
+  cuda::geglu_pool_fwd_launch(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void cuda_geglu_pool_bwd(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, const Tensor& dgbar,
+                         Tensor& part_g, Tensor& part_b) {
+  cuda::GegluPoolParams p = geglu_params(u, bias, w, units, part_g);
+  TORCH_INTERNAL_ASSERT(dgbar.is_contiguous() && dgbar.scalar_type() == at::kFloat && part_b.is_contiguous() &&
+                        part_b.scalar_type() == at::kFloat);
+  p.dgbar = dgbar.data_ptr<float>();
+  p.part_b = part_b.data_ptr<float>();
+  cuda::geglu_pool_bwd_launch(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+constexpr LatentPoolKernels kFusedKernels{&cuda_geglu_pool_fwd, &cuda_geglu_pool_bwd};
+
+const LatentPoolKernels* chosen_kernels() {
+  return std::string_view(latent_pool_kernel_choice()) == "fused" ? &kFusedKernels : nullptr;
+}
+
+}  // namespace
 
 std::tuple<Tensor, Tensor> latent_pool_fwd_cuda(
     const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
@@ -24,7 +84,7 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_cuda(
   return latent_pool_fwd_aten(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
                               norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
                               ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, normalize,
-                              eps);
+                              eps, chosen_kernels());
 }
 
 std::vector<Tensor> latent_pool_bwd_cuda(
@@ -43,7 +103,7 @@ std::vector<Tensor> latent_pool_bwd_cuda(
   return latent_pool_bwd_aten(grad_out, pooled, hidden_states, pool_mask, latents, norm_weight, norm_bias,
                               norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
                               ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
-                              num_heads, normalize, eps);
+                              num_heads, normalize, eps, chosen_kernels());
 }
 
 }  // namespace nvembed

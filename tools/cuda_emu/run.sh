@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 if [ ! -x "$OUT/emu" ] || [ -n "$(find "$SRC" csrc/cuda tools/cuda_emu -newer "$OUT/emu" \( -name '*.c*' -o -name '*.h' -o -name '*.sh' \))" ]; then
   # -fno-strict-aliasing: CuTe reinterprets register fragments (bf16 pairs as the uint32 mma operands); legal for
   # nvcc's register model, undefined for a host compiler, and g++ -O2 miscompiles it without the flag.
-  ${CXX:-g++} -std=c++20 -O2 -fno-strict-aliasing -pthread -Wall -Wno-unused-variable -Wno-unused-but-set-variable -Wno-maybe-uninitialized -Wno-uninitialized \
+  ${CXX:-g++} -std=c++20 -O2 -fno-strict-aliasing -pthread -Wall -Wno-unused-variable -Wno-unused-but-set-variable -Wno-maybe-uninitialized -Wno-uninitialized -Wno-unknown-pragmas \
     -Icsrc -Itools -isystem "$CUTLASS" -isystem "$CUDA_HOME/include" -isystem "$CUDA_HOME/include/cccl" \
     "$SRC" -o "$OUT/emu"
 fi
