@@ -124,7 +124,8 @@ step infonce_profile 60 python3 bench/gpu_profile_infonce.py
 #    flash fwd + bwd of every instantiation, sm80 and Hopper (bench/sanitize_flash.py); InfoNCE's tensor-core path
 #    (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass; d % 8 != 0 through the padded copy; the
 #    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward; the blocked-GEMM backward;
-#    latent_pool's fused GEGLU stage (csrc/cuda/latent_pool.cu: vector and scalar paths, units cut at 64 tokens).
+#    latent_pool's fused stages (csrc/cuda/latent_pool.cu: LayerNorm rows, softmax rows, GEGLU's vector and scalar
+#    paths, units cut at 64 tokens).
 cat > "$LOGS/sanitizer_cases.py" <<'PY'
 import os
 import torch

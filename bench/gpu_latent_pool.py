@@ -20,9 +20,9 @@ to the hidden states and all 14 weights):
            dynamic=False). A compile failure is recorded in the note column ("unavailable: ..."), not fatal. The
            first call per grad mode (the compilation) is reported in the note.
   nvembed  nvembed.LatentAttentionPooling (its forward: torch.ops.nvembed.latent_pool on the module's parameters),
-           on CUDA the ATen implementation (csrc/latent_pool_aten.cpp) with its GEGLU + masked-mean stage on ATen
-           ops (NVEMBED_LATENT_POOL_KERNELS=aten).
-  nvembed-fused  the same with that stage on the fused kernels of csrc/cuda/latent_pool.cu
+           on CUDA the ATen implementation (csrc/latent_pool_aten.cpp) with its elementwise stages (LayerNorms,
+           softmax, GEGLU + masked mean) on ATen ops (NVEMBED_LATENT_POOL_KERNELS=aten).
+  nvembed-fused  the same with those stages on the fused kernels of csrc/cuda/latent_pool.cu
            (NVEMBED_LATENT_POOL_KERNELS=fused; on CPU tensors both run ATen ops).
 Masks: "all" (every token pooled) and "padded" (right-padded rows of uniform random length in [L/4, L], the first
 row full, and the first 16 positions - an instruction - left out of pooling, as encode() builds them). The eager

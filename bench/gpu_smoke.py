@@ -189,7 +189,7 @@ def main():
     run_case("infonce gemm-bwd bfloat16 B=2048 G=8 d=1024 inb", torch.bfloat16,
              infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
     os.environ.pop("NVEMBED_INFONCE_BWD")
-    for kernels in ("aten", "fused"):  # the GEGLU + masked-mean stage on ATen ops / on csrc/cuda/latent_pool.cu
+    for kernels in ("aten", "fused"):  # elementwise stages: ATen ops / csrc/cuda/latent_pool.cu
         os.environ["NVEMBED_LATENT_POOL_KERNELS"] = kernels
         for dtype in (torch.bfloat16, torch.float32):
             run_case(f"latent_pool {kernels} {str(dtype)[6:]} B=3 L=37 d=64 N=16 H=2", dtype,

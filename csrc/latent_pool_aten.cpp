@@ -1,6 +1,7 @@
-// nvembed::latent_pool on any device through ATen (cuBLAS GEMMs and ATen's LayerNorm / softmax / GELU kernels on
-// CUDA): the CUDA implementation until fused kernels exist, and the same code on CPU tensors for its tests
-// (NVEMBED_LATENT_POOL_ATEN=1 routes the CPU op here). Same algebra as the CPU kernel (cpu/latent_pool.h):
+// nvembed::latent_pool on any device: GEMMs through ATen (cuBLAS on CUDA), the elementwise stages between them
+// through LatentPoolKernels (the fused kernels of cuda/latent_pool.cu, or ATen's LayerNorm / softmax / GELU ops): the
+// CUDA implementation, and the same code on CPU tensors for its tests (NVEMBED_LATENT_POOL_ATEN=1 routes the CPU op
+// here, with the ATen stages). Same algebra as the CPU kernel (cpu/latent_pool.h):
 //   * K / V of the latents once per call; the query and output projections folded into them when the cost model
 //     says so (the release's dim_head = d: ~9x fewer attention FLOPs per token): scores = xn Kx^T, attn = P Cx;
 //   * the last feed-forward matrix applied after the masked mean ([B, F] GEMM instead of [T, F]);
@@ -15,10 +16,10 @@
 // activations, LayerNorm, softmax, GELU, the pooled sums and every gradient accumulation are fp32 (fp64 for fp64
 // inputs). The masked mean is a [B, t] x [t, *] GEMM per chunk, not a scatter-add: chunks run in order and no
 // atomics are involved, so repeated calls give the same bits.
-// The GEGLU + masked mean of the feed-forward's [t, 2F] input, the widest tensor of the layer, is one stage with a
-// fixed contract (LatentPoolKernels in the header): the fused CUDA kernels of cuda/latent_pool.cu (one read of u,
-// per-unit partial sums; NVEMBED_LATENT_POOL_KERNELS) or the ATen ops below; both reduce the units of a batch row
-// with a small GEMM.
+// Stages with a fixed contract (LatentPoolKernels in the header), fused CUDA kernels or the ATen ops below
+// (NVEMBED_LATENT_POOL_KERNELS): the gather of a chunk's tokens + LayerNorm, the softmax over the latents, the
+// residual + LayerNorm, and the GEGLU + masked mean of the feed-forward's [t, 2F] input, the widest tensor of the
+// layer (fused: one read of u, per-unit partial sums that a small GEMM adds per batch row).
 #include "latent_pool_aten.h"
 
 #include <ATen/ATen.h>
@@ -97,7 +98,8 @@ void add_mm(Tensor& out, const Tensor& a, const Tensor& b, at::ScalarType io, at
 Layer setup(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tensor& latents, const Tensor& norm_w,
             const Tensor& norm_b, const Tensor& ctx_w, const Tensor& ctx_b, const Tensor& wq, const Tensor& wkv,
             const Tensor& wo, const Tensor& ff_norm_w, const Tensor& ff_norm_b, const Tensor& ff_in_w,
-            const Tensor& ff_in_b, const Tensor& ff_out_w, const Tensor& ff_out_b, int64_t num_heads, double eps) {
+            const Tensor& ff_in_b, const Tensor& ff_out_w, const Tensor& ff_out_b, int64_t num_heads, double eps,
+            bool fused) {
   Layer s;
   s.io = hs.scalar_type();
   s.acc = s.io == at::kDouble ? at::kDouble : at::kFloat;
@@ -134,8 +136,14 @@ Layer setup(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tens
     s.kx_io = at::matmul(s.kh_io, s.wq.view({s.H, s.dh, s.d})).reshape({s.H * s.N, s.d});
     s.cx_io = at::matmul(s.vh_io, s.wo.view({s.d, s.H, s.dh}).permute({1, 2, 0})).reshape({s.H * s.N, s.d});
   }
-  const int64_t width = std::max({2 * s.F, s.I, s.H * s.N});
-  s.chunk = std::clamp(kChunkElems / width, kMinRows, kMaxChunkTokens);
+  // The widest per-token rows a chunk allocates, in acc elements. ATen's GEGLU stage holds u [t, 2F] in acc; the
+  // fused kernels work in u's io buffer (half the bytes for bf16 / fp16) and the folded path has no [t, I] rows, so
+  // at NV-Embed-v2 size their chunks are 4096 tokens instead of 2048: half as many read-modify-writes of the
+  // [2F, d] fp32 d_ff_in_w accumulator (1.5 GB of traffic per chunk there) in no more memory than ATen's 2048.
+  const int64_t io_bytes = c10::elementSize(s.io), acc_bytes = c10::elementSize(s.acc);
+  const int64_t width = fused ? std::max({2 * s.F * io_bytes / acc_bytes, s.fold ? 0 : s.I, s.H * s.N, s.d})
+                              : std::max({2 * s.F, s.I, s.H * s.N});
+  s.chunk = std::clamp(kChunkElems / std::max<int64_t>(width, 1), kMinRows, kMaxChunkTokens);
 
   // Units: the active tokens of each batch row are consecutive in flat order; cut them at chunk borders and every
   // kLatentPoolUnitTokens tokens (one host copy of the B row counts; the nonzero above synchronized already).
@@ -160,41 +168,46 @@ Layer setup(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tens
   return s;
 }
 
-// One chunk of active tokens up to the feed-forward's input z, recomputed in the backward.
+// One chunk of active tokens up to the feed-forward's input z, recomputed in the backward. GEMM operands are kept
+// in io (xn, p_io, z: what the next GEMMs read), the LayerNorm backward's inputs and the softmax output in acc.
 struct Acts {
-  Tensor x, xn, xn_mean, xn_rstd;
-  Tensor q;  // [t, I], unfolded path only
-  Tensor p;  // [t, H, N] softmax
-  Tensor o;  // [t, I], unfolded path only
-  Tensor y1, z, z_mean, z_rstd;
+  Tensor x, xn, xn_mean, xn_rstd;  // x acc, xn io
+  Tensor q;                        // [t, I] acc, unfolded path only
+  Tensor p, p_io;                  // [t, H, N] softmax: acc (backward only) and io
+  Tensor o;                        // [t, I] acc, unfolded path only
+  Tensor y1, z, z_mean, z_rstd;    // y1 acc, z io
 };
 
-Acts token_forward(const Layer& s, const Tensor& x_flat, const Tensor& idx) {
+Acts token_forward(const Layer& s, const LatentPoolKernels& k, const Tensor& x_flat, const Tensor& idx,
+                   bool backward) {
   Acts a;
   const int64_t t = idx.size(0);
-  a.x = x_flat.index_select(0, idx).to(s.acc);
-  auto ln = at::native_layer_norm(a.x, {s.d}, s.norm_w, s.norm_b, s.eps);
-  a.xn = std::get<0>(ln), a.xn_mean = std::get<1>(ln), a.xn_rstd = std::get<2>(ln);
-  Tensor scores;  // [t, H, N]
+  LatentPoolRows l1 = k.gather_layer_norm(x_flat, idx, s.norm_w, s.norm_b, s.eps);
+  a.x = std::move(l1.input), a.xn = std::move(l1.normed), a.xn_mean = std::move(l1.mean);
+  a.xn_rstd = std::move(l1.rstd);
+  // scores in io, softmax rows of N: [t, H, N] folded, [H, t, N] plain
+  Tensor scores;
   if (s.fold) {
-    scores = at::matmul(a.xn.to(s.io), s.kx_io.t()).to(s.acc).view({t, s.H, s.N});
+    scores = at::matmul(a.xn, s.kx_io.t());
   } else {
     a.q = mm(a.xn, s.wq.t(), s.io, s.acc);
-    scores = at::matmul(a.q.view({t, s.H, s.dh}).transpose(0, 1).to(s.io), s.kh_io.transpose(1, 2))
-                 .to(s.acc)
-                 .transpose(0, 1);
+    scores = at::matmul(a.q.view({t, s.H, s.dh}).transpose(0, 1).to(s.io), s.kh_io.transpose(1, 2));
   }
-  a.p = at::softmax(scores * s.scale, -1);
-  Tensor attn;
+  auto [p_io, p] = k.softmax(scores.view({-1, s.N}), s.scale, backward);
+  scores.reset();
+  const std::vector<int64_t> shape = s.fold ? std::vector<int64_t>{t, s.H, s.N} : std::vector<int64_t>{s.H, t, s.N};
+  a.p_io = s.fold ? p_io.view(shape) : p_io.view(shape).transpose(0, 1);
+  if (p.defined()) a.p = s.fold ? p.view(shape) : p.view(shape).transpose(0, 1);
+  Tensor attn;  // io
   if (s.fold) {
-    attn = at::matmul(a.p.reshape({t, s.H * s.N}).to(s.io), s.cx_io).to(s.acc);
+    attn = at::matmul(a.p_io.reshape({t, s.H * s.N}), s.cx_io);
   } else {
-    a.o = at::matmul(a.p.transpose(0, 1).to(s.io), s.vh_io).to(s.acc).transpose(0, 1).reshape({t, s.I});
-    attn = mm(a.o, s.wo.t(), s.io, s.acc);
+    a.o = at::matmul(a.p_io.transpose(0, 1), s.vh_io).to(s.acc).transpose(0, 1).reshape({t, s.I});
+    attn = at::matmul(a.o.to(s.io), s.wo.t());
   }
-  a.y1 = attn + a.x;
-  auto ln2 = at::native_layer_norm(a.y1, {s.d}, s.ff_norm_w, s.ff_norm_b, s.eps);
-  a.z = std::get<0>(ln2), a.z_mean = std::get<1>(ln2), a.z_rstd = std::get<2>(ln2);
+  LatentPoolRows l2 = k.residual_layer_norm(attn, a.x, s.ff_norm_w, s.ff_norm_b, s.eps);
+  a.y1 = std::move(l2.input), a.z = std::move(l2.normed), a.z_mean = std::move(l2.mean);
+  a.z_rstd = std::move(l2.rstd);
   return a;
 }
 
@@ -253,7 +266,30 @@ void aten_geglu_pool_bwd(Tensor& u, const Tensor& bias, const Tensor& w, const T
   u = uf.to(io);
 }
 
-constexpr LatentPoolKernels kAtenKernels{&aten_geglu_pool_fwd, &aten_geglu_pool_bwd};
+LatentPoolRows aten_gather_layer_norm(const Tensor& x_flat, const Tensor& idx, const Tensor& w, const Tensor& b,
+                                      double eps) {
+  Tensor x = x_flat.index_select(0, idx).to(w.scalar_type());
+  auto [y, mean, rstd] = at::native_layer_norm(x, {x.size(1)}, w, b, eps);
+  return {std::move(x), y.to(x_flat.scalar_type()), std::move(mean), std::move(rstd)};
+}
+
+LatentPoolRows aten_residual_layer_norm(const Tensor& attn, const Tensor& x, const Tensor& w, const Tensor& b,
+                                        double eps) {
+  Tensor y1 = attn.to(x.scalar_type()).add_(x);
+  auto [y, mean, rstd] = at::native_layer_norm(y1, {y1.size(1)}, w, b, eps);
+  return {std::move(y1), y.to(attn.scalar_type()), std::move(mean), std::move(rstd)};
+}
+
+std::pair<Tensor, Tensor> aten_softmax(const Tensor& scores, double scale, bool want_acc) {
+  const at::ScalarType acc = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor p = at::softmax(scores.to(acc) * scale, -1);
+  Tensor p_io = p.to(scores.scalar_type());
+  if (!want_acc) p.reset();
+  return {std::move(p_io), std::move(p)};
+}
+
+constexpr LatentPoolKernels kAtenKernels{&aten_geglu_pool_fwd, &aten_geglu_pool_bwd, &aten_gather_layer_norm,
+                                         &aten_residual_layer_norm, &aten_softmax};
 
 // [B, U]: 1 where unit k belongs to batch row b (adds the units' partial sums per row)
 Tensor unit_rows(const Layer& s, const Tensor& units) {
@@ -290,14 +326,14 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
   const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   const Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
                         norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias,
-                        ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps);
-  const Tensor x_flat = hidden_states.reshape({s.B * s.L, s.d});
+                        ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps, kernels != nullptr);
+  const Tensor x_flat = hidden_states.reshape({s.B * s.L, s.d}).contiguous();  // the row kernels' gather
   Tensor gbar = at::zeros({s.B, s.F}, x_flat.options().dtype(s.acc));
   Tensor ybar = at::zeros({s.B, s.d}, x_flat.options().dtype(s.acc));
   for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w, const Tensor& units) {
     Tensor z;
     {
-      const Acts a = token_forward(s, x_flat, idx);
+      const Acts a = token_forward(s, k, x_flat, idx, /*backward=*/false);
       ybar.add_(at::matmul(pool_matrix(s, batch, w), a.y1));
       z = a.z;
     }
@@ -324,9 +360,9 @@ std::vector<Tensor> latent_pool_bwd_aten(
   const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias,
                   to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias,
-                  ff_out_weight, ff_out_bias, num_heads, eps);
+                  ff_out_weight, ff_out_bias, num_heads, eps, kernels != nullptr);
   const auto opts = hidden_states.options().dtype(s.acc);
-  const Tensor x_flat = hidden_states.reshape({s.B * s.L, s.d});
+  const Tensor x_flat = hidden_states.reshape({s.B * s.L, s.d}).contiguous();  // the row kernels' gather
 
   // through the normalization: F.normalize(p) = p / max(|p|, 1e-12)
   const Tensor go = grad_out.to(s.acc), pl = pooled.to(s.acc);
@@ -359,7 +395,7 @@ std::vector<Tensor> latent_pool_bwd_aten(
 
   for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w, const Tensor& units) {
     const int64_t t = idx.size(0);
-    Acts a = token_forward(s, x_flat, idx);
+    Acts a = token_forward(s, k, x_flat, idx, /*backward=*/true);
     Tensor dy1 = at::matmul(pool_matrix(s, batch, w).t(), gp);  // [t, d]
     Tensor du = ff_in(s, a.z);                                  // [t, 2F] io: u, then du in its place
     {
@@ -381,12 +417,12 @@ std::vector<Tensor> latent_pool_bwd_aten(
     Tensor dp;  // [t, H, N]
     if (s.fold) {
       dp = mm(dy1, s.cx_io.t(), s.io, s.acc).view({t, s.H, s.N});
-      add_mm(d_cx, a.p.reshape({t, s.H * s.N}).t(), dy1, s.io, s.acc);
+      add_mm(d_cx, a.p_io.reshape({t, s.H * s.N}).t(), dy1, s.io, s.acc);
     } else {
       add_mm(d_wo, dy1.t(), a.o, s.io, s.acc);
       const Tensor doh = mm(dy1, s.wo, s.io, s.acc).view({t, s.H, s.dh}).transpose(0, 1);  // [H, t, dh]
       dp = at::matmul(doh.to(s.io), s.vh_io.transpose(1, 2)).to(s.acc).transpose(0, 1);
-      d_vh.add_(at::matmul(a.p.permute({1, 2, 0}).to(s.io), doh.to(s.io)).to(s.acc));  // [H, N, dh]
+      d_vh.add_(at::matmul(a.p_io.permute({1, 2, 0}), doh.to(s.io)).to(s.acc));  // [H, N, dh]
     }
     const Tensor ds = at::_softmax_backward_data(dp, a.p, -1, s.acc) * s.scale;  // [t, H, N]
     Tensor dxn;

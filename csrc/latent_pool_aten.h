@@ -5,6 +5,7 @@
 
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 namespace nvembed {
@@ -38,12 +39,26 @@ bool latent_pool_fold_override(bool cost_model_choice);
 //                   overwritten)
 //   geglu_pool_bwd: the same part_g; u replaced by du = [dg gelu(gate) | dg a gelu'(gate)] in the input dtype
 //                   (dg = w_tok dgbar[row]); part_b [U, 2F] = per unit sums of du before its rounding
-// Null members: ATen ops (any device; the CPU tests run them).
+// The token path's row stages (contracts: cuda/latent_pool.cuh), statistics in the accumulation dtype acc (that of
+// w / x), normalized rows in the input dtype io (the next GEMM's operand):
+//   gather_layer_norm:   x = x_flat[idx] -> {x (acc), LN(x) (io), mean, rstd ([t, 1] acc)}
+//   residual_layer_norm: y1 = attn (io) + x (acc) -> {y1 (acc), LN(y1) (io), mean, rstd}
+//   softmax:             rows of scores (io, [R, n] contiguous) -> {p (io), p (acc) if want_acc, else undefined},
+//                        p = softmax(scale * scores) per row
+// The ATen versions (kAtenKernels in latent_pool_aten.cpp) serve CPU tensors and CUDA unless fused.
 constexpr int64_t kLatentPoolUnitTokens = 64;
+struct LatentPoolRows {
+  Tensor input, normed, mean, rstd;
+};
 struct LatentPoolKernels {
   void (*geglu_pool_fwd)(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, Tensor& part_g);
   void (*geglu_pool_bwd)(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, const Tensor& dgbar,
                          Tensor& part_g, Tensor& part_b);
+  LatentPoolRows (*gather_layer_norm)(const Tensor& x_flat, const Tensor& idx, const Tensor& w, const Tensor& b,
+                                      double eps);
+  LatentPoolRows (*residual_layer_norm)(const Tensor& attn, const Tensor& x, const Tensor& w, const Tensor& b,
+                                        double eps);
+  std::pair<Tensor, Tensor> (*softmax)(const Tensor& scores, double scale, bool want_acc);
 };
 
 // Whether the fused CUDA kernels (cuda/latent_pool.cu) have run on a GPU (bench/gpu_check.sh: CUDA tests, memcheck,

@@ -7,7 +7,8 @@ CUDA thread, emulated ldmatrix / mma.sync / cp.async) and checks them against fl
     scale; outputs start as NaN so an unwritten element fails;
   * latent_pool (tools/latent_pool_emu, csrc/cuda/latent_pool.cu): the fused GEGLU + masked-mean stage, forward and
     backward, fp32 / bf16 / fp16, vector and scalar paths, units of 1..64 tokens, rows without tokens, more columns
-    than one CTA; rows of u outside every unit must stay untouched.
+    than one CTA, rows of u outside every unit untouched; LayerNorm rows with a gather / a residual (d = 1 .. 1000);
+    softmax rows (n = 1 .. 512, partial last CTA, with and without the fp32 copy).
 Needs g++ (C++20), the CUDA toolkit headers and the nvidia-cutlass wheel; no GPU."""
 import glob
 import importlib.util

@@ -401,7 +401,7 @@ def test_aten_path_chunks_and_determinism(path):
 
 
 def test_kernels_variable_cpu(monkeypatch):
-    """NVEMBED_LATENT_POOL_KERNELS picks the CUDA GEGLU stage (aten | fused | auto) and is checked on the ATen path
+    """NVEMBED_LATENT_POOL_KERNELS picks the CUDA elementwise stages (aten | fused | auto) and is checked on the ATen path
     on CPU tensors too, where both values run ATen's ops; anything else is an error naming the op and the variable."""
     hs, mask, weights, H = _tiny_args()
     with impl_path("aten"):

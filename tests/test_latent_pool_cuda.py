@@ -1,8 +1,9 @@
 """nvembed::latent_pool on CUDA (the ATen implementation of csrc/latent_pool_aten.cpp that a CUDA build registers):
 output and all 15 gradients against the float64 reference (computed on the CPU) for bf16 / fp16 / fp32, both
 attention paths, masks with an all-zero row, B=1 / L=1 / odd L; agreement with the CPU op; determinism; opcheck;
-torch.compile; the CUDA-side error messages. Every test runs twice: with the GEGLU + masked-mean stage on ATen ops
-(aten) and on the fused kernels of csrc/cuda/latent_pool.cu (fused, NVEMBED_LATENT_POOL_KERNELS=fused).
+torch.compile; the CUDA-side error messages. Every test runs twice: with the elementwise stages (gather + LayerNorm,
+softmax, residual + LayerNorm, GEGLU + masked mean) on ATen ops (aten) and on the fused kernels of
+csrc/cuda/latent_pool.cu (fused, NVEMBED_LATENT_POOL_KERNELS=fused).
 
 Marked `cuda`; skipped unless a CUDA device is present and the build registers the op for CUDA (the same code runs
 on CPU tensors in test_latent_pool.py through NVEMBED_LATENT_POOL_ATEN=1)."""
@@ -118,8 +119,8 @@ def test_chunks_units_and_determinism(path, kernels):
 
 
 def test_fused_matches_aten(kernels, monkeypatch):
-    """The fused stage against ATen's ops on the same GEMM outputs: the same algebra, only the fp32 rounding of the
-    GELU and the order of the per-unit sums differ."""
+    """The fused stages against ATen's ops in fp32: the same algebra; the rounding of GELU / exp, the LayerNorm
+    statistics (two passes vs Welford) and the order of the per-unit sums differ."""
     if kernels != "fused":
         pytest.skip("compares the two")
     d, N, H, dh, F_ = 64, 16, 4, 64, 256

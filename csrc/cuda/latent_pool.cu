@@ -1,10 +1,13 @@
-// CUDA latent pooling: the fused GEGLU + masked-mean stage of a token chunk (contract in latent_pool.cuh). The
-// GEMMs of the layer stay cuBLAS (latent_pool_aten.cpp); this file replaces the elementwise passes over the
-// feed-forward's [t, 2F] input, the widest tensor of the layer (2F = 32768 at NV-Embed-v2 size).
-//
-// One CTA per (unit, 1024 columns): each thread owns 4 columns j (vector loads of u's a-half and gate-half) and
-// walks the unit's <= kUnitTokens tokens in order, keeping its fp32 sums in registers; every output element has one
-// owner, so there is no shared memory, no atomics and no cross-thread reduction.
+// CUDA latent pooling: the fused elementwise stages of a token chunk (contracts in latent_pool.cuh). The GEMMs of
+// the layer stay cuBLAS (latent_pool_aten.cpp); these kernels replace the chains of ATen passes between them:
+//   * GEGLU + masked mean over the feed-forward's [t, 2F] input, the widest tensor of the layer (2F = 32768 at
+//     NV-Embed-v2 size). One CTA per (unit, 1024 columns): each thread owns 4 columns j (vector loads of u's a-half
+//     and gate-half) and walks the unit's <= 64 tokens in order, keeping its fp32 sums in registers; every output
+//     element has one owner: no shared memory, no atomics, no cross-thread reduction.
+//   * LayerNorm with its input fused (the gather of the chunk's tokens; the attention residual): one CTA per row,
+//     one read of the input, fp32 statistics, the normalized row written once in the input dtype for the next GEMM.
+//   * softmax over the latents of each (token, head): one warp per row, the GEMM's io scores in, io (and, for the
+//     backward, fp32) probabilities out.
 // Torch-free on purpose (no ATen headers); tools/latent_pool_emu compiles this file with g++ and runs it on the CPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -26,6 +29,17 @@ __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float
 __device__ __forceinline__ void from_f(float x, float* out) { *out = x; }
 __device__ __forceinline__ void from_f(float x, __half* out) { *out = __float2half_rn(x); }
 __device__ __forceinline__ void from_f(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
 
 template <typename T, int V>
 struct alignas(V * sizeof(T)) Pack {
@@ -113,9 +127,108 @@ void launch(const GegluPoolParams& p, cudaStream_t stream) {
   }
 }
 
+// ---- row kernels -----------------------------------------------------------------------------------------------
+
+constexpr int kRowThreads = 256, kRowWarps = kRowThreads / 32;
+
+// The CTA's sum, in every thread; `red` [kRowWarps] shared, free again when this returns.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) red[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kRowWarps; ++w) total += red[w];
+  __syncthreads();
+  return total;
+}
+
+// v_out holds the row's inputs after the first pass; each thread reads back only the elements it wrote.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) row_layer_norm_kernel(const RowLayerNormParams p) {
+  __shared__ float red[kRowWarps];
+  const int64_t r = blockIdx.x, d = p.d;
+  const T* __restrict__ src = static_cast<const T*>(p.src) + (p.res != nullptr ? r : p.idx[r]) * d;
+  float* __restrict__ v = p.v_out + r * d;
+  float sum = 0.f;
+  if (p.res != nullptr) {
+    const float* __restrict__ res = p.res + r * d;
+    for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
+      const float x = to_f(src[j]) + res[j];
+      v[j] = x;
+      sum += x;
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
+      const float x = to_f(src[j]);
+      v[j] = x;
+      sum += x;
+    }
+  }
+  const float mean = block_sum(sum, red) / static_cast<float>(d);
+  float sq = 0.f;
+  for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
+    const float c = v[j] - mean;
+    sq += c * c;
+  }
+  const float rstd = 1.f / sqrtf(block_sum(sq, red) / static_cast<float>(d) + p.eps);
+  T* __restrict__ out = static_cast<T*>(p.normed) + r * d;
+  for (int64_t j = threadIdx.x; j < d; j += kRowThreads) from_f((v[j] - mean) * rstd * p.w[j] + p.b[j], &out[j]);
+  if (threadIdx.x == 0) {
+    p.mean[r] = mean;
+    p.rstd[r] = rstd;
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) row_softmax_kernel(const RowSoftmaxParams p) {
+  const int64_t r = static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / 32;
+  if (r >= p.rows) return;  // the whole warp: the kernel has no CTA barrier
+  const int lane = threadIdx.x % 32;
+  const int64_t n = p.n;
+  const T* __restrict__ s = static_cast<const T*>(p.scores) + r * n;
+  float m = -INFINITY;
+  for (int64_t j = lane; j < n; j += 32) m = fmaxf(m, to_f(s[j]) * p.scale);
+  m = warp_max(m);
+  float sum = 0.f;
+  for (int64_t j = lane; j < n; j += 32) sum += expf(to_f(s[j]) * p.scale - m);
+  const float inv = 1.f / warp_sum(sum);
+  T* __restrict__ out = static_cast<T*>(p.p_io) + r * n;
+  float* __restrict__ acc = p.p_acc != nullptr ? p.p_acc + r * n : nullptr;
+  for (int64_t j = lane; j < n; j += 32) {
+    const float e = expf(to_f(s[j]) * p.scale - m) * inv;
+    from_f(e, &out[j]);
+    if (acc != nullptr) acc[j] = e;
+  }
+}
+
 }  // namespace
 
 void geglu_pool_fwd_launch(const GegluPoolParams& p, cudaStream_t stream) { launch<false>(p, stream); }
 void geglu_pool_bwd_launch(const GegluPoolParams& p, cudaStream_t stream) { launch<true>(p, stream); }
+
+void row_layer_norm_launch(const RowLayerNormParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.d == 0) return;
+  const unsigned blocks = static_cast<unsigned>(p.rows);
+  switch (p.dtype) {
+    case LatentPoolDType::kFloat32: NVE_LAUNCH2(row_layer_norm_kernel<float>, blocks, kRowThreads, stream, p); break;
+    case LatentPoolDType::kBFloat16:
+      NVE_LAUNCH2(row_layer_norm_kernel<__nv_bfloat16>, blocks, kRowThreads, stream, p);
+      break;
+    case LatentPoolDType::kFloat16: NVE_LAUNCH2(row_layer_norm_kernel<__half>, blocks, kRowThreads, stream, p); break;
+  }
+}
+
+void row_softmax_launch(const RowSoftmaxParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.n == 0) return;
+  const unsigned blocks = static_cast<unsigned>((p.rows + kRowWarps - 1) / kRowWarps);
+  switch (p.dtype) {
+    case LatentPoolDType::kFloat32: NVE_LAUNCH2(row_softmax_kernel<float>, blocks, kRowThreads, stream, p); break;
+    case LatentPoolDType::kBFloat16:
+      NVE_LAUNCH2(row_softmax_kernel<__nv_bfloat16>, blocks, kRowThreads, stream, p);
+      break;
+    case LatentPoolDType::kFloat16: NVE_LAUNCH2(row_softmax_kernel<__half>, blocks, kRowThreads, stream, p); break;
+  }
+}
 
 }  // namespace nvembed::cuda

@@ -36,4 +36,40 @@ struct GegluPoolParams {
 void geglu_pool_fwd_launch(const GegluPoolParams& p, cudaStream_t stream);
 void geglu_pool_bwd_launch(const GegluPoolParams& p, cudaStream_t stream);
 
+// ---- row kernels of the token path: LayerNorm fused with its input (a gather / the residual), the softmax over
+// the latents. Rows are contiguous; statistics in fp32 (two passes over the row: mean, then the mean square of the
+// deviations, as a biased variance), outputs rounded once. ----
+
+// One CTA per row r < rows (d columns):
+//   gather   (res == nullptr): v = src[idx[r], :]                      (src: [*, d] `dtype`)
+//   residual (res != nullptr): v = src[r, :] + res[r, :], written to v_out   (src: [rows, d] `dtype`, res fp32)
+//   gather: v_out[r, :] = v as fp32 too (the LayerNorm backward's input and the residual's other term)
+//   normed[r, :] = (v - mean) * rstd * w + b  in `dtype`;  mean[r], rstd[r] = 1 / sqrt(var + eps)
+struct RowLayerNormParams {
+  const void* src;
+  const int64_t* idx;  // gather only
+  const float* res;    // residual only
+  const float* w;
+  const float* b;
+  float* v_out;   // [rows, d] fp32
+  void* normed;   // [rows, d] `dtype`
+  float* mean;    // [rows]
+  float* rstd;    // [rows]
+  LatentPoolDType dtype;
+  int64_t rows, d;
+  float eps;
+};
+void row_layer_norm_launch(const RowLayerNormParams& p, cudaStream_t stream);
+
+// One warp per row of n: p = softmax(scale * scores[r, :]) into p_io (`dtype`) and, if not null, p_acc (fp32).
+struct RowSoftmaxParams {
+  const void* scores;  // [rows, n] `dtype`
+  void* p_io;          // [rows, n] `dtype`
+  float* p_acc;        // [rows, n] fp32 or null
+  LatentPoolDType dtype;
+  int64_t rows, n;
+  float scale;
+};
+void row_softmax_launch(const RowSoftmaxParams& p, cudaStream_t stream);
+
 }  // namespace nvembed::cuda

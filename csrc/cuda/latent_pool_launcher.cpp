@@ -1,6 +1,6 @@
 // CUDA registration of nvembed::_latent_pool_{fwd,bwd}: the op's checks, then the device-generic implementation
 // (latent_pool_aten.cpp: cuBLAS GEMMs in the input dtype, folded algebra, chunked recomputation in the backward) with
-// its GEGLU + masked-mean stage on the fused kernels of latent_pool.cu where NVEMBED_LATENT_POOL_KERNELS picks them
+// its elementwise stages on the fused kernels of latent_pool.cu where NVEMBED_LATENT_POOL_KERNELS picks them
 // (auto: ATen ops until a GPU run has verified the kernels, kLatentPoolFusedVerified).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -62,7 +62,65 @@ void cuda_geglu_pool_bwd(Tensor& u, const Tensor& bias, const Tensor& w, const T
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-constexpr LatentPoolKernels kFusedKernels{&cuda_geglu_pool_fwd, &cuda_geglu_pool_bwd};
+// LayerNorm rows: gather (res undefined: rows of x_flat picked by idx) or residual (src + res).
+LatentPoolRows cuda_layer_norm(const Tensor& src, const Tensor& idx, const Tensor& res, const Tensor& w,
+                               const Tensor& b, double eps) {
+  const int64_t t = idx.defined() ? idx.size(0) : src.size(0), d = src.size(1);
+  TORCH_INTERNAL_ASSERT(src.is_contiguous() && w.is_contiguous() && b.is_contiguous() &&
+                        w.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                        (!idx.defined() || (idx.is_contiguous() && idx.scalar_type() == at::kLong)) &&
+                        (!res.defined() || (res.is_contiguous() && res.scalar_type() == at::kFloat)));
+  const auto f32 = src.options().dtype(at::kFloat);
+  LatentPoolRows out{at::empty({t, d}, f32), at::empty({t, d}, src.options()), at::empty({t, 1}, f32),
+                     at::empty({t, 1}, f32)};
+  cuda::RowLayerNormParams p{};
+  p.src = src.data_ptr();
+  p.idx = idx.defined() ? idx.data_ptr<int64_t>() : nullptr;
+  p.res = res.defined() ? res.data_ptr<float>() : nullptr;
+  p.w = w.data_ptr<float>();
+  p.b = b.data_ptr<float>();
+  p.v_out = out.input.data_ptr<float>();
+  p.normed = out.normed.data_ptr();
+  p.mean = out.mean.data_ptr<float>();
+  p.rstd = out.rstd.data_ptr<float>();
+  p.dtype = kernel_dtype(src.scalar_type());
+  p.rows = t;
+  p.d = d;
+  p.eps = static_cast<float>(eps);
+  cuda::row_layer_norm_launch(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+LatentPoolRows cuda_gather_layer_norm(const Tensor& x_flat, const Tensor& idx, const Tensor& w, const Tensor& b,
+                                      double eps) {
+  return cuda_layer_norm(x_flat, idx, Tensor(), w, b, eps);
+}
+
+LatentPoolRows cuda_residual_layer_norm(const Tensor& attn, const Tensor& x, const Tensor& w, const Tensor& b,
+                                        double eps) {
+  return cuda_layer_norm(attn, Tensor(), x, w, b, eps);
+}
+
+std::pair<Tensor, Tensor> cuda_softmax(const Tensor& scores, double scale, bool want_acc) {
+  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && scores.dim() == 2);
+  Tensor p_io = at::empty_like(scores);
+  Tensor p = want_acc ? at::empty(scores.sizes(), scores.options().dtype(at::kFloat)) : Tensor();
+  cuda::RowSoftmaxParams prm{};
+  prm.scores = scores.data_ptr();
+  prm.p_io = p_io.data_ptr();
+  prm.p_acc = want_acc ? p.data_ptr<float>() : nullptr;
+  prm.dtype = kernel_dtype(scores.scalar_type());
+  prm.rows = scores.size(0);
+  prm.n = scores.size(1);
+  prm.scale = static_cast<float>(scale);
+  cuda::row_softmax_launch(prm, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {std::move(p_io), std::move(p)};
+}
+
+constexpr LatentPoolKernels kFusedKernels{&cuda_geglu_pool_fwd, &cuda_geglu_pool_bwd, &cuda_gather_layer_norm,
+                                          &cuda_residual_layer_norm, &cuda_softmax};
 
 const LatentPoolKernels* chosen_kernels() {
   return std::string_view(latent_pool_kernel_choice()) == "fused" ? &kFusedKernels : nullptr;

@@ -1,8 +1,9 @@
 // CPU emulation of the fused latent-pooling kernels (csrc/cuda/latent_pool.cu: the GEGLU + masked-mean stage, fwd and
-// bwd) against their contract (csrc/cuda/latent_pool.cuh) in float64. Every line of the kernel bodies and of their
-// launch functions runs; the grid is walked block by block and thread by thread (the kernels use no shared memory and
-// no barriers, so the order is free). Outputs start as NaN, so an element the kernel should write and does not shows
-// up; rows of u outside every unit must come back untouched.
+// bwd; LayerNorm with a gather / with the residual; the softmax over the latents) against their contracts
+// (csrc/cuda/latent_pool.cuh) in float64. Every line of the kernel bodies and of their launch functions runs; a CTA
+// runs as one std::thread per CUDA thread (tools/cuda_emu/runtime.h: __syncthreads, warp shuffles), CTAs one after
+// another. Outputs start as NaN, so an element the kernel should write and does not shows up; rows of u outside
+// every unit must come back untouched.
 //
 // Build and run: tools/cuda_emu/run.sh latent_pool  (g++ and the CUDA toolkit headers; no GPU).
 #include "cuda_emu/runtime.h"
@@ -13,15 +14,18 @@ template <class Kernel, class Params>
 void emu_launch_grid(Kernel kernel, dim3 grid, int threads, const Params& p) {
   for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx)
-      for (int tid = 0; tid < threads; ++tid) {
+      emu::run_block(threads, 0, [&](int tid, char*) {
         blockIdx = make_uint3(bx, by, 0);
         threadIdx = make_uint3(tid, 0, 0);
         kernel(p);
-      }
+      });
 }
-#define NVE_LAUNCH2(kernel, grid, threads, stream, ...) emu_launch_grid(kernel, grid, threads, __VA_ARGS__)
+#define NVE_LAUNCH2(kernel, grid, threads, stream, ...) emu_launch_grid(kernel, dim3(grid), threads, __VA_ARGS__)
+// __shared__ arrays become function statics: one copy for the CTA's threads (CTAs run one after another)
 #undef __global__
+#undef __shared__
 #define __global__
+#define __shared__ static
 #define __launch_bounds__(...)
 #include "cuda/latent_pool.cu"
 
@@ -30,6 +34,10 @@ namespace {
 using nvembed::cuda::GegluPoolParams;
 using nvembed::cuda::LatentPoolDType;
 const float kNaN = std::numeric_limits<float>::quiet_NaN();
+
+const char* dtype_name(LatentPoolDType t) {
+  return t == LatentPoolDType::kFloat32 ? "fp32" : t == LatentPoolDType::kBFloat16 ? "bf16" : "fp16";
+}
 
 double gelu(double x) { return 0.5 * x * (1 + std::erf(x / std::sqrt(2.0))); }
 double gelu_grad(double x) {
@@ -136,9 +144,98 @@ bool run_case(const Case& c, LatentPoolDType dtype, bool bwd, uint64_t seed) {
   const bool ok = finite && untouched && err_g <= 1e-5 && err_b <= 1e-5 && err_du <= tol_io;
   std::printf("geglu_pool %s: U=%" PRId64 " t=%" PRId64 " B=%" PRId64 " F=%" PRId64 " %s vec4=%d: %s  part_g %.2e"
               "  part_b %.2e  du %.2e  finite=%d untouched=%d\n",
-              bwd ? "bwd" : "fwd", U, t, B, F,
-              dtype == LatentPoolDType::kFloat32 ? "fp32" : dtype == LatentPoolDType::kBFloat16 ? "bf16" : "fp16",
-              int(c.vec4), ok ? "ok" : "FAIL", err_g, err_b, err_du, int(finite), int(untouched));
+              bwd ? "bwd" : "fwd", U, t, B, F, dtype_name(dtype), int(c.vec4), ok ? "ok" : "FAIL", err_g, err_b, err_du, int(finite), int(untouched));
+  std::fflush(stdout);
+  return ok;
+}
+
+template <class T>
+bool run_layer_norm_case(int64_t rows, int64_t d, bool residual, LatentPoolDType dtype, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> un(-2.f, 2.f);
+  const int64_t src_rows = residual ? rows : rows + 5;
+  std::vector<T> src(src_rows * d);
+  for (auto& x : src) x = static_cast<T>(un(rng) + 0.7f);  // a nonzero mean
+  std::vector<int64_t> idx(rows);
+  for (int64_t r = 0; r < rows; ++r) idx[r] = (r * 7 + 3) % src_rows;  // a scattered gather
+  std::vector<float> res(residual ? rows * d : 0), w(d), b(d);
+  for (auto& x : res) x = un(rng);
+  for (auto& x : w) x = 1.f + 0.2f * un(rng);
+  for (auto& x : b) x = 0.2f * un(rng);
+  std::vector<float> v(rows * d, kNaN), mean(rows, kNaN), rstd(rows, kNaN);
+  std::vector<T> normed(rows * d, static_cast<T>(kNaN));
+  nvembed::cuda::RowLayerNormParams p{};
+  p.src = src.data();
+  p.idx = residual ? nullptr : idx.data();
+  p.res = residual ? res.data() : nullptr;
+  p.w = w.data(), p.b = b.data();
+  p.v_out = v.data(), p.normed = normed.data(), p.mean = mean.data(), p.rstd = rstd.data();
+  p.dtype = dtype;
+  p.rows = rows, p.d = d;
+  p.eps = 1e-5f;
+  nvembed::cuda::row_layer_norm_launch(p, nullptr);
+  const double tol_io = dtype == LatentPoolDType::kFloat32 ? 2e-5 : dtype == LatentPoolDType::kFloat16 ? 2e-3 : 1e-2;
+  double err_v = 0, err_stat = 0, err_n = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    std::vector<double> x(d);
+    double m = 0, q = 0;
+    for (int64_t j = 0; j < d; ++j) {
+      const double s = static_cast<float>(src[(residual ? r : idx[r]) * d + j]);
+      x[j] = residual ? static_cast<double>(static_cast<float>(s) + res[r * d + j]) : s;  // the fp32 sum
+      err_v = std::max(err_v, std::abs(v[r * d + j] - x[j]) / (std::abs(x[j]) + 1e-30));
+      m += x[j];
+    }
+    m /= d;
+    for (int64_t j = 0; j < d; ++j) q += (x[j] - m) * (x[j] - m);
+    const double rs = 1 / std::sqrt(q / d + 1e-5);
+    err_stat = std::max({err_stat, std::abs(mean[r] - m) / (std::abs(m) + 1e-3), std::abs(rstd[r] - rs) / rs});
+    for (int64_t j = 0; j < d; ++j) {
+      const double want = (x[j] - m) * rs * w[j] + b[j];
+      const double got = static_cast<float>(normed[r * d + j]);
+      err_n = std::max(err_n, std::abs(got - want) / (std::abs(want) + 1e-2));
+    }
+  }
+  const bool ok = std::isfinite(err_v) && std::isfinite(err_stat) && std::isfinite(err_n) && err_v <= 1e-7 &&
+                  err_stat <= 2e-5 && err_n <= tol_io;
+  std::printf("layer_norm %s: rows=%" PRId64 " d=%" PRId64 " %s: %s  input %.2e  stats %.2e  normed %.2e\n",
+              residual ? "residual" : "gather  ", rows, d, dtype_name(dtype), ok ? "ok" : "FAIL", err_v, err_stat,
+              err_n);
+  std::fflush(stdout);
+  return ok;
+}
+
+template <class T>
+bool run_softmax_case(int64_t rows, int64_t n, float scale, bool want_acc, LatentPoolDType dtype, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> un(-8.f, 8.f);
+  std::vector<T> scores(rows * n), p_io(rows * n, static_cast<T>(kNaN));
+  for (auto& x : scores) x = static_cast<T>(un(rng));
+  std::vector<float> p_acc(rows * n, kNaN);
+  nvembed::cuda::RowSoftmaxParams p{};
+  p.scores = scores.data(), p.p_io = p_io.data(), p.p_acc = want_acc ? p_acc.data() : nullptr;
+  p.dtype = dtype;
+  p.rows = rows, p.n = n;
+  p.scale = scale;
+  nvembed::cuda::row_softmax_launch(p, nullptr);
+  const double tol_io = dtype == LatentPoolDType::kFloat32 ? 2e-6 : dtype == LatentPoolDType::kFloat16 ? 1e-3 : 8e-3;
+  double err_io = 0, err_acc = 0;
+  bool untouched = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    double m = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < n; ++j) m = std::max(m, double(static_cast<float>(scores[r * n + j])) * scale);
+    for (int64_t j = 0; j < n; ++j) sum += std::exp(double(static_cast<float>(scores[r * n + j])) * scale - m);
+    for (int64_t j = 0; j < n; ++j) {
+      const double want = std::exp(double(static_cast<float>(scores[r * n + j])) * scale - m) / sum;
+      // relative to the value, down to the io format's smallest normal (fp16 flushes below 6.1e-5)
+      const double floor = dtype == LatentPoolDType::kFloat16 ? 6.1e-5 : 1e-30;
+      err_io = std::max(err_io, std::abs(double(static_cast<float>(p_io[r * n + j])) - want) / std::max(want, floor));
+      if (want_acc) err_acc = std::max(err_acc, std::abs(p_acc[r * n + j] - want) / std::max(want, 1e-30));
+      else untouched = untouched && std::isnan(p_acc[r * n + j]);
+    }
+  }
+  const bool ok = std::isfinite(err_io) && std::isfinite(err_acc) && untouched && err_io <= tol_io && err_acc <= 2e-6;
+  std::printf("softmax: rows=%" PRId64 " n=%" PRId64 " scale=%g acc=%d %s: %s  p_io %.2e  p_acc %.2e\n", rows, n,
+              scale, int(want_acc), dtype_name(dtype), ok ? "ok" : "FAIL", err_io, err_acc);
   std::fflush(stdout);
   return ok;
 }
@@ -162,6 +259,19 @@ int main() {
       ok &= run_case<float>(c, LatentPoolDType::kFloat32, bwd, seed++);
       ok &= run_case<__nv_bfloat16>(c, LatentPoolDType::kBFloat16, bwd, seed++);
       ok &= run_case<__half>(c, LatentPoolDType::kFloat16, bwd, seed++);
+    }
+  for (bool residual : {false, true})
+    for (auto [rows, d] : {std::pair<int64_t, int64_t>{1, 1}, {3, 7}, {2, 256}, {5, 300}, {2, 1000}}) {
+      ok &= run_layer_norm_case<float>(rows, d, residual, LatentPoolDType::kFloat32, seed++);
+      ok &= run_layer_norm_case<__nv_bfloat16>(rows, d, residual, LatentPoolDType::kBFloat16, seed++);
+      ok &= run_layer_norm_case<__half>(rows, d, residual, LatentPoolDType::kFloat16, seed++);
+    }
+  for (auto [rows, n] : {std::pair<int64_t, int64_t>{1, 1}, {9, 5}, {8, 32}, {17, 33}, {3, 512}})
+    for (bool want_acc : {false, true}) {
+      const float scale = n == 512 ? 0.125f : 1.f;
+      ok &= run_softmax_case<float>(rows, n, scale, want_acc, LatentPoolDType::kFloat32, seed++);
+      ok &= run_softmax_case<__nv_bfloat16>(rows, n, scale, want_acc, LatentPoolDType::kBFloat16, seed++);
+      ok &= run_softmax_case<__half>(rows, n, scale, want_acc, LatentPoolDType::kFloat16, seed++);
     }
   std::printf(ok ? "PASSED\n" : "FAILED\n");
   return ok ? 0 : 1;
