@@ -88,3 +88,21 @@ def test_gpu_latent_pool_tiny_records_a_failing_compile(tmp_path):
     for r in rows:
         if r["provider"] in ("eager", "nvembed", "nvembed-fused"):
             assert float(r["ms"]) > 0 and r["speedup_vs_compile"] == ""
+
+
+def test_gpu_profile_latent_pool_tiny_cpu(tmp_path):
+    """bench/gpu_profile_latent_pool.py (gpu_check.sh's latent_pool_profile step) in --tiny mode: both kernel
+    choices, fwd and fwd+bwd, the CSV."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_profile_latent_pool.py"), "--tiny",
+                          "--device", "cpu", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with open(tmp_path / "gpu_profile_latent_pool_tiny.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["kernels"], r["mode"]) for r in rows] == [("aten", "fwd"), ("aten", "fwd+bwd"), ("fused", "fwd"),
+                                                         ("fused", "fwd+bwd")]
+    for r in rows:
+        assert float(r["ms"]) > 0 and float(r["tflop"]) > 0
+        assert abs(float(r["kernel_ms"]) - sum(float(r[k]) for k in ("gemm_ms", "nvembed_ms", "other_ms"))) < 1e-2
