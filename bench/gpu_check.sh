@@ -114,10 +114,10 @@ step cuda_tests 180 $PYTEST tests/ -m cuda --ignore=tests/test_flash_attn_cuda.p
 tail -3 "$LOGS/flash_tests.log" "$LOGS/cuda_tests.log" 2>/dev/null
 
 # 3. InfoNCE against the naive loss in the same run (issue 6), and where its time goes: the tile backward after the
-#    Hopper forward, the blocked-GEMM backward, the naive loss (the sm80 forward's row is in
+#    Hopper forward, the blocked-GEMM backward, the GEMM forward + backward, the naive loss (the sm80 forward's row is in
 #    bench/results/h200_2026-11-26; INFONCE_VARIANTS=nvembed,... adds it back).
-step gpu_infonce 150 python3 bench/gpu_infonce.py --out "$LOGS" --max-seconds 4 --rounds 6 \
-  --variants "${INFONCE_VARIANTS:-nvembed-sm90,nvembed-gemm,naive}"
+step gpu_infonce 180 python3 bench/gpu_infonce.py --out "$LOGS" --max-seconds 4 --rounds 6 \
+  --variants "${INFONCE_VARIANTS:-nvembed-sm90,nvembed-gemm,nvembed-gemm-fwd,naive}"
 step infonce_profile 60 python3 bench/gpu_profile_infonce.py
 
 # 4. compute-sanitizer on small cases (uncached allocations so memcheck sees accesses past a tensor's end):
@@ -157,6 +157,16 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
 os.environ["NVEMBED_INFONCE_BLOCK_COLS"] = "37"
 os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
 case(torch.bfloat16, True, 130, 2, 72, 3)
+# the GEMM forward: its online log-sum-exp kernel's float4 path (one chunk of 264 docs) and scalar path (chunks of 9)
+os.environ.pop("NVEMBED_INFONCE_BLOCK_COLS")
+os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
+os.environ["NVEMBED_INFONCE_FWD"] = "gemm"
+for dtype in (torch.bfloat16, torch.float32):
+    case(dtype, True, 130, 2, 72, 4)
+os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
+case(torch.float16, True, 130, 2, 72, 3)
+os.environ.pop("NVEMBED_INFONCE_FWD")
+os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
 torch.cuda.synchronize()
 
 

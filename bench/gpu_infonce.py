@@ -10,7 +10,10 @@ Protocol (the CUDA InfoNCE issue): d in {1024, 4096}, B in {4096, 16384, 65536} 
            CUDA only, "skipped" where it does not apply (not a compute capability 9.0 device, no sm_90a code).
   nvembed-gemm  the automatic forward (the Hopper one on compute capability 9.0) and the blocked-GEMM backward
            (NVEMBED_INFONCE_BWD=gemm: cuBLAS GEMMs over column blocks of the logits, csrc/infonce_gemm.h).
-  (nvembed and nvembed-sm90 pin the tile backward, NVEMBED_INFONCE_BWD=tiles.)
+  nvembed-gemm-fwd  the GEMM forward (NVEMBED_INFONCE_FWD=gemm: cuBLAS GEMMs over column chunks of the logits and an
+           online log-sum-exp kernel) and the blocked-GEMM backward.
+  (nvembed and nvembed-sm90 pin the tile backward, NVEMBED_INFONCE_BWD=tiles; all but nvembed-gemm-fwd the tile
+  forward, NVEMBED_INFONCE_FWD=tiles.)
 Per configuration: one warm-up round, then timed rounds, each on fresh random inputs; the time of a round is the
 CUDA-event time of loss = f(q, docs); loss.backward(). Reported: median (p20, p80) time, TFLOP/s counting
 2 B N d (forward) + 4 B N d (backward) flops, and the peak memory one fwd+bwd adds above its inputs
@@ -42,9 +45,13 @@ from common import device_name, env_vars, git_commit, pyplot, save_figure, write
 TEMPERATURE = 0.05
 G = 8
 # our variants: the op's kernel choices around its forward and backward (the fourth variant is "naive")
-OURS = {"nvembed": {"NVEMBED_INFONCE_KERNEL": "sm80", "NVEMBED_INFONCE_BWD": "tiles"},
-        "nvembed-sm90": {"NVEMBED_INFONCE_KERNEL": "sm90", "NVEMBED_INFONCE_BWD": "tiles"},
-        "nvembed-gemm": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_BWD": "gemm"}}
+OURS = {"nvembed": {"NVEMBED_INFONCE_KERNEL": "sm80", "NVEMBED_INFONCE_FWD": "tiles", "NVEMBED_INFONCE_BWD": "tiles"},
+        "nvembed-sm90": {"NVEMBED_INFONCE_KERNEL": "sm90", "NVEMBED_INFONCE_FWD": "tiles",
+                         "NVEMBED_INFONCE_BWD": "tiles"},
+        "nvembed-gemm": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_FWD": "tiles",
+                         "NVEMBED_INFONCE_BWD": "gemm"},
+        "nvembed-gemm-fwd": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_FWD": "gemm",
+                             "NVEMBED_INFONCE_BWD": "gemm"}}
 
 
 def environment(device: str) -> dict:
@@ -180,7 +187,8 @@ def run(args) -> list[dict]:
             for variant in variants:
                 row = {**env, "variant": variant, "dtype": "bfloat16", "B": B, "G": G, "N": N, "d": d,
                        "temperature": TEMPERATURE, "in_batch_negatives": True, "status": "ok"}
-                need = {"naive": naive_bytes, "nvembed-gemm": gemm_bytes}.get(variant, nvembed_bytes)(B, d)
+                need = {"naive": naive_bytes, "nvembed-gemm": gemm_bytes,
+                        "nvembed-gemm-fwd": gemm_bytes}.get(variant, nvembed_bytes)(B, d)
                 free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
                 if variant == "nvembed-sm90" and sm90_why is not None:
                     row["status"] = f"skipped: {sm90_why}"
@@ -234,7 +242,8 @@ def plot(rows: list[dict], path: str) -> None:
     ok = [r for r in rows if r["status"] == "ok"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for d in sorted({r["d"] for r in ok}):
-        for variant, style in (("nvembed", "-o"), ("nvembed-sm90", "-^"), ("nvembed-gemm", "-D"), ("naive", "--s")):
+        for variant, style in (("nvembed", "-o"), ("nvembed-sm90", "-^"), ("nvembed-gemm", "-D"),
+                               ("nvembed-gemm-fwd", "-v"), ("naive", "--s")):
             pts = sorted((r["B"], r) for r in ok if r["d"] == d and r["variant"] == variant)
             if not pts:
                 continue

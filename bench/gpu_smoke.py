@@ -188,6 +188,18 @@ def main():
     os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
     run_case("infonce gemm-bwd bfloat16 B=2048 G=8 d=1024 inb", torch.bfloat16,
              infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
+    # the GEMM forward (with the blocked backward): one chunk, odd-width chunks (the lse kernel's scalar path), fp32
+    os.environ["NVEMBED_INFONCE_FWD"] = "gemm"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        run_case(f"infonce gemm-fwd {str(dtype)[6:]} B=300 G=4 d=128 +17 inb", dtype,
+                 infonce(dtype, 300, 4, 128, 17, True))
+    os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
+    run_case("infonce gemm-fwd bfloat16 B=77 G=3 d=72 +5 chunks 9", torch.bfloat16,
+             infonce(torch.bfloat16, 77, 3, 72, 5, True))
+    os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
+    run_case("infonce gemm-fwd bfloat16 B=2048 G=8 d=1024 inb", torch.bfloat16,
+             infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
+    os.environ.pop("NVEMBED_INFONCE_FWD")
     os.environ.pop("NVEMBED_INFONCE_BWD")
     for kernels in ("aten", "fused"):  # elementwise stages: ATen ops / csrc/cuda/latent_pool.cu
         os.environ["NVEMBED_LATENT_POOL_KERNELS"] = kernels

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <limits>
 
 #include "checks.h"
 #include "kernel_choice.h"
@@ -63,7 +64,50 @@ void aten_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
   probs.copy_(scores);
 }
 
+void aten_chunk_lse(Tensor& scores, Tensor& run_max, Tensor& run_sum, Tensor& target, int64_t col0, int64_t G,
+                    double inv_temperature) {
+  const int64_t B = scores.size(0), c = scores.size(1);
+  scores.mul_(inv_temperature);
+  const ChunkTargets t = chunk_targets(B, c, col0, G);
+  if (t.i1 > t.i0) {
+    target.narrow(0, t.i0, t.i1 - t.i0)
+        .copy_(at::as_strided(scores, {t.i1 - t.i0}, {c + G}, scores.storage_offset() + t.i0 * (c + G) - col0));
+  }
+  const Tensor m = at::maximum(run_max, std::get<0>(scores.max(1)));
+  run_sum.mul_((run_max - m).exp_()).add_(scores.sub_(m.unsqueeze(1)).exp_().sum(1));
+  run_max.copy_(m);
+}
+
 }  // namespace
+
+const char* infonce_fwd_choice(bool gemm_default) {
+  return kernel_choice("NVEMBED_INFONCE_FWD", kOp, "tiles", "gemm", true, gemm_default);
+}
+
+int64_t infonce_fwd_chunk(int64_t B, int64_t N, int64_t acc_bytes) {
+  int64_t chunk = env_int("NVEMBED_INFONCE_CHUNK_COLS", 0);
+  if (chunk == 0) chunk = std::max<int64_t>((int64_t{256} << 20) / (B * acc_bytes) / 256 * 256, 256);
+  return std::min(chunk, N);
+}
+
+std::tuple<Tensor, Tensor> infonce_fwd_gemm(const Tensor& queries, const Tensor& docs, int64_t group_size,
+                                            double temperature, InfoNCEChunkLseFn chunk_lse) {
+  const at::ScalarType acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = queries.size(0), N = docs.size(0);
+  const auto opts = queries.options().dtype(acc);
+  Tensor run_max = at::full({B}, -std::numeric_limits<double>::infinity(), opts);
+  Tensor run_sum = at::zeros({B}, opts);
+  Tensor target = at::empty({B}, opts);  // every row's target column is in exactly one chunk (N >= B*G)
+  const int64_t chunk = infonce_fwd_chunk(B, N, c10::elementSize(acc));
+  for (int64_t col0 = 0; col0 < N; col0 += chunk) {
+    const int64_t cn = std::min(chunk, N - col0);
+    Tensor scores = mm_acc(queries, docs.narrow(0, col0, cn).t(), acc);
+    (chunk_lse != nullptr ? chunk_lse : aten_chunk_lse)(scores, run_max, run_sum, target, col0, group_size,
+                                                         1.0 / temperature);
+  }
+  Tensor lse = run_max.add_(run_sum.log_());
+  return {(lse - target).mean(), lse};
+}
 
 const char* infonce_bwd_choice(bool gemm_default) {
   return kernel_choice("NVEMBED_INFONCE_BWD", kOp, "tiles", "gemm", true, gemm_default);

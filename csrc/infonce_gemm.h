@@ -19,6 +19,11 @@
 
 namespace nvembed {
 
+// The forward the same way (infonce_fwd_gemm): chunks of c columns of the logits, S_c = Q D_c^T as a GEMM with fp32
+// output (256 MiB of scores at a time), one elementwise pass per chunk folding S_c / t into a running max and sum per
+// row (the online log-sum-exp) and picking the target logits; lse = max + log(sum). One GEMM of 2 B N d FLOPs at the
+// library's rate plus 8 bytes of memory traffic per logit.
+
 // Whether the CUDA blocked-GEMM backward has run on a GPU (bench/gpu_check.sh: CUDA tests, memcheck, benchmark);
 // until then auto keeps the tile kernels and NVEMBED_INFONCE_BWD=gemm opts in.
 constexpr bool kInfonceGemmBwdVerified = false;
@@ -27,6 +32,28 @@ constexpr bool kInfonceGemmBwdVerified = false;
 // "tiles" (the op's own tile kernels). auto picks gemm only where `gemm_default` (a device path verified on a GPU).
 // Any other value raises an error naming the op and the variable.
 const char* infonce_bwd_choice(bool gemm_default);
+
+// Whether the CUDA GEMM forward has run on a GPU; NVEMBED_INFONCE_FWD = auto | tiles | gemm picks the forward of an
+// in-batch InfoNCE as infonce_bwd_choice does the backward.
+constexpr bool kInfonceGemmFwdVerified = false;
+const char* infonce_fwd_choice(bool gemm_default);
+
+// Columns per chunk of the GEMM forward: NVEMBED_INFONCE_CHUNK_COLS if set, else the largest multiple of 256 whose
+// B x c accumulation-dtype scores fit 256 MiB (at least 256), at most N.
+int64_t infonce_fwd_chunk(int64_t B, int64_t N, int64_t acc_bytes);
+
+// One chunk of the GEMM forward: scores [B, c] (contiguous, fp32 / fp64 for fp64 inputs; may be overwritten) are
+// the unscaled logits of docs col0 .. col0 + c - 1. run_max / run_sum [B] hold the running max of the scaled logits
+// and the sum of exp(logit - max) (start: -inf / 0) and are updated with the chunk's; target[i] = scores[i, i*G -
+// col0] / t for the rows whose target lies in the chunk (other rows untouched). Null: the ATen version.
+using InfoNCEChunkLseFn = void (*)(at::Tensor& scores, at::Tensor& run_max, at::Tensor& run_sum, at::Tensor& target,
+                                   int64_t col0, int64_t group_size, double inv_temperature);
+
+// (loss, lse) of an in-batch InfoNCE in the accumulation dtype (0-dim mean loss, [B] lse); queries [B, d], docs
+// [N >= B*G, d] contiguous. No input checks: the op's launchers check first.
+std::tuple<at::Tensor, at::Tensor> infonce_fwd_gemm(const at::Tensor& queries, const at::Tensor& docs,
+                                                    int64_t group_size, double temperature,
+                                                    InfoNCEChunkLseFn chunk_lse);
 
 // Block and chunk widths (C, c): NVEMBED_INFONCE_BLOCK_COLS / NVEMBED_INFONCE_CHUNK_COLS if set (tests: many
 // small, ragged ones), else the largest multiples of 256 whose B x C probabilities fit NVEMBED_INFONCE_BLOCK_MB

@@ -282,6 +282,61 @@ def test_gemm_bwd_bad_variables_cpu(gemm_bwd, var, value, match):
         ops._infonce_bwd(torch.tensor(1.0), q, docs, lse, 2, 0.1, True)
 
 
+# ---- the GEMM forward (NVEMBED_INFONCE_FWD=gemm) on CPU tensors ---------------------------------------------------
+# The CUDA path's loop (csrc/infonce_gemm.cpp: chunks of GEMM logits, an online log-sum-exp per row) with ATen's
+# elementwise pass instead of the CUDA kernel (that one is checked by tools/infonce_emu). Chunk widths that split
+# groups, put a row's positive in a later chunk, leave 1-column and ragged last chunks, and one chunk for all.
+
+@pytest.fixture
+def gemm_fwd(monkeypatch):
+    monkeypatch.setenv("NVEMBED_INFONCE_FWD", "gemm")
+    return monkeypatch
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64, None])
+@pytest.mark.parametrize("t", [0.02, 1.0])
+@pytest.mark.parametrize("B,G,E,d", [(1, 1, 0, 16), (1, 4, 1, 33), (3, 2, 7, 32), (17, 8, 601, 64), (130, 2, 5, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_gemm_fwd_matches_reference_cpu(gemm_fwd, dtype, B, G, E, d, t, chunk):
+    if chunk is not None:
+        gemm_fwd.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
+    q, docs = make_inputs_extra(B, G, E, d, dtype)
+    check_against_ref(q, docs, G, t, True, dtype)
+
+
+def test_gemm_fwd_equals_tiles_cpu(monkeypatch):
+    """Same loss and lse as the tile kernel (fp64: to rounding), for several chunk widths and with both backwards."""
+    q, docs = make_inputs_extra(40, 4, 77, 24, torch.float64, requires_grad=False)
+    monkeypatch.setenv("NVEMBED_INFONCE_FWD", "tiles")
+    loss, lse = ops._infonce_fwd(q, docs, 4, 0.05, True)
+    monkeypatch.setenv("NVEMBED_INFONCE_FWD", "gemm")
+    for chunk in (None, "5", "237"):
+        if chunk is not None:
+            monkeypatch.setenv("NVEMBED_INFONCE_CHUNK_COLS", chunk)
+        loss2, lse2 = ops._infonce_fwd(q, docs, 4, 0.05, True)
+        assert loss2.dtype == loss.dtype and lse2.dtype == lse.dtype and loss2.dim() == 0
+        torch.testing.assert_close(loss2, loss, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(lse2, lse, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("bwd", ["tiles", "gemm"])
+def test_gemm_fwd_gradcheck_cpu(gemm_fwd, bwd):
+    gemm_fwd.setenv("NVEMBED_INFONCE_BWD", bwd)
+    gemm_fwd.setenv("NVEMBED_INFONCE_CHUNK_COLS", "3")
+    q, docs = make_inputs_extra(3, 2, 5, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, 2, 0.5, True), (q, docs))
+
+
+def test_gemm_fwd_own_group_and_bad_variable_cpu(gemm_fwd):
+    """Without in-batch negatives the variable changes nothing; a bad value is an error naming the op."""
+    q, docs = make_inputs(9, 3, 16, torch.float64)
+    check_against_ref(q, docs, 3, 0.05, False, torch.float64)
+    gemm_fwd.setenv("NVEMBED_INFONCE_FWD", "cublas")
+    with pytest.raises(ValueError, match=r"nvembed::infonce: NVEMBED_INFONCE_FWD must be auto, tiles or gemm, got "
+                                         r"'cublas'"):
+        ops._infonce_fwd(q.detach(), docs.detach(), 3, 0.1, True)
+
+
 # ---- opcheck / gradcheck / compile ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("inb", [True, False])

@@ -24,8 +24,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 # tensorcore-sm90: the tensor-core path with the Hopper forward (NVEMBED_INFONCE_KERNEL=sm90; TMA + wgmma), run
 # only where the dispatcher picks it (a compute capability 9.0 device, a build with sm_90a code).
 # gemm: the blocked-GEMM backward (NVEMBED_INFONCE_BWD=gemm: cuBLAS + the chunk kernel of infonce.cu) after the
-# automatic forward; the other paths pin the tile backward.
-PATHS = ["tensorcore", "tensorcore-sm90", "plain", "gemm"]
+# automatic forward; the other paths pin the tile backward. gemm-fwd: the GEMM forward (NVEMBED_INFONCE_FWD=gemm:
+# cuBLAS + the online log-sum-exp kernel of infonce.cu) with the blocked-GEMM backward.
+PATHS = ["tensorcore", "tensorcore-sm90", "plain", "gemm", "gemm-fwd"]
 
 
 @pytest.fixture(params=PATHS)
@@ -33,7 +34,8 @@ def path(request, monkeypatch):
     # The launcher reads the variables on every call; "0" and unset both mean the automatic choice.
     monkeypatch.setenv("NVEMBED_INFONCE_CUDA_PLAIN", "1" if request.param == "plain" else "0")
     monkeypatch.setenv("NVEMBED_INFONCE_KERNEL", {"tensorcore-sm90": "sm90", "gemm": "auto"}.get(request.param, "sm80"))
-    monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm" if request.param == "gemm" else "tiles")
+    monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm" if request.param.startswith("gemm") else "tiles")
+    monkeypatch.setenv("NVEMBED_INFONCE_FWD", "gemm" if request.param == "gemm-fwd" else "tiles")
     if request.param == "tensorcore-sm90":
         major, minor = torch.cuda.get_device_capability()
         if nvembed_ext._C.infonce_fwd_kernel_for(major, minor) != "sm90":
@@ -193,6 +195,18 @@ def test_gemm_bwd_chunks(monkeypatch, dtype, block, chunk):
     reference."""
     monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm")
     monkeypatch.setenv("NVEMBED_INFONCE_BLOCK_COLS", str(block))
+    monkeypatch.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
+    q, docs = make_inputs(67, 3, 72, dtype, extra=5)
+    check_against_ref(q, docs, 3, 0.05, True)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 8, 37, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_gemm_fwd_chunks(monkeypatch, dtype, chunk):
+    """The GEMM forward with chunk widths that split groups, leave ragged last chunks and odd widths (the online
+    log-sum-exp kernel's scalar path), then the tile backward from its lse, against the float64 reference."""
+    monkeypatch.setenv("NVEMBED_INFONCE_FWD", "gemm")
+    monkeypatch.setenv("NVEMBED_INFONCE_BWD", "tiles")
     monkeypatch.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
     q, docs = make_inputs(67, 3, 72, dtype, extra=5)
     check_against_ref(q, docs, 3, 0.05, True)

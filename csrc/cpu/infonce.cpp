@@ -81,6 +81,10 @@ std::tuple<Tensor, Tensor> infonce_fwd_cpu(const Tensor& queries, const Tensor& 
                                            double temperature, bool in_batch_negatives) {
   infonce_check_inputs(queries, docs, group_size, temperature, cpu_dtypes(), in_batch_negatives);
   NVE_CHECK_VALUE(queries.device().is_cpu(), kOp, "queries must be a CPU tensor here, got ", queries.device());
+  if (in_batch_negatives && std::string_view(infonce_fwd_choice(false)) == "gemm") {
+    // the CUDA GEMM forward's loop on CPU tensors (NVEMBED_INFONCE_FWD=gemm): its tests
+    return infonce_fwd_gemm(queries.contiguous(), docs.contiguous(), group_size, temperature, nullptr);
+  }
   const auto acc = accum_dtype(queries.scalar_type());
   const Tensor q = queries.contiguous().to(acc);
   const Tensor dc = docs.contiguous().to(acc);

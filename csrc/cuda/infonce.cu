@@ -436,6 +436,60 @@ __global__ void __launch_bounds__(kThreads) infonce_chunk_grad_kernel(const Info
   }
 }
 
+// (max, sum of exp(x - max)) pairs: merged so that an empty side (max = -inf, sum = 0) changes nothing.
+__device__ __forceinline__ void lse_merge(float& m, float& sum, float m2, float sum2) {
+  const float mm = fmaxf(m, m2);
+  if (mm == -INFINITY) return;  // both empty
+  sum = sum * exp2f((m - mm) * 1.4426950408889634f) + sum2 * exp2f((m2 - mm) * 1.4426950408889634f);
+  m = mm;
+}
+
+// One block per row of the chunk: the row's (max, sum) of x = scores / t over the chunk, merged into run_max /
+// run_sum[r] (one owner per row, launches in stream order: deterministic); the target logit of row r (column
+// r*G - col0) when it lies in the chunk. Each thread keeps its own online pair over its columns (a rescale only when
+// its max grows), then warp shuffles and the block's warps merge them in a fixed order.
+__global__ void __launch_bounds__(kThreads) infonce_chunk_lse_kernel(const InfoNCEChunkLseParams p) {
+  __shared__ float warp_m[kWarpsPerBlock], warp_s[kWarpsPerBlock];
+  const int64_t row = blockIdx.x;
+  const float* __restrict__ s = p.scores + row * p.cols;
+  constexpr float kLog2e = 1.4426950408889634f;
+  const float k = p.inv_temperature;
+  const int64_t target = row * p.G - p.col0;  // outside [0, cols) when the row's positive is in another chunk
+  float m = -INFINITY, sum = 0.f;
+  auto add = [&](float x) {
+    if (x > m) {
+      sum = sum * exp2f((m - x) * kLog2e) + 1.f;
+      m = x;
+    } else {
+      sum += exp2f((x - m) * kLog2e);
+    }
+  };
+  if (p.vec4) {
+    for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < p.cols; j += 4 * kThreads) {
+      const float4 v = *reinterpret_cast<const float4*>(s + j);
+      add(v.x * k), add(v.y * k), add(v.z * k), add(v.w * k);
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < p.cols; j += kThreads) add(s[j] * k);
+  }
+  if (target >= 0 && target < p.cols && threadIdx.x == (p.vec4 ? (target / 4) % kThreads : target % kThreads)) {
+    p.target[row] = s[target] * k;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, sum, o);
+    lse_merge(m, sum, m2, s2);
+  }
+  if (threadIdx.x % 32 == 0) warp_m[threadIdx.x / 32] = m, warp_s[threadIdx.x / 32] = sum;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float bm = p.run_max[row], bs = p.run_sum[row];
+    for (int w = 0; w < kWarpsPerBlock; ++w) lse_merge(bm, bs, warp_m[w], warp_s[w]);
+    p.run_max[row] = bm;
+    p.run_sum[row] = bs;
+  }
+}
+
 template <typename T>
 void fwd(const InfoNCEParams& p, cudaStream_t stream) {
   if (p.in_batch_negatives) {
@@ -476,6 +530,11 @@ void infonce_bwd_launch(const InfoNCEParams& p, cudaStream_t stream) {
     case InfoNCEDType::kBFloat16: return bwd<__nv_bfloat16>(p, stream);
     case InfoNCEDType::kFloat16: return bwd<__half>(p, stream);
   }
+}
+
+void infonce_chunk_lse_launch(const InfoNCEChunkLseParams& p, cudaStream_t stream) {
+  if (p.rows == 0 || p.cols == 0) return;
+  NVE_LAUNCH(infonce_chunk_lse_kernel, static_cast<unsigned>(p.rows), kThreads, stream, p);
 }
 
 void infonce_chunk_grad_launch(const InfoNCEChunkGradParams& p, cudaStream_t stream) {

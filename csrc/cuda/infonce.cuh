@@ -54,6 +54,19 @@ struct InfoNCEChunkGradParams {
 // rows <= 2^31 - 1 (one block per row).
 void infonce_chunk_grad_launch(const InfoNCEChunkGradParams& p, cudaStream_t stream);
 
+// ---- GEMM forward (infonce_gemm.h): its elementwise pass, an online log-sum-exp over one chunk of columns ----
+struct InfoNCEChunkLseParams {
+  const float* scores;  // [rows, cols] fp32, row-major: Q D_chunk^T, unscaled
+  float* run_max;       // [rows] running max of scores / t (start -inf), updated
+  float* run_sum;       // [rows] running sum of exp(scores / t - run_max) (start 0), updated
+  float* target;        // [rows] scores[r, r*G - col0] / t where that column is in the chunk
+  int64_t rows, cols, col0, G;
+  float inv_temperature;
+  bool vec4;  // cols % 4 == 0 and scores 16-byte aligned: float4 loads
+};
+// rows <= 2^31 - 1 (one block per row).
+void infonce_chunk_lse_launch(const InfoNCEChunkLseParams& p, cudaStream_t stream);
+
 // ---- tensor-core path (infonce_tc.cu): bf16 / fp16, in-batch negatives, d % 8 == 0, 16-byte aligned rows ----
 
 // How the work is split, from the problem size and the device (infonce_tc_plan); sizes of the workspaces the caller

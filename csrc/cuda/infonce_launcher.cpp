@@ -10,6 +10,8 @@
 //   * own-group negatives (in_batch_negatives=False), any dtype: one warp per query, G dot products (infonce.cu).
 //   * backward with in-batch negatives and NVEMBED_INFONCE_BWD=gemm (any dtype): the chunked cuBLAS GEMMs of
 //     infonce_gemm.cpp around the chunk kernel of infonce.cu (auto picks it once kInfonceGemmBwdVerified).
+//   * forward with in-batch negatives and NVEMBED_INFONCE_FWD=gemm (any dtype): chunks of cuBLAS GEMMs with fp32
+//     output around the online log-sum-exp kernel of infonce.cu (auto picks it once kInfonceGemmFwdVerified).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -135,6 +137,25 @@ void cuda_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The GEMM forward's elementwise pass (infonce_gemm.h) on the CUDA kernel of infonce.cu.
+void cuda_chunk_lse(Tensor& scores, Tensor& run_max, Tensor& run_sum, Tensor& target, int64_t col0,
+                    int64_t group_size, double inv_temperature) {
+  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && scores.scalar_type() == at::kFloat);
+  cuda::InfoNCEChunkLseParams p{};
+  p.scores = scores.data_ptr<float>();
+  p.run_max = run_max.data_ptr<float>();
+  p.run_sum = run_sum.data_ptr<float>();
+  p.target = target.data_ptr<float>();
+  p.rows = scores.size(0);
+  p.cols = scores.size(1);
+  p.col0 = col0;
+  p.G = group_size;
+  p.inv_temperature = static_cast<float>(inv_temperature);
+  p.vec4 = p.cols % 4 == 0 && reinterpret_cast<uintptr_t>(p.scores) % 16 == 0;
+  cuda::infonce_chunk_lse_launch(p, c10::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 std::tuple<Tensor, Tensor> infonce_fwd_cuda(const Tensor& queries, const Tensor& docs, int64_t group_size,
@@ -144,6 +165,11 @@ std::tuple<Tensor, Tensor> infonce_fwd_cuda(const Tensor& queries, const Tensor&
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = queries.options().dtype(at::kFloat);
   const int64_t B = queries.size(0);
+  if (in_batch_negatives && std::string_view(infonce_fwd_choice(kInfonceGemmFwdVerified &&
+                                                                queries.scalar_type() != at::kFloat)) == "gemm") {
+    NVE_CHECK_VALUE(B <= int64_t{0x7fffffff}, kOp, "queries.size(0)=", B, " is too large for the gemm forward");
+    return infonce_fwd_gemm(queries.contiguous(), docs.contiguous(), group_size, temperature, &cuda_chunk_lse);
+  }
   Tensor lse = at::empty({B}, f32);
   Tensor row_loss = at::empty({B}, f32);
   if (use_tensor_cores(queries, docs, in_batch_negatives)) {

@@ -322,6 +322,54 @@ bool run_chunk_grad_case(int64_t rows, int64_t cols, int64_t ld, int64_t col0, i
   return ok;
 }
 
+// The GEMM forward's elementwise kernel (infonce_chunk_lse_launch) against its contract in float64: run_max /
+// run_sum (start: a previous chunk's pair, or -inf / 0) merged with the chunk's online log-sum-exp of scores / t, the
+// target logit of each row whose target column lies in the chunk (other rows keep their NaN).
+bool run_chunk_lse_case(int64_t rows, int64_t cols, int64_t col0, int64_t G, double t, bool fresh, bool vec4,
+                        uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  alignas(16) static float scores_store[1 << 14];
+  float* scores = scores_store;
+  for (int64_t i = 0; i < rows * cols; ++i) scores[i] = u(rng);
+  std::vector<float> run_max(rows), run_sum(rows), target(rows, kNaN);
+  for (int64_t r = 0; r < rows; ++r) {
+    run_max[r] = fresh ? -INFINITY : static_cast<float>(u(rng) / t);
+    run_sum[r] = fresh ? 0.f : 1.f + 3.f * std::abs(u(rng));
+  }
+  const std::vector<float> max0 = run_max, sum0 = run_sum;
+  nvembed::cuda::InfoNCEChunkLseParams p{};
+  p.scores = scores;
+  p.run_max = run_max.data();
+  p.run_sum = run_sum.data();
+  p.target = target.data();
+  p.rows = rows, p.cols = cols, p.col0 = col0, p.G = G;
+  p.inv_temperature = static_cast<float>(1.0 / t);
+  p.vec4 = vec4;
+  nvembed::cuda::infonce_chunk_lse_launch(p, nullptr);
+  double err_lse = 0, err_tgt = 0;
+  bool targets_ok = true;
+  for (int64_t r = 0; r < rows; ++r) {
+    double total = fresh ? 0.0 : sum0[r] * std::exp(static_cast<double>(max0[r]));
+    for (int64_t j = 0; j < cols; ++j) total += std::exp(scores[r * cols + j] / t);
+    const double want = std::log(total), got = run_max[r] + std::log(static_cast<double>(run_sum[r]));
+    err_lse = std::max(err_lse, std::abs(got - want) / std::max(std::abs(want), 1.0));
+    const int64_t tc = r * G - col0;
+    if (tc >= 0 && tc < cols) {
+      err_tgt = std::max(err_tgt, std::abs(target[r] - scores[r * cols + tc] / t) / (1.0 / t));
+    } else {
+      targets_ok = targets_ok && std::isnan(target[r]);
+    }
+  }
+  const bool ok = targets_ok && std::isfinite(err_lse) && err_lse <= 2e-6 && err_tgt <= 1e-6;
+  std::printf("chunk lse: rows=%" PRId64 " cols=%" PRId64 " col0=%" PRId64 " G=%" PRId64 " %s vec4=%d: %s  lse %.2e"
+              "  target %.2e  untouched=%d\n",
+              rows, cols, col0, G, fresh ? "first chunk" : "merged", int(vec4), ok ? "ok" : "FAIL", err_lse, err_tgt,
+              int(targets_ok));
+  std::fflush(stdout);
+  return ok;
+}
+
 bool report(const Errors& e, double tol_g) {
   const bool ok = e.finite && e.loss <= 1e-4 && e.lse <= 1e-5 && e.gq <= tol_g && e.gd <= tol_g;
   std::printf("  %s: loss %.2e  lse %.2e  grad_queries %.2e  grad_docs %.2e  finite=%d\n", ok ? "ok" : "FAIL", e.loss,
@@ -416,6 +464,23 @@ int main(int argc, char** argv) {
       failures += !ok;
       ++total;
     }
+  }
+  // The GEMM forward's online log-sum-exp kernel: first and later chunks, targets inside / before / after,
+  // scalar and float4 paths, rows longer than one pass of the block (a thread's max growing mid-row).
+  struct LseCase {
+    int64_t rows, cols, col0, G;
+    bool vec4;
+  };
+  const std::vector<LseCase> lse_cases = {{1, 1, 0, 1, false},     {5, 7, 0, 1, false},       {5, 8, 4, 2, true},
+                                          {9, 13, 10, 3, false},   {3, 2100, 0, 700, true},   {4, 1101, 2, 300, false},
+                                          {7, 16, 100, 2, true}};
+  for (size_t ci = 0; ci < lse_cases.size(); ++ci) {
+    const LseCase& c = lse_cases[ci];
+    for (bool fresh : {true, false})
+      for (double t : {0.02, 1.0}) {
+        failures += !run_chunk_lse_case(c.rows, c.cols, c.col0, c.G, t, fresh, c.vec4, 9000 + ci);
+        ++total;
+      }
   }
   std::printf("%s: %d of %d cases failed\n", failures ? "FAILED" : "PASSED", failures, total);
   return failures ? 1 : 0;
