@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda/device_utils.cuh"
 #include "cuda/infonce.cuh"
 
 // tools/infonce_emu compiles this file with g++ and runs the kernels on CPU threads (it defines NVE_LAUNCH).
@@ -36,9 +37,6 @@ constexpr int kWarpsPerBlock = kThreads / 32;
 
 static_assert(kBM == 64 && kBN == 64 && kBD == 64 && kThreads == 256, "the 16 x 16 x (4 x 4) mapping below");
 
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // The 16 threads sharing a row (tx = 0..15) sit in one half warp: xor shuffles with offsets < 16 stay inside it.
 __device__ __forceinline__ float half_warp_max(float v) {
@@ -49,11 +47,6 @@ __device__ __forceinline__ float half_warp_max(float v) {
 __device__ __forceinline__ float half_warp_sum(float v) {
 #pragma unroll
   for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
 
@@ -384,15 +377,6 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_own_group_kernel(const I
 
 // ---- blocked-GEMM backward (infonce_gemm.h): the elementwise pass between its GEMMs -------------------------
 
-__device__ __forceinline__ float from_float(float x, float*) { return x; }
-__device__ __forceinline__ __half from_float(float x, __half*) { return __float2half_rn(x); }
-__device__ __forceinline__ __nv_bfloat16 from_float(float x, __nv_bfloat16*) { return __float2bfloat16_rn(x); }
-
-template <typename T>
-struct alignas(4 * sizeof(T)) Vec4 {
-  T v[4];
-};
-
 // One block per row of the chunk: probs[r, j] = exp(scores[r, j] / t - lse[r]), 0 in the row's target column
 // r*G - col0 (its P_t - 1 is applied by the caller as -neg_prob_sum), neg_prob_sum[r] += the row's fp32 sum. One
 // owner per row and launches in stream order: deterministic, no atomics.
@@ -410,14 +394,14 @@ __global__ void __launch_bounds__(kThreads) infonce_chunk_grad_kernel(const Info
     for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < p.cols; j += 4 * kThreads) {
       const float4 x = *reinterpret_cast<const float4*>(s + j);
       const float xs[4] = {x.x, x.y, x.z, x.w};
-      Vec4<T> v;
+      Pack<T, 4> v;
 #pragma unroll
       for (int l = 0; l < 4; ++l) {
         const float e = j + l == target ? 0.f : exp2f(fmaf(xs[l], k, -shift));
         sum += e;
         v.v[l] = from_float(e, static_cast<T*>(nullptr));
       }
-      *reinterpret_cast<Vec4<T>*>(out + j) = v;
+      *reinterpret_cast<Pack<T, 4>*>(out + j) = v;
     }
   } else {
     for (int64_t j = threadIdx.x; j < p.cols; j += kThreads) {

@@ -12,6 +12,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda/device_utils.cuh"
 #include "cuda/latent_pool.cuh"
 
 #ifndef NVE_LAUNCH2
@@ -22,30 +23,6 @@ namespace nvembed::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-
-__device__ __forceinline__ float to_f(float x) { return x; }
-__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ void from_f(float x, float* out) { *out = x; }
-__device__ __forceinline__ void from_f(float x, __half* out) { *out = __float2half_rn(x); }
-__device__ __forceinline__ void from_f(float x, __nv_bfloat16* out) { *out = __float2bfloat16_rn(x); }
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-template <typename T, int V>
-struct alignas(V * sizeof(T)) Pack {
-  T v[V];
-};
-
 constexpr float kSqrtHalf = 0.70710678118654752f;   // 1 / sqrt(2)
 constexpr float kInvSqrt2Pi = 0.39894228040143268f;  // 1 / sqrt(2 pi)
 
@@ -73,8 +50,8 @@ __device__ __forceinline__ void geglu_unit(const GegluPoolParams& p, int64_t j0)
     Pack<T, V> da, dgt;
 #pragma unroll
     for (int l = 0; l < V; ++l) {
-      const float a = to_f(xa.v[l]) + ba[l];
-      const float x = to_f(xg.v[l]) + bg[l];
+      const float a = to_float(xa.v[l]) + ba[l];
+      const float x = to_float(xg.v[l]) + bg[l];
       const float cdf = 0.5f * (1.f + erff(x * kSqrtHalf));
       const float gelu = x * cdf;
       sg[l] += w * (a * gelu);
@@ -84,8 +61,8 @@ __device__ __forceinline__ void geglu_unit(const GegluPoolParams& p, int64_t j0)
         const float d_gate = (dg * a) * (cdf + x * (expf(-0.5f * x * x) * kInvSqrt2Pi));
         sa[l] += d_a;
         sgt[l] += d_gate;
-        from_f(d_a, &da.v[l]);
-        from_f(d_gate, &dgt.v[l]);
+        da.v[l] = from_float(d_a, static_cast<T*>(nullptr));
+        dgt.v[l] = from_float(d_gate, static_cast<T*>(nullptr));
       }
     }
     if constexpr (Bwd) {
@@ -113,18 +90,24 @@ __global__ void __launch_bounds__(kThreads) geglu_pool_kernel(const GegluPoolPar
   }
 }
 
+// Calls f with a value of the element type `dtype` names (the kernels' template argument).
+template <class F>
+void with_type(LatentPoolDType dtype, F&& f) {
+  switch (dtype) {
+    case LatentPoolDType::kFloat32: f(float{}); break;
+    case LatentPoolDType::kBFloat16: f(__nv_bfloat16{}); break;
+    case LatentPoolDType::kFloat16: f(__half{}); break;
+  }
+}
+
 template <bool Bwd>
 void launch(const GegluPoolParams& p, cudaStream_t stream) {
   if (p.U == 0 || p.F == 0) return;
   const int64_t per_block = (p.vec4 ? 4 : 1) * static_cast<int64_t>(kThreads);
   const dim3 grid(static_cast<unsigned>(p.U), static_cast<unsigned>((p.F + per_block - 1) / per_block));
-  switch (p.dtype) {
-    case LatentPoolDType::kFloat32: NVE_LAUNCH2((geglu_pool_kernel<float, Bwd>), grid, kThreads, stream, p); break;
-    case LatentPoolDType::kBFloat16:
-      NVE_LAUNCH2((geglu_pool_kernel<__nv_bfloat16, Bwd>), grid, kThreads, stream, p);
-      break;
-    case LatentPoolDType::kFloat16: NVE_LAUNCH2((geglu_pool_kernel<__half, Bwd>), grid, kThreads, stream, p); break;
-  }
+  with_type(p.dtype, [&](auto tag) {
+    NVE_LAUNCH2((geglu_pool_kernel<decltype(tag), Bwd>), grid, kThreads, stream, p);
+  });
 }
 
 // ---- row kernels -----------------------------------------------------------------------------------------------
@@ -154,13 +137,13 @@ __global__ void __launch_bounds__(kRowThreads) row_layer_norm_kernel(const RowLa
   if (p.res != nullptr) {
     const float* __restrict__ res = p.res + r * d;
     for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
-      const float x = to_f(src[j]) + res[j];
+      const float x = to_float(src[j]) + res[j];
       v[j] = x;
       sum += x;
     }
   } else {
     for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
-      const float x = to_f(src[j]);
+      const float x = to_float(src[j]);
       v[j] = x;
       sum += x;
     }
@@ -173,7 +156,9 @@ __global__ void __launch_bounds__(kRowThreads) row_layer_norm_kernel(const RowLa
   }
   const float rstd = 1.f / sqrtf(block_sum(sq, red) / static_cast<float>(d) + p.eps);
   T* __restrict__ out = static_cast<T*>(p.normed) + r * d;
-  for (int64_t j = threadIdx.x; j < d; j += kRowThreads) from_f((v[j] - mean) * rstd * p.w[j] + p.b[j], &out[j]);
+  for (int64_t j = threadIdx.x; j < d; j += kRowThreads) {
+    out[j] = from_float((v[j] - mean) * rstd * p.w[j] + p.b[j], static_cast<T*>(nullptr));
+  }
   if (threadIdx.x == 0) {
     p.mean[r] = mean;
     p.rstd[r] = rstd;
@@ -188,16 +173,16 @@ __global__ void __launch_bounds__(kRowThreads) row_softmax_kernel(const RowSoftm
   const int64_t n = p.n;
   const T* __restrict__ s = static_cast<const T*>(p.scores) + r * n;
   float m = -INFINITY;
-  for (int64_t j = lane; j < n; j += 32) m = fmaxf(m, to_f(s[j]) * p.scale);
+  for (int64_t j = lane; j < n; j += 32) m = fmaxf(m, to_float(s[j]) * p.scale);
   m = warp_max(m);
   float sum = 0.f;
-  for (int64_t j = lane; j < n; j += 32) sum += expf(to_f(s[j]) * p.scale - m);
+  for (int64_t j = lane; j < n; j += 32) sum += expf(to_float(s[j]) * p.scale - m);
   const float inv = 1.f / warp_sum(sum);
   T* __restrict__ out = static_cast<T*>(p.p_io) + r * n;
   float* __restrict__ acc = p.p_acc != nullptr ? p.p_acc + r * n : nullptr;
   for (int64_t j = lane; j < n; j += 32) {
-    const float e = expf(to_f(s[j]) * p.scale - m) * inv;
-    from_f(e, &out[j]);
+    const float e = expf(to_float(s[j]) * p.scale - m) * inv;
+    out[j] = from_float(e, static_cast<T*>(nullptr));
     if (acc != nullptr) acc[j] = e;
   }
 }
@@ -210,25 +195,17 @@ void geglu_pool_bwd_launch(const GegluPoolParams& p, cudaStream_t stream) { laun
 void row_layer_norm_launch(const RowLayerNormParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.d == 0) return;
   const unsigned blocks = static_cast<unsigned>(p.rows);
-  switch (p.dtype) {
-    case LatentPoolDType::kFloat32: NVE_LAUNCH2(row_layer_norm_kernel<float>, blocks, kRowThreads, stream, p); break;
-    case LatentPoolDType::kBFloat16:
-      NVE_LAUNCH2(row_layer_norm_kernel<__nv_bfloat16>, blocks, kRowThreads, stream, p);
-      break;
-    case LatentPoolDType::kFloat16: NVE_LAUNCH2(row_layer_norm_kernel<__half>, blocks, kRowThreads, stream, p); break;
-  }
+  with_type(p.dtype, [&](auto tag) {
+    NVE_LAUNCH2(row_layer_norm_kernel<decltype(tag)>, blocks, kRowThreads, stream, p);
+  });
 }
 
 void row_softmax_launch(const RowSoftmaxParams& p, cudaStream_t stream) {
   if (p.rows == 0 || p.n == 0) return;
   const unsigned blocks = static_cast<unsigned>((p.rows + kRowWarps - 1) / kRowWarps);
-  switch (p.dtype) {
-    case LatentPoolDType::kFloat32: NVE_LAUNCH2(row_softmax_kernel<float>, blocks, kRowThreads, stream, p); break;
-    case LatentPoolDType::kBFloat16:
-      NVE_LAUNCH2(row_softmax_kernel<__nv_bfloat16>, blocks, kRowThreads, stream, p);
-      break;
-    case LatentPoolDType::kFloat16: NVE_LAUNCH2(row_softmax_kernel<__half>, blocks, kRowThreads, stream, p); break;
-  }
+  with_type(p.dtype, [&](auto tag) {
+    NVE_LAUNCH2(row_softmax_kernel<decltype(tag)>, blocks, kRowThreads, stream, p);
+  });
 }
 
 }  // namespace nvembed::cuda
