@@ -203,6 +203,7 @@ fi
 # 5. The latent-attention layer against the eager released layer and torch.compile of it (issue 7).
 step gpu_latent_pool 200 python3 bench/gpu_latent_pool.py --out "$LOGS"
 step latent_pool_profile 90 python3 bench/gpu_profile_latent_pool.py --out "$LOGS"
+step gemm_compare 90 python3 bench/gpu_gemm_compare.py --out "$LOGS"  # cuBLAS vs CUTLASS on the layer's GEMMs
 
 # 6. Flash attention against SDPA flash / cuDNN (FA3 protocol), racecheck, the encoder end to end.
 step gpu_attention 150 python3 bench/gpu_attention.py --out "$LOGS" --warmup 3 --iters 10

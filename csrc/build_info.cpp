@@ -2,9 +2,15 @@
 // and build_info() says how it was built.
 #include <pybind11/pybind11.h>
 
+#include <cstdint>
+#include <stdexcept>
+
 #include "cpu/blas.h"
 #include "flash_attn_common.h"
 #include "kernel_choice.h"
+#ifdef NVEMBED_WITH_CUDA
+#include "cuda/gemm_sm90.cuh"
+#endif
 
 #ifndef NVEMBED_VERSION
 #define NVEMBED_VERSION "0.0.0"
@@ -57,4 +63,20 @@ PYBIND11_MODULE(_C, m) {
   m.def("infonce_fwd_kernel_for", &nvembed::infonce_fwd_kernel_for, py::arg("major"), py::arg("minor"),
         "The CUDA forward kernel infonce's tensor-core path would run on a device of compute capability "
         "major.minor: 'sm90' or 'sm80' (NVEMBED_INFONCE_KERNEL = auto | sm80 | sm90 chooses).");
+#ifdef NVEMBED_WITH_CUDA
+  // Raw-pointer entry points of the CUTLASS Hopper GEMM (cuda/gemm_sm90.cuh) for nvembed_ext.cutlass_gemm, which
+  // checks the tensors; benchmarks only.
+  m.def("gemm_sm90_bf16_workspace", &nvembed::cuda::gemm_sm90_bf16_workspace, py::arg("M"), py::arg("N"),
+        py::arg("K"));
+  m.def(
+      "gemm_sm90_bf16",
+      [](uintptr_t a, uintptr_t b, uintptr_t d, int M, int N, int K, uintptr_t workspace, uintptr_t stream) {
+        const char* err = nvembed::cuda::gemm_sm90_bf16(
+            reinterpret_cast<const void*>(a), reinterpret_cast<const void*>(b), reinterpret_cast<void*>(d), M, N, K,
+            reinterpret_cast<void*>(workspace), reinterpret_cast<cudaStream_t>(stream));
+        if (err != nullptr) throw std::runtime_error(std::string("nvembed.cutlass_gemm: ") + err);
+      },
+      py::arg("a"), py::arg("b"), py::arg("d"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("workspace"),
+      py::arg("stream"));
+#endif
 }

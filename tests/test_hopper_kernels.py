@@ -162,6 +162,19 @@ def test_hopper_kernels_sass_use_wgmma_tma_and_register_reallocation(sm90a_code)
             assert needle in text, f"{name}: no {needle}"
 
 
+def test_cutlass_gemm_sass(sm90a_code):
+    """The CUTLASS GEMM of bench/gpu_gemm_compare.py (csrc/cuda/gemm_sm90.cu): one kernel, 64 x 256 wgmma per consumer
+    warp group (the cooperative schedule's 128 x 256 tile), TMA loads and stores, mbarriers, no local memory."""
+    sass, res = sm90a_code
+    gemm = {n: t for n, t in sass.items() if "GemmUniversal" in n}
+    assert len(gemm) == 1, sorted(gemm)
+    for name, text in gemm.items():
+        for needle in ("HGMMA.64x256x16.F32.BF16", "UTMALDG", "UTMASTG", "SYNCS"):
+            assert needle in text, f"{name}: no {needle}"
+    usage = [t for n, t in res.items() if "GemmUniversal" in n]
+    assert len(usage) == 1 and "LOCAL:0" in usage[0] and "STACK:0" in usage[0], usage
+
+
 def test_hopper_kernels_have_no_local_memory(sm90a_code):
     """No register spills (ptxas with 240 registers per consumer thread) and no stack."""
     _, res = sm90a_code

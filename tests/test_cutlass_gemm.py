@@ -1,0 +1,65 @@
+"""nvembed_ext.cutlass_gemm (csrc/cuda/gemm_sm90.cu, the CUTLASS Hopper GEMM that bench/gpu_gemm_compare.py measures
+against cuBLAS): on a compute capability 9.0 device against torch.matmul on shapes with tails in every dimension;
+everywhere, its refusals (no sm_90a build / device, bad tensors) name the function and the reason; and the
+benchmark script's --tiny mode on the CPU."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import nvembed_ext  # noqa: F401
+from nvembed_ext.cutlass_gemm import available, cutlass_gemm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WHY = available() if torch.cuda.is_available() else "no CUDA device"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(WHY is not None, reason=f"cutlass_gemm cannot run here: {WHY}")
+@pytest.mark.parametrize("M,N,K", [(1, 8, 8), (129, 264, 72), (300, 520, 4096), (4096, 4096, 4096)])
+def test_matches_torch_matmul(M, N, K):
+    a = torch.randn(M, K, device="cuda").bfloat16()
+    b = (torch.randn(N, K, device="cuda") / K ** 0.5).bfloat16()
+    got = cutlass_gemm(a, b)
+    ref = (a.double() @ b.double().T)
+    assert got.dtype == torch.bfloat16 and got.shape == (M, N)
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 8e-3  # one bf16 rounding of an fp32 sum
+    torch.testing.assert_close(cutlass_gemm(a, b), got, rtol=0, atol=0)  # deterministic
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(WHY is not None, reason=f"cutlass_gemm cannot run here: {WHY}")
+def test_bad_tensors_cuda():
+    a = torch.randn(16, 64, device="cuda").bfloat16()
+    with pytest.raises(ValueError, match=r"nvembed.cutlass_gemm: b must be a 2-d bfloat16 CUDA tensor"):
+        cutlass_gemm(a, torch.randn(16, 64, device="cuda"))
+    with pytest.raises(ValueError, match=r"nvembed.cutlass_gemm: needs a \[M, K\], b \[N, K\]"):
+        cutlass_gemm(a, torch.randn(16, 60, device="cuda").bfloat16())
+
+
+def test_refuses_where_it_cannot_run():
+    if WHY is None:
+        pytest.skip("cutlass_gemm runs here")
+    with pytest.raises(RuntimeError, match=r"nvembed.cutlass_gemm: "):
+        cutlass_gemm(torch.randn(8, 8).bfloat16(), torch.randn(8, 8).bfloat16())
+
+
+def test_gpu_gemm_compare_tiny_cpu(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_gemm_compare.py"), "--tiny", "--device",
+                          "cpu", "--out", str(tmp_path), "--iters", "2", "--warmup", "1"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with open(tmp_path / "gpu_gemm_compare_tiny.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["shape"], r["provider"]) for r in rows] == [("tiny a", "cublas"), ("tiny a", "cutlass"),
+                                                           ("tiny b", "cublas"), ("tiny b", "cutlass")]
+    for r in rows:
+        if r["provider"] == "cublas":
+            assert r["status"] == "ok" and float(r["ms"]) > 0 and float(r["rel_err"]) == 0
+        else:
+            assert r["status"].startswith("unavailable: ")
