@@ -46,13 +46,14 @@ def kind(name: str) -> str:
 def executed_tflop(shape, tokens: int, backward: bool) -> float:
     """FLOPs of the folded algebra the op runs at this size: per token the scores and attention GEMMs against the
     folded [H*N, d] matrices and the feed-forward input GEMM; per call K / V of the latents and the two folds; the
-    backward recomputes the forward and runs two GEMMs per forward GEMM (plus the latent side once)."""
+    backward recomputes the forward (1x), runs two gradient GEMMs per forward GEMM (2x) and the latent side's six
+    (the folds' and to_kv's gradients: 2x the per-call part)."""
     d, N, H, dh = shape.d, shape.latents, shape.heads, shape.dim_head
     F = 4 * d
     per_token = 2 * d * H * N * 2 + 2 * d * 2 * F
     per_call = 2 * N * d * 2 * H * dh + 2 * 2 * H * N * dh * d
     fwd = tokens * per_token + per_call + 2 * shape.batch * F * d
-    return (fwd + (2 * fwd + per_call if backward else 0)) / 1e12
+    return (fwd + (3 * fwd + 2 * per_call if backward else 0)) / 1e12
 
 
 def main() -> int:
