@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT, os.path.join(ROOT, "python")]
 
-from common import device_name, git_commit, time_calls, write_csv  # noqa: E402
+from common import device_name, git_commit, select_device, time_calls, write_csv  # noqa: E402
 
 COLUMNS = ["gpu", "torch", "commit", "shape", "M", "N", "K", "provider", "status", "ms", "tflops", "rel_err",
            "speedup_vs_cublas"]
@@ -44,10 +44,8 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=20)
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type != "cuda" and not args.tiny:
-        print("needs a CUDA device (--tiny runs on the CPU)")
+    device = select_device("gpu_gemm_compare", args.device, args.tiny, "the layer's shapes")
+    if device is None:
         return 2
     on_cuda = device.type == "cuda"
     import nvembed_ext  # noqa: F401

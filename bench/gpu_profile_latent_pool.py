@@ -25,7 +25,7 @@ ROOT = os.path.dirname(HERE)
 sys.path[:0] = [HERE, ROOT, os.path.join(ROOT, "python")]
 
 import nvembed_ext  # noqa: E402,F401
-from common import env_vars, time_calls  # noqa: E402
+from common import env_vars, select_device, time_calls  # noqa: E402
 from gpu_latent_pool import FULL, TINY, Layer, make_inputs, random_values  # noqa: E402
 
 KINDS = ("gemm", "nvembed", "other")
@@ -62,10 +62,8 @@ def main() -> int:
     ap.add_argument("--tiny", action="store_true", help="a small fp32 layer (runs on the CPU)")
     ap.add_argument("--device", default="auto", help="auto (cuda when available), cuda or cpu (--tiny only)")
     args = ap.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if args.device == "auto" else args.device))
-    if device.type != "cuda" and not args.tiny:
-        print("the NV-Embed-v2-size profile needs a CUDA device (--tiny runs on the CPU)")
+    device = select_device("gpu_profile_latent_pool", args.device, args.tiny, "the NV-Embed-v2-sized profile")
+    if device is None:
         return 2
     on_cuda = device.type == "cuda"
     shape, dtype = (TINY, torch.float32) if args.tiny else (FULL, torch.bfloat16)
