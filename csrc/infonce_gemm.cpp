@@ -41,8 +41,7 @@ Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
   return at::mm(a.to(acc), b.to(acc));
 }
 
-// The target entries (i, i*G - col0) of a contiguous [B, c] chunk that starts at doc col0, as a strided 1-d view
-// (row i's target sits i*(c + G) - col0 elements into the chunk), and the first / one-past-last query they belong to.
+// The first / one-past-last query whose target doc i*G lies in the c docs from col0 (i1 == i0: none).
 struct ChunkTargets {
   int64_t i0, i1;
 };
@@ -52,14 +51,19 @@ ChunkTargets chunk_targets(int64_t B, int64_t c, int64_t col0, int64_t G) {
   return {i0, std::max(i0, i1)};
 }
 
+// The target entries (i, i*G - col0), i in [t.i0, t.i1), of a contiguous [B, c] chunk of scores that starts at doc
+// col0, as a strided 1-d view: row i's target sits i*(c + G) - col0 elements into the chunk. t.i1 > t.i0.
+Tensor target_view(const Tensor& scores, const ChunkTargets& t, int64_t col0, int64_t G) {
+  const int64_t c = scores.size(1);
+  return at::as_strided(scores, {t.i1 - t.i0}, {c + G}, scores.storage_offset() + t.i0 * (c + G) - col0);
+}
+
 void aten_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Tensor& probs, int64_t col0,
                      int64_t G, double inv_temperature) {
   const int64_t B = scores.size(0), c = scores.size(1);
   scores.mul_(inv_temperature).sub_(lse.unsqueeze(1)).exp_();
-  const ChunkTargets t = chunk_targets(B, c, col0, G);  // scores is contiguous: the strided view below is exact
-  if (t.i1 > t.i0) {
-    at::as_strided(scores, {t.i1 - t.i0}, {c + G}, scores.storage_offset() + t.i0 * (c + G) - col0).fill_(0);
-  }
+  const ChunkTargets t = chunk_targets(B, c, col0, G);
+  if (t.i1 > t.i0) target_view(scores, t, col0, G).fill_(0);
   neg_prob_sum.add_(scores.sum(1));
   probs.copy_(scores);
 }
@@ -69,10 +73,7 @@ void aten_chunk_lse(Tensor& scores, Tensor& run_max, Tensor& run_sum, Tensor& ta
   const int64_t B = scores.size(0), c = scores.size(1);
   scores.mul_(inv_temperature);
   const ChunkTargets t = chunk_targets(B, c, col0, G);
-  if (t.i1 > t.i0) {
-    target.narrow(0, t.i0, t.i1 - t.i0)
-        .copy_(at::as_strided(scores, {t.i1 - t.i0}, {c + G}, scores.storage_offset() + t.i0 * (c + G) - col0));
-  }
+  if (t.i1 > t.i0) target.narrow(0, t.i0, t.i1 - t.i0).copy_(target_view(scores, t, col0, G));
   const Tensor m = at::maximum(run_max, std::get<0>(scores.max(1)));
   run_sum.mul_((run_max - m).exp_()).add_(scores.sub_(m.unsqueeze(1)).exp_().sum(1));
   run_max.copy_(m);
