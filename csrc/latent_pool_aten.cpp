@@ -216,14 +216,16 @@ Tensor ff_in(const Layer& s, const Tensor& z) { return at::matmul(z.to(s.io), s.
 
 // ---- the GEGLU stage through ATen ops (the LatentPoolKernels contract; CPU, and CUDA unless fused) -------------
 
-// [U, t]: row k holds the weights w of unit k's tokens (w undefined: ones).
-Tensor unit_matrix(const Tensor& units, const Tensor& w, int64_t t, at::ScalarType acc) {
-  const int64_t U = units.size(0);
+// [n, m] in acc, 1 where row r == index[j] (m integers): the one-hot matrices that add rows per unit / batch row.
+Tensor one_hot_rows(int64_t n, const Tensor& index, at::ScalarType acc) {
+  const Tensor idx = index.to(at::kLong);
+  return at::arange(n, idx.options()).unsqueeze(1).eq(idx.unsqueeze(0)).to(acc);
+}
+
+// [t] int64: the unit of each of the chunk's t tokens (units are consecutive runs of tokens, in order).
+Tensor unit_of_tokens(const Tensor& units, int64_t t) {
   const Tensor lens = units.select(1, 1).to(at::kLong);
-  const Tensor unit_of = at::repeat_interleave(at::arange(U, lens.options()), lens, 0, t);
-  Tensor um = at::arange(U, lens.options()).unsqueeze(1).eq(unit_of.unsqueeze(0)).to(acc);
-  if (w.defined()) um.mul_(w.unsqueeze(0));
-  return um;
+  return at::repeat_interleave(at::arange(units.size(0), lens.options()), lens, 0, t);
 }
 
 // The io GEMM output dies with the conversion to acc (u = uf when io == acc: then it is overwritten in place).
@@ -240,7 +242,7 @@ void aten_geglu_pool_fwd(Tensor& u, const Tensor& bias, const Tensor& w, const T
   Tensor g = at::gelu(uf.narrow(1, F, F));
   g.mul_(uf.narrow(1, 0, F));  // a * gelu(gate)
   uf.reset();
-  at::mm_out(part_g, unit_matrix(units, w, t, w.scalar_type()), g);
+  at::mm_out(part_g, one_hot_rows(units.size(0), unit_of_tokens(units, t), w.scalar_type()).mul_(w.unsqueeze(0)), g);
 }
 
 // The GEGLU backward in place in the [t, 2F] acc buffer: u = [a | gate] becomes du = [dg gelu(gate) |
@@ -251,18 +253,18 @@ void aten_geglu_pool_bwd(Tensor& u, const Tensor& bias, const Tensor& w, const T
   const at::ScalarType io = u.scalar_type(), acc = w.scalar_type();
   Tensor uf = geglu_input(u, bias, acc);
   Tensor ua = uf.narrow(1, 0, F), ugate = uf.narrow(1, F, F);
-  const Tensor um = unit_matrix(units, w, t, acc);
+  const Tensor unit_of = unit_of_tokens(units, t);
+  const Tensor in_unit = one_hot_rows(units.size(0), unit_of, acc);  // [U, t]
   {
     const Tensor gg = at::gelu(ugate);
-    at::mm_out(part_g, um, ua * gg);
-    const Tensor lens = units.select(1, 1).to(at::kLong);
-    const Tensor row_of = at::repeat_interleave(units.select(1, 2).to(at::kLong), lens, 0, t);
+    at::mm_out(part_g, in_unit * w.unsqueeze(0), ua * gg);
+    const Tensor row_of = units.select(1, 2).to(at::kLong).index_select(0, unit_of);
     const Tensor dg = dgbar.index_select(0, row_of).mul_(w.unsqueeze(1));  // [t, F]
     ua.mul_(dg);
     at::gelu_backward_out(ugate, ua, ugate);
     at::mul_out(ua, dg, gg);
   }
-  at::mm_out(part_b, unit_matrix(units, Tensor(), t, acc), uf);
+  at::mm_out(part_b, in_unit, uf);
   u = uf.to(io);
 }
 
@@ -292,16 +294,11 @@ constexpr LatentPoolKernels kAtenKernels{&aten_geglu_pool_fwd, &aten_geglu_pool_
                                          &aten_residual_layer_norm, &aten_softmax};
 
 // [B, U]: 1 where unit k belongs to batch row b (adds the units' partial sums per row)
-Tensor unit_rows(const Layer& s, const Tensor& units) {
-  return at::arange(s.B, units.options().dtype(at::kLong))
-      .unsqueeze(1)
-      .eq(units.select(1, 2).to(at::kLong).unsqueeze(0))
-      .to(s.acc);
-}
+Tensor unit_rows(const Layer& s, const Tensor& units) { return one_hot_rows(s.B, units.select(1, 2), s.acc); }
 
 // [B, t] pooling matrix of a chunk: row b holds the weights of the chunk's tokens of batch row b.
 Tensor pool_matrix(const Layer& s, const Tensor& batch, const Tensor& w) {
-  return at::arange(s.B, batch.options()).unsqueeze(1).eq(batch.unsqueeze(0)).to(s.acc) * w.unsqueeze(0);
+  return one_hot_rows(s.B, batch, s.acc).mul_(w.unsqueeze(0));
 }
 
 template <class Fn>
