@@ -2,6 +2,7 @@
 fp64 reference with per-dtype tolerances."""
 import os
 import random
+import subprocess
 import sys
 
 import pytest
@@ -11,6 +12,18 @@ import torch
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float64: 1e-10}
 
 ERR_TYPES = (RuntimeError, ValueError, TypeError, IndexError)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """bench/<script> with `args` in a subprocess (the repository and python/ on PYTHONPATH, as the GPU machine runs
+    it from a checkout), stdout / stderr captured as text."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

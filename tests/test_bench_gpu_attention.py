@@ -3,10 +3,10 @@ sweep, the GQA, padded-batch and training-step rows, the agreement check against
 run recorded instead of crashing, the CSV) runs in seconds, so the script cannot rot between GPU sessions."""
 import csv
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_bench
+
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 # the script's own CSV columns (the script itself runs in a subprocess below)
 from gpu_attention import COLUMNS  # noqa: E402
@@ -21,10 +21,7 @@ def _fa4_importable() -> bool:
 
 
 def test_gpu_attention_tiny_cpu(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_attention.py"), "--tiny", "--device",
-                          "cpu", "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    out = run_bench("gpu_attention.py", "--tiny", "--device", "cpu", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     with open(tmp_path / "gpu_attention_tiny.csv") as f:
         reader = csv.DictReader(f)

@@ -1,18 +1,12 @@
 """bench/gpu_infonce.py in its CPU smoke mode: the GPU benchmark script runs end to end (tiny sizes, both variants,
 same-input loss check, CSV), so it cannot rot between the sessions that have a GPU."""
 import csv
-import os
-import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_bench
 
 
 def test_gpu_infonce_smoke_cpu(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_infonce.py"), "--smoke", "--device", "cpu",
-                          "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    out = run_bench("gpu_infonce.py", "--smoke", "--device", "cpu", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     with open(tmp_path / "gpu_infonce_smoke.csv") as f:
         rows = list(csv.DictReader(f))
@@ -25,17 +19,14 @@ def test_gpu_infonce_smoke_cpu(tmp_path):
 def test_gpu_infonce_variants_cpu(tmp_path):
     """--variants picks the rows (the GEMM forward's and backward's variants run on CPU tensors too); unknown names
     fail."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
-    script = os.path.join(ROOT, "bench", "gpu_infonce.py")
-    out = subprocess.run([sys.executable, script, "--smoke", "--device", "cpu", "--out", str(tmp_path), "--variants",
-                          "nvembed-gemm,nvembed-gemm-fwd,naive"], env=env, capture_output=True, text=True, timeout=300)
+    out = run_bench("gpu_infonce.py", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--variants",
+                    "nvembed-gemm,nvembed-gemm-fwd,naive")
     assert out.returncode == 0, out.stdout + out.stderr
     with open(tmp_path / "gpu_infonce_smoke.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["variant"] for r in rows] == ["nvembed-gemm", "nvembed-gemm-fwd", "naive"]
     assert all(r["status"] == "ok" for r in rows) and float(rows[0]["speedup_vs_naive"]) > 0
     assert float(rows[1]["speedup_vs_naive"]) > 0
-    bad = subprocess.run([sys.executable, script, "--smoke", "--device", "cpu", "--out", str(tmp_path), "--variants",
-                          "nvembed-cublas"], env=env, capture_output=True, text=True, timeout=300)
+    bad = run_bench("gpu_infonce.py", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--variants",
+                    "nvembed-cublas")
     assert bad.returncode == 2 and "unknown --variants ['nvembed-cublas']" in bad.stderr

@@ -5,20 +5,17 @@ rot between GPU sessions; a provider that cannot run is recorded, not fatal."""
 import csv
 import importlib.util
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, run_bench
+
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 # the script's own CSV columns (the script itself runs in a subprocess below)
 from gpu_latent_pool import COLUMNS, CHECK_COLUMNS  # noqa: E402
 
 
 def _run(tmp_path, *argv):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_latent_pool.py"), "--tiny", "--device",
-                          "cpu", "--out", str(tmp_path), *argv], env=env, capture_output=True, text=True, timeout=300)
+    out = run_bench("gpu_latent_pool.py", "--tiny", "--device", "cpu", "--out", str(tmp_path), *argv)
     assert out.returncode == 0, out.stdout + out.stderr
     tables = []
     for name, columns in (("gpu_latent_pool_tiny.csv", COLUMNS), ("gpu_latent_pool_tiny_agreement.csv",
@@ -93,11 +90,7 @@ def test_gpu_latent_pool_tiny_records_a_failing_compile(tmp_path):
 def test_gpu_profile_latent_pool_tiny_cpu(tmp_path):
     """bench/gpu_profile_latent_pool.py (gpu_check.sh's latent_pool_profile step) in --tiny mode: both kernel
     choices, fwd and fwd+bwd, the CSV."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_profile_latent_pool.py"), "--tiny",
-                          "--device", "cpu", "--out", str(tmp_path)], env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = run_bench("gpu_profile_latent_pool.py", "--tiny", "--device", "cpu", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     with open(tmp_path / "gpu_profile_latent_pool_tiny.csv") as f:
         rows = list(csv.DictReader(f))

@@ -3,17 +3,14 @@ against cuBLAS): on a compute capability 9.0 device against torch.matmul on shap
 everywhere, its refusals (no sm_90a build / device, bad tensors) name the function and the reason; and the
 benchmark script's --tiny mode on the CPU."""
 import csv
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import nvembed_ext  # noqa: F401
+from conftest import run_bench
 from nvembed_ext.cutlass_gemm import available, cutlass_gemm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WHY = available() if torch.cuda.is_available() else "no CUDA device"
 
 
@@ -48,11 +45,8 @@ def test_refuses_where_it_cannot_run():
 
 
 def test_gpu_gemm_compare_tiny_cpu(tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([ROOT, os.path.join(ROOT, "python"), env.get("PYTHONPATH", "")])
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_gemm_compare.py"), "--tiny", "--device",
-                          "cpu", "--out", str(tmp_path), "--iters", "2", "--warmup", "1"], env=env,
-                         capture_output=True, text=True, timeout=300)
+    out = run_bench("gpu_gemm_compare.py", "--tiny", "--device", "cpu", "--out", str(tmp_path), "--iters", "2",
+                    "--warmup", "1")
     assert out.returncode == 0, out.stdout + out.stderr
     with open(tmp_path / "gpu_gemm_compare_tiny.csv") as f:
         rows = list(csv.DictReader(f))
