@@ -36,10 +36,20 @@ def cutlass_gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if K != K2 or K % 8 or N % 8 or M == 0 or N == 0 or K == 0:
         raise ValueError(f"nvembed.cutlass_gemm: needs a [M, K], b [N, K] with K and N multiples of 8 and no empty "
                          f"dimension, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a, b = a.contiguous(), b.contiguous()
-    d = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
-    ws_bytes = _C.gemm_sm90_bf16_workspace(M, N, K)
-    ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=a.device)
-    _C.gemm_sm90_bf16(a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, K, ws.data_ptr(),
-                      torch.cuda.current_stream(a.device).cuda_stream)
+    if b.device != a.device:
+        raise ValueError(f"nvembed.cutlass_gemm: b is on {b.device} but a is on {a.device}")
+    a, b = _tma_operand(a), _tma_operand(b)
+    with torch.cuda.device(a.device):  # the kernel runs on (and sizes its grid for) the current device
+        d = torch.empty(M, N, dtype=torch.bfloat16, device=a.device)
+        ws_bytes = _C.gemm_sm90_bf16_workspace(M, N, K)
+        ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=a.device)
+        _C.gemm_sm90_bf16(a.data_ptr(), b.data_ptr(), d.data_ptr(), M, N, K, ws.data_ptr(),
+                          torch.cuda.current_stream(a.device).cuda_stream)
     return d
+
+
+def _tma_operand(t: torch.Tensor) -> torch.Tensor:
+    """t contiguous at a 16-byte aligned address, as TMA descriptors need (CUTLASS's can_implement checks shapes and
+    strides only; a view at an odd storage offset would reach the descriptor set-up, which has no error path)."""
+    t = t.contiguous()
+    return t if t.data_ptr() % 16 == 0 else t.clone()

@@ -9,7 +9,7 @@ import torch
 
 import nvembed_ext  # noqa: F401
 from conftest import run_bench
-from nvembed_ext.cutlass_gemm import available, cutlass_gemm
+from nvembed_ext.cutlass_gemm import _tma_operand, available, cutlass_gemm
 
 WHY = available() if torch.cuda.is_available() else "no CUDA device"
 
@@ -35,6 +35,33 @@ def test_bad_tensors_cuda():
         cutlass_gemm(a, torch.randn(16, 64, device="cuda"))
     with pytest.raises(ValueError, match=r"nvembed.cutlass_gemm: needs a \[M, K\], b \[N, K\]"):
         cutlass_gemm(a, torch.randn(16, 60, device="cuda").bfloat16())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(WHY is not None, reason=f"cutlass_gemm cannot run here: {WHY}")
+def test_misaligned_views_cuda():
+    """Operands at storage offsets that are not 16-byte aligned (TMA's requirement) are copied, not passed on."""
+    M, N, K = 24, 16, 64
+    buf = torch.randn(M * K + 1, device="cuda").bfloat16()
+    a = buf[1:].view(M, K)
+    b = (torch.randn(N * K + 3, device="cuda") / K ** 0.5).bfloat16()[3:].view(N, K)
+    ref = a.double() @ b.double().T
+    got = cutlass_gemm(a, b)
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 8e-3
+
+
+def test_tma_operand_alignment():
+    """The operand preparation itself (device-independent): aligned contiguous tensors pass through untouched,
+    views at odd offsets and transposes come back contiguous at a 16-byte aligned address with the same values."""
+    base = torch.randn(8 * 16 + 1).bfloat16()
+    aligned = base[:128].view(8, 16)
+    assert aligned.data_ptr() % 16 == 0 and _tma_operand(aligned).data_ptr() == aligned.data_ptr()
+    odd = base[1:].view(8, 16)
+    assert odd.data_ptr() % 16 != 0
+    fixed = _tma_operand(odd)
+    assert fixed.data_ptr() % 16 == 0 and fixed.is_contiguous() and torch.equal(fixed, odd)
+    t = _tma_operand(aligned.t())
+    assert t.is_contiguous() and t.data_ptr() % 16 == 0 and torch.equal(t, aligned.t())
 
 
 def test_refuses_where_it_cannot_run():

@@ -52,15 +52,10 @@ typename Gemm::Arguments arguments(const void* a, const void* b, void* d, int M,
   using StrideB = typename Kernel::StrideB;
   using StrideC = typename Kernel::StrideC;
   using StrideD = typename Kernel::StrideD;
-  static const int sm_count = [] {
-    int device = 0, count = 0;
-    cudaGetDevice(&device);
-    cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device);
-    return count;
-  }();
+  // the current device's (the caller sets it to the operands' device); an attribute query, no context work
   cutlass::KernelHardwareInfo hw{};
   cudaGetDevice(&hw.device_id);
-  hw.sm_count = sm_count;
+  cudaDeviceGetAttribute(&hw.sm_count, cudaDevAttrMultiProcessorCount, hw.device_id);
   return typename Gemm::Arguments{
       cutlass::gemm::GemmUniversalMode::kGemm,
       {M, N, K, 1},

@@ -32,6 +32,14 @@ cuda::GegluPoolParams geglu_params(Tensor& u, const Tensor& bias, const Tensor& 
                         part_g.is_contiguous() && bias.scalar_type() == at::kFloat &&
                         w.scalar_type() == at::kFloat && units.scalar_type() == at::kInt &&
                         part_g.scalar_type() == at::kFloat && u.size(1) % 2 == 0);
+  const int64_t F = u.size(1) / 2, U = units.size(0);
+  TORCH_INTERNAL_ASSERT(u.dim() == 2 && bias.numel() == 2 * F && w.numel() == u.size(0) && units.dim() == 2 &&
+                        units.size(1) == 3 && part_g.size(0) == U && part_g.size(1) == F &&
+                        bias.device() == u.device() && w.device() == u.device() && units.device() == u.device() &&
+                        part_g.device() == u.device());
+  // grid (U, column blocks of 256 or 1024): y stays within CUDA's 65535 up to F ~ 16.7M (NV-Embed-v2: F = 16384)
+  NVE_CHECK_VALUE((F + 255) / 256 <= 65535, "latent_pool", "ff_in_weight",
+                  ": the fused GEGLU kernel takes a feed-forward width of at most 16776960, got ", F);
   cuda::GegluPoolParams p{};
   p.u = u.data_ptr();
   p.bias = bias.data_ptr<float>();
@@ -55,7 +63,9 @@ void cuda_geglu_pool_bwd(Tensor& u, const Tensor& bias, const Tensor& w, const T
                          Tensor& part_g, Tensor& part_b) {
   cuda::GegluPoolParams p = geglu_params(u, bias, w, units, part_g);
   TORCH_INTERNAL_ASSERT(dgbar.is_contiguous() && dgbar.scalar_type() == at::kFloat && part_b.is_contiguous() &&
-                        part_b.scalar_type() == at::kFloat);
+                        part_b.scalar_type() == at::kFloat && dgbar.dim() == 2 && dgbar.size(1) == p.F &&
+                        part_b.size(0) == p.U && part_b.size(1) == 2 * p.F && dgbar.device() == u.device() &&
+                        part_b.device() == u.device());
   p.dgbar = dgbar.data_ptr<float>();
   p.part_b = part_b.data_ptr<float>();
   cuda::geglu_pool_bwd_launch(p, c10::cuda::getCurrentCUDAStream());
