@@ -114,16 +114,18 @@ step cuda_tests 180 $PYTEST tests/ -m cuda --ignore=tests/test_flash_attn_cuda.p
 tail -3 "$LOGS/flash_tests.log" "$LOGS/cuda_tests.log" 2>/dev/null
 
 # 3. InfoNCE against the naive loss in the same run (issue 6), and where its time goes: the tile backward after the
-#    Hopper forward, the blocked-GEMM backward, the GEMM forward + backward, the naive loss (the sm80 forward's row is in
+#    Hopper forward, the blocked-GEMM backward, the GEMM forward + backward, the gradients formed in the forward
+#    (nvembed-fused), the naive loss (the sm80 forward's row is in
 #    bench/results/h200_2026-11-26; INFONCE_VARIANTS=nvembed,... adds it back).
 step gpu_infonce 180 python3 bench/gpu_infonce.py --out "$LOGS" --max-seconds 4 --rounds 6 \
-  --variants "${INFONCE_VARIANTS:-nvembed-sm90,nvembed-gemm,nvembed-gemm-fwd,naive}"
+  --variants "${INFONCE_VARIANTS:-nvembed-sm90,nvembed-gemm,nvembed-gemm-fwd,nvembed-fused,naive}"
 step infonce_profile 60 python3 bench/gpu_profile_infonce.py
 
 # 4. compute-sanitizer on small cases (uncached allocations so memcheck sees accesses past a tensor's end):
 #    flash fwd + bwd of every instantiation, sm80 and Hopper (bench/sanitize_flash.py); InfoNCE's tensor-core path
 #    (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass; d % 8 != 0 through the padded copy; the
-#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward; the blocked-GEMM backward;
+#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward; the blocked-GEMM backward,
+#    the GEMM forward and the fused forward's row blocks;
 #    latent_pool's fused stages (csrc/cuda/latent_pool.cu: LayerNorm rows, softmax rows, GEGLU's vector and scalar
 #    paths, units cut at 64 tokens).
 cat > "$LOGS/sanitizer_cases.py" <<'PY'
@@ -167,6 +169,15 @@ os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
 case(torch.float16, True, 130, 2, 72, 3)
 os.environ.pop("NVEMBED_INFONCE_FWD")
 os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
+# gradients formed in the forward: one row block (float4 paths), then row blocks of 37 queries (the fp32 dD
+# accumulator, targets mid-docs) with d % 4 != 0
+os.environ["NVEMBED_INFONCE_GRAD"] = "fused"
+for dtype in (torch.bfloat16, torch.float32):
+    case(dtype, True, 130, 2, 72, 4)
+os.environ["NVEMBED_INFONCE_ROW_BLOCK"] = "37"
+case(torch.float16, True, 130, 2, 65, 3)
+os.environ.pop("NVEMBED_INFONCE_GRAD")
+os.environ.pop("NVEMBED_INFONCE_ROW_BLOCK")
 torch.cuda.synchronize()
 
 

@@ -12,8 +12,11 @@ Protocol (the CUDA InfoNCE issue): d in {1024, 4096}, B in {4096, 16384, 65536} 
            (NVEMBED_INFONCE_BWD=gemm: cuBLAS GEMMs over column blocks of the logits, csrc/infonce_gemm.h).
   nvembed-gemm-fwd  the GEMM forward (NVEMBED_INFONCE_FWD=gemm: cuBLAS GEMMs over column chunks of the logits and an
            online log-sum-exp kernel) and the blocked-GEMM backward.
-  (nvembed and nvembed-sm90 pin the tile backward, NVEMBED_INFONCE_BWD=tiles; all but nvembed-gemm-fwd the tile
-  forward, NVEMBED_INFONCE_FWD=tiles.)
+  nvembed-fused  the gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused, csrc/infonce_gemm.h: row blocks of
+           queries against all docs, three cuBLAS GEMMs of 2 B N d in all, no recomputation in the backward, which
+           only scales them), through the public op.
+  (nvembed and nvembed-sm90 pin the tile backward, NVEMBED_INFONCE_BWD=tiles; all but nvembed-gemm-fwd and
+  nvembed-fused the tile forward, NVEMBED_INFONCE_FWD=tiles.)
 Per configuration: one warm-up round, then timed rounds, each on fresh random inputs; the time of a round is the
 CUDA-event time of loss = f(q, docs); loss.backward(). Reported: median (p20, p80) time, TFLOP/s counting
 2 B N d (forward) + 4 B N d (backward) flops, and the peak memory one fwd+bwd adds above its inputs
@@ -51,7 +54,8 @@ OURS = {"nvembed": {"NVEMBED_INFONCE_KERNEL": "sm80", "NVEMBED_INFONCE_FWD": "ti
         "nvembed-gemm": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_FWD": "tiles",
                          "NVEMBED_INFONCE_BWD": "gemm"},
         "nvembed-gemm-fwd": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_FWD": "gemm",
-                             "NVEMBED_INFONCE_BWD": "gemm"}}
+                             "NVEMBED_INFONCE_BWD": "gemm"},
+        "nvembed-fused": {"NVEMBED_INFONCE_GRAD": "fused"}}
 
 
 def environment(device: str) -> dict:
@@ -88,6 +92,13 @@ def loss_fn(variant: str):
     if variant not in OURS:
         return infonce_ref
     settings = OURS[variant]
+    if settings.get("NVEMBED_INFONCE_GRAD") == "fused":
+        # the public op: with inputs that need gradients its forward calls _infonce_fwd_grad (the variable is read
+        # there only; the backward scales the saved gradients)
+        def fused(q, docs, group_size, t, inb):
+            with env_vars(settings):
+                return torch.ops.nvembed.infonce(q, docs, group_size, t, inb)
+        return fused
 
     class Ours(torch.autograd.Function):
         # The op reads the variables on every call, forward and backward: they are set around both.
@@ -135,6 +146,14 @@ def gemm_bytes(B: int, d: int) -> int:
     columns), a chunk's fp32 scores and a GEMM's fp32 row block (64 MiB each)."""
     N = B * G
     return 2 * (B + N) * d + 8 * B * d + max(256 << 20, 2 * B * min(4096, N)) + (128 << 20)
+
+
+def fused_bytes(B: int, d: int) -> int:
+    """Input gradients, a row block's fp32 scores and bf16 probabilities (1 GiB), the fp32 dD accumulator when the
+    B x N matrix needs more than one row block, a GEMM's fp32 part (64 MiB)."""
+    N = B * G
+    acc = 4 * N * d if B * N * 6 > (1 << 30) else 0
+    return 2 * (B + N) * d + min(6 * B * N, 1 << 30) + acc + (64 << 20)
 
 
 def measure(variant: str, B: int, d: int, dtype, device: str, rounds: int, max_seconds: float) -> dict:
@@ -187,8 +206,8 @@ def run(args) -> list[dict]:
             for variant in variants:
                 row = {**env, "variant": variant, "dtype": "bfloat16", "B": B, "G": G, "N": N, "d": d,
                        "temperature": TEMPERATURE, "in_batch_negatives": True, "status": "ok"}
-                need = {"naive": naive_bytes, "nvembed-gemm": gemm_bytes,
-                        "nvembed-gemm-fwd": gemm_bytes}.get(variant, nvembed_bytes)(B, d)
+                need = {"naive": naive_bytes, "nvembed-gemm": gemm_bytes, "nvembed-gemm-fwd": gemm_bytes,
+                        "nvembed-fused": fused_bytes}.get(variant, nvembed_bytes)(B, d)
                 free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
                 if variant == "nvembed-sm90" and sm90_why is not None:
                     row["status"] = f"skipped: {sm90_why}"
@@ -243,7 +262,7 @@ def plot(rows: list[dict], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for d in sorted({r["d"] for r in ok}):
         for variant, style in (("nvembed", "-o"), ("nvembed-sm90", "-^"), ("nvembed-gemm", "-D"),
-                               ("nvembed-gemm-fwd", "-v"), ("naive", "--s")):
+                               ("nvembed-gemm-fwd", "-v"), ("nvembed-fused", "-P"), ("naive", "--s")):
             pts = sorted((r["B"], r) for r in ok if r["d"] == d and r["variant"] == variant)
             if not pts:
                 continue

@@ -1,5 +1,6 @@
 """Where the time of one nvembed::infonce forward + backward goes on a GPU: for each kernel choice (the sm80
-tensor-core kernels, the Hopper forward, the plain fp32 path, the blocked-GEMM backward, the GEMM forward) the
+tensor-core kernels, the Hopper forward, the plain fp32 path, the blocked-GEMM backward, the GEMM forward, the
+gradients formed in the forward) the
 CUDA-event time of the forward alone and of
 forward + backward, and torch.profiler's per-kernel table. bench/gpu_check.sh runs it (step infonce_profile).
 
@@ -54,14 +55,18 @@ def main():
                                           torch.arange(B, device="cuda") * G).backward()
 
     print(f"naive fwd+bwd {timed(naive):.3f} ms", flush=True)
-    for plain, kern, fwd_path, bwd_path in (("0", "sm80", "tiles", "tiles"), ("0", "sm90", "tiles", "tiles"),
-                                            ("1", "sm80", "tiles", "tiles"), ("0", "auto", "tiles", "gemm"),
-                                            ("0", "auto", "gemm", "gemm")):
+    for plain, kern, fwd_path, bwd_path, grad in (("0", "sm80", "tiles", "tiles", "backward"),
+                                                  ("0", "sm90", "tiles", "tiles", "backward"),
+                                                  ("1", "sm80", "tiles", "tiles", "backward"),
+                                                  ("0", "auto", "tiles", "gemm", "backward"),
+                                                  ("0", "auto", "gemm", "gemm", "backward"),
+                                                  ("0", "auto", "gemm", "gemm", "fused")):
         os.environ["NVEMBED_INFONCE_CUDA_PLAIN"] = plain
         os.environ["NVEMBED_INFONCE_KERNEL"] = kern
         os.environ["NVEMBED_INFONCE_FWD"] = fwd_path
         os.environ["NVEMBED_INFONCE_BWD"] = bwd_path
-        tag = "plain" if plain == "1" else kern if bwd_path == "tiles" else \
+        os.environ["NVEMBED_INFONCE_GRAD"] = grad  # fused: fwd (no grad) is the GEMM forward, fwd+bwd the fused one
+        tag = "fused" if grad == "fused" else "plain" if plain == "1" else kern if bwd_path == "tiles" else \
             "gemm-bwd" if fwd_path == "tiles" else "gemm"
         tf, tfb = timed(fwd), timed(fwd_bwd)
         print(f"{tag:8s} fwd {tf:9.3f} ms ({flop / tf / 1e9:7.1f} TFLOP/s)  fwd+bwd {tfb:9.3f} ms "

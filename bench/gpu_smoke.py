@@ -201,6 +201,19 @@ def main():
              infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
     os.environ.pop("NVEMBED_INFONCE_FWD")
     os.environ.pop("NVEMBED_INFONCE_BWD")
+    # gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused): one row block, ragged row blocks of 37 queries
+    # (the fp32 dD accumulator) with odd d (the chunk kernels' scalar paths), fp32
+    os.environ["NVEMBED_INFONCE_GRAD"] = "fused"
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        run_case(f"infonce fused {str(dtype)[6:]} B=300 G=4 d=128 +17 inb", dtype,
+                 infonce(dtype, 300, 4, 128, 17, True))
+    os.environ["NVEMBED_INFONCE_ROW_BLOCK"] = "37"
+    run_case("infonce fused bfloat16 B=77 G=3 d=73 +5 row blocks 37", torch.bfloat16,
+             infonce(torch.bfloat16, 77, 3, 73, 5, True))
+    os.environ.pop("NVEMBED_INFONCE_ROW_BLOCK")
+    run_case("infonce fused bfloat16 B=2048 G=8 d=1024 inb", torch.bfloat16,
+             infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
+    os.environ.pop("NVEMBED_INFONCE_GRAD")
     for kernels in ("aten", "fused"):  # elementwise stages: ATen ops / csrc/cuda/latent_pool.cu
         os.environ["NVEMBED_LATENT_POOL_KERNELS"] = kernels
         for dtype in (torch.bfloat16, torch.float32):

@@ -41,13 +41,17 @@ Tensor mm_acc(const Tensor& a, const Tensor& b, at::ScalarType acc) {
   return at::mm(a.to(acc), b.to(acc));
 }
 
-// The first / one-past-last query whose target doc i*G lies in the c docs from col0 (i1 == i0: none).
+// ceil(a / G) for any sign of a (G > 0)
+int64_t ceil_div(int64_t a, int64_t G) { return a >= 0 ? (a + G - 1) / G : -((-a) / G); }
+
+// The first / one-past-last of B rows whose target column r*G - col0 lies in [0, c) (i1 == i0: none); col0 may be
+// negative (a row block of queries, infonce_gemm.h).
 struct ChunkTargets {
   int64_t i0, i1;
 };
 ChunkTargets chunk_targets(int64_t B, int64_t c, int64_t col0, int64_t G) {
-  const int64_t i0 = (col0 + G - 1) / G;
-  const int64_t i1 = std::min(B, (col0 + c + G - 1) / G);
+  const int64_t i0 = std::min(B, std::max<int64_t>(0, ceil_div(col0, G)));
+  const int64_t i1 = std::min(B, ceil_div(col0 + c, G));
   return {i0, std::max(i0, i1)};
 }
 
@@ -71,11 +75,11 @@ void aten_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
 void aten_chunk_lse(Tensor& scores, Tensor& run_max, Tensor& run_sum, Tensor& target, int64_t col0, int64_t G,
                     double inv_temperature) {
   const int64_t B = scores.size(0), c = scores.size(1);
-  scores.mul_(inv_temperature);
+  Tensor x = scores * inv_temperature;  // scores stay as they are (the fused forward reads them again)
   const ChunkTargets t = chunk_targets(B, c, col0, G);
-  if (t.i1 > t.i0) target.narrow(0, t.i0, t.i1 - t.i0).copy_(target_view(scores, t, col0, G));
-  const Tensor m = at::maximum(run_max, std::get<0>(scores.max(1)));
-  run_sum.mul_((run_max - m).exp_()).add_(scores.sub_(m.unsqueeze(1)).exp_().sum(1));
+  if (t.i1 > t.i0) target.narrow(0, t.i0, t.i1 - t.i0).copy_(target_view(x, t, col0, G));
+  const Tensor m = at::maximum(run_max, std::get<0>(x.max(1)));
+  run_sum.mul_((run_max - m).exp_()).add_(x.sub_(m.unsqueeze(1)).exp_().sum(1));
   run_max.copy_(m);
 }
 
@@ -143,7 +147,7 @@ std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tenso
   Tensor grad_d = at::empty({N, d}, queries.options());
   const InfoNCEGemmWidths w = infonce_gemm_widths(B, N, queries.element_size());
   // the fp32 products of dQ and dD exist one row block (<= 64 MiB, >= 1024 rows: GEMMs stay large) at a time
-  const int64_t rows = std::max<int64_t>(kPartBytes / (d * 4), 1024);
+  const int64_t rows = std::max<int64_t>(kPartBytes / (std::max<int64_t>(d, 1) * 4), 1024);  // d = 0: no columns
   Tensor probs_buf = at::empty({B, w.block}, queries.options());
   for (int64_t col0 = 0; col0 < N; col0 += w.block) {
     const int64_t cn = std::min(w.block, N - col0);
@@ -178,6 +182,85 @@ std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tenso
   grad_tgt.addcmul_(queries, ns, -1).mul_(coef);
   grad_d.slice(0, 0, B * G, G).copy_(grad_tgt);
   return {grad_q.to(io), grad_d};
+}
+
+const char* infonce_grad_choice(bool fused_default) {
+  return kernel_choice("NVEMBED_INFONCE_GRAD", kOp, "backward", "fused", true, fused_default);
+}
+
+int64_t infonce_fused_rows(int64_t B, int64_t N, int64_t elem_bytes) {
+  int64_t rows = env_int("NVEMBED_INFONCE_ROW_BLOCK", 0);
+  if (rows == 0) {
+    const int64_t acc_bytes = elem_bytes == 8 ? 8 : 4;
+    rows = (env_int("NVEMBED_INFONCE_FUSED_MB", 1024) << 20) / (N * (acc_bytes + elem_bytes));
+    if (rows >= 256) rows = rows / 256 * 256;
+  }
+  return std::clamp<int64_t>(rows, 1, B);
+}
+
+std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, const Tensor& docs,
+                                                         int64_t group_size, double temperature,
+                                                         InfoNCEChunkLseFn chunk_lse, InfoNCEChunkGradFn chunk_grad) {
+  const at::ScalarType acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t B = queries.size(0), N = docs.size(0), d = queries.size(1), G = group_size;
+  const auto opts = queries.options().dtype(acc);
+  const double inv_t = 1.0 / temperature, coef = 1.0 / (static_cast<double>(B) * temperature);
+  const int64_t R = infonce_fused_rows(B, N, queries.element_size());
+  const bool one_block = R >= B;
+  // the fp32 products of dQ and dD exist one part (<= 64 MiB, >= 1024 rows: GEMMs stay large) at a time
+  const int64_t part = std::max<int64_t>(kPartBytes / (std::max<int64_t>(d, 1) * c10::elementSize(acc)), 1024);
+  Tensor grad_q = at::empty({B, d}, queries.options());
+  Tensor grad_d = at::empty({N, d}, queries.options());
+  Tensor acc_d = one_block ? Tensor() : at::zeros({N, d}, opts);  // sum over row blocks of P_R^T Q_R
+  Tensor loss_sum = at::zeros({}, opts);
+  Tensor probs_buf = at::empty({R, N}, queries.options());
+  for (int64_t r0 = 0; r0 < B; r0 += R) {
+    const int64_t rn = std::min(R, B - r0), col0 = -r0 * G;  // row r of the block: target column (r0 + r) G
+    const Tensor qr = queries.narrow(0, r0, rn);
+    Tensor scores = mm_acc(qr, docs.t(), acc);  // [rn, N]
+    Tensor run_max = at::full({rn}, -std::numeric_limits<double>::infinity(), opts);
+    Tensor run_sum = at::zeros({rn}, opts);
+    Tensor target = at::empty({rn}, opts);  // every row's target is among the N columns
+    (chunk_lse != nullptr ? chunk_lse : aten_chunk_lse)(scores, run_max, run_sum, target, col0, G, inv_t);
+    const Tensor lse = run_max.add_(run_sum.log_());
+    loss_sum.add_((lse - target).sum());
+    Tensor probs = probs_buf.narrow(0, 0, rn);
+    Tensor neg_prob_sum = at::zeros({rn}, opts);
+    (chunk_grad != nullptr ? chunk_grad : aten_chunk_grad)(scores, lse, neg_prob_sum, probs, col0, G, inv_t);
+    scores.reset();  // before the GEMMs' fp32 parts
+    const Tensor ns = neg_prob_sum.unsqueeze(1);
+    // dQ_R = (P_R D - neg_prob_sum D_target) / (B t); the target term (P_t - 1 = -neg_prob_sum) as in the backward
+    const Tensor d_tgt = docs.slice(0, r0 * G, (r0 + rn - 1) * G + 1, G);
+    for (int64_t k0 = 0; k0 < rn; k0 += part) {
+      const int64_t kn = std::min(part, rn - k0);
+      Tensor gq = mm_acc(probs.narrow(0, k0, kn), docs, acc);
+      gq.addcmul_(d_tgt.narrow(0, k0, kn), ns.narrow(0, k0, kn), -1);
+      grad_q.narrow(0, r0 + k0, kn).copy_(gq.mul_(coef));
+    }
+    // dD += P_R^T Q_R, minus neg_prob_sum Q at the targets of this block's queries
+    for (int64_t n0 = 0; n0 < N; n0 += part) {
+      const int64_t nn = std::min(part, N - n0), pcol0 = n0 + col0;  // row r's target: row r G - pcol0 of the part
+      Tensor gd = mm_acc(probs.narrow(1, n0, nn).t(), qr, acc);  // [nn, d]
+      const ChunkTargets t = chunk_targets(rn, nn, pcol0, G);
+      if (t.i1 > t.i0) {
+        gd.slice(0, t.i0 * G - pcol0, (t.i1 - 1) * G - pcol0 + 1, G)
+            .addcmul_(qr.narrow(0, t.i0, t.i1 - t.i0), ns.narrow(0, t.i0, t.i1 - t.i0), -1);
+      }
+      if (one_block) {
+        grad_d.narrow(0, n0, nn).copy_(gd.mul_(coef));
+      } else {
+        acc_d.narrow(0, n0, nn).add_(gd);
+      }
+    }
+  }
+  probs_buf.reset();
+  if (!one_block) {
+    for (int64_t n0 = 0; n0 < N; n0 += part) {  // in place, one part at a time: no second [N, d] fp32 tensor
+      const int64_t nn = std::min(part, N - n0);
+      grad_d.narrow(0, n0, nn).copy_(acc_d.narrow(0, n0, nn).mul_(coef));
+    }
+  }
+  return {loss_sum.div_(static_cast<double>(B)), grad_q, grad_d};
 }
 
 }  // namespace nvembed

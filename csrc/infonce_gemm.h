@@ -42,10 +42,12 @@ const char* infonce_fwd_choice(bool gemm_default);
 // B x c accumulation-dtype scores fit 256 MiB (at least 256), at most N.
 int64_t infonce_fwd_chunk(int64_t B, int64_t N, int64_t acc_bytes);
 
-// One chunk of the GEMM forward: scores [B, c] (contiguous, fp32 / fp64 for fp64 inputs; may be overwritten) are
-// the unscaled logits of docs col0 .. col0 + c - 1. run_max / run_sum [B] hold the running max of the scaled logits
-// and the sum of exp(logit - max) (start: -inf / 0) and are updated with the chunk's; target[i] = scores[i, i*G -
-// col0] / t for the rows whose target lies in the chunk (other rows untouched). Null: the ATen version.
+// One chunk of the GEMM forward: scores [R, c] (contiguous, fp32 / fp64 for fp64 inputs; not modified) are the
+// unscaled logits of R queries against c docs; row r's target doc is column r*G - col0 (col0 may be negative: a row
+// block of queries that starts at query r0 passes col0 = c0 - r0*G for a chunk that starts at doc c0). run_max /
+// run_sum [R] hold the running max of the scaled logits and the sum of exp(logit - max) (start: -inf / 0) and are
+// updated with the chunk's; target[r] = scores[r, r*G - col0] / t for the rows whose target lies in the chunk (other
+// rows untouched). Null: the ATen version.
 using InfoNCEChunkLseFn = void (*)(at::Tensor& scores, at::Tensor& run_max, at::Tensor& run_sum, at::Tensor& target,
                                    int64_t col0, int64_t group_size, double inv_temperature);
 
@@ -63,9 +65,10 @@ struct InfoNCEGemmWidths {
 };
 InfoNCEGemmWidths infonce_gemm_widths(int64_t B, int64_t N, int64_t elem_bytes);
 
-// probs [B, c] (out, dtype of the inputs; unit column stride, any row stride) = exp(scores / t - lse) with column
-// i*G - col0 of row i zeroed where it lies in the chunk; neg_prob_sum [B] += the row sums of what was written.
-// scores is contiguous fp32 (fp64 for fp64 inputs) and may be overwritten. Null: the ATen version (any device).
+// probs [R, c] (out, dtype of the inputs; unit column stride, any row stride) = exp(scores / t - lse) with column
+// r*G - col0 of row r zeroed where it lies in the chunk (col0 as for InfoNCEChunkLseFn); neg_prob_sum [R] += the
+// row sums of what was written. scores is contiguous fp32 (fp64 for fp64 inputs) and may be overwritten. Null: the
+// ATen version (any device).
 using InfoNCEChunkGradFn = void (*)(at::Tensor& scores, const at::Tensor& lse, at::Tensor& neg_prob_sum,
                                     at::Tensor& probs, int64_t col0, int64_t group_size, double inv_temperature);
 
@@ -76,5 +79,38 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_gemm(const at::Tensor& grad_loss,
                                                     const at::Tensor& docs, const at::Tensor& lse,
                                                     int64_t group_size, double temperature,
                                                     InfoNCEChunkGradFn chunk_grad);
+
+// ---- gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused) ------------------------------------------------
+// The loss is a mean, so its gradient for any upstream g is g times the gradient for g = 1: when the inputs need
+// gradients, the forward can form them while the logits are at hand and the backward only scales them (as fused
+// linear-cross-entropy kernels do). That removes the backward's recomputation of the logits: three GEMMs of 2 B N d
+// FLOPs in all (the naive loss's count) instead of four. Rows blocks of R queries, each with all N docs:
+//   S_R  = Q_R D^T                                  [R, N] fp32, one GEMM
+//   lse_R, target logits                            one pass over S_R (the chunk-lse kernel)
+//   P_R  = exp(S_R / t - lse), targets zeroed       [R, N] input dtype (the chunk-grad kernel; neg_prob_sum)
+//   dQ_R = (P_R D - neg_prob_sum D_target) / (B t)  written once
+//   dD  += P_R^T Q_R - (target terms)               fp32 [N, d] accumulator, one row part (64 MiB) at a time;
+//                                                   written straight to the output when one block holds all rows
+// Memory: S_R and P_R (NVEMBED_INFONCE_FUSED_MB, default 1024 MiB for both), the fp32 dD accumulator (N d 4 bytes,
+// only with more than one row block) and O((B + N) d); the trade: ~3/4 of the GEMM work of the GEMM forward plus the
+// blocked backward, for more memory than either.
+
+// Whether the fused forward has run on a GPU; NVEMBED_INFONCE_GRAD = auto | backward | fused picks, for an in-batch
+// InfoNCE whose inputs need gradients, between the backward (infonce_bwd_choice's) and gradients formed in the
+// forward. Any other value raises an error naming the op and the variable.
+constexpr bool kInfonceFusedGradVerified = false;
+const char* infonce_grad_choice(bool fused_default);
+
+// Queries per row block of the fused forward: NVEMBED_INFONCE_ROW_BLOCK if set, else the largest multiple of 256
+// (or all B) whose [R, N] scores and probabilities fit NVEMBED_INFONCE_FUSED_MB; at least 1, at most B.
+int64_t infonce_fused_rows(int64_t B, int64_t N, int64_t elem_bytes);
+
+// (loss, grad_queries, grad_docs) of an in-batch InfoNCE for an upstream gradient of 1: the loss in the accumulation
+// dtype (0-dim mean), the gradients in the inputs' dtype. queries [B, d], docs [N >= B*G, d] contiguous; chunk_lse /
+// chunk_grad as above (null: the ATen versions). No input checks: the op's launchers check first.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> infonce_fwd_grad_gemm(const at::Tensor& queries,
+                                                                     const at::Tensor& docs, int64_t group_size,
+                                                                     double temperature, InfoNCEChunkLseFn chunk_lse,
+                                                                     InfoNCEChunkGradFn chunk_grad);
 
 }  // namespace nvembed

@@ -56,12 +56,19 @@ std::tuple<Tensor, Tensor> infonce_fwd_cpu(const Tensor& queries, const Tensor& 
 std::tuple<Tensor, Tensor> infonce_bwd_cpu(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
                                            const Tensor& lse, int64_t group_size, double temperature,
                                            bool in_batch_negatives);
+// (loss, grad_queries, grad_docs) for an upstream gradient of 1 (infonce_gemm.h: gradients formed in the forward)
+std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_cpu(const Tensor& queries, const Tensor& docs,
+                                                        int64_t group_size, double temperature,
+                                                        bool in_batch_negatives);
 #ifdef NVEMBED_WITH_CUDA
 std::tuple<Tensor, Tensor> infonce_fwd_cuda(const Tensor& queries, const Tensor& docs, int64_t group_size,
                                             double temperature, bool in_batch_negatives);
 std::tuple<Tensor, Tensor> infonce_bwd_cuda(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
                                             const Tensor& lse, int64_t group_size, double temperature,
                                             bool in_batch_negatives);
+std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_cuda(const Tensor& queries, const Tensor& docs,
+                                                         int64_t group_size, double temperature,
+                                                         bool in_batch_negatives);
 #endif
 
 // ---- fused latent-attention pooling (NV-Embed) -----------------------------------------------------------------

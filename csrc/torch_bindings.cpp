@@ -3,8 +3,12 @@
 // internal ops that also return the softmax statistics the backward needs (_*_fwd); autograd, fake kernels and
 // the pure-PyTorch references live in nvembed_ext/.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
+#include <string_view>
+
+#include "infonce_gemm.h"
 #include "ops.h"
 
 namespace nvembed {
@@ -33,8 +37,20 @@ Tensor flash_attn_varlen_composite(const Tensor& q, const Tensor& k, const Tenso
   return std::get<0>(op.call(q, k, v, cu_q, cu_k, max_q, max_k, scale));
 }
 
+// Where the inputs need gradients and NVEMBED_INFONCE_GRAD picks fused (infonce_gemm.h), the forward forms them
+// (_infonce_fwd_grad) and the backward scales them; otherwise _infonce_fwd, and _infonce_bwd in the backward.
 Tensor infonce_composite(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
                          bool in_batch_negatives) {
+  const bool wants_grad = at::GradMode::is_enabled() && (queries.requires_grad() || docs.requires_grad());
+  if (wants_grad && in_batch_negatives &&
+      std::string_view(infonce_grad_choice(kInfonceFusedGradVerified && queries.is_cuda() &&
+                                           queries.scalar_type() != at::kFloat)) == "fused") {
+    static auto fused = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("nvembed::_infonce_fwd_grad", "")
+                            .typed<std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double,
+                                                                      bool)>();
+    return std::get<0>(fused.call(queries, docs, group_size, temperature, in_batch_negatives));
+  }
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("nvembed::_infonce_fwd", "")
                        .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double, bool)>();
@@ -93,6 +109,9 @@ TORCH_LIBRARY(nvembed, m) {
         " bool in_batch_negatives=True) -> (Tensor loss, Tensor lse)");
   m.def("_infonce_bwd(Tensor grad_loss, Tensor queries, Tensor docs, Tensor lse, int group_size,"
         " float temperature, bool in_batch_negatives=True) -> (Tensor grad_queries, Tensor grad_docs)");
+  // the loss and its gradients for an upstream gradient of 1 (the backward scales them): see infonce_gemm.h
+  m.def("_infonce_fwd_grad(Tensor queries, Tensor docs, int group_size, float temperature,"
+        " bool in_batch_negatives=True) -> (Tensor loss, Tensor grad_queries, Tensor grad_docs)");
   // LATENT_POOL_SCHEMAS_BEGIN
   // NV-Embed latent-attention pooling: hidden_states [B, L, d] attend to the latents [N, d] (PreNorm cross-attention,
   // residual, PreNorm GEGLU feed-forward, residual), masked mean over pool_mask [B, L] (None = all tokens; an
@@ -131,6 +150,7 @@ TORCH_LIBRARY_IMPL(nvembed, CPU, m) {
   m.impl("_flash_attn_varlen_bwd", &nvembed::flash_attn_varlen_bwd_cpu);
   m.impl("_infonce_fwd", &nvembed::infonce_fwd_cpu);
   m.impl("_infonce_bwd", &nvembed::infonce_bwd_cpu);
+  m.impl("_infonce_fwd_grad", &nvembed::infonce_fwd_grad_cpu);
   // LATENT_POOL_CPU_BEGIN
   m.impl("_latent_pool_fwd", &nvembed::latent_pool_fwd_cpu);
   m.impl("_latent_pool_bwd", &nvembed::latent_pool_bwd_cpu);
@@ -147,5 +167,6 @@ TORCH_LIBRARY_IMPL(nvembed, CUDA, m) {
   m.impl("_latent_pool_bwd", &nvembed::latent_pool_bwd_cuda);
   m.impl("_infonce_fwd", &nvembed::infonce_fwd_cuda);
   m.impl("_infonce_bwd", &nvembed::infonce_bwd_cuda);
+  m.impl("_infonce_fwd_grad", &nvembed::infonce_fwd_grad_cuda);
 }
 #endif

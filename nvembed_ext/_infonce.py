@@ -79,3 +79,30 @@ def _backward(ctx, grad_loss, grad_lse):
 
 
 torch.library.register_autograd(_lib + "_infonce_fwd", _backward, setup_context=_setup_context)
+
+
+@torch.library.register_fake(_lib + "_infonce_fwd_grad")
+def _infonce_fwd_grad_fake(queries, docs, group_size, temperature, in_batch_negatives=True):
+    _check_inputs(queries, docs, group_size, temperature, in_batch_negatives)
+    loss = queries.new_empty((), dtype=_acc_dtype(queries))
+    return loss, torch.empty_like(queries, memory_format=torch.contiguous_format), torch.empty_like(
+        docs, memory_format=torch.contiguous_format)
+
+
+# _infonce_fwd_grad (NVEMBED_INFONCE_GRAD=fused, csrc/infonce_gemm.h) returns the gradients for an upstream gradient
+# of 1; the loss is a mean, so the backward scales them. The gradient outputs are not differentiable (no double
+# backward, as with the other path).
+def _fwd_grad_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(output[1], output[2])
+
+
+def _fwd_grad_backward(ctx, grad_loss, grad_gq, grad_gd):
+    gq, gd = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None
+    g = grad_loss.to(_acc_dtype(gq))  # 0-dim: the products are formed in fp32 and rounded once to the input dtype
+    return (gq * g if ctx.needs_input_grad[0] else None), (gd * g if ctx.needs_input_grad[1] else None), None, None, None
+
+
+torch.library.register_autograd(_lib + "_infonce_fwd_grad", _fwd_grad_backward, setup_context=_fwd_grad_setup_context)
+

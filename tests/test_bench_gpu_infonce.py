@@ -17,16 +17,16 @@ def test_gpu_infonce_smoke_cpu(tmp_path):
 
 
 def test_gpu_infonce_variants_cpu(tmp_path):
-    """--variants picks the rows (the GEMM forward's and backward's variants run on CPU tensors too); unknown names
-    fail."""
+    """--variants picks the rows (the GEMM forward's and backward's and the fused variants run on CPU tensors too);
+    unknown names fail."""
     out = run_bench("gpu_infonce.py", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--variants",
-                    "nvembed-gemm,nvembed-gemm-fwd,naive")
+                    "nvembed-gemm,nvembed-gemm-fwd,nvembed-fused,naive")
     assert out.returncode == 0, out.stdout + out.stderr
     with open(tmp_path / "gpu_infonce_smoke.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["variant"] for r in rows] == ["nvembed-gemm", "nvembed-gemm-fwd", "naive"]
-    assert all(r["status"] == "ok" for r in rows) and float(rows[0]["speedup_vs_naive"]) > 0
-    assert float(rows[1]["speedup_vs_naive"]) > 0
+    assert [r["variant"] for r in rows] == ["nvembed-gemm", "nvembed-gemm-fwd", "nvembed-fused", "naive"]
+    assert all(r["status"] == "ok" for r in rows)
+    assert all(float(r["speedup_vs_naive"]) > 0 for r in rows[:3])
     bad = run_bench("gpu_infonce.py", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--variants",
                     "nvembed-cublas")
     assert bad.returncode == 2 and "unknown --variants ['nvembed-cublas']" in bad.stderr

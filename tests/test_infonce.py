@@ -337,6 +337,150 @@ def test_gemm_fwd_own_group_and_bad_variable_cpu(gemm_fwd):
         ops._infonce_fwd(q.detach(), docs.detach(), 3, 0.1, True)
 
 
+# ---- gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused) on CPU tensors ---------------------------------
+# The CUDA path's loop (csrc/infonce_gemm.cpp: row blocks of queries, each against all docs; the loss and the
+# gradients for an upstream gradient of 1 in one pass; the backward scales them) with ATen's elementwise passes
+# instead of the CUDA chunk kernels (those are checked by tools/infonce_emu, negative col0 included). Row blocks of
+# 1 (every query alone), 2 and 7 (a ragged last block, a block's targets in the middle of the docs), and one block
+# for all (no fp32 dD accumulator).
+
+@pytest.fixture
+def fused(monkeypatch):
+    monkeypatch.setenv("NVEMBED_INFONCE_GRAD", "fused")
+    return monkeypatch
+
+
+def _grad_fn_name(loss):
+    return type(loss.grad_fn).__name__
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, None])
+@pytest.mark.parametrize("t", [0.02, 1.0])
+@pytest.mark.parametrize("B,G,E,d", [(1, 1, 0, 16), (1, 4, 1, 33), (3, 2, 7, 32), (17, 8, 601, 64), (130, 2, 5, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+def test_fused_grad_matches_reference_cpu(fused, dtype, B, G, E, d, t, rows):
+    if rows is not None:
+        fused.setenv("NVEMBED_INFONCE_ROW_BLOCK", str(rows))
+    q, docs = make_inputs_extra(B, G, E, d, dtype)
+    check_against_ref(q, docs, G, t, True, dtype)
+
+
+def test_fused_grad_path_and_upstream_scale_cpu(fused):
+    """The public op takes the fused path only where gradients are wanted; the backward scales the forward's
+    gradients by the upstream gradient (here 0.3 via the loss's use, and 0 for one input that needs none)."""
+    q, docs = make_inputs_extra(9, 3, 4, 16, torch.float64)
+    loss = ops.infonce(q, docs, 3, 0.05, True)
+    assert "_infonce_fwd_grad" in _grad_fn_name(loss)
+    (loss * 0.3).backward()
+    ref_loss, ref_gq, ref_gd = run_ref(q, docs, 3, 0.05, True)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(q.grad, 0.3 * ref_gq, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(docs.grad, 0.3 * ref_gd, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        assert ops.infonce(q, docs, 3, 0.05, True).grad_fn is None
+    assert ops.infonce(q.detach(), docs.detach(), 3, 0.05, True).grad_fn is None
+    docs_only = ops.infonce(q.detach(), docs, 3, 0.05, True)  # frozen query tower: docs alone need gradients
+    assert "_infonce_fwd_grad" in _grad_fn_name(docs_only)
+    docs.grad = None
+    docs_only.backward()
+    torch.testing.assert_close(docs.grad, ref_gd, rtol=1e-12, atol=1e-14)
+    # own-group softmax: no B x N matrix to save a pass over; the usual forward and backward
+    q2, docs2 = make_inputs(5, 3, 8, torch.float64)
+    assert "_infonce_fwd_default" in _grad_fn_name(ops.infonce(q2, docs2, 3, 0.05, False))
+
+
+def test_fused_grad_equals_backward_cpu(monkeypatch):
+    """The same loss and gradients as the tile kernels' forward + backward (fp64: to rounding), for one block, ragged
+    blocks and the default budget split into several blocks."""
+    q, docs = make_inputs_extra(40, 4, 77, 24, torch.float64, requires_grad=False)
+    loss, lse = ops._infonce_fwd(q, docs, 4, 0.05, True)
+    gq, gd = ops._infonce_bwd(torch.tensor(1.0, dtype=torch.float64), q, docs, lse, 4, 0.05, True)
+    for env in ({}, {"NVEMBED_INFONCE_ROW_BLOCK": "11"}, {"NVEMBED_INFONCE_FUSED_MB": "1"}):
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        loss2, gq2, gd2 = ops._infonce_fwd_grad(q, docs, 4, 0.05, True)
+        assert loss2.dtype == loss.dtype and loss2.dim() == 0 and gq2.dtype == q.dtype and gd2.shape == docs.shape
+        for a, b in ((loss2, loss), (gq2, gq), (gd2, gd)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15)
+    # own-group mode of the internal op: the forward, then the backward for an upstream gradient of 1
+    q, docs = make_inputs(6, 3, 8, torch.float64, requires_grad=False)
+    loss, lse = ops._infonce_fwd(q, docs, 3, 0.2, False)
+    gq, gd = ops._infonce_bwd(torch.tensor(1.0, dtype=torch.float64), q, docs, lse, 3, 0.2, False)
+    loss2, gq2, gd2 = ops._infonce_fwd_grad(q, docs, 3, 0.2, False)
+    for a, b in ((loss2, loss), (gq2, gq), (gd2, gd)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fused_grad_rows_budget():
+    """The default row block: multiples of 256 that fit the budget with the [R, N] scores and probabilities."""
+    q, docs = make_inputs(600, 8, 8, torch.bfloat16, requires_grad=False)  # N = 4800: R = 1 GiB / (4800 * 6) -> 600
+    loss, gq, gd = ops._infonce_fwd_grad(q, docs, 8, 0.05, True)
+    assert torch.isfinite(loss) and gq.dtype == torch.bfloat16 and gd.shape == docs.shape
+
+
+@pytest.mark.parametrize("rows", [2, None])
+def test_fused_grad_gradcheck_cpu(fused, rows):
+    if rows is not None:
+        fused.setenv("NVEMBED_INFONCE_ROW_BLOCK", str(rows))
+    q, docs = make_inputs_extra(3, 2, 5, 4, torch.float64)
+    assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, 2, 0.5, True), (q, docs))
+
+
+@pytest.mark.parametrize("inb", [True, False])
+def test_opcheck_fwd_grad(inb):
+    q, docs = make_inputs(5, 3, 24, torch.float32)
+    torch.library.opcheck(ops._infonce_fwd_grad, (q, docs, 3, 0.1, inb),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_fused_grad_torch_compile(fused, backend):
+    """fullgraph compile with the fused path: the traced forward holds _infonce_fwd_grad, the backward its scaling."""
+    B, G, d, t = 20, 4, 32, 0.05
+
+    def loss_fn(q, docs):
+        return ops.infonce(q, docs, G, t, True) * 2.0 + 1.0
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
+    q, docs = make_inputs(B, G, d, torch.float32, seed=1)
+    q2, docs2 = q.detach().clone().requires_grad_(), docs.detach().clone().requires_grad_()
+    loss = loss_fn(q, docs)
+    loss.backward()
+    loss_c = compiled(q2, docs2)
+    loss_c.backward()
+    torch.testing.assert_close(loss_c, loss)
+    torch.testing.assert_close(q2.grad, q.grad)
+    torch.testing.assert_close(docs2.grad, docs.grad)
+
+
+@pytest.mark.parametrize("var,value,match", [
+    ("NVEMBED_INFONCE_GRAD", "forward", r"nvembed::infonce: NVEMBED_INFONCE_GRAD must be auto, backward or fused, "
+                                        r"got 'forward'"),
+    ("NVEMBED_INFONCE_ROW_BLOCK", "0", r"nvembed::infonce: NVEMBED_INFONCE_ROW_BLOCK must be a positive integer, "
+                                      r"got '0'"),
+    ("NVEMBED_INFONCE_FUSED_MB", "1.5", r"nvembed::infonce: NVEMBED_INFONCE_FUSED_MB must be a positive integer, "
+                                        r"got '1.5'"),
+])
+def test_fused_grad_bad_variables_cpu(fused, var, value, match):
+    fused.setenv(var, value)
+    q, docs = make_inputs(4, 2, 8, torch.float32)
+    with pytest.raises(ValueError, match=match):
+        ops.infonce(q, docs, 2, 0.1, True)
+
+
+@pytest.mark.parametrize("env", [{}, {"NVEMBED_INFONCE_BWD": "gemm"}, {"NVEMBED_INFONCE_FWD": "gemm"},
+                                 {"NVEMBED_INFONCE_GRAD": "fused"}], ids=["tiles", "gemm-bwd", "gemm-fwd", "fused"])
+@pytest.mark.parametrize("inb", [True, False])
+def test_zero_width_embeddings(monkeypatch, env, inb):
+    """d = 0: every logit is 0 (loss log of the softmax width), gradients empty; no path divides by d."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    q, docs = torch.zeros(4, 0, requires_grad=True), torch.zeros(4 * 2 + (3 if inb else 0), 0, requires_grad=True)
+    loss, gq, gd = run_op(q, docs, 2, 0.1, inb)
+    torch.testing.assert_close(loss, torch.tensor(math.log(11 if inb else 2)))
+    assert gq.shape == q.shape and gd.shape == docs.shape
+
+
 # ---- opcheck / gradcheck / compile ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("inb", [True, False])
@@ -400,7 +544,7 @@ def _good(B=4, G=2, d=8, dtype=torch.float32):
     return torch.randn(B, d, dtype=dtype), torch.randn(B * G, d, dtype=dtype)
 
 
-@pytest.mark.parametrize("fn", ["public", "fwd", "bwd"])
+@pytest.mark.parametrize("fn", ["public", "fwd", "bwd", "fwd_grad"])
 @pytest.mark.parametrize("case", [
     "queries_rank", "docs_rank", "queries_dtype_int", "queries_dtype_fp16", "dtype_mismatch", "d_mismatch",
     "docs_count", "group_size_zero", "group_size_negative", "temperature_zero", "temperature_negative",
@@ -453,6 +597,8 @@ def test_bad_inputs(case, fn):
             ops.infonce(q, docs, G, t, True)
         elif fn == "fwd":
             ops._infonce_fwd(q, docs, G, t, True)
+        elif fn == "fwd_grad":
+            ops._infonce_fwd_grad(q, docs, G, t, True)
         else:
             lse = torch.zeros(q.shape[0] if q.dim() >= 1 else 1)
             ops._infonce_bwd(torch.tensor(1.0), q, docs, lse, G, t, True)

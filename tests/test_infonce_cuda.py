@@ -26,7 +26,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 # gemm: the blocked-GEMM backward (NVEMBED_INFONCE_BWD=gemm: cuBLAS + the chunk kernel of infonce.cu) after the
 # automatic forward; the other paths pin the tile backward. gemm-fwd: the GEMM forward (NVEMBED_INFONCE_FWD=gemm:
 # cuBLAS + the online log-sum-exp kernel of infonce.cu) with the blocked-GEMM backward.
-PATHS = ["tensorcore", "tensorcore-sm90", "plain", "gemm", "gemm-fwd"]
+# fused: the gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused: row blocks of cuBLAS GEMMs around both
+# chunk kernels; the backward scales them).
+PATHS = ["tensorcore", "tensorcore-sm90", "plain", "gemm", "gemm-fwd", "fused"]
 
 
 @pytest.fixture(params=PATHS)
@@ -36,6 +38,7 @@ def path(request, monkeypatch):
     monkeypatch.setenv("NVEMBED_INFONCE_KERNEL", {"tensorcore-sm90": "sm90", "gemm": "auto"}.get(request.param, "sm80"))
     monkeypatch.setenv("NVEMBED_INFONCE_BWD", "gemm" if request.param.startswith("gemm") else "tiles")
     monkeypatch.setenv("NVEMBED_INFONCE_FWD", "gemm" if request.param == "gemm-fwd" else "tiles")
+    monkeypatch.setenv("NVEMBED_INFONCE_GRAD", "fused" if request.param == "fused" else "backward")
     if request.param == "tensorcore-sm90":
         major, minor = torch.cuda.get_device_capability()
         if nvembed_ext._C.infonce_fwd_kernel_for(major, minor) != "sm90":
@@ -212,6 +215,27 @@ def test_gemm_fwd_chunks(monkeypatch, dtype, chunk):
     check_against_ref(q, docs, 3, 0.05, True)
 
 
+@pytest.mark.parametrize("rows", [1, 37, None])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_row_blocks(monkeypatch, dtype, rows):
+    """Gradients formed in the forward with row blocks of one query, 37 (ragged, the fp32 dD accumulator, targets
+    mid-docs) and the default (one block), odd d (the chunk kernels' scalar paths): the public op takes the path
+    and matches the float64 reference; the backward scales by the upstream gradient."""
+    monkeypatch.setenv("NVEMBED_INFONCE_GRAD", "fused")
+    if rows is not None:
+        monkeypatch.setenv("NVEMBED_INFONCE_ROW_BLOCK", str(rows))
+    q, docs = make_inputs(67, 3, 73, dtype, extra=5)
+    assert "_infonce_fwd_grad" in type(ops.infonce(q, docs, 3, 0.05, True).grad_fn).__name__
+    check_against_ref(q, docs, 3, 0.05, True)
+    q.grad = docs.grad = None
+    loss = ops.infonce(q, docs, 3, 0.05, True)
+    (loss * 0.25).backward()
+    gq = q.grad.clone()
+    q.grad = docs.grad = None
+    ops.infonce(q, docs, 3, 0.05, True).backward()
+    torch.testing.assert_close(gq, q.grad * 0.25, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("inb", [True, False])
 def test_opcheck_bf16(inb):
     q, docs = make_inputs(70, 3, 40, torch.bfloat16)
@@ -219,6 +243,8 @@ def test_opcheck_bf16(inb):
     _, lse = ops._infonce_fwd(q.detach(), docs.detach(), 3, 0.1, inb)
     torch.library.opcheck(ops._infonce_bwd, (torch.tensor(1.0, device="cuda"), q.detach(), docs.detach(), lse, 3,
                                              0.1, inb), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(ops._infonce_fwd_grad, (q, docs, 3, 0.1, inb),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 ERR = (RuntimeError, ValueError, TypeError)

@@ -136,4 +136,20 @@ std::tuple<Tensor, Tensor> infonce_bwd_cpu(const Tensor& grad_loss, const Tensor
   return {grad_q.to(queries.scalar_type()), grad_d.to(docs.scalar_type())};
 }
 
+std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_cpu(const Tensor& queries, const Tensor& docs,
+                                                        int64_t group_size, double temperature,
+                                                        bool in_batch_negatives) {
+  infonce_check_inputs(queries, docs, group_size, temperature, cpu_dtypes(), in_batch_negatives);
+  NVE_CHECK_VALUE(queries.device().is_cpu(), kOp, "queries must be a CPU tensor here, got ", queries.device());
+  if (in_batch_negatives) {
+    // the CUDA path's loop on CPU tensors, with ATen's elementwise passes (its tests; the CPU default is the
+    // tile kernels' forward and backward, faster here)
+    return infonce_fwd_grad_gemm(queries.contiguous(), docs.contiguous(), group_size, temperature, nullptr, nullptr);
+  }
+  auto [loss, lse] = infonce_fwd_cpu(queries, docs, group_size, temperature, in_batch_negatives);
+  auto [grad_q, grad_d] = infonce_bwd_cpu(at::ones({}, loss.options()), queries, docs, lse, group_size, temperature,
+                                          in_batch_negatives);
+  return {loss, grad_q, grad_d};
+}
+
 }  // namespace nvembed

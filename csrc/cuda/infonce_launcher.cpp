@@ -1,5 +1,5 @@
-// CUDA launcher of nvembed::_infonce_fwd / _infonce_bwd: checks, path choice, workspaces, stream and device
-// guard; the kernels (infonce.cu, infonce_tc.cu) see raw pointers only.
+// CUDA launcher of nvembed::_infonce_fwd / _infonce_bwd / _infonce_fwd_grad: checks, path choice, workspaces, stream
+// and device guard; the kernels (infonce.cu, infonce_tc.cu) see raw pointers only.
 //
 // Paths:
 //   * in-batch negatives, bf16 / fp16, sm_80+: the tensor-core kernels (infonce_tc.cu). They move rows in
@@ -12,6 +12,9 @@
 //     infonce_gemm.cpp around the chunk kernel of infonce.cu (auto picks it once kInfonceGemmBwdVerified).
 //   * forward with in-batch negatives and NVEMBED_INFONCE_FWD=gemm (any dtype): chunks of cuBLAS GEMMs with fp32
 //     output around the online log-sum-exp kernel of infonce.cu (auto picks it once kInfonceGemmFwdVerified).
+//   * _infonce_fwd_grad (in-batch negatives; NVEMBED_INFONCE_GRAD=fused, the composite op calls it when the inputs
+//     need gradients): row blocks of cuBLAS GEMMs around both chunk kernels, the gradients formed in the forward
+//     (infonce_gemm.h; auto picks it once kInfonceFusedGradVerified). Own-group: the forward, then the backward.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -86,6 +89,7 @@ bool use_tensor_cores(const Tensor& queries, const Tensor& docs, bool in_batch_n
   if (!in_batch_negatives || queries.scalar_type() == at::kFloat) return false;
   if (env_flag("NVEMBED_INFONCE_CUDA_PLAIN")) return false;
   if (docs.size(0) > kTcMaxRows || queries.size(1) > (int64_t{1} << 20)) return false;
+  if (queries.size(1) == 0) return false;  // no columns to tile: the plain kernels (all logits 0)
   return cuda::infonce_tc_supported(queries.get_device(), nullptr);
 }
 
@@ -118,7 +122,11 @@ cuda::InfoNCEParams make_params(const Tensor& q, const Tensor& docs, int64_t gro
 // The blocked-GEMM backward's elementwise pass (infonce_gemm.h) on the CUDA kernel of infonce.cu.
 void cuda_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Tensor& probs, int64_t col0,
                      int64_t group_size, double inv_temperature) {
-  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && probs.stride(1) == 1 && scores.scalar_type() == at::kFloat);
+  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && probs.stride(1) == 1 && scores.scalar_type() == at::kFloat &&
+                        probs.size(0) == scores.size(0) && probs.size(1) == scores.size(1) &&
+                        lse.is_contiguous() && lse.numel() == scores.size(0) && neg_prob_sum.is_contiguous() &&
+                        neg_prob_sum.numel() == scores.size(0) && probs.device() == scores.device() &&
+                        lse.device() == scores.device() && neg_prob_sum.device() == scores.device());
   cuda::InfoNCEChunkGradParams p{};
   p.scores = scores.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
@@ -141,6 +149,9 @@ void cuda_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
 void cuda_chunk_lse(Tensor& scores, Tensor& run_max, Tensor& run_sum, Tensor& target, int64_t col0,
                     int64_t group_size, double inv_temperature) {
   TORCH_INTERNAL_ASSERT(scores.is_contiguous() && scores.scalar_type() == at::kFloat);
+  for (const Tensor* row : {&run_max, &run_sum, &target}) {
+    TORCH_INTERNAL_ASSERT(row->is_contiguous() && row->numel() == scores.size(0) && row->device() == scores.device());
+  }
   cuda::InfoNCEChunkLseParams p{};
   p.scores = scores.data_ptr<float>();
   p.run_max = run_max.data_ptr<float>();
@@ -254,6 +265,23 @@ std::tuple<Tensor, Tensor> infonce_bwd_cuda(const Tensor& grad_loss, const Tenso
   cuda::infonce_bwd_launch(p, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_q.to(queries.scalar_type()), grad_d.to(docs.scalar_type())};
+}
+
+std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_cuda(const Tensor& queries, const Tensor& docs,
+                                                         int64_t group_size, double temperature,
+                                                         bool in_batch_negatives) {
+  check_inputs(queries, docs, group_size, temperature, in_batch_negatives);
+  const c10::cuda::CUDAGuard guard(queries.device());
+  if (in_batch_negatives) {
+    NVE_CHECK_VALUE(queries.size(0) <= int64_t{0x7fffffff}, kOp, "queries.size(0)=", queries.size(0),
+                    " is too large for the fused forward");
+    return infonce_fwd_grad_gemm(queries.contiguous(), docs.contiguous(), group_size, temperature, &cuda_chunk_lse,
+                                 &cuda_chunk_grad);
+  }
+  auto [loss, lse] = infonce_fwd_cuda(queries, docs, group_size, temperature, in_batch_negatives);
+  auto [grad_q, grad_d] = infonce_bwd_cuda(at::ones({}, loss.options()), queries, docs, lse, group_size, temperature,
+                                           in_batch_negatives);
+  return {loss, grad_q, grad_d};
 }
 
 }  // namespace nvembed

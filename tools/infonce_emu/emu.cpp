@@ -449,6 +449,8 @@ int main(int argc, char** argv) {
       {5, 7, 7, 0, 1, false},     {5, 8, 8, 0, 1, true},        {6, 12, 20, 4, 2, true},
       {9, 13, 17, 10, 3, false},  {3, 1100, 1100, 0, 400, true}, {4, 1101, 1105, 2, 300, false},
       {7, 16, 16, 100, 2, true},
+      // the fused forward (infonce_fwd_grad_gemm): a row block of queries from r0 against all docs, col0 = -r0 G
+      {6, 40, 40, -12, 4, true},  {5, 33, 33, -6, 2, false},    {3, 1100, 1100, -800, 100, true},
   };
   for (size_t ci = 0; ci < chunk_cases.size(); ++ci) {
     const ChunkCase& c = chunk_cases[ci];
@@ -473,7 +475,9 @@ int main(int argc, char** argv) {
   };
   const std::vector<LseCase> lse_cases = {{1, 1, 0, 1, false},     {5, 7, 0, 1, false},       {5, 8, 4, 2, true},
                                           {9, 13, 10, 3, false},   {3, 2100, 0, 700, true},   {4, 1101, 2, 300, false},
-                                          {7, 16, 100, 2, true}};
+                                          {7, 16, 100, 2, true},
+                                          // the fused forward's row blocks: col0 = -r0 G
+                                          {6, 40, -12, 4, true},     {5, 33, -6, 2, false},     {3, 1100, -800, 100, true}};
   for (size_t ci = 0; ci < lse_cases.size(); ++ci) {
     const LseCase& c = lse_cases[ci];
     for (bool fresh : {true, false})
