@@ -149,11 +149,12 @@ def gemm_bytes(B: int, d: int) -> int:
 
 
 def fused_bytes(B: int, d: int) -> int:
-    """Input gradients, a row block's fp32 scores and bf16 probabilities (1 GiB), the fp32 dD accumulator when the
-    B x N matrix needs more than one row block, a GEMM's fp32 part (64 MiB)."""
+    """Input gradients, a row block's fp32 scores and bf16 probabilities (all B rows within 1 GiB, else at least
+    4096 rows), the fp32 dD accumulator when there is more than one row block, a GEMM's fp32 part (64 MiB)."""
     N = B * G
-    acc = 4 * N * d if B * N * 6 > (1 << 30) else 0
-    return 2 * (B + N) * d + min(6 * B * N, 1 << 30) + acc + (64 << 20)
+    one_block = 6 * B * N <= (1 << 30)
+    rows = B if one_block else min(B, max((1 << 30) // (6 * N) // 256 * 256, 4096))
+    return 2 * (B + N) * d + 6 * rows * N + (0 if one_block else 4 * N * d) + (64 << 20)
 
 
 def measure(variant: str, B: int, d: int, dtype, device: str, rounds: int, max_seconds: float) -> dict:

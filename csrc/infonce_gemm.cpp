@@ -193,7 +193,9 @@ int64_t infonce_fused_rows(int64_t B, int64_t N, int64_t elem_bytes) {
   if (rows == 0) {
     const int64_t acc_bytes = elem_bytes == 8 ? 8 : 4;
     rows = (env_int("NVEMBED_INFONCE_FUSED_MB", 1024) << 20) / (N * (acc_bytes + elem_bytes));
-    if (rows >= 256) rows = rows / 256 * 256;
+    // below 4096 rows a block's update of the fp32 dD accumulator (16 N d bytes of traffic) costs more than ~10%
+    // of its three GEMMs (6 R N d FLOPs) at H100-class rate and bandwidth
+    if (rows < B) rows = std::max<int64_t>(rows / 256 * 256, 4096);
   }
   return std::clamp<int64_t>(rows, 1, B);
 }

@@ -91,9 +91,9 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_gemm(const at::Tensor& grad_loss,
 //   dQ_R = (P_R D - neg_prob_sum D_target) / (B t)  written once
 //   dD  += P_R^T Q_R - (target terms)               fp32 [N, d] accumulator, one row part (64 MiB) at a time;
 //                                                   written straight to the output when one block holds all rows
-// Memory: S_R and P_R (NVEMBED_INFONCE_FUSED_MB, default 1024 MiB for both), the fp32 dD accumulator (N d 4 bytes,
-// only with more than one row block) and O((B + N) d); the trade: ~3/4 of the GEMM work of the GEMM forward plus the
-// blocked backward, for more memory than either.
+// Memory: S_R and P_R (NVEMBED_INFONCE_FUSED_MB, default 1024 MiB for both, but R >= 4096: 3 GiB at N = 131072),
+// the fp32 dD accumulator (N d 4 bytes, only with more than one row block) and O((B + N) d); the trade: ~3/4 of the
+// GEMM work of the GEMM forward plus the blocked backward, for more memory than either.
 
 // Whether the fused forward has run on a GPU; NVEMBED_INFONCE_GRAD = auto | backward | fused picks, for an in-batch
 // InfoNCE whose inputs need gradients, between the backward (infonce_bwd_choice's) and gradients formed in the
@@ -101,8 +101,9 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_gemm(const at::Tensor& grad_loss,
 constexpr bool kInfonceFusedGradVerified = false;
 const char* infonce_grad_choice(bool fused_default);
 
-// Queries per row block of the fused forward: NVEMBED_INFONCE_ROW_BLOCK if set, else the largest multiple of 256
-// (or all B) whose [R, N] scores and probabilities fit NVEMBED_INFONCE_FUSED_MB; at least 1, at most B.
+// Queries per row block of the fused forward: NVEMBED_INFONCE_ROW_BLOCK if set, else all B where the [B, N] scores
+// and probabilities fit NVEMBED_INFONCE_FUSED_MB, else the largest multiple of 256 that fits, but at least 4096 (the
+// accumulator's traffic per block, ~389 / R of the block's GEMM time); at least 1, at most B.
 int64_t infonce_fused_rows(int64_t B, int64_t N, int64_t elem_bytes);
 
 // (loss, grad_queries, grad_docs) of an in-batch InfoNCE for an upstream gradient of 1: the loss in the accumulation

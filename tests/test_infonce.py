@@ -391,7 +391,7 @@ def test_fused_grad_path_and_upstream_scale_cpu(fused):
 
 def test_fused_grad_equals_backward_cpu(monkeypatch):
     """The same loss and gradients as the tile kernels' forward + backward (fp64: to rounding), for one block, ragged
-    blocks and the default budget split into several blocks."""
+    blocks of 11 and a small budget (still one block: fewer than 4096 queries)."""
     q, docs = make_inputs_extra(40, 4, 77, 24, torch.float64, requires_grad=False)
     loss, lse = ops._infonce_fwd(q, docs, 4, 0.05, True)
     gq, gd = ops._infonce_bwd(torch.tensor(1.0, dtype=torch.float64), q, docs, lse, 4, 0.05, True)
@@ -411,11 +411,19 @@ def test_fused_grad_equals_backward_cpu(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_fused_grad_rows_budget():
-    """The default row block: multiples of 256 that fit the budget with the [R, N] scores and probabilities."""
-    q, docs = make_inputs(600, 8, 8, torch.bfloat16, requires_grad=False)  # N = 4800: R = 1 GiB / (4800 * 6) -> 600
-    loss, gq, gd = ops._infonce_fwd_grad(q, docs, 8, 0.05, True)
-    assert torch.isfinite(loss) and gq.dtype == torch.bfloat16 and gd.shape == docs.shape
+def test_fused_grad_rows_budget(monkeypatch):
+    """The default row blocks: all B where the [B, N] scores and probabilities fit the budget, else at least 4096
+    rows (here a 1 MiB budget: blocks of 4096 + 4 queries, through the fp32 dD accumulator)."""
+    q, docs = make_inputs(4100, 1, 3, torch.float32, requires_grad=False, seed=3)
+    loss, lse = ops._infonce_fwd(q, docs, 1, 0.05, True)
+    gq, gd = ops._infonce_bwd(torch.tensor(1.0), q, docs, lse, 1, 0.05, True)
+    for budget in (None, "1"):
+        if budget is not None:
+            monkeypatch.setenv("NVEMBED_INFONCE_FUSED_MB", budget)
+        loss2, gq2, gd2 = ops._infonce_fwd_grad(q, docs, 1, 0.05, True)
+        torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(gq2, gq, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(gd2, gd, rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("rows", [2, None])
