@@ -62,8 +62,14 @@ Tensor target_view(const Tensor& scores, const ChunkTargets& t, int64_t col0, in
   return at::as_strided(scores, {t.i1 - t.i0}, {c + G}, scores.storage_offset() + t.i0 * (c + G) - col0);
 }
 
+bool row_vector(const Tensor& x, const Tensor& scores) {
+  return x.dim() == 1 && x.size(0) == scores.size(0) && x.is_contiguous() && x.scalar_type() == scores.scalar_type() &&
+         x.device() == scores.device();
+}
+
 void aten_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Tensor& probs, int64_t col0,
                      int64_t G, double inv_temperature) {
+  infonce_check_chunk_grad(scores, lse, neg_prob_sum, probs);
   const int64_t B = scores.size(0), c = scores.size(1);
   scores.mul_(inv_temperature).sub_(lse.unsqueeze(1)).exp_();
   const ChunkTargets t = chunk_targets(B, c, col0, G);
@@ -74,6 +80,7 @@ void aten_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
 
 void aten_chunk_lse(Tensor& scores, Tensor& run_max, Tensor& run_sum, Tensor& target, int64_t col0, int64_t G,
                     double inv_temperature) {
+  infonce_check_chunk_lse(scores, run_max, run_sum, target);
   const int64_t B = scores.size(0), c = scores.size(1);
   Tensor x = scores * inv_temperature;  // scores stay as they are (the fused forward reads them again)
   const ChunkTargets t = chunk_targets(B, c, col0, G);
@@ -84,6 +91,22 @@ void aten_chunk_lse(Tensor& scores, Tensor& run_max, Tensor& run_sum, Tensor& ta
 }
 
 }  // namespace
+
+void infonce_check_chunk_lse(const Tensor& scores, const Tensor& run_max, const Tensor& run_sum,
+                             const Tensor& target) {
+  TORCH_INTERNAL_ASSERT(scores.dim() == 2 && scores.is_contiguous(), "infonce: chunk scores");
+  TORCH_INTERNAL_ASSERT(row_vector(run_max, scores) && row_vector(run_sum, scores) && row_vector(target, scores),
+                        "infonce: chunk row vectors");
+}
+
+void infonce_check_chunk_grad(const Tensor& scores, const Tensor& lse, const Tensor& neg_prob_sum,
+                              const Tensor& probs) {
+  TORCH_INTERNAL_ASSERT(scores.dim() == 2 && scores.is_contiguous(), "infonce: chunk scores");
+  TORCH_INTERNAL_ASSERT(row_vector(lse, scores) && row_vector(neg_prob_sum, scores), "infonce: chunk row vectors");
+  TORCH_INTERNAL_ASSERT(probs.dim() == 2 && probs.size(0) == scores.size(0) && probs.size(1) == scores.size(1) &&
+                            probs.stride(1) == 1 && probs.device() == scores.device(),
+                        "infonce: chunk probabilities");
+}
 
 const char* infonce_fwd_choice(bool gemm_default) {
   return kernel_choice("NVEMBED_INFONCE_FWD", kOp, "tiles", "gemm", true, gemm_default);

@@ -72,6 +72,15 @@ InfoNCEGemmWidths infonce_gemm_widths(int64_t B, int64_t N, int64_t elem_bytes);
 using InfoNCEChunkGradFn = void (*)(at::Tensor& scores, const at::Tensor& lse, at::Tensor& neg_prob_sum,
                                     at::Tensor& probs, int64_t col0, int64_t group_size, double inv_temperature);
 
+// The chunk functions' preconditions as the CUDA kernels read them through raw pointers (scores contiguous [R, c] in
+// the accumulation dtype; the row vectors contiguous [R] of that dtype; probs [R, c] with unit column stride, in
+// the inputs' dtype; one device). Both implementations check them (TORCH_INTERNAL_ASSERT), so the CPU tests of the
+// ATen versions also prove that the loops call them as the CUDA launchers need.
+void infonce_check_chunk_lse(const at::Tensor& scores, const at::Tensor& run_max, const at::Tensor& run_sum,
+                             const at::Tensor& target);
+void infonce_check_chunk_grad(const at::Tensor& scores, const at::Tensor& lse, const at::Tensor& neg_prob_sum,
+                              const at::Tensor& probs);
+
 // Gradients (queries, docs) in the inputs' dtype; queries [B, d], docs [N >= B*G, d] contiguous, lse [B] in the
 // accumulation dtype (fp32, fp64 for fp64 inputs), grad_loss a 0-dim tensor on the same device (never read on the
 // host). No input checks: the op's launchers check first.

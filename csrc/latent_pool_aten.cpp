@@ -38,6 +38,48 @@ const char* latent_pool_kernel_choice() {
                        kLatentPoolFusedVerified);
 }
 
+void latent_pool_check_geglu(const Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units,
+                             const Tensor& part_g, const Tensor& dgbar, const Tensor& part_b) {
+  TORCH_INTERNAL_ASSERT(u.dim() == 2 && u.size(1) % 2 == 0 && u.is_contiguous(), "latent_pool: u");
+  const int64_t t = u.size(0), F = u.size(1) / 2, U = units.size(0);
+  const at::ScalarType acc = w.scalar_type();
+  TORCH_INTERNAL_ASSERT(units.dim() == 2 && units.size(1) == 3 && units.scalar_type() == at::kInt &&
+                            units.is_contiguous() && units.device() == u.device(),
+                        "latent_pool: units");
+  const auto vec = [&](const Tensor& x, int64_t n) {
+    return x.is_contiguous() && x.numel() == n && x.scalar_type() == acc && x.device() == u.device();
+  };
+  const auto mat = [&](const Tensor& x, int64_t rows, int64_t cols) {
+    return x.dim() == 2 && x.size(0) == rows && x.size(1) == cols && vec(x, rows * cols);
+  };
+  TORCH_INTERNAL_ASSERT(vec(w, t) && vec(bias, 2 * F) && mat(part_g, U, F), "latent_pool: w / bias / part_g");
+  TORCH_INTERNAL_ASSERT(dgbar.defined() == part_b.defined(), "latent_pool: dgbar / part_b");
+  if (dgbar.defined()) {
+    TORCH_INTERNAL_ASSERT(dgbar.dim() == 2 && mat(dgbar, dgbar.size(0), F) && mat(part_b, U, 2 * F),
+                          "latent_pool: dgbar / part_b");
+  }
+}
+
+void latent_pool_check_rows(const Tensor& src, const Tensor& idx, const Tensor& res, const Tensor& w,
+                            const Tensor& b) {
+  const at::ScalarType acc = w.scalar_type();
+  TORCH_INTERNAL_ASSERT(src.dim() == 2 && src.is_contiguous(), "latent_pool: rows");
+  const int64_t d = src.size(1), t = idx.defined() ? idx.numel() : src.size(0);
+  TORCH_INTERNAL_ASSERT(w.is_contiguous() && w.numel() == d && b.is_contiguous() && b.numel() == d &&
+                            b.scalar_type() == acc && w.device() == src.device() && b.device() == src.device(),
+                        "latent_pool: LayerNorm weight / bias");
+  TORCH_INTERNAL_ASSERT(!idx.defined() || (idx.dim() == 1 && idx.is_contiguous() && idx.scalar_type() == at::kLong &&
+                                           idx.device() == src.device()),
+                        "latent_pool: idx");
+  TORCH_INTERNAL_ASSERT(!res.defined() || (res.is_contiguous() && res.scalar_type() == acc && res.dim() == 2 &&
+                                           res.size(0) == t && res.size(1) == d && res.device() == src.device()),
+                        "latent_pool: residual");
+}
+
+void latent_pool_check_softmax(const Tensor& scores) {
+  TORCH_INTERNAL_ASSERT(scores.dim() == 2 && scores.is_contiguous(), "latent_pool: scores");
+}
+
 namespace {
 
 // Token chunks hold ~kChunkElems elements in their widest per-token row (u [t, 2F], q / o [t, I], scores
@@ -237,6 +279,7 @@ Tensor geglu_input(Tensor& u, const Tensor& bias, at::ScalarType acc) {
 }
 
 void aten_geglu_pool_fwd(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, Tensor& part_g) {
+  latent_pool_check_geglu(u, bias, w, units, part_g, Tensor(), Tensor());
   const int64_t t = u.size(0), F = u.size(1) / 2;
   Tensor uf = geglu_input(u, bias, w.scalar_type());
   Tensor g = at::gelu(uf.narrow(1, F, F));
@@ -249,6 +292,7 @@ void aten_geglu_pool_fwd(Tensor& u, const Tensor& bias, const Tensor& w, const T
 // gelu'(gate) dg a] (at most u and two [t, F] acc tensors alive: gelu(gate) with g, then with dg).
 void aten_geglu_pool_bwd(Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units, const Tensor& dgbar,
                          Tensor& part_g, Tensor& part_b) {
+  latent_pool_check_geglu(u, bias, w, units, part_g, dgbar, part_b);
   const int64_t t = u.size(0), F = u.size(1) / 2;
   const at::ScalarType io = u.scalar_type(), acc = w.scalar_type();
   Tensor uf = geglu_input(u, bias, acc);
@@ -270,6 +314,7 @@ void aten_geglu_pool_bwd(Tensor& u, const Tensor& bias, const Tensor& w, const T
 
 LatentPoolRows aten_gather_layer_norm(const Tensor& x_flat, const Tensor& idx, const Tensor& w, const Tensor& b,
                                       double eps) {
+  latent_pool_check_rows(x_flat, idx, Tensor(), w, b);
   Tensor x = x_flat.index_select(0, idx).to(w.scalar_type());
   auto [y, mean, rstd] = at::native_layer_norm(x, {x.size(1)}, w, b, eps);
   return {std::move(x), y.to(x_flat.scalar_type()), std::move(mean), std::move(rstd)};
@@ -277,12 +322,14 @@ LatentPoolRows aten_gather_layer_norm(const Tensor& x_flat, const Tensor& idx, c
 
 LatentPoolRows aten_residual_layer_norm(const Tensor& attn, const Tensor& x, const Tensor& w, const Tensor& b,
                                         double eps) {
+  latent_pool_check_rows(attn, Tensor(), x, w, b);
   Tensor y1 = attn.to(x.scalar_type()).add_(x);
   auto [y, mean, rstd] = at::native_layer_norm(y1, {y1.size(1)}, w, b, eps);
   return {std::move(y1), y.to(attn.scalar_type()), std::move(mean), std::move(rstd)};
 }
 
 std::pair<Tensor, Tensor> aten_softmax(const Tensor& scores, double scale, bool want_acc) {
+  latent_pool_check_softmax(scores);
   const at::ScalarType acc = scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor p = at::softmax(scores.to(acc) * scale, -1);
   Tensor p_io = p.to(scores.scalar_type());

@@ -61,6 +61,16 @@ struct LatentPoolKernels {
   std::pair<Tensor, Tensor> (*softmax)(const Tensor& scores, double scale, bool want_acc);
 };
 
+// The preconditions of LatentPoolKernels' stages as the fused CUDA kernels read them through raw pointers
+// (contiguity, shapes, dtypes, one device); both implementations check them (TORCH_INTERNAL_ASSERT), so the CPU tests
+// of the ATen version also prove that the callers satisfy what the CUDA launchers need. dgbar / part_b: undefined
+// for the forward; idx / res: undefined where the stage has none.
+void latent_pool_check_geglu(const Tensor& u, const Tensor& bias, const Tensor& w, const Tensor& units,
+                             const Tensor& part_g, const Tensor& dgbar, const Tensor& part_b);
+void latent_pool_check_rows(const Tensor& src, const Tensor& idx, const Tensor& res, const Tensor& w,
+                            const Tensor& b);
+void latent_pool_check_softmax(const Tensor& scores);
+
 // Whether the fused CUDA kernels (cuda/latent_pool.cu) have run on a GPU (bench/gpu_check.sh: CUDA tests, memcheck,
 // benchmark); until then auto keeps ATen's elementwise ops and NVEMBED_LATENT_POOL_KERNELS=fused opts in.
 constexpr bool kLatentPoolFusedVerified = false;

@@ -122,11 +122,8 @@ cuda::InfoNCEParams make_params(const Tensor& q, const Tensor& docs, int64_t gro
 // The blocked-GEMM backward's elementwise pass (infonce_gemm.h) on the CUDA kernel of infonce.cu.
 void cuda_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Tensor& probs, int64_t col0,
                      int64_t group_size, double inv_temperature) {
-  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && probs.stride(1) == 1 && scores.scalar_type() == at::kFloat &&
-                        probs.size(0) == scores.size(0) && probs.size(1) == scores.size(1) &&
-                        lse.is_contiguous() && lse.numel() == scores.size(0) && neg_prob_sum.is_contiguous() &&
-                        neg_prob_sum.numel() == scores.size(0) && probs.device() == scores.device() &&
-                        lse.device() == scores.device() && neg_prob_sum.device() == scores.device());
+  infonce_check_chunk_grad(scores, lse, neg_prob_sum, probs);
+  TORCH_INTERNAL_ASSERT(scores.scalar_type() == at::kFloat, "infonce: the chunk kernels read fp32 scores");
   cuda::InfoNCEChunkGradParams p{};
   p.scores = scores.data_ptr<float>();
   p.lse = lse.data_ptr<float>();
@@ -148,10 +145,8 @@ void cuda_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
 // The GEMM forward's elementwise pass (infonce_gemm.h) on the CUDA kernel of infonce.cu.
 void cuda_chunk_lse(Tensor& scores, Tensor& run_max, Tensor& run_sum, Tensor& target, int64_t col0,
                     int64_t group_size, double inv_temperature) {
-  TORCH_INTERNAL_ASSERT(scores.is_contiguous() && scores.scalar_type() == at::kFloat);
-  for (const Tensor* row : {&run_max, &run_sum, &target}) {
-    TORCH_INTERNAL_ASSERT(row->is_contiguous() && row->numel() == scores.size(0) && row->device() == scores.device());
-  }
+  infonce_check_chunk_lse(scores, run_max, run_sum, target);
+  TORCH_INTERNAL_ASSERT(scores.scalar_type() == at::kFloat, "infonce: the chunk kernels read fp32 scores");
   cuda::InfoNCEChunkLseParams p{};
   p.scores = scores.data_ptr<float>();
   p.run_max = run_max.data_ptr<float>();
