@@ -20,6 +20,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
 import nvembed_ext  # noqa: E402
 from nvembed_ext import reference as ref  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import env_vars  # noqa: E402
+
 ops = torch.ops.nvembed
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: checks this script itself
 TOL = {torch.bfloat16: 2e-2, torch.float16: 5e-3, torch.float32: 1e-4}
@@ -172,48 +175,31 @@ def main():
                  infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
     os.environ.pop("NVEMBED_INFONCE_CUDA_PLAIN")
     run_case("infonce float32 B=37 G=3 d=65 +5", torch.float32, infonce(torch.float32, 37, 3, 65, 5, True))
-    # the blocked-GEMM backward: one block, ragged odd-width blocks and chunks (the chunk kernel's scalar path), fp32
-    os.environ["NVEMBED_INFONCE_KERNEL"] = "auto"
-    os.environ["NVEMBED_INFONCE_BWD"] = "gemm"
-    for dtype in (torch.bfloat16, torch.float16):
-        run_case(f"infonce gemm-bwd {str(dtype)[6:]} B=300 G=4 d=128 +17 inb", dtype,
-                 infonce(dtype, 300, 4, 128, 17, True))
-    os.environ["NVEMBED_INFONCE_BLOCK_COLS"] = "37"
-    os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
-    run_case("infonce gemm-bwd bfloat16 B=77 G=3 d=72 +5 blocks 37 chunks 9", torch.bfloat16,
-             infonce(torch.bfloat16, 77, 3, 72, 5, True))
-    run_case("infonce gemm-bwd float32 B=77 G=3 d=72 +5 blocks 37 chunks 9", torch.float32,
-             infonce(torch.float32, 77, 3, 72, 5, True))
-    os.environ.pop("NVEMBED_INFONCE_BLOCK_COLS")
-    os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
-    run_case("infonce gemm-bwd bfloat16 B=2048 G=8 d=1024 inb", torch.bfloat16,
-             infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
-    # the GEMM forward (with the blocked backward): one chunk, odd-width chunks (the lse kernel's scalar path), fp32
-    os.environ["NVEMBED_INFONCE_FWD"] = "gemm"
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        run_case(f"infonce gemm-fwd {str(dtype)[6:]} B=300 G=4 d=128 +17 inb", dtype,
-                 infonce(dtype, 300, 4, 128, 17, True))
-    os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
-    run_case("infonce gemm-fwd bfloat16 B=77 G=3 d=72 +5 chunks 9", torch.bfloat16,
-             infonce(torch.bfloat16, 77, 3, 72, 5, True))
-    os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
-    run_case("infonce gemm-fwd bfloat16 B=2048 G=8 d=1024 inb", torch.bfloat16,
-             infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
-    os.environ.pop("NVEMBED_INFONCE_FWD")
-    os.environ.pop("NVEMBED_INFONCE_BWD")
-    # gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused): one row block, ragged row blocks of 37 queries
-    # (the fp32 dD accumulator) with odd d (the chunk kernels' scalar paths), fp32
-    os.environ["NVEMBED_INFONCE_GRAD"] = "fused"
-    for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        run_case(f"infonce fused {str(dtype)[6:]} B=300 G=4 d=128 +17 inb", dtype,
-                 infonce(dtype, 300, 4, 128, 17, True))
-    os.environ["NVEMBED_INFONCE_ROW_BLOCK"] = "37"
-    run_case("infonce fused bfloat16 B=77 G=3 d=73 +5 row blocks 37", torch.bfloat16,
-             infonce(torch.bfloat16, 77, 3, 73, 5, True))
-    os.environ.pop("NVEMBED_INFONCE_ROW_BLOCK")
-    run_case("infonce fused bfloat16 B=2048 G=8 d=1024 inb", torch.bfloat16,
-             infonce(torch.bfloat16, 2048, 8, 1024, 0, True))
-    os.environ.pop("NVEMBED_INFONCE_GRAD")
+    # The GEMM paths, each: the B=300 case in its dtypes, small cases with ragged widths, one large case.
+    #   gemm-bwd: the blocked-GEMM backward: one block; blocks of 37 / chunks of 9 (the chunk kernel's scalar path)
+    #   gemm-fwd: the GEMM forward (with the blocked backward): one chunk; chunks of 9 (the lse kernel's scalar path)
+    #   fused: gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused): one row block; row blocks of 37
+    #          queries (the fp32 dD accumulator) with odd d (both chunk kernels' scalar paths)
+    bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
+    gemm = {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_BWD": "gemm"}
+    gemm_paths = (
+        ("gemm-bwd", gemm, (bf16, fp16), {"NVEMBED_INFONCE_BLOCK_COLS": "37", "NVEMBED_INFONCE_CHUNK_COLS": "9"},
+         (("blocks 37 chunks 9", bf16, 72), ("blocks 37 chunks 9", fp32, 72))),
+        ("gemm-fwd", {**gemm, "NVEMBED_INFONCE_FWD": "gemm"}, (bf16, fp16, fp32), {"NVEMBED_INFONCE_CHUNK_COLS": "9"},
+         (("chunks 9", bf16, 72),)),
+        ("fused", {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_GRAD": "fused"}, (bf16, fp16, fp32),
+         {"NVEMBED_INFONCE_ROW_BLOCK": "37"}, (("row blocks 37", bf16, 73),)),
+    )
+    for tag, variables, dtypes, small_variables, small in gemm_paths:
+        with env_vars(variables):
+            for dtype in dtypes:
+                run_case(f"infonce {tag} {str(dtype)[6:]} B=300 G=4 d=128 +17 inb", dtype,
+                         infonce(dtype, 300, 4, 128, 17, True))
+            with env_vars(small_variables):
+                for what, dtype, d in small:
+                    run_case(f"infonce {tag} {str(dtype)[6:]} B=77 G=3 d={d} +5 {what}", dtype,
+                             infonce(dtype, 77, 3, d, 5, True))
+            run_case(f"infonce {tag} bfloat16 B=2048 G=8 d=1024 inb", bf16, infonce(bf16, 2048, 8, 1024, 0, True))
     for kernels in ("aten", "fused"):  # elementwise stages: ATen ops / csrc/cuda/latent_pool.cu
         os.environ["NVEMBED_LATENT_POOL_KERNELS"] = kernels
         for dtype in (torch.bfloat16, torch.float32):

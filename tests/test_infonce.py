@@ -441,26 +441,6 @@ def test_opcheck_fwd_grad(inb):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_fused_grad_torch_compile(fused, backend):
-    """fullgraph compile with the fused path: the traced forward holds _infonce_fwd_grad, the backward its scaling."""
-    B, G, d, t = 20, 4, 32, 0.05
-
-    def loss_fn(q, docs):
-        return ops.infonce(q, docs, G, t, True) * 2.0 + 1.0
-
-    compiled = torch.compile(loss_fn, fullgraph=True, backend=backend)
-    q, docs = make_inputs(B, G, d, torch.float32, seed=1)
-    q2, docs2 = q.detach().clone().requires_grad_(), docs.detach().clone().requires_grad_()
-    loss = loss_fn(q, docs)
-    loss.backward()
-    loss_c = compiled(q2, docs2)
-    loss_c.backward()
-    torch.testing.assert_close(loss_c, loss)
-    torch.testing.assert_close(q2.grad, q.grad)
-    torch.testing.assert_close(docs2.grad, docs.grad)
-
-
 @pytest.mark.parametrize("var,value,match", [
     ("NVEMBED_INFONCE_GRAD", "forward", r"nvembed::infonce: NVEMBED_INFONCE_GRAD must be auto, backward or fused, "
                                         r"got 'forward'"),
@@ -523,9 +503,12 @@ def test_gradcheck(B, G, d, inb):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("inb", [True, False])
-def test_torch_compile(inb, backend):
+@pytest.mark.parametrize("grad", ["backward", "fused"])
+def test_torch_compile(inb, backend, grad, monkeypatch):
     """fullgraph compile of a loss function built on the op; its backward (compiled by AOTAutograd through the
-    registered autograd formula) must match eager. Dynamo cannot trace .backward() itself, so it stays outside."""
+    registered autograd formula) must match eager. Dynamo cannot trace .backward() itself, so it stays outside.
+    grad=fused: the traced forward holds _infonce_fwd_grad (in-batch), the backward its scaling."""
+    monkeypatch.setenv("NVEMBED_INFONCE_GRAD", grad)
     B, G, d, t = 20, 4, 32, 0.05
 
     def loss_fn(q, docs):
