@@ -134,13 +134,23 @@ def result_row(times: dict, mems: dict) -> dict:
 try:
     import pytest
 
-    @pytest.mark.parametrize("variant", ["naive", "nvembed"])
-    def test_infonce_cpu_fwd_bwd(benchmark, variant):
+    # nvembed: the CPU default (tile kernels, forward then backward). nvembed-gemm / nvembed-fused: the CUDA GEMM
+    # paths' loops on CPU tensors (ATen GEMMs + elementwise passes): the GEMM forward + blocked backward (four GEMMs of
+    # 2 B N d) and the gradients formed in the forward (three), the algorithms the GPU benchmark compares.
+    PATHS = {"naive": {}, "nvembed": {},
+             "nvembed-gemm": {"NVEMBED_INFONCE_FWD": "gemm", "NVEMBED_INFONCE_BWD": "gemm"},
+             "nvembed-fused": {"NVEMBED_INFONCE_GRAD": "fused"}}
+
+    @pytest.mark.parametrize("variant", list(PATHS))
+    def test_infonce_cpu_fwd_bwd(benchmark, variant, monkeypatch):
+        for k, v in PATHS[variant].items():
+            monkeypatch.setenv(k, v)  # read by the op on every call, and by the memory run's child process
         benchmark.group = f"infonce fwd+bwd fp32 B{B} G{G} d{D}"
-        run = fwd_bwd_fn("ours" if variant == "nvembed" else "naive")
+        ours = "ours" if variant != "naive" else "naive"
+        run = fwd_bwd_fn(ours)
         q, d = make_inputs()
         benchmark.pedantic(lambda: run(q, d), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
-        mem = peak_memory_bytes("ours" if variant == "nvembed" else "naive")
+        mem = peak_memory_bytes(ours)
         benchmark.extra_info.update(variant=variant, anchor="naive",
                                     peak_mem_mb=round(mem["peak_delta_bytes"] / 2**20, 2))
 except ImportError:  # plain script use without pytest installed
