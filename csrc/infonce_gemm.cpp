@@ -133,8 +133,12 @@ std::tuple<Tensor, Tensor> infonce_fwd_gemm(const Tensor& queries, const Tensor&
     (chunk_lse != nullptr ? chunk_lse : aten_chunk_lse)(scores, run_max, run_sum, target, col0, group_size,
                                                          1.0 / temperature);
   }
-  Tensor lse = run_max.add_(run_sum.log_());
-  return {(lse - target).mean(), lse};
+  // row loss = (max - target) + log(sum), before max joins the lse: where the positive is the row's max the first
+  // term is exactly 0 and a small loss keeps its digits (lse - target would cancel two numbers ~1/t)
+  const Tensor log_sum = run_sum.log_();
+  const Tensor row_loss = (run_max - target).add_(log_sum);
+  Tensor lse = run_max.add_(log_sum);
+  return {row_loss.mean(), lse};
 }
 
 const char* infonce_bwd_choice(bool gemm_default) {
@@ -247,8 +251,9 @@ std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, 
     Tensor run_sum = at::zeros({rn}, opts);
     Tensor target = at::empty({rn}, opts);  // every row's target is among the N columns
     (chunk_lse != nullptr ? chunk_lse : aten_chunk_lse)(scores, run_max, run_sum, target, col0, G, inv_t);
-    const Tensor lse = run_max.add_(run_sum.log_());
-    loss_sum.add_((lse - target).sum());
+    const Tensor log_sum = run_sum.log_();
+    loss_sum.add_((run_max - target).add_(log_sum).sum());  // as in infonce_fwd_gemm: no cancellation at ~1/t
+    const Tensor lse = run_max.add_(log_sum);
     Tensor probs = probs_buf.narrow(0, 0, rn);
     Tensor neg_prob_sum = at::zeros({rn}, opts);
     (chunk_grad != nullptr ? chunk_grad : aten_chunk_grad)(scores, lse, neg_prob_sum, probs, col0, G, inv_t);

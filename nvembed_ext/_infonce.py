@@ -69,16 +69,37 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (group_size, temperature, in_batch_negatives)
 
 
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on a gradient the backward returns with create_graph=True: differentiating it again (a gradient
+    penalty through the loss's gradients) raises instead of torch's not-implemented warning and a silent zero."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("nvembed::infonce: second derivatives are not implemented (the gradient of the "
+                                  "loss was differentiated again, e.g. after create_graph=True)")
+
+
+def _first_order(*grads):
+    if not torch.is_grad_enabled():  # the usual backward (create_graph=False): nothing to guard
+        return grads
+    return tuple(g if g is None else _FirstOrderOnly.apply(g) for g in grads)
+
+
 def _backward(ctx, grad_loss, grad_lse):
     # lse is a by-product for the backward; it is not differentiable (grad_lse is ignored).
     queries, docs, lse = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None
-    dq, dd = torch.ops.nvembed._infonce_bwd(grad_loss, queries, docs, lse, *ctx.args)
+    dq, dd = _first_order(*torch.ops.nvembed._infonce_bwd(grad_loss, queries, docs, lse, *ctx.args))
     return dq, dd, None, None, None
 
 
 torch.library.register_autograd(_lib + "_infonce_fwd", _backward, setup_context=_setup_context)
+
 
 
 @torch.library.register_fake(_lib + "_infonce_fwd_grad")
@@ -90,8 +111,8 @@ def _infonce_fwd_grad_fake(queries, docs, group_size, temperature, in_batch_nega
 
 
 # _infonce_fwd_grad (NVEMBED_INFONCE_GRAD=fused, csrc/infonce_gemm.h) returns the gradients for an upstream gradient
-# of 1; the loss is a mean, so the backward scales them. The gradient outputs are not differentiable (no double
-# backward, as with the other path).
+# of 1; the loss is a mean, so the backward scales them. Differentiating the gradients again raises (as with the
+# other path).
 def _fwd_grad_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
 
@@ -101,7 +122,8 @@ def _fwd_grad_backward(ctx, grad_loss, grad_gq, grad_gd):
     if grad_loss is None:
         return None, None, None, None, None
     g = grad_loss.to(_acc_dtype(gq))  # 0-dim: the products are formed in fp32 and rounded once to the input dtype
-    return (gq * g if ctx.needs_input_grad[0] else None), (gd * g if ctx.needs_input_grad[1] else None), None, None, None
+    dq, dd = _first_order(gq * g if ctx.needs_input_grad[0] else None, gd * g if ctx.needs_input_grad[1] else None)
+    return dq, dd, None, None, None
 
 
 torch.library.register_autograd(_lib + "_infonce_fwd_grad", _fwd_grad_backward, setup_context=_fwd_grad_setup_context)

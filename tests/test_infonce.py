@@ -441,6 +441,19 @@ def test_opcheck_fwd_grad(inb):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("grad", ["backward", "fused"])
+def test_double_backward_raises(monkeypatch, grad):
+    """First-order gradients with create_graph=True work; differentiating them again is a clear error on both
+    gradient paths (not torch's not-implemented warning and a silent zero)."""
+    monkeypatch.setenv("NVEMBED_INFONCE_GRAD", grad)
+    q, docs = make_inputs(4, 2, 8, torch.float64)
+    gq, = torch.autograd.grad(ops.infonce(q, docs, 2, 0.5, True), q, create_graph=True)
+    ref_loss, ref_gq, _ = run_ref(q, docs, 2, 0.5, True)
+    torch.testing.assert_close(gq.detach(), ref_gq, rtol=1e-10, atol=1e-12)
+    with pytest.raises(NotImplementedError, match=r"nvembed::infonce: second derivatives are not implemented"):
+        gq.square().sum().backward()
+
+
 @pytest.mark.parametrize("var,value,match", [
     ("NVEMBED_INFONCE_GRAD", "forward", r"nvembed::infonce: NVEMBED_INFONCE_GRAD must be auto, backward or fused, "
                                         r"got 'forward'"),
