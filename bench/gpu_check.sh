@@ -122,90 +122,16 @@ step gpu_infonce 180 python3 bench/gpu_infonce.py --out "$LOGS" --max-seconds 4 
 step infonce_profile 60 python3 bench/gpu_profile_infonce.py
 
 # 4. compute-sanitizer on small cases (uncached allocations so memcheck sees accesses past a tensor's end):
-#    flash fwd + bwd of every instantiation, sm80 and Hopper (bench/sanitize_flash.py); InfoNCE's tensor-core path
-#    (bf16 / fp16; 2 query blocks, 3 doc tiles, split forward and dQ pass; d % 8 != 0 through the padded copy; the
-#    sm80 and the Hopper forward) and plain path (fp32, own-group), forward and backward; the blocked-GEMM backward,
-#    the GEMM forward and the fused forward's row blocks;
-#    latent_pool's fused stages (csrc/cuda/latent_pool.cu: LayerNorm rows, softmax rows, GEGLU's vector and scalar
-#    paths, units cut at 64 tokens).
-cat > "$LOGS/sanitizer_cases.py" <<'PY'
-import os
-import torch
-import nvembed_ext  # noqa: F401
-
-ops = torch.ops.nvembed
-
-
-def case(dtype, inb, B, G, d, extra):
-    q = (torch.randn(B, d, device="cuda", dtype=dtype) / 8).requires_grad_()
-    docs = (torch.randn(B * G + extra, d, device="cuda", dtype=dtype) / 8).requires_grad_()
-    ops.infonce(q, docs, G, 0.05, inb).backward()
-
-
-for plain, kernel in (("0", "sm80"), ("0", "sm90"), ("1", "sm80")):
-    os.environ["NVEMBED_INFONCE_CUDA_PLAIN"] = plain
-    os.environ["NVEMBED_INFONCE_KERNEL"] = kernel  # sm90: the Hopper forward where it applies, else sm80 again
-    for dtype in (torch.bfloat16, torch.float16):
-        case(dtype, True, 130, 2, 72, 3)
-        case(dtype, True, 37, 3, 65, 0)
-    case(torch.float16, False, 37, 3, 65, 0)
-case(torch.float32, True, 37, 3, 65, 5)
-# the blocked-GEMM backward: its chunk kernel's float4 path (one block and chunk of 264 docs) and scalar path into
-# a strided block buffer (blocks of 37 docs, chunks of 9)
-os.environ["NVEMBED_INFONCE_CUDA_PLAIN"] = "0"
-os.environ["NVEMBED_INFONCE_BWD"] = "gemm"
-for dtype in (torch.bfloat16, torch.float16, torch.float32):
-    case(dtype, True, 130, 2, 72, 4)
-os.environ["NVEMBED_INFONCE_BLOCK_COLS"] = "37"
-os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
-case(torch.bfloat16, True, 130, 2, 72, 3)
-# the GEMM forward: its online log-sum-exp kernel's float4 path (one chunk of 264 docs) and scalar path (chunks of 9)
-os.environ.pop("NVEMBED_INFONCE_BLOCK_COLS")
-os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
-os.environ["NVEMBED_INFONCE_FWD"] = "gemm"
-for dtype in (torch.bfloat16, torch.float32):
-    case(dtype, True, 130, 2, 72, 4)
-os.environ["NVEMBED_INFONCE_CHUNK_COLS"] = "9"
-case(torch.float16, True, 130, 2, 72, 3)
-os.environ.pop("NVEMBED_INFONCE_FWD")
-os.environ.pop("NVEMBED_INFONCE_CHUNK_COLS")
-# gradients formed in the forward: one row block (float4 paths), then row blocks of 37 queries (the fp32 dD
-# accumulator, targets mid-docs) with d % 4 != 0
-os.environ["NVEMBED_INFONCE_GRAD"] = "fused"
-for dtype in (torch.bfloat16, torch.float32):
-    case(dtype, True, 130, 2, 72, 4)
-os.environ["NVEMBED_INFONCE_ROW_BLOCK"] = "37"
-case(torch.float16, True, 130, 2, 65, 3)
-os.environ.pop("NVEMBED_INFONCE_GRAD")
-os.environ.pop("NVEMBED_INFONCE_ROW_BLOCK")
-torch.cuda.synchronize()
-
-
-def latent_case(dtype, B, L, d, N, H, dh, F):
-    def p(*shape, scale=1.0):
-        return (torch.randn(*shape, device="cuda", dtype=dtype) * scale).requires_grad_()
-    x = p(B, L, d)
-    mask = (torch.rand(B, L, device="cuda") < 0.8).to(torch.int64)
-    mask[0] = 0
-    inner = H * dh
-    w = [p(N, d), p(d), p(d), p(d), p(d), p(inner, d, scale=d ** -0.5), p(2 * inner, d, scale=d ** -0.5),
-         p(d, inner, scale=inner ** -0.5), p(d), p(d), p(2 * F, d, scale=d ** -0.5), p(2 * F), p(d, F, scale=F ** -0.5),
-         p(d)]
-    ops.latent_pool(x, mask, *w, H, True, 1e-5).square().sum().backward()
-
-
-os.environ["NVEMBED_LATENT_POOL_KERNELS"] = "fused"
-latent_case(torch.bfloat16, 3, 150, 64, 8, 2, 32, 1028)  # F % 4 == 0: 4 columns per thread, a ragged last CTA
-latent_case(torch.float32, 2, 70, 32, 5, 2, 16, 37)      # odd F: one column per thread
-torch.cuda.synchronize()
-print("sanitizer cases done")
-PY
+#    flash fwd + bwd of every instantiation, sm80 and Hopper (bench/sanitize_flash.py); InfoNCE's tile kernels
+#    (sm80 and Hopper forward, plain path), the blocked-GEMM backward, the GEMM forward and the fused forward's row
+#    blocks, and latent_pool's fused stages (bench/sanitize_cases.py: one table of cases, each under its own
+#    environment; CI runs the same table on CPU tensors).
 if [ -n "$SANITIZER" ]; then
   sanitize() {  # sanitize TOOL: flash, then InfoNCE and latent_pool cases under compute-sanitizer TOOL
     step "$1_flash" 150 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
       "$SANITIZER" --tool "$1" --error-exitcode 9 python3 bench/sanitize_flash.py
     step "$1_infonce_latent_pool" 120 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
-      "$SANITIZER" --tool "$1" --error-exitcode 9 python3 "$LOGS/sanitizer_cases.py"
+      "$SANITIZER" --tool "$1" --error-exitcode 9 python3 bench/sanitize_cases.py
   }
   sanitize memcheck
 else

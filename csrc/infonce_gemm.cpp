@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <limits>
+#include <utility>
 
 #include "checks.h"
 #include "kernel_choice.h"
@@ -60,6 +61,22 @@ ChunkTargets chunk_targets(int64_t B, int64_t c, int64_t col0, int64_t G) {
 Tensor target_view(const Tensor& scores, const ChunkTargets& t, int64_t col0, int64_t G) {
   const int64_t c = scores.size(1);
   return at::as_strided(scores, {t.i1 - t.i0}, {c + G}, scores.storage_offset() + t.i0 * (c + G) - col0);
+}
+
+// The rows of a [n, d] part of the docs that starts at doc n0 which are the targets of queries [t.i0, t.i1): doc
+// i*G is row i*G - n0 of the part (a strided view; t.i1 > t.i0).
+Tensor target_rows(const Tensor& part, const ChunkTargets& t, int64_t n0, int64_t G) {
+  return part.slice(0, t.i0 * G - n0, (t.i1 - 1) * G - n0 + 1, G);
+}
+
+// (row losses, lse) from the rows' online (max, sum) of the scaled logits and their target logits; run_max and
+// run_sum are consumed (lse is formed in run_max's storage). The row loss is (max - target) + log(sum), formed before
+// max joins the lse: where the positive is the row's max the first term is exactly 0 and a small loss keeps its
+// digits (lse - target would cancel two numbers ~1/t).
+std::pair<Tensor, Tensor> finish_rows(Tensor& run_max, Tensor& run_sum, const Tensor& target) {
+  const Tensor log_sum = run_sum.log_();
+  Tensor row_loss = (run_max - target).add_(log_sum);
+  return {row_loss, run_max.add_(log_sum)};
 }
 
 bool row_vector(const Tensor& x, const Tensor& scores) {
@@ -133,11 +150,7 @@ std::tuple<Tensor, Tensor> infonce_fwd_gemm(const Tensor& queries, const Tensor&
     (chunk_lse != nullptr ? chunk_lse : aten_chunk_lse)(scores, run_max, run_sum, target, col0, group_size,
                                                          1.0 / temperature);
   }
-  // row loss = (max - target) + log(sum), before max joins the lse: where the positive is the row's max the first
-  // term is exactly 0 and a small loss keeps its digits (lse - target would cancel two numbers ~1/t)
-  const Tensor log_sum = run_sum.log_();
-  const Tensor row_loss = (run_max - target).add_(log_sum);
-  Tensor lse = run_max.add_(log_sum);
+  auto [row_loss, lse] = finish_rows(run_max, run_sum, target);
   return {row_loss.mean(), lse};
 }
 
@@ -196,7 +209,7 @@ std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tenso
       Tensor gd = mm_acc(probs.narrow(1, r0, rn).t(), queries, acc);  // [rn, d]
       const ChunkTargets t = chunk_targets(B, rn, n0, G);
       if (t.i1 > t.i0) {
-        grad_tgt.narrow(0, t.i0, t.i1 - t.i0).copy_(gd.slice(0, t.i0 * G - n0, (t.i1 - 1) * G - n0 + 1, G));
+        grad_tgt.narrow(0, t.i0, t.i1 - t.i0).copy_(target_rows(gd, t, n0, G));
       }
       grad_d.narrow(0, n0, rn).copy_(gd.mul_(coef));
     }
@@ -205,9 +218,10 @@ std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tenso
   // target terms: (P_t - 1) = -neg_prob_sum, applied in fp32 before the one rounding to the output dtype (in place:
   // CUDA casts the input-dtype rows on the fly, no [B, d] fp32 copies)
   const Tensor ns = neg_prob_sum.unsqueeze(1);
-  grad_q.addcmul_(docs.slice(0, 0, B * G, G), ns, -1).mul_(coef);
+  const ChunkTargets all{0, B};
+  grad_q.addcmul_(target_rows(docs, all, 0, G), ns, -1).mul_(coef);
   grad_tgt.addcmul_(queries, ns, -1).mul_(coef);
-  grad_d.slice(0, 0, B * G, G).copy_(grad_tgt);
+  target_rows(grad_d, all, 0, G).copy_(grad_tgt);
   return {grad_q.to(io), grad_d};
 }
 
@@ -251,16 +265,15 @@ std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, 
     Tensor run_sum = at::zeros({rn}, opts);
     Tensor target = at::empty({rn}, opts);  // every row's target is among the N columns
     (chunk_lse != nullptr ? chunk_lse : aten_chunk_lse)(scores, run_max, run_sum, target, col0, G, inv_t);
-    const Tensor log_sum = run_sum.log_();
-    loss_sum.add_((run_max - target).add_(log_sum).sum());  // as in infonce_fwd_gemm: no cancellation at ~1/t
-    const Tensor lse = run_max.add_(log_sum);
+    const auto [row_loss, lse] = finish_rows(run_max, run_sum, target);
+    loss_sum.add_(row_loss.sum());
     Tensor probs = probs_buf.narrow(0, 0, rn);
     Tensor neg_prob_sum = at::zeros({rn}, opts);
     (chunk_grad != nullptr ? chunk_grad : aten_chunk_grad)(scores, lse, neg_prob_sum, probs, col0, G, inv_t);
     scores.reset();  // before the GEMMs' fp32 parts
     const Tensor ns = neg_prob_sum.unsqueeze(1);
     // dQ_R = (P_R D - neg_prob_sum D_target) / (B t); the target term (P_t - 1 = -neg_prob_sum) as in the backward
-    const Tensor d_tgt = docs.slice(0, r0 * G, (r0 + rn - 1) * G + 1, G);
+    const Tensor d_tgt = target_rows(docs, {r0, r0 + rn}, 0, G);
     for (int64_t k0 = 0; k0 < rn; k0 += part) {
       const int64_t kn = std::min(part, rn - k0);
       Tensor gq = mm_acc(probs.narrow(0, k0, kn), docs, acc);
@@ -273,8 +286,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, 
       Tensor gd = mm_acc(probs.narrow(1, n0, nn).t(), qr, acc);  // [nn, d]
       const ChunkTargets t = chunk_targets(rn, nn, pcol0, G);
       if (t.i1 > t.i0) {
-        gd.slice(0, t.i0 * G - pcol0, (t.i1 - 1) * G - pcol0 + 1, G)
-            .addcmul_(qr.narrow(0, t.i0, t.i1 - t.i0), ns.narrow(0, t.i0, t.i1 - t.i0), -1);
+        target_rows(gd, t, pcol0, G).addcmul_(qr.narrow(0, t.i0, t.i1 - t.i0), ns.narrow(0, t.i0, t.i1 - t.i0), -1);
       }
       if (one_block) {
         grad_d.narrow(0, n0, nn).copy_(gd.mul_(coef));

@@ -224,16 +224,6 @@ def set_widths(monkeypatch, block, chunk):
             monkeypatch.setenv(var, str(value))
 
 
-@pytest.mark.parametrize("block,chunk", GEMM_WIDTHS)
-@pytest.mark.parametrize("t", [0.02, 1.0])
-@pytest.mark.parametrize("B,G,E,d", [(1, 1, 0, 16), (1, 4, 1, 33), (3, 2, 7, 32), (17, 8, 601, 64), (130, 2, 5, 48)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
-def test_gemm_bwd_matches_reference_cpu(gemm_bwd, dtype, B, G, E, d, t, block, chunk):
-    set_widths(gemm_bwd, block, chunk)
-    q, docs = make_inputs_extra(B, G, E, d, dtype)
-    check_against_ref(q, docs, G, t, True, dtype)
-
-
 def test_gemm_bwd_equals_tiles_cpu(monkeypatch):
     """Same gradients as the tile kernels (fp64: to rounding), and the default chunking splits N > budget."""
     q, docs = make_inputs_extra(40, 4, 77, 24, torch.float64, requires_grad=False)
@@ -249,19 +239,6 @@ def test_gemm_bwd_equals_tiles_cpu(monkeypatch):
     for a, b, c in zip(tiles, gemm, gemm5):
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-15)
         torch.testing.assert_close(c, a, rtol=1e-12, atol=1e-15)
-
-
-@pytest.mark.parametrize("block,chunk", [(3, 2), (None, None)])
-def test_gemm_bwd_gradcheck_cpu(gemm_bwd, block, chunk):
-    set_widths(gemm_bwd, block, chunk)
-    q, docs = make_inputs_extra(3, 2, 5, 4, torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, 2, 0.5, True), (q, docs))
-
-
-def test_gemm_bwd_own_group_uses_its_kernel_cpu(gemm_bwd):
-    """Without in-batch negatives there is no B x N matrix: the variable changes nothing there."""
-    q, docs = make_inputs(9, 3, 16, torch.float64)
-    check_against_ref(q, docs, 3, 0.05, False, torch.float64)
 
 
 @pytest.mark.parametrize("var,value,match", [
@@ -293,17 +270,6 @@ def gemm_fwd(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 64, None])
-@pytest.mark.parametrize("t", [0.02, 1.0])
-@pytest.mark.parametrize("B,G,E,d", [(1, 1, 0, 16), (1, 4, 1, 33), (3, 2, 7, 32), (17, 8, 601, 64), (130, 2, 5, 48)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
-def test_gemm_fwd_matches_reference_cpu(gemm_fwd, dtype, B, G, E, d, t, chunk):
-    if chunk is not None:
-        gemm_fwd.setenv("NVEMBED_INFONCE_CHUNK_COLS", str(chunk))
-    q, docs = make_inputs_extra(B, G, E, d, dtype)
-    check_against_ref(q, docs, G, t, True, dtype)
-
-
 def test_gemm_fwd_equals_tiles_cpu(monkeypatch):
     """Same loss and lse as the tile kernel (fp64: to rounding), for several chunk widths and with both backwards."""
     q, docs = make_inputs_extra(40, 4, 77, 24, torch.float64, requires_grad=False)
@@ -319,22 +285,12 @@ def test_gemm_fwd_equals_tiles_cpu(monkeypatch):
         torch.testing.assert_close(lse2, lse, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("bwd", ["tiles", "gemm"])
-def test_gemm_fwd_gradcheck_cpu(gemm_fwd, bwd):
-    gemm_fwd.setenv("NVEMBED_INFONCE_BWD", bwd)
-    gemm_fwd.setenv("NVEMBED_INFONCE_CHUNK_COLS", "3")
-    q, docs = make_inputs_extra(3, 2, 5, 4, torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, 2, 0.5, True), (q, docs))
-
-
-def test_gemm_fwd_own_group_and_bad_variable_cpu(gemm_fwd):
-    """Without in-batch negatives the variable changes nothing; a bad value is an error naming the op."""
-    q, docs = make_inputs(9, 3, 16, torch.float64)
-    check_against_ref(q, docs, 3, 0.05, False, torch.float64)
+def test_gemm_fwd_bad_variable_cpu(gemm_fwd):
     gemm_fwd.setenv("NVEMBED_INFONCE_FWD", "cublas")
+    q, docs = make_inputs(9, 3, 16, torch.float64, requires_grad=False)
     with pytest.raises(ValueError, match=r"nvembed::infonce: NVEMBED_INFONCE_FWD must be auto, tiles or gemm, got "
                                          r"'cublas'"):
-        ops._infonce_fwd(q.detach(), docs.detach(), 3, 0.1, True)
+        ops._infonce_fwd(q, docs, 3, 0.1, True)
 
 
 # ---- gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused) on CPU tensors ---------------------------------
@@ -352,17 +308,6 @@ def fused(monkeypatch):
 
 def _grad_fn_name(loss):
     return type(loss.grad_fn).__name__
-
-
-@pytest.mark.parametrize("rows", [1, 2, 7, None])
-@pytest.mark.parametrize("t", [0.02, 1.0])
-@pytest.mark.parametrize("B,G,E,d", [(1, 1, 0, 16), (1, 4, 1, 33), (3, 2, 7, 32), (17, 8, 601, 64), (130, 2, 5, 48)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
-def test_fused_grad_matches_reference_cpu(fused, dtype, B, G, E, d, t, rows):
-    if rows is not None:
-        fused.setenv("NVEMBED_INFONCE_ROW_BLOCK", str(rows))
-    q, docs = make_inputs_extra(B, G, E, d, dtype)
-    check_against_ref(q, docs, G, t, True, dtype)
 
 
 def test_fused_grad_path_and_upstream_scale_cpu(fused):
@@ -426,12 +371,50 @@ def test_fused_grad_rows_budget(monkeypatch):
         torch.testing.assert_close(gd2, gd, rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("rows", [2, None])
-def test_fused_grad_gradcheck_cpu(fused, rows):
-    if rows is not None:
-        fused.setenv("NVEMBED_INFONCE_ROW_BLOCK", str(rows))
+# ---- the three GEMM paths against the fp64 reference, one parametrization ----------------------------------------
+def _env(**variables):
+    return {f"NVEMBED_INFONCE_{k}": str(v) for k, v in variables.items() if v is not None}
+
+
+# the environment of each path and width (ids: path-widths)
+GEMM_PATHS = (
+    [pytest.param(_env(BWD="gemm", BLOCK_COLS=b, CHUNK_COLS=c), id=f"bwd-{b}x{c}") for b, c in GEMM_WIDTHS]
+    + [pytest.param(_env(FWD="gemm", CHUNK_COLS=c), id=f"fwd-{c}") for c in (1, 3, 7, 64, None)]
+    + [pytest.param(_env(GRAD="fused", ROW_BLOCK=r), id=f"fused-{r}") for r in (1, 2, 7, None)])
+
+
+@pytest.mark.parametrize("t", [0.02, 1.0])
+@pytest.mark.parametrize("B,G,E,d", [(1, 1, 0, 16), (1, 4, 1, 33), (3, 2, 7, 32), (17, 8, 601, 64), (130, 2, 5, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("env", GEMM_PATHS)
+def test_gemm_paths_match_reference_cpu(monkeypatch, env, dtype, B, G, E, d, t):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    q, docs = make_inputs_extra(B, G, E, d, dtype)
+    check_against_ref(q, docs, G, t, True, dtype)
+
+
+@pytest.mark.parametrize("env", [
+    pytest.param(_env(BWD="gemm", BLOCK_COLS=3, CHUNK_COLS=2), id="bwd-3x2"),
+    pytest.param(_env(BWD="gemm"), id="bwd"),
+    pytest.param(_env(FWD="gemm", CHUNK_COLS=3), id="fwd-3+tiles-bwd"),
+    pytest.param(_env(FWD="gemm", CHUNK_COLS=3, BWD="gemm"), id="fwd-3+gemm-bwd"),
+    pytest.param(_env(GRAD="fused", ROW_BLOCK=2), id="fused-2"),
+    pytest.param(_env(GRAD="fused"), id="fused")])
+def test_gemm_paths_gradcheck_cpu(monkeypatch, env):
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
     q, docs = make_inputs_extra(3, 2, 5, 4, torch.float64)
     assert torch.autograd.gradcheck(lambda a, b: ops.infonce(a, b, 2, 0.5, True), (q, docs))
+
+
+@pytest.mark.parametrize("env", [_env(BWD="gemm"), _env(FWD="gemm"), _env(GRAD="fused")], ids=["bwd", "fwd", "fused"])
+def test_gemm_paths_own_group_cpu(monkeypatch, env):
+    """Without in-batch negatives there is no B x N matrix: the variables change nothing there."""
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    q, docs = make_inputs(9, 3, 16, torch.float64)
+    check_against_ref(q, docs, 3, 0.05, False, torch.float64)
 
 
 @pytest.mark.parametrize("inb", [True, False])
