@@ -12,14 +12,25 @@ from conftest import ROOT, run_bench
 BENCH = os.path.join(ROOT, "bench")
 
 
-def _variables_read():
-    """Every NVEMBED_* name that appears in the ops' sources (C++ / CUDA and the Python face)."""
-    names = set()
-    for pattern in ("csrc/**/*.cpp", "csrc/**/*.h", "csrc/**/*.cu", "csrc/**/*.cuh", "nvembed_ext/*.py"):
+def _names(patterns):
+    """{NVEMBED_* name: files} over the files matching `patterns` (relative to the repository)."""
+    names = {}
+    for pattern in patterns:
         for path in glob.glob(os.path.join(ROOT, pattern), recursive=True):
-            with open(path) as f:
-                names.update(re.findall(r"NVEMBED_[A-Z0-9_]+", f.read()))
+            if "__pycache__" in path or not os.path.isfile(path):
+                continue
+            with open(path, errors="replace") as f:
+                for name in re.findall(r"NVEMBED_[A-Z0-9_]+", f.read()):
+                    names.setdefault(name, set()).add(os.path.relpath(path, ROOT))
     return names
+
+
+def _variables_read():
+    """Every NVEMBED_* name that appears where variables are read: the ops' sources (C++ / CUDA and the Python
+    face), the model / training packages, the build and the tools; plus the benchmarks' own two."""
+    return set(_names(["csrc/**/*.cpp", "csrc/**/*.h", "csrc/**/*.cu", "csrc/**/*.cuh", "nvembed_ext/*.py",
+                       "python/**/*.py", "training/**/*.py", "setup.py", "CMakeLists.txt", "tools/**/*", ".ci/run"])
+               ) | {"NVEMBED_BENCH_CSV", "NVEMBED_COMMIT"}  # bench/conftest.py, bench/common.py
 
 
 def test_gpu_check_parses_and_calls_existing_scripts():
@@ -48,4 +59,13 @@ def test_sanitizer_cases_set_only_variables_the_ops_read():
     used = {var for env, *_ in sanitize_cases.INFONCE_CASES + sanitize_cases.LATENT_POOL_CASES for var in env}
     assert {"NVEMBED_INFONCE_GRAD", "NVEMBED_INFONCE_ROW_BLOCK", "NVEMBED_LATENT_POOL_KERNELS"} <= used
     unknown = sorted(used - _variables_read())
+    assert not unknown, unknown
+
+
+def test_benchmarks_tests_and_readme_name_only_variables_that_are_read():
+    """A variable the GPU benchmarks set to pick a path (gpu_infonce's variants, the profiles, the CUDA tests) must be
+    one the library reads, or the row labelled with that path measures the default one."""
+    used = _names(["bench/**/*.py", "bench/*.sh", "tests/*.py", "README.md"])
+    used.pop("NVEMBED_INFONCE_", None)  # a prefix: names formed in code (checked above for the sanitizer table)
+    unknown = {name: sorted(files) for name, files in used.items() if name not in _variables_read()}
     assert not unknown, unknown
