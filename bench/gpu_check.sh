@@ -109,8 +109,8 @@ grep -E "^(ok|FAIL)|^---" "$LOGS/smoke.log" | tail -60
 
 # 2. The CUDA tests (fresh random inputs, fp64 references): flash attention (sm80 and Hopper kernels), the Hopper
 #    SASS / dispatcher checks, then the rest.
-step flash_tests 180 $PYTEST tests/test_flash_attn_cuda.py tests/test_hopper_kernels.py
-step cuda_tests 180 $PYTEST tests/ -m cuda --ignore=tests/test_flash_attn_cuda.py
+step flash_tests 180 $PYTEST --junitxml "$LOGS/flash_tests.xml" tests/test_flash_attn_cuda.py tests/test_hopper_kernels.py
+step cuda_tests 180 $PYTEST --junitxml "$LOGS/cuda_tests.xml" tests/ -m cuda --ignore=tests/test_flash_attn_cuda.py
 tail -3 "$LOGS/flash_tests.log" "$LOGS/cuda_tests.log" 2>/dev/null
 
 # 3. InfoNCE against the naive loss in the same run (issue 6), and where its time goes: the tile backward after the
@@ -149,6 +149,10 @@ step gpu_model_e2e 120 python3 bench/gpu_model_e2e.py --out "$LOGS"
 for f in gpu_infonce gpu_latent_pool gpu_attention gpu_model_e2e; do
   [ -f "$LOGS/$f.log" ] && { echo "--- $f"; tail -12 "$LOGS/$f.log"; }
 done
+# What this run says about each path not yet verified on a GPU (tests, smoke, sanitizers, speed against auto's
+# path): verdict.md, its verdict lines here.
+python3 bench/gpu_verdict.py "$LOGS" --out "$LOGS/verdict.md" > /dev/null 2>&1 &&
+  grep -E "^## |verdict:" "$LOGS/verdict.md"
 echo "--- steps ($(( $(date +%s) - T0 ))s)"
 cat "$STEPS"
 pack

@@ -98,18 +98,34 @@ def latent_pool_case(device, dtype, B, L, d, N, H, dh, F):
     return [out, x.grad] + [t.grad for t in w]
 
 
+def case_label(env):
+    """The path a case's environment selects, as bench/gpu_verdict.py names it."""
+    if env.get("NVEMBED_LATENT_POOL_KERNELS") == "fused":
+        return "latent_pool-fused"
+    if env.get("NVEMBED_INFONCE_GRAD") == "fused":
+        return "infonce-fused"
+    if env.get("NVEMBED_INFONCE_FWD") == "gemm":
+        return "infonce-gemm-fwd"
+    if env.get("NVEMBED_INFONCE_BWD") == "gemm":
+        return "infonce-gemm-bwd"
+    return "tiles"
+
+
 def run(device):
     torch.manual_seed(0)
     cases = ([(env, infonce_case, args) for env, *args in INFONCE_CASES]
              + [(env, latent_pool_case, args) for env, *args in LATENT_POOL_CASES])
     for i, (env, fn, args) in enumerate(cases):
+        # the header names the case whose kernels compute-sanitizer reports below it (each case ends synchronized),
+        # so bench/gpu_verdict.py can charge an error to the path that made it
+        print(f"case {i} {fn.__name__} {case_label(env)} {args}", flush=True)
         with env_vars(env):
             outs = fn(device, *args)
+            if device == "cuda":
+                torch.cuda.synchronize()
         bad = [j for j, t in enumerate(outs) if t is None or not torch.isfinite(t).all()]
         if bad:
             raise SystemExit(f"case {i} ({fn.__name__}, {env}, {args}): outputs {bad} missing or not finite")
-    if device == "cuda":
-        torch.cuda.synchronize()
     print(f"sanitizer cases done: {len(INFONCE_CASES)} infonce, {len(LATENT_POOL_CASES)} latent_pool on {device}")
     return len(cases)
 

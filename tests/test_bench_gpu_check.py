@@ -69,3 +69,88 @@ def test_benchmarks_tests_and_readme_name_only_variables_that_are_read():
     used.pop("NVEMBED_INFONCE_", None)  # a prefix: names formed in code (checked above for the sanitizer table)
     unknown = {name: sorted(files) for name, files in used.items() if name not in _variables_read()}
     assert not unknown, unknown
+
+
+# ---- bench/gpu_verdict.py: what a run says about each unverified path ---------------------------------------------
+def _verdict_module():
+    sys.path.insert(0, BENCH)
+    try:
+        import gpu_verdict
+    finally:
+        sys.path.remove(BENCH)
+    return gpu_verdict
+
+
+def test_verdict_knows_every_unverified_flag():
+    """The report covers exactly the paths csrc still marks unverified (a flag flipped or added elsewhere shows)."""
+    flags = set()
+    for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True):
+        with open(path) as f:
+            flags.update(re.findall(r"constexpr bool (k\w+Verified) = false;", f.read()))
+    assert {flag for _, flag, *_ in _verdict_module().PATHS} == flags
+
+
+def test_verdict_classifies_the_real_cuda_test_ids():
+    """Every unverified path has CUDA tests under the ids the report looks for (collected here, run on the GPU)."""
+    verdict = _verdict_module()
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                          "test_infonce_cuda.py", "test_latent_pool_cuda.py"], cwd=os.path.join(ROOT, "tests"),
+                         capture_output=True, text=True, timeout=300)
+    ids = [ln for ln in out.stdout.splitlines() if "::" in ln]
+    assert len(ids) > 100, out.stdout[-2000:] + out.stderr[-2000:]
+    counts = {}
+    for test_id in ids:
+        module, name = test_id.split("::", 1)
+        which = verdict.test_path(module.replace("/", ".").removesuffix(".py"), name)
+        counts[which] = counts.get(which, 0) + 1
+    for name, *_ in verdict.PATHS:
+        assert counts.get(name, 0) >= 10, (name, counts)
+    assert counts.get(None, 0) >= 50  # the verified paths' tests are not charged to any unverified one
+
+
+def test_verdict_report(tmp_path):
+    verdict = _verdict_module()
+    (tmp_path / "smoke.log").write_text(
+        "ok   infonce gemm-bwd bfloat16 B=300 G=4 d=128 +17 inb   loss 1e-6\n"
+        "FAIL infonce fused bfloat16 B=300 G=4 d=128 +17 inb   grad 0.3\n"
+        "ok   infonce fused float16 B=300 G=4 d=128 +17 inb\n"
+        "ok   latent_pool fused bfloat16 B=3 L=37 d=64 N=16 H=2\n")
+
+    def case(name, params, outcome=""):
+        return f'<testcase classname="tests.test_infonce_cuda" name="{name}[{params}]">{outcome}</testcase>'
+    (tmp_path / "cuda_tests.xml").write_text(
+        "<testsuites><testsuite>"
+        + case("test_matches_reference", "inbatch-1-1-32-0-bf16-gemm")
+        + case("test_matches_reference", "inbatch-1-1-32-0-bf16-gemm-fwd", '<failure message="x"/>')
+        + case("test_temperatures", "fused-bf16-0.02")
+        + case("test_matches_reference", "inbatch-1-1-32-0-bf16-tensorcore", '<failure message="x"/>')
+        + '<testcase classname="tests.test_latent_pool_cuda" name="test_x[fused]"><skipped/></testcase>'
+        + "</testsuite></testsuites>")
+    # the real case table's headers (the CPU run prints them), one memcheck error inside the GEMM forward's cases
+    out = run_bench("sanitize_cases.py", "--device", "cpu")
+    lines = out.stdout.splitlines()
+    first_fwd = next(i for i, ln in enumerate(lines) if " infonce-gemm-fwd " in ln)
+    lines.insert(first_fwd + 1, "========= Invalid __global__ read of size 16 bytes")
+    (tmp_path / "memcheck_infonce_latent_pool.log").write_text(
+        "\n".join(lines) + "\n========= ERROR SUMMARY: 1 error\n")
+    # racecheck cut short inside the first case
+    (tmp_path / "racecheck_infonce_latent_pool.log").write_text(lines[0] + "\n")
+    with open(tmp_path / "gpu_infonce.csv", "w") as f:
+        f.write("variant,dtype,B,G,N,d,status,time_ms,peak_mem_mb\n"
+                "nvembed-sm90,bfloat16,4096,8,32768,1024,ok,7.2,328\n"
+                "nvembed-gemm,bfloat16,4096,8,32768,1024,ok,3.6,400\n"
+                "naive,bfloat16,4096,8,32768,1024,ok,3.0,1500\n"
+                "nvembed-fused,bfloat16,4096,8,32768,1024,ok,2.4,900\n")
+    text, verdicts = verdict.report(str(tmp_path))
+    assert verdicts == {"infonce-gemm-bwd": "incomplete", "infonce-gemm-fwd": "failed", "infonce-fused": "failed",
+                        "latent_pool-fused": "incomplete"}, text
+    assert ("- tests: 0 passed, 1 failed, 0 skipped "
+            "(first failures: test_matches_reference[inbatch-1-1-32-0-bf16-gemm-fwd])") in text
+    assert "- memcheck: 1 error(s) in this path's cases; whole run: ERROR SUMMARY: 1 error" in text
+    assert "- racecheck: none of this path's cases ran" in text  # the tile cases come first
+    assert "| B=4096 G=8 d=1024 dtype=bfloat16 | 3.6 | nvembed-sm90 | 7.2 | 2.00 | 3.0 | 0.83 | 400.0 | 328.0 |" in text
+    assert "- smoke: 1 ok, 1 FAIL (infonce fused bfloat16 B=300 G=4 d=128 +17 inb   grad 0.3)" in text
+    # the command line writes the same report
+    out = run_bench("gpu_verdict.py", str(tmp_path), "--out", str(tmp_path / "verdict.md"))
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "verdict.md").read_text().strip() == text.strip()

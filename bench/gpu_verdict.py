@@ -1,0 +1,245 @@
+"""What one bench/gpu_check.sh run says about each CUDA path that is not yet verified on a GPU: `python
+bench/gpu_verdict.py LOGS` (the run's log folder, i.e. $OUT/logs.tgz unpacked) prints a markdown report.
+
+For each unverified path (the flags in csrc: kInfonceGemmBwdVerified, kInfonceGemmFwdVerified,
+kInfonceFusedGradVerified, kLatentPoolFusedVerified) it gathers, from the files the run wrote:
+- smoke (smoke.log): its cases, ok / FAIL;
+- tests (cuda_tests.xml, pytest's JUnit report): the test cases of that path (by parameter id or test name), passed
+  / failed / errors / skipped;
+- compute-sanitizer (memcheck_infonce_latent_pool.log, racecheck_...): errors reported under the headers of that
+  path's cases (bench/sanitize_cases.py prints one before each case and synchronizes after it); an unfinished log
+  is charged to the case that was running;
+- speed: per shape, the path's time against the path `auto` runs now (InfoNCE: nvembed-sm90 on Hopper, else
+  nvembed; latent_pool: nvembed) and, for InfoNCE, the naive loss (gpu_infonce.csv, gpu_latent_pool.csv).
+and says whether the evidence is complete and clean. Flipping a flag stays a decision made by reading the numbers:
+this only collects them, and a path with missing evidence is reported as such, never as passed.
+"""
+import argparse
+import csv
+import os
+import re
+import sys
+import xml.etree.ElementTree as ET
+
+# name, csrc flag, smoke-name prefix, sanitizer label, benchmark (csv, variant column, variant, baseline(s))
+PATHS = [
+    ("infonce-gemm-bwd", "kInfonceGemmBwdVerified", "infonce gemm-bwd ", "infonce-gemm-bwd",
+     ("gpu_infonce.csv", "variant", "nvembed-gemm")),
+    ("infonce-gemm-fwd", "kInfonceGemmFwdVerified", "infonce gemm-fwd ", "infonce-gemm-fwd",
+     ("gpu_infonce.csv", "variant", "nvembed-gemm-fwd")),
+    ("infonce-fused", "kInfonceFusedGradVerified", "infonce fused ", "infonce-fused",
+     ("gpu_infonce.csv", "variant", "nvembed-fused")),
+    ("latent_pool-fused", "kLatentPoolFusedVerified", "latent_pool fused ", "latent_pool-fused",
+     ("gpu_latent_pool.csv", "provider", "nvembed-fused")),
+]
+
+
+def test_path(classname: str, name: str):
+    """The unverified path a test case belongs to (None: another path or none)."""
+    base, _, params = name.partition("[")
+    tokens = params.rstrip("]").split("-") if params else []
+    if "test_infonce_cuda" in classname:
+        if base == "test_gemm_bwd_chunks":
+            return "infonce-gemm-bwd"
+        if base == "test_gemm_fwd_chunks":
+            return "infonce-gemm-fwd"
+        if base == "test_fused_row_blocks":
+            return "infonce-fused"
+        for i, tok in enumerate(tokens):
+            if tok == "gemm":
+                return "infonce-gemm-fwd" if i + 1 < len(tokens) and tokens[i + 1] == "fwd" else "infonce-gemm-bwd"
+            if tok == "fused":
+                return "infonce-fused"
+    if "test_latent_pool_cuda" in classname and "fused" in tokens:
+        return "latent_pool-fused"
+    return None
+
+
+def junit_counts(path: str) -> dict:
+    """{path: {"passed", "failed", "skipped", "failures": [names]}} from a JUnit XML report."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    for case in ET.parse(path).getroot().iter("testcase"):
+        which = test_path(case.get("classname", ""), case.get("name", ""))
+        if which is None:
+            continue
+        c = out.setdefault(which, {"passed": 0, "failed": 0, "skipped": 0, "failures": []})
+        if case.find("failure") is not None or case.find("error") is not None:
+            c["failed"] += 1
+            c["failures"].append(case.get("name"))
+        elif case.find("skipped") is not None:
+            c["skipped"] += 1
+        else:
+            c["passed"] += 1
+    return out
+
+
+def smoke_counts(path: str) -> dict:
+    """{smoke-name prefix: (ok, FAIL, [failed names])} over every line of smoke.log."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    with open(path, errors="replace") as f:
+        lines = f.read().splitlines()
+    for _, _, prefix, _, _ in PATHS:
+        ok = [ln for ln in lines if ln.startswith("ok") and ln[4:].lstrip().startswith(prefix)]
+        bad = [ln for ln in lines if ln.startswith("FAIL") and ln[4:].lstrip().startswith(prefix)]
+        out[prefix] = (len(ok), len(bad), [ln[4:].strip()[:90] for ln in bad])
+    return out
+
+
+def sanitizer_errors(path: str) -> dict:
+    """{label: errors} from a compute-sanitizer log of bench/sanitize_cases.py, plus "_complete": whether the cases
+    finished and "_summary": the tool's summary line. Absent file: {}."""
+    if not os.path.exists(path):
+        return {}
+    out = {"_complete": False, "_summary": ""}
+    label = "before the first case"
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = re.match(r"case \d+ \S+ (\S+) ", line)
+            if m:
+                label = m.group(1)
+                out.setdefault(label, 0)
+            elif line.startswith("sanitizer cases done"):
+                out["_complete"] = True
+            elif re.match(r"=+ (ERROR|RACECHECK) SUMMARY", line):
+                out["_summary"] = line.strip("= \n")
+            elif re.match(r"=+ (Invalid|Error|Race|Uninitialized|Program hit|Warning)", line.lstrip()):
+                out[label] = out.get(label, 0) + 1
+    if not out["_complete"]:
+        out[label] = out.get(label, 0) + 1  # the case that was running when the log ended
+    return out
+
+
+def read_csv(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def speed_rows(logs: str, csv_name: str, column: str, variant: str) -> list:
+    """[(shape, ms, baseline name, baseline ms, naive ms or None, peak MB, baseline peak MB)] per shape."""
+    rows = read_csv(os.path.join(logs, csv_name))
+    if csv_name == "gpu_infonce.csv":
+        key = ("B", "G", "d", "dtype")
+        baselines = ("nvembed-sm90", "nvembed")
+        time_col, mem_col = "time_ms", "peak_mem_mb"
+        ok = [r for r in rows if r.get("status") == "ok"]
+    else:
+        key = ("mode", "mask", "dtype")
+        baselines = ("nvembed",)
+        time_col, mem_col = "ms", "peak_mb"
+        ok = [r for r in rows if r.get(time_col) and r.get("provider") not in (None, "torch.matmul")]
+    shapes = {}
+    for r in ok:
+        shapes.setdefault(tuple(r.get(k, "") for k in key), {})[r[column]] = r
+    out = []
+    for shape, by in shapes.items():
+        if variant not in by:
+            continue
+        base_name = next((b for b in baselines if b in by), None)
+        base = by.get(base_name) if base_name else None
+        naive = by.get("naive")
+
+        def num(r, col):
+            try:
+                return float(r[col]) if r is not None and r.get(col) not in (None, "") else None
+            except ValueError:
+                return None
+        out.append((" ".join(f"{k}={v}" for k, v in zip(key, shape)), num(by[variant], time_col), base_name,
+                    num(base, time_col), num(naive, time_col), num(by[variant], mem_col), num(base, mem_col)))
+    return out
+
+
+def report(logs: str) -> tuple:
+    """(markdown text, {path: "clean" | "failed" | "incomplete"})."""
+    tests = junit_counts(os.path.join(logs, "cuda_tests.xml"))
+    smoke = smoke_counts(os.path.join(logs, "smoke.log"))
+    sanitizers = {tool: sanitizer_errors(os.path.join(logs, f"{tool}_infonce_latent_pool.log"))
+                  for tool in ("memcheck", "racecheck")}
+    lines = [f"# Unverified CUDA paths in {os.path.abspath(logs)}", ""]
+    env = os.path.join(logs, "env.txt")
+    if os.path.exists(env):
+        with open(env, errors="replace") as f:
+            lines += ["```", f.read().strip(), "```", ""]
+    verdicts = {}
+    for name, flag, prefix, label, (csv_name, column, variant) in PATHS:
+        problems, missing = [], []
+        lines.append(f"## {name} (`{flag}`)")
+        s_ok, s_bad, s_failed = smoke.get(prefix, (0, 0, []))
+        lines.append(f"- smoke: {s_ok} ok, {s_bad} FAIL" + (f" ({'; '.join(s_failed)})" if s_failed else ""))
+        if s_bad:
+            problems.append("smoke")
+        elif not s_ok:
+            missing.append("smoke")
+        t = tests.get(name)
+        if t is None:
+            lines.append("- tests: none found in cuda_tests.xml")
+            missing.append("tests")
+        else:
+            lines.append(f"- tests: {t['passed']} passed, {t['failed']} failed, {t['skipped']} skipped"
+                         + (f" (first failures: {', '.join(t['failures'][:5])})" if t["failures"] else ""))
+            if t["failed"]:
+                problems.append("tests")
+            elif not t["passed"]:
+                missing.append("tests")
+        for tool, found in sanitizers.items():
+            if not found:
+                lines.append(f"- {tool}: no log")
+                if tool == "memcheck":
+                    missing.append("memcheck")
+                continue
+            if label not in found:
+                lines.append(f"- {tool}: none of this path's cases ran ({found.get('_summary', '')})")
+                missing.append(tool)
+                continue
+            lines.append(f"- {tool}: {found[label]} error(s) in this path's cases"
+                         + ("" if found["_complete"] else " (the cases did not finish)")
+                         + (f"; whole run: {found['_summary']}" if found.get("_summary") else ""))
+            if found[label]:
+                problems.append(tool)
+        speed = speed_rows(logs, csv_name, column, variant)
+        if not speed:
+            lines.append(f"- speed: no `{variant}` rows in {csv_name}")
+            missing.append("speed")
+        else:
+            lines += ["", f"| shape | {variant} ms | baseline | baseline ms | × baseline | naive ms | × naive "
+                          "| peak MB | baseline peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+            faster = 0
+            for shape, ms, base_name, base_ms, naive_ms, mem, base_mem in speed:
+                ratio = base_ms / ms if ms and base_ms else None
+                faster += bool(ratio and ratio > 1)
+                lines.append(f"| {shape} | {ms if ms is not None else ''} | {base_name or ''} | "
+                             f"{base_ms if base_ms is not None else ''} | {f'{ratio:.2f}' if ratio else ''} | "
+                             f"{naive_ms if naive_ms is not None else ''} | "
+                             f"{f'{naive_ms / ms:.2f}' if naive_ms and ms else ''} | "
+                             f"{mem if mem is not None else ''} | {base_mem if base_mem is not None else ''} |")
+            lines += ["", f"- speed: faster than the baseline on {faster} of {len(speed)} shapes"]
+        verdict = "failed" if problems else "incomplete" if missing else "clean"
+        verdicts[name] = verdict
+        lines.append(f"- **verdict: {verdict}**" + (f" ({', '.join(problems)})" if problems else "")
+                     + (f" (missing: {', '.join(missing)})" if missing and not problems else ""))
+        lines.append("")
+    return "\n".join(lines), verdicts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("logs", help="the gpu_check.sh log folder ($OUT/logs.tgz unpacked)")
+    parser.add_argument("--out", help="also write the report to this file")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.logs):
+        parser.error(f"{args.logs} is not a folder")
+    text, _ = report(args.logs)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
