@@ -70,7 +70,7 @@ template <typename T>
 inline T load(bf16_t x) { return to_float(x); }
 template <typename In, typename T>
 inline In store(T x) {
-  if constexpr (std::is_same_v<In, bf16_t>) return to_bf16(x); else return static_cast<In>(x);
+  return store_as<In>(x);
 }
 
 // GEMM tiles on input-typed operands (bf16 tiles run on the bf16 BLAS with fp32 accumulation).
@@ -114,17 +114,17 @@ constexpr int64_t kBlockK = 512;
 constexpr int64_t kBwdBlockK = 512;
 
 // One online-softmax step of a query row over a key block: the scores row[0, n) (to be multiplied by `scale`) become
-// exp(scale * row - new_max) in place; the running max and total, and the row's O accumulator, are rescaled.
-template <typename T>
-inline void online_softmax_row(T* row, int64_t n, T scale, T& run_max, T& run_total, T* orow, int64_t D) {
+// exp(scale * row - new_max), written to `probs` (row itself, or its bf16 copy for the bf16 P V product) in one pass
+// that also sums them; the running max and total, and the row's O accumulator, are rescaled.
+template <typename T, typename P>
+inline void online_softmax_row(T* row, int64_t n, T scale, T& run_max, T& run_total, T* orow, int64_t D, P* probs) {
   if (scale < T(0)) {  // the largest scaled score is at the smallest raw one: scale first (rare)
     for (int64_t j = 0; j < n; ++j) row[j] *= scale;
     scale = T(1);
   }
   const T mx = std::max(run_max, scale * reduce_max(row, n));
   const T corr = exp_fast(run_max - mx);  // 0 on the first block (run_max = -inf), where O is still 0
-  for (int64_t j = 0; j < n; ++j) row[j] = exp_fast(row[j] * scale - mx);
-  run_total = run_total * corr + row_sum(row, n);
+  run_total = run_total * corr + exp_sum(row, n, scale, mx, probs);
   run_max = mx;
   if (corr != T(1))
     for (int64_t d = 0; d < D; ++d) orow[d] *= corr;
@@ -154,12 +154,28 @@ inline bool fwd_tile(const FlashAttnParams<In, T>& p, int64_t t, int64_t q_block
 // VNNI layouts (pairs of the reduction dim interleaved, reduction dim padded to even) of a key block, as the B
 // operands of S = Q K^T (K^T: [D x n], D even) and O += P V (V: [n x D]). Key rows are `ld` elements apart.
 inline void pack_kt_vnni(const bf16_t* k, int64_t ld, int64_t n, int64_t D, bf16_t* dst) {
-  // element pair (2i, 2i+1) of key c is one 32-bit word, stored at word [i][c]: contiguous stores, gathered loads
+  // element pair (2i, 2i+1) of key c is one 32-bit word, stored at word [i][c]: contiguous stores, gathered loads,
+  // in blocks of 64 keys whose rows (64 x D/2 words) stay in L1 while all D/2 words are gathered from them (the
+  // key-major order instead strides its stores by n words, which alias in L1's sets).
   uint32_t* out = reinterpret_cast<uint32_t*>(dst);
   const uint32_t* src = reinterpret_cast<const uint32_t*>(k);  // ld and D even: rows stay 4-byte aligned
   const int64_t ldw = ld / 2;
-  for (int64_t i = 0; i < D / 2; ++i)
-    for (int64_t c = 0; c < n; ++c) out[i * n + c] = src[c * ldw + i];
+  for (int64_t c0 = 0; c0 < n; c0 += 64) {
+    const int64_t c1 = std::min(c0 + 64, n);
+    for (int64_t i = 0; i < D / 2; ++i) {
+      int64_t c = c0;
+#if defined(__AVX512F__)
+      if (ldw <= (int64_t{1} << 26)) {  // 16 key offsets of one gather fit int32 word indices (x4 bytes)
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32(static_cast<int>(ldw)));
+        for (; c + 16 <= c1; c += 16)  // (the masked form: the plain one trips GCC 12's -Wmaybe-uninitialized)
+          _mm512_storeu_si512(out + i * n + c, _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), 0xffff, idx,
+                                                                           src + c * ldw + i, 4));
+      }
+#endif
+      for (; c < c1; ++c) out[i * n + c] = src[c * ldw + i];
+    }
+  }
 }
 inline void pack_v_vnni(const bf16_t* v, int64_t ld, int64_t n, int64_t D, bf16_t* dst) {
   // rows r, r+1 interleaved: word c of the pair = v[r][c] | v[r+1][c] << 16
@@ -222,10 +238,9 @@ inline void flash_attn_fwd_brgemm(const FlashAttnParams<bf16_t, float>& p) {
         brgemm_bf16(m, n, D, ldq, n, kBlockK, false, reinterpret_cast<const uint16_t*>(qp),
                     reinterpret_cast<const uint16_t*>(kt), s);
         for (int64_t r = 0; r < m; ++r) {
-          float* row = s + r * kBlockK;  // unscaled scores (brgemm has no alpha): the scale goes into the exp
-          online_softmax_row(row, n, p.scale, row_max[r], row_total[r], o + r * D, D);
+          // unscaled scores (brgemm has no alpha): the scale goes into the exp; P straight to bf16
           bf16_t* pl = p_low + r * kBlockK;
-          for (int64_t j = 0; j < n; ++j) pl[j] = to_bf16(row[j]);
+          online_softmax_row(s + r * kBlockK, n, p.scale, row_max[r], row_total[r], o + r * D, D, pl);
           if (n_even != n) pl[n] = bf16_t{0};
         }
         brgemm_bf16(m, D, n_even, kBlockK, D, D, true, reinterpret_cast<const uint16_t*>(p_low),
@@ -268,7 +283,7 @@ void flash_attn_fwd_kernel(const FlashAttnParams<In, T>& p) {
         const int64_t n = std::min(kBlockK, lk - k0);
         tile_gemm(false, true, m, n, D, p.scale, qp, ldq, kp + k0 * ldk, ldk, T(0), s, kBlockK);
         for (int64_t r = 0; r < m; ++r)  // the GEMM applied the scale
-          online_softmax_row(s + r * kBlockK, n, T(1), row_max[r], row_total[r], o + r * D, D);
+          online_softmax_row(s + r * kBlockK, n, T(1), row_max[r], row_total[r], o + r * D, D, s + r * kBlockK);
         mixed_gemm(false, m, D, n, T(1), s, kBlockK, p_low, vp + k0 * ldk, ldk, T(1), o, D);
       }
       for (int64_t r = 0; r < m; ++r)
