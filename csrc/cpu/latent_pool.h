@@ -134,8 +134,7 @@ inline void softmax_rows(S* p, int64_t rows, int64_t n, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     S* pr = p + r * ld;
     const S m = reduce_max(pr, n);
-    for (int64_t j = 0; j < n; ++j) pr[j] = exp_fast(pr[j] - m);
-    const S inv = S(1) / reduce_sum<S>(n, [&](int64_t j) { return pr[j]; });
+    const S inv = S(1) / exp_sum(pr, n, S(1), m, pr);  // exp in place and its sum, one pass
     for (int64_t j = 0; j < n; ++j) pr[j] *= inv;
   }
 }
