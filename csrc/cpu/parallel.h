@@ -31,15 +31,20 @@ namespace nvembed::cpu {
 
 // Per-thread, grow-only scratch memory (Slot tells apart buffers used together). Tile buffers of a few hundred KiB
 // are above malloc's mmap threshold: allocated per call they cost an mmap plus a page fault per 4 KiB every time.
-// Retained per thread: the largest size ever asked for.
+// Retained per thread: the largest size ever asked for. The pointer is 64-byte aligned: malloc's large blocks start
+// 16 bytes into a page, and AMX tile loads / stores (the brgemm tiles read and write these buffers) and 512-bit
+// vector accesses of rows that straddle two cache lines cost two.
 template <typename T, int Slot = 0>
 T* thread_scratch(size_t n) {
+  static_assert(64 % sizeof(T) == 0, "thread_scratch: element size must divide 64");
+  constexpr size_t kPad = 64 / sizeof(T);
   static thread_local std::vector<T> buf;
-  if (buf.size() < n) {
+  if (buf.size() < n + kPad) {
     std::vector<T>().swap(buf);
-    buf.resize(n);
+    buf.resize(n + kPad);
   }
-  return buf.data();
+  const auto addr = reinterpret_cast<std::uintptr_t>(buf.data());
+  return buf.data() + ((64 - addr % 64) % 64) / sizeof(T);
 }
 
 }  // namespace nvembed::cpu
