@@ -21,16 +21,12 @@ import re
 import sys
 import xml.etree.ElementTree as ET
 
-# name, csrc flag, smoke-name prefix, sanitizer label, benchmark (csv, variant column, variant, baseline(s))
+# name (also the sanitizer cases' label), csrc flag, smoke-name prefix, benchmark (csv, our variant's name there)
 PATHS = [
-    ("infonce-gemm-bwd", "kInfonceGemmBwdVerified", "infonce gemm-bwd ", "infonce-gemm-bwd",
-     ("gpu_infonce.csv", "variant", "nvembed-gemm")),
-    ("infonce-gemm-fwd", "kInfonceGemmFwdVerified", "infonce gemm-fwd ", "infonce-gemm-fwd",
-     ("gpu_infonce.csv", "variant", "nvembed-gemm-fwd")),
-    ("infonce-fused", "kInfonceFusedGradVerified", "infonce fused ", "infonce-fused",
-     ("gpu_infonce.csv", "variant", "nvembed-fused")),
-    ("latent_pool-fused", "kLatentPoolFusedVerified", "latent_pool fused ", "latent_pool-fused",
-     ("gpu_latent_pool.csv", "provider", "nvembed-fused")),
+    ("infonce-gemm-bwd", "kInfonceGemmBwdVerified", "infonce gemm-bwd ", ("gpu_infonce.csv", "nvembed-gemm")),
+    ("infonce-gemm-fwd", "kInfonceGemmFwdVerified", "infonce gemm-fwd ", ("gpu_infonce.csv", "nvembed-gemm-fwd")),
+    ("infonce-fused", "kInfonceFusedGradVerified", "infonce fused ", ("gpu_infonce.csv", "nvembed-fused")),
+    ("latent_pool-fused", "kLatentPoolFusedVerified", "latent_pool fused ", ("gpu_latent_pool.csv", "nvembed-fused")),
 ]
 
 
@@ -82,7 +78,7 @@ def smoke_counts(path: str) -> dict:
         return out
     with open(path, errors="replace") as f:
         lines = f.read().splitlines()
-    for _, _, prefix, _, _ in PATHS:
+    for _, _, prefix, _ in PATHS:
         ok = [ln for ln in lines if ln.startswith("ok") and ln[4:].lstrip().startswith(prefix)]
         bad = [ln for ln in lines if ln.startswith("FAIL") and ln[4:].lstrip().startswith(prefix)]
         out[prefix] = (len(ok), len(bad), [ln[4:].strip()[:90] for ln in bad])
@@ -120,7 +116,15 @@ def read_csv(path: str) -> list:
         return list(csv.DictReader(f))
 
 
-def speed_rows(logs: str, csv_name: str, column: str, variant: str) -> list:
+def _num(row, col):
+    """row[col] as a float; None where the row or the value is missing or not a number."""
+    try:
+        return float(row[col]) if row is not None and row.get(col) not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def speed_rows(logs: str, csv_name: str, variant: str) -> list:
     """[(shape, ms, baseline name, baseline ms, naive ms or None, peak MB, baseline peak MB)] per shape."""
     rows = read_csv(os.path.join(logs, csv_name))
     if csv_name == "gpu_infonce.csv":
@@ -133,6 +137,7 @@ def speed_rows(logs: str, csv_name: str, column: str, variant: str) -> list:
         baselines = ("nvembed",)
         time_col, mem_col = "ms", "peak_mb"
         ok = [r for r in rows if r.get(time_col) and r.get("provider") not in (None, "torch.matmul")]
+    column = "variant" if csv_name == "gpu_infonce.csv" else "provider"
     shapes = {}
     for r in ok:
         shapes.setdefault(tuple(r.get(k, "") for k in key), {})[r[column]] = r
@@ -143,14 +148,8 @@ def speed_rows(logs: str, csv_name: str, column: str, variant: str) -> list:
         base_name = next((b for b in baselines if b in by), None)
         base = by.get(base_name) if base_name else None
         naive = by.get("naive")
-
-        def num(r, col):
-            try:
-                return float(r[col]) if r is not None and r.get(col) not in (None, "") else None
-            except ValueError:
-                return None
-        out.append((" ".join(f"{k}={v}" for k, v in zip(key, shape)), num(by[variant], time_col), base_name,
-                    num(base, time_col), num(naive, time_col), num(by[variant], mem_col), num(base, mem_col)))
+        out.append((" ".join(f"{k}={v}" for k, v in zip(key, shape)), _num(by[variant], time_col), base_name,
+                    _num(base, time_col), _num(naive, time_col), _num(by[variant], mem_col), _num(base, mem_col)))
     return out
 
 
@@ -166,7 +165,7 @@ def report(logs: str) -> tuple:
         with open(env, errors="replace") as f:
             lines += ["```", f.read().strip(), "```", ""]
     verdicts = {}
-    for name, flag, prefix, label, (csv_name, column, variant) in PATHS:
+    for name, flag, prefix, (csv_name, variant) in PATHS:
         problems, missing = [], []
         lines.append(f"## {name} (`{flag}`)")
         s_ok, s_bad, s_failed = smoke.get(prefix, (0, 0, []))
@@ -192,16 +191,16 @@ def report(logs: str) -> tuple:
                 if tool == "memcheck":
                     missing.append("memcheck")
                 continue
-            if label not in found:
+            if name not in found:
                 lines.append(f"- {tool}: none of this path's cases ran ({found.get('_summary', '')})")
                 missing.append(tool)
                 continue
-            lines.append(f"- {tool}: {found[label]} error(s) in this path's cases"
+            lines.append(f"- {tool}: {found[name]} error(s) in this path's cases"
                          + ("" if found["_complete"] else " (the cases did not finish)")
                          + (f"; whole run: {found['_summary']}" if found.get("_summary") else ""))
-            if found[label]:
+            if found[name]:
                 problems.append(tool)
-        speed = speed_rows(logs, csv_name, column, variant)
+        speed = speed_rows(logs, csv_name, variant)
         if not speed:
             lines.append(f"- speed: no `{variant}` rows in {csv_name}")
             missing.append("speed")

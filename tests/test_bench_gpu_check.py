@@ -10,6 +10,9 @@ import sys
 from conftest import ROOT, run_bench
 
 BENCH = os.path.join(ROOT, "bench")
+sys.path.insert(0, BENCH)
+import gpu_verdict  # noqa: E402
+import sanitize_cases  # noqa: E402
 
 
 def _names(patterns):
@@ -25,12 +28,15 @@ def _names(patterns):
     return names
 
 
-def _variables_read():
+def _read_variables():
     """Every NVEMBED_* name that appears where variables are read: the ops' sources (C++ / CUDA and the Python
     face), the model / training packages, the build and the tools; plus the benchmarks' own two."""
     return set(_names(["csrc/**/*.cpp", "csrc/**/*.h", "csrc/**/*.cu", "csrc/**/*.cuh", "nvembed_ext/*.py",
                        "python/**/*.py", "training/**/*.py", "setup.py", "CMakeLists.txt", "tools/**/*", ".ci/run"])
                ) | {"NVEMBED_BENCH_CSV", "NVEMBED_COMMIT"}  # bench/conftest.py, bench/common.py
+
+
+VARIABLES_READ = _read_variables()
 
 
 def test_gpu_check_parses_and_calls_existing_scripts():
@@ -51,14 +57,9 @@ def test_sanitizer_cases_cpu():
 
 
 def test_sanitizer_cases_set_only_variables_the_ops_read():
-    sys.path.insert(0, BENCH)
-    try:
-        import sanitize_cases
-    finally:
-        sys.path.remove(BENCH)
     used = {var for env, *_ in sanitize_cases.INFONCE_CASES + sanitize_cases.LATENT_POOL_CASES for var in env}
     assert {"NVEMBED_INFONCE_GRAD", "NVEMBED_INFONCE_ROW_BLOCK", "NVEMBED_LATENT_POOL_KERNELS"} <= used
-    unknown = sorted(used - _variables_read())
+    unknown = sorted(used - VARIABLES_READ)
     assert not unknown, unknown
 
 
@@ -67,32 +68,22 @@ def test_benchmarks_tests_and_readme_name_only_variables_that_are_read():
     one the library reads, or the row labelled with that path measures the default one."""
     used = _names(["bench/**/*.py", "bench/*.sh", "tests/*.py", "README.md"])
     used.pop("NVEMBED_INFONCE_", None)  # a prefix: names formed in code (checked above for the sanitizer table)
-    unknown = {name: sorted(files) for name, files in used.items() if name not in _variables_read()}
+    unknown = {name: sorted(files) for name, files in used.items() if name not in VARIABLES_READ}
     assert not unknown, unknown
 
 
 # ---- bench/gpu_verdict.py: what a run says about each unverified path ---------------------------------------------
-def _verdict_module():
-    sys.path.insert(0, BENCH)
-    try:
-        import gpu_verdict
-    finally:
-        sys.path.remove(BENCH)
-    return gpu_verdict
-
-
 def test_verdict_knows_every_unverified_flag():
     """The report covers exactly the paths csrc still marks unverified (a flag flipped or added elsewhere shows)."""
     flags = set()
     for path in glob.glob(os.path.join(ROOT, "csrc", "**", "*.h"), recursive=True):
         with open(path) as f:
             flags.update(re.findall(r"constexpr bool (k\w+Verified) = false;", f.read()))
-    assert {flag for _, flag, *_ in _verdict_module().PATHS} == flags
+    assert {flag for _, flag, *_ in gpu_verdict.PATHS} == flags
 
 
 def test_verdict_classifies_the_real_cuda_test_ids():
     """Every unverified path has CUDA tests under the ids the report looks for (collected here, run on the GPU)."""
-    verdict = _verdict_module()
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
                           "test_infonce_cuda.py", "test_latent_pool_cuda.py"], cwd=os.path.join(ROOT, "tests"),
                          capture_output=True, text=True, timeout=300)
@@ -101,15 +92,14 @@ def test_verdict_classifies_the_real_cuda_test_ids():
     counts = {}
     for test_id in ids:
         module, name = test_id.split("::", 1)
-        which = verdict.test_path(module.replace("/", ".").removesuffix(".py"), name)
+        which = gpu_verdict.test_path(module.replace("/", ".").removesuffix(".py"), name)
         counts[which] = counts.get(which, 0) + 1
-    for name, *_ in verdict.PATHS:
+    for name, *_ in gpu_verdict.PATHS:
         assert counts.get(name, 0) >= 10, (name, counts)
     assert counts.get(None, 0) >= 50  # the verified paths' tests are not charged to any unverified one
 
 
 def test_verdict_report(tmp_path):
-    verdict = _verdict_module()
     (tmp_path / "smoke.log").write_text(
         "ok   infonce gemm-bwd bfloat16 B=300 G=4 d=128 +17 inb   loss 1e-6\n"
         "FAIL infonce fused bfloat16 B=300 G=4 d=128 +17 inb   grad 0.3\n"
@@ -141,7 +131,7 @@ def test_verdict_report(tmp_path):
                 "nvembed-gemm,bfloat16,4096,8,32768,1024,ok,3.6,400\n"
                 "naive,bfloat16,4096,8,32768,1024,ok,3.0,1500\n"
                 "nvembed-fused,bfloat16,4096,8,32768,1024,ok,2.4,900\n")
-    text, verdicts = verdict.report(str(tmp_path))
+    text, verdicts = gpu_verdict.report(str(tmp_path))
     assert verdicts == {"infonce-gemm-bwd": "incomplete", "infonce-gemm-fwd": "failed", "infonce-fused": "failed",
                         "latent_pool-fused": "incomplete"}, text
     assert ("- tests: 0 passed, 1 failed, 0 skipped "

@@ -140,7 +140,8 @@ def test_grad_cache_equals_the_plain_step(tmp_path, data_file):
         batch = next(b for _, _, b in trainer._batches(0))
         out[chunk] = (trainer.forward_backward(batch), _grads(trainer))
     (l0, g0), (l1, g1) = out[None], out[3]
-    assert l0 == pytest.approx(l1, rel=1e-6)
+    # the chunks pad to their own longest text, so the encoder's GEMMs see other shapes: fp32 rounding, not 0
+    assert l0 == pytest.approx(l1, rel=1e-5)
     assert g0.keys() == g1.keys() and len(g0) > 0
     for k in g0:
         assert torch.allclose(g0[k], g1[k], rtol=1e-4, atol=1e-7), k

@@ -68,10 +68,6 @@ template <typename T>
 inline T load(double x) { return x; }
 template <typename T>
 inline T load(bf16_t x) { return to_float(x); }
-template <typename In, typename T>
-inline In store(T x) {
-  return store_as<In>(x);
-}
 
 // GEMM tiles on input-typed operands (bf16 tiles run on the bf16 BLAS with fp32 accumulation).
 inline void tile_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const bf16_t* a, int64_t lda,
@@ -137,7 +133,7 @@ inline void online_softmax_row(T* row, int64_t n, T scale, T& run_max, T& run_to
 template <typename In, typename T>
 inline void finish_row(const T* orow, T run_max, T run_total, int64_t D, In* dst, T* lse) {
   const T inv = run_total > T(0) ? T(1) / run_total : T(0);
-  for (int64_t d = 0; d < D; ++d) dst[d] = store<In, T>(orow[d] * inv);
+  for (int64_t d = 0; d < D; ++d) dst[d] = store_as<In>(orow[d] * inv);
   *lse = run_total > T(0) ? run_max + std::log(run_total) : std::numeric_limits<T>::infinity();
 }
 

@@ -77,9 +77,7 @@ inline float reduce_max<float>(const float* x, int64_t n) {
     a3 = _mm512_max_ps(_mm512_loadu_ps(x + j + 48), a3);
   }
   for (; j + 16 <= n; j += 16) a0 = _mm512_max_ps(_mm512_loadu_ps(x + j), a0);
-  alignas(64) float lanes[16];  // (GCC 12's _mm512_reduce_max_ps warns of an uninitialized temporary)
-  _mm512_store_ps(lanes, _mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
-  for (float l : lanes) m = m > l ? m : l;
+  m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(a0, a1), _mm512_max_ps(a2, a3)));
 #else
   __m256 acc = _mm256_set1_ps(m);
   for (; j + 8 <= n; j += 8) acc = _mm256_max_ps(_mm256_loadu_ps(x + j), acc);
@@ -95,17 +93,23 @@ inline float reduce_max<float>(const float* x, int64_t n) {
 // exp for float with ~1 ulp error (Cephes' expf: exp(x) = 2^n * exp(r), n = round(x / ln2), |r| <= ln2/2, degree-6
 // polynomial). Below -87 it returns exactly 0, so exp(-inf) = 0 for masked logits, and results near FLT_MIN, which
 // would be denormals costing ~100x per operation in the sums and GEMMs that consume them, never appear.
+// The constants of exp_fast and exp_fast16 (AVX512), shared so the scalar tails and the vector bodies agree.
+struct ExpConst {
+  static constexpr float kLo = -87.0f, kHi = 88.37626f;  // below kLo: 0; kHi: the largest finite result
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // ln 2 = kLn2Hi + kLn2Lo
+  static constexpr float kP[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+};
+
 inline float exp_fast(float x) {
-  const bool underflow = x < -87.0f;
-  x = std::min(std::max(x, -87.0f), 88.37626f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
+  using C = ExpConst;
+  const bool underflow = x < C::kLo;
+  x = std::min(std::max(x, C::kLo), C::kHi);
+  const float n = std::floor(x * C::kLog2e + 0.5f);
+  const float r = x - n * C::kLn2Hi - n * C::kLn2Lo;
+  float y = C::kP[0];
+  for (int i = 1; i < 6; ++i) y = y * r + C::kP[i];
   y = y * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   return underflow ? 0.0f : y * std::bit_cast<float>(bits);
@@ -155,20 +159,15 @@ inline S exp_sum(const S* x, int64_t n, S scale, S shift, Out* out) {
 #if defined(__AVX512F__)
 // exp_fast on 16 lanes (the same range reduction and polynomial; NaN stays NaN, below -87 exactly 0).
 inline __m512 exp_fast16(__m512 x) {
-  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  using C = ExpConst;
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(C::kLo), _CMP_LT_OQ);
   // max_ps / min_ps return their second operand where either is NaN: x second keeps a NaN
-  x = _mm512_min_ps(_mm512_set1_ps(88.37626f), _mm512_max_ps(_mm512_set1_ps(-87.0f), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
-                                                        _mm512_set1_ps(0.5f)),
+  x = _mm512_min_ps(_mm512_set1_ps(C::kHi), _mm512_max_ps(_mm512_set1_ps(C::kLo), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(C::kLog2e), _mm512_set1_ps(0.5f)),
                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
-                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
-  __m512 y = _mm512_set1_ps(1.9875691500e-4f);
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
-  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Lo), _mm512_fnmadd_ps(n, _mm512_set1_ps(C::kLn2Hi), x));
+  __m512 y = _mm512_set1_ps(C::kP[0]);
+  for (int i = 1; i < 6; ++i) y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(C::kP[i]));
   y = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(y, r), r, r), _mm512_set1_ps(1.0f));
   const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
   return _mm512_maskz_mul_ps(static_cast<__mmask16>(~underflow), y, _mm512_castsi512_ps(bits));
