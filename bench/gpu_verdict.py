@@ -128,16 +128,15 @@ def speed_rows(logs: str, csv_name: str, variant: str) -> list:
     """[(shape, ms, baseline name, baseline ms, naive ms or None, peak MB, baseline peak MB)] per shape."""
     rows = read_csv(os.path.join(logs, csv_name))
     if csv_name == "gpu_infonce.csv":
-        key = ("B", "G", "d", "dtype")
+        column, key = "variant", ("B", "G", "d", "dtype")
         baselines = ("nvembed-sm90", "nvembed")
         time_col, mem_col = "time_ms", "peak_mem_mb"
         ok = [r for r in rows if r.get("status") == "ok"]
     else:
-        key = ("mode", "mask", "dtype")
+        column, key = "provider", ("mode", "mask", "dtype")
         baselines = ("nvembed",)
         time_col, mem_col = "ms", "peak_mb"
         ok = [r for r in rows if r.get(time_col) and r.get("provider") not in (None, "torch.matmul")]
-    column = "variant" if csv_name == "gpu_infonce.csv" else "provider"
     shapes = {}
     for r in ok:
         shapes.setdefault(tuple(r.get(k, "") for k in key), {})[r[column]] = r

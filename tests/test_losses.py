@@ -179,7 +179,8 @@ def _dist_child(rank, world, tmp, fn, args):
     # Done: leave without interpreter finalization, where gloo's worker threads can be torn down in an order that
     # aborts the process ("terminate called without an active exception"; once with torch 2.11 a rank ended by
     # SIGABRT with no traceback), which would fail the test on a result already written.
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 

@@ -165,7 +165,8 @@ def _ddp_worker(rank, world, port, cfg_dict, result_dir):
         torch.save({"loss": loss, "grads": _grads(trainer)}, os.path.join(result_dir, f"rank{rank}.pt"))
     finally:
         trainer.close()
-    sys.stdout.flush(), sys.stderr.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)  # no interpreter finalization: gloo's threads can abort it (tests/test_losses.py, _dist_child)
 
 

@@ -9,7 +9,7 @@
 #include <vector>
 #include <random>
 using namespace nvembed::cpu;
-// exit status = number of failed checks; prints the first few
+// counts every failed check; prints the first few
 int fails = 0;
 void fail(const char* what, int64_t n, int64_t j, double a, double b) {
   if (fails++ < 10) std::printf("FAIL %s n=%ld j=%ld got %.9g want %.9g\n", what, (long)n, (long)j, a, b);
