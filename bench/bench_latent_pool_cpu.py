@@ -3,7 +3,9 @@ forward and forward+backward (gradients for hidden_states and every weight), flo
 
     PYTHONPATH=$PWD:$PWD/python pytest -q bench/bench_latent_pool_cpu.py
 
-Rows go to the session CSV written by bench/conftest.py (speedup of the op over the eager layer). Configs:
+Rows go to the session CSV written by bench/conftest.py (speedup of the op over the eager layer). In fwdbwd the op
+runs twice: as it picks by default (variant "nvembed": its forward keeps y1 and u, see csrc/cpu/latent_pool.h) and
+with NVEMBED_LATENT_POOL_SAVE_MB=0 ("nvembed-recompute": the backward recomputes every activation). Configs:
   * minilm:         d=384, 512 latents, 8 heads x dim_head 48, F=4d   (a MiniLM-sized backbone; plain path)
   * nvembed_scaled: d=256, 64 latents, 8 heads x dim_head=d, F=4d     (the release's shape, scaled down; folded)
 both with B=8, L=128. Masks: "padded" = right padding to lengths uniform in [L/4, L] with the first 8 positions
@@ -22,7 +24,8 @@ CONFIGS = {  # B, L, d, N, H, dim_head, F
 }
 MASKS = ("padded", "all")
 MODES = ("fwd", "fwdbwd")
-IMPLS = {"op": torch.ops.nvembed.latent_pool, "ref": latent_pool_ref}
+IMPLS = {"op": torch.ops.nvembed.latent_pool, "op-recompute": torch.ops.nvembed.latent_pool, "ref": latent_pool_ref}
+VARIANTS = {"op": "nvembed", "op-recompute": "nvembed-recompute", "ref": "eager"}
 ROUNDS, WARMUP = 9, 1
 
 
@@ -47,11 +50,15 @@ def _inputs(config, mask_kind):
     return hs, mask, weights, H
 
 
-@pytest.mark.parametrize("impl", list(IMPLS))
-@pytest.mark.parametrize("mode", MODES)
+# (the forward is the same with or without saved activations: no recompute variant there)
+@pytest.mark.parametrize("mode,impl", [(m, i) for m in MODES for i in IMPLS if (m, i) != ("fwd", "op-recompute")])
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("config", list(CONFIGS))
-def test_latent_pool_cpu(benchmark, config, mask_kind, mode, impl):
+def test_latent_pool_cpu(benchmark, monkeypatch, config, mask_kind, mode, impl):
+    if impl == "op-recompute":
+        monkeypatch.setenv("NVEMBED_LATENT_POOL_SAVE_MB", "0")
+    else:
+        monkeypatch.delenv("NVEMBED_LATENT_POOL_SAVE_MB", raising=False)
     hs, mask, weights, H = _inputs(config, mask_kind)
     fn = IMPLS[impl]
     params = [hs, *weights]
@@ -68,6 +75,6 @@ def test_latent_pool_cpu(benchmark, config, mask_kind, mode, impl):
 
     B, L, d, N, H, dh, F_ = CONFIGS[config]
     benchmark.group = f"latent_pool {mode} fp32 {config} (B{B} L{L} d{d} N{N} H{H}x{dh} F{F_}) mask={mask_kind}"
-    benchmark.extra_info.update(variant="nvembed" if impl == "op" else "eager", anchor="eager",
+    benchmark.extra_info.update(variant=VARIANTS[impl], anchor="eager",
                                 active_tokens=int(mask.sum()) if mask is not None else B * L)
     benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)

@@ -65,6 +65,28 @@ Tensor latent_pool_composite(const Tensor& hidden_states, const std::optional<Te
                              const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
                              const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias,
                              int64_t num_heads, bool normalize, double eps) {
+  // Where gradients are needed and the CPU kernel can keep its activations, _latent_pool_fwd_save (the backward then
+  // skips most of its recomputation); otherwise _latent_pool_fwd.
+  bool wants_grad = false;
+  for (const Tensor* t : {&hidden_states, &latents, &norm_weight, &norm_bias, &norm_context_weight,
+                          &norm_context_bias, &to_q_weight, &to_kv_weight, &to_out_weight, &ff_norm_weight,
+                          &ff_norm_bias, &ff_in_weight, &ff_in_bias, &ff_out_weight, &ff_out_bias}) {
+    wants_grad = wants_grad || t->requires_grad();
+  }
+  wants_grad = wants_grad && at::GradMode::is_enabled();
+  if (wants_grad && latent_pool_saves_activations(hidden_states, ff_in_weight)) {
+    static auto save =
+        c10::Dispatcher::singleton()
+            .findSchemaOrThrow("nvembed::_latent_pool_fwd_save", "")
+            .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+                const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
+                const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool, double)>();
+    return std::get<0>(save.call(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
+                                 norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
+                                 ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads,
+                                 normalize, eps));
+  }
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("nvembed::_latent_pool_fwd", "")
@@ -131,6 +153,21 @@ TORCH_LIBRARY(nvembed, m) {
         " Tensor to_out_weight, Tensor ff_norm_weight, Tensor ff_norm_bias, Tensor ff_in_weight,"
         " Tensor ff_in_bias, Tensor ff_out_weight, Tensor ff_out_bias, int num_heads, bool normalize=True,"
         " float eps=1e-05) -> Tensor[]");
+  // CPU only: _latent_pool_fwd that also returns the activations its backward would recompute, in the compute dtype
+  // (geglu_mean [B, F], resid [B*L, d], ff_hidden [B*L, 2F]: rows = the active tokens in order, then zeros), and the
+  // backward that reads them.
+  m.def("_latent_pool_fwd_save(Tensor hidden_states, Tensor? pool_mask, Tensor latents, Tensor norm_weight,"
+        " Tensor norm_bias, Tensor norm_context_weight, Tensor norm_context_bias, Tensor to_q_weight,"
+        " Tensor to_kv_weight, Tensor to_out_weight, Tensor ff_norm_weight, Tensor ff_norm_bias,"
+        " Tensor ff_in_weight, Tensor ff_in_bias, Tensor ff_out_weight, Tensor ff_out_bias, int num_heads,"
+        " bool normalize=True, float eps=1e-05)"
+        " -> (Tensor out, Tensor pooled, Tensor geglu_mean, Tensor resid, Tensor ff_hidden)");
+  m.def("_latent_pool_bwd_saved(Tensor grad_out, Tensor pooled, Tensor geglu_mean, Tensor resid, Tensor ff_hidden,"
+        " Tensor hidden_states, Tensor? pool_mask, Tensor latents, Tensor norm_weight, Tensor norm_bias,"
+        " Tensor norm_context_weight, Tensor norm_context_bias, Tensor to_q_weight, Tensor to_kv_weight,"
+        " Tensor to_out_weight, Tensor ff_norm_weight, Tensor ff_norm_bias, Tensor ff_in_weight,"
+        " Tensor ff_in_bias, Tensor ff_out_weight, Tensor ff_out_bias, int num_heads, bool normalize=True,"
+        " float eps=1e-05) -> Tensor[]");
   // LATENT_POOL_SCHEMAS_END
 }
 
@@ -154,6 +191,8 @@ TORCH_LIBRARY_IMPL(nvembed, CPU, m) {
   // LATENT_POOL_CPU_BEGIN
   m.impl("_latent_pool_fwd", &nvembed::latent_pool_fwd_cpu);
   m.impl("_latent_pool_bwd", &nvembed::latent_pool_bwd_cpu);
+  m.impl("_latent_pool_fwd_save", &nvembed::latent_pool_fwd_save_cpu);
+  m.impl("_latent_pool_bwd_saved", &nvembed::latent_pool_bwd_saved_cpu);
   // LATENT_POOL_CPU_END
 }
 

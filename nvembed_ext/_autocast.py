@@ -14,7 +14,7 @@ _lib = torch.library.Library("nvembed", "IMPL")
 
 # op -> argument positions never cast (latent_pool's pool_mask may hold fractional weights; masks and cu_seqlens
 # are not floating point anyway)
-_OPS = {"_flash_attn_fwd": (), "_flash_attn_varlen_fwd": (), "_latent_pool_fwd": (1,)}
+_OPS = {"_flash_attn_fwd": (), "_flash_attn_varlen_fwd": (), "_latent_pool_fwd": (1,), "_latent_pool_fwd_save": (1,)}
 
 
 def _rule(op_name, device_type, keep):

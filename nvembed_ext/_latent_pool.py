@@ -4,6 +4,11 @@ The public op is a CompositeImplicitAutograd wrapper (C++) over _latent_pool_fwd
 pooled [B, d] is the pre-normalization masked mean (float32, or float64 for float64 inputs), the only statistic the
 backward needs; _latent_pool_bwd recomputes the per-token activations itself. pooled is not a differentiable
 output: its gradient is ignored.
+
+On CPU, when gradients are needed and they fit NVEMBED_LATENT_POOL_SAVE_MB (default 1024 MiB), the wrapper calls
+_latent_pool_fwd_save instead: it also returns geglu_mean [B, F], resid [B*L, d] and ff_hidden [B*L, 2F] (the
+GEGLU's pooled output, the attention block's output + residual, the GEGLU's input; rows = active tokens in order,
+then zeros), and _latent_pool_bwd_saved reads them instead of recomputing the attention output and the feed-forward.
 """
 import torch
 
@@ -91,6 +96,41 @@ def _latent_pool_bwd_fake(grad_out, pooled, hidden_states, pool_mask, latents, n
     return [torch.empty_like(t, memory_format=torch.contiguous_format) for t in (hidden_states, *weights)]
 
 
+@torch.library.register_fake(_lib + "_latent_pool_fwd_save")
+def _latent_pool_fwd_save_fake(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
+                               norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
+                               ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads,
+                               normalize=True, eps=1e-5):
+    out, pooled = _latent_pool_fwd_fake(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
+                                        norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
+                                        ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads,
+                                        normalize, eps)
+    B, L, d = hidden_states.shape
+    F = ff_in_weight.shape[0] // 2
+    saved = [pooled.new_empty(shape) for shape in ((B, F), (B * L, d), (B * L, 2 * F))]
+    return (out, pooled, *saved)
+
+
+@torch.library.register_fake(_lib + "_latent_pool_bwd_saved")
+def _latent_pool_bwd_saved_fake(grad_out, pooled, geglu_mean, resid, ff_hidden, hidden_states, pool_mask, latents,
+                                norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight,
+                                to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias,
+                                ff_out_weight, ff_out_bias, num_heads, normalize=True, eps=1e-5):
+    B, L, d = hidden_states.shape
+    F = ff_in_weight.shape[0] // 2
+    for name, t, shape in (("geglu_mean", geglu_mean, (B, F)), ("resid", resid, (B * L, d)),
+                           ("ff_hidden", ff_hidden, (B * L, 2 * F))):
+        torch._check(t.device == hidden_states.device,
+                     lambda name=name: _OP + f"{name} is on another device than hidden_states")
+        torch._check(t.shape == shape, lambda name=name, shape=shape: _OP + f"{name} must have shape {list(shape)}")
+        torch._check(t.dtype == _stat_dtype(hidden_states),
+                     lambda name=name: _OP + f"{name} must have dtype {_stat_dtype(hidden_states)}")
+    return _latent_pool_bwd_fake(grad_out, pooled, hidden_states, pool_mask, latents, norm_weight, norm_bias,
+                                 norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
+                                 ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
+                                 num_heads, normalize, eps)
+
+
 def _setup_context(ctx, inputs, output):
     *tensors, num_heads, normalize, eps = inputs
     _, pooled = output
@@ -113,3 +153,26 @@ def _backward(ctx, grad_out, grad_pooled):
 
 
 torch.library.register_autograd(_lib + "_latent_pool_fwd", _backward, setup_context=_setup_context)
+
+
+def _setup_context_save(ctx, inputs, output):
+    *tensors, num_heads, normalize, eps = inputs
+    _, pooled, *saved = output
+    hidden_states, pool_mask, *weights = tensors
+    ctx.has_mask = pool_mask is not None
+    ctx.save_for_backward(hidden_states, *weights, pooled, *saved, *([pool_mask] if ctx.has_mask else []))
+    ctx.num_heads, ctx.normalize, ctx.eps = num_heads, normalize, eps
+
+
+def _backward_save(ctx, grad_out, *_):
+    saved = ctx.saved_tensors
+    hidden_states, weights, pooled, acts = saved[0], saved[1:15], saved[15], saved[16:19]
+    pool_mask = saved[19] if ctx.has_mask else None
+    if grad_out is None:
+        return (None,) * 16 + (None, None, None)
+    grads = torch.ops.nvembed._latent_pool_bwd_saved(grad_out.contiguous(), pooled, *acts, hidden_states, pool_mask,
+                                                     *weights, ctx.num_heads, ctx.normalize, ctx.eps)
+    return (grads[0], None, *grads[1:], None, None, None)
+
+
+torch.library.register_autograd(_lib + "_latent_pool_fwd_save", _backward_save, setup_context=_setup_context_save)

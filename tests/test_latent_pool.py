@@ -140,13 +140,18 @@ def fold_path(value):
     return _env("NVEMBED_LATENT_POOL_FOLD", value)
 
 
+@contextmanager
 def impl_path(impl):
-    """Run the op through the CPU kernel ("kernel") or through the device-generic ATen implementation that the CUDA
-    build registers for CUDA tensors ("aten", csrc/latent_pool_aten.cpp), on CPU tensors."""
-    return _env("NVEMBED_LATENT_POOL_ATEN", "1" if impl == "aten" else "0")
+    """Run the op through the CPU kernel, its backward recomputing every activation ("kernel") or reading those its
+    forward kept ("saved": _latent_pool_fwd_save / _latent_pool_bwd_saved, what the op picks when gradients are
+    needed and the activations fit NVEMBED_LATENT_POOL_SAVE_MB), or through the device-generic ATen implementation
+    that the CUDA build registers for CUDA tensors ("aten", csrc/latent_pool_aten.cpp), on CPU tensors."""
+    with _env("NVEMBED_LATENT_POOL_ATEN", "1" if impl == "aten" else "0"), \
+            _env("NVEMBED_LATENT_POOL_SAVE_MB", "0" if impl == "kernel" else None):
+        yield
 
 
-IMPLS = ["kernel", "aten"]
+IMPLS = ["kernel", "saved", "aten"]
 
 
 def make_weights(d, N, H, dh, F_, dtype=torch.float64, gen=None):
@@ -368,6 +373,13 @@ def _opcheck_all(hs, mask, weights, H):
         out, pooled = torch.ops.nvembed._latent_pool_fwd(hs, mask, *weights, H, True, 1e-5)
     args = (torch.randn_like(out), pooled, hs.detach(), mask, *[w.detach() for w in weights], H, True, 1e-5)
     torch.library.opcheck(torch.ops.nvembed._latent_pool_bwd.default, args)
+    if hs.device.type == "cpu":  # the saved-activation pair is CPU-only
+        torch.library.opcheck(torch.ops.nvembed._latent_pool_fwd_save.default, (hs, mask, *weights, H, True, 1e-5))
+        with torch.no_grad():
+            out, pooled, *acts = torch.ops.nvembed._latent_pool_fwd_save(hs, mask, *weights, H, True, 1e-5)
+        args = (torch.randn_like(out), pooled, *acts, hs.detach(), mask, *[w.detach() for w in weights], H, True,
+                1e-5)
+        torch.library.opcheck(torch.ops.nvembed._latent_pool_bwd_saved.default, args)
 
 
 @pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
@@ -494,5 +506,126 @@ def test_bad_input(arg, make):
         OP(a["hs"], a["mask"], *a["w"], a["H"], True, a["eps"])
     a = make()  # the autograd path and the internal op check the same way
     hs = a["hs"].requires_grad_() if a["hs"].is_floating_point() else a["hs"]
-    with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"nvembed::latent_pool: .*{arg}"):
-        torch.ops.nvembed._latent_pool_fwd(hs, a["mask"], *a["w"], a["H"], True, a["eps"])
+    for op in (OP, torch.ops.nvembed._latent_pool_fwd, torch.ops.nvembed._latent_pool_fwd_save):
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"nvembed::latent_pool: .*{arg}"):
+            op(hs, a["mask"], *a["w"], a["H"], True, a["eps"])
+
+
+def _saved_bwd_args(dtype=torch.float32):
+    hs, mask, weights, H = _tiny_args(dtype, requires_grad=False)
+    out, pooled, *acts = torch.ops.nvembed._latent_pool_fwd_save(hs, mask, *weights, H, True, 1e-5)
+    return [torch.randn_like(out), pooled, *acts, hs, mask, *weights, H, True, 1e-5]
+
+
+@pytest.mark.parametrize("which,bad", [
+    ("geglu_mean", lambda t: t[:, :-1]),
+    ("resid", lambda t: t.reshape(3, 6, -1)),
+    ("ff_hidden", lambda t: t[:-1]),
+    ("resid", lambda t: t.double()),
+    ("ff_hidden", lambda t: t.to("meta")),
+])
+def test_bad_saved_activations(which, bad):
+    """_latent_pool_bwd_saved checks the activations it is handed (shape, dtype, device), naming the argument."""
+    args = _saved_bwd_args()
+    i = 2 + ("geglu_mean", "resid", "ff_hidden").index(which)
+    args[i] = bad(args[i])
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"nvembed::latent_pool: .*{which}"):
+        torch.ops.nvembed._latent_pool_bwd_saved(*args)
+
+
+# ---- the saved-activation path (CPU) -------------------------------------------------------------------------
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket).split(".")[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def _ops_run(hs, mask, weights, H, backward=True):
+    with _OpLog() as log:
+        out = OP(hs, mask, *weights, H, True, 1e-5)
+        if backward and out.requires_grad:
+            out.sum().backward()
+    return [op for op in log.ops if op.startswith("_latent_pool")]
+
+
+def test_saved_path_choice(monkeypatch):
+    """The op keeps activations only when gradients are needed, on the CPU kernel, within NVEMBED_LATENT_POOL_SAVE_MB
+    (here ~3.7 KB of activations: B3 L6, d8, F12, float64)."""
+    hs, mask, weights, H = _tiny_args()
+    monkeypatch.delenv("NVEMBED_LATENT_POOL_SAVE_MB", raising=False)
+    assert _ops_run(hs, mask, weights, H) == ["_latent_pool_fwd_save", "_latent_pool_bwd_saved"]
+    with torch.no_grad():
+        assert _ops_run(hs, mask, weights, H) == ["_latent_pool_fwd"]
+    assert _ops_run(*_tiny_args(requires_grad=False)) == ["_latent_pool_fwd"]
+    monkeypatch.setenv("NVEMBED_LATENT_POOL_SAVE_MB", "0")
+    assert _ops_run(hs, mask, weights, H) == ["_latent_pool_fwd", "_latent_pool_bwd"]
+    monkeypatch.setenv("NVEMBED_LATENT_POOL_SAVE_MB", "1")
+    assert _ops_run(hs, mask, weights, H) == ["_latent_pool_fwd_save", "_latent_pool_bwd_saved"]
+    # 1 MiB is too little for B1 L8192 d8 F12 in float64: (12 + 8192 * 32) * 8 bytes > 2 MiB
+    big = torch.randn(1, 8192, 8, dtype=torch.float64, requires_grad=True)
+    assert _ops_run(big, None, weights, H, backward=False) == ["_latent_pool_fwd"]
+    with impl_path("aten"):
+        assert _ops_run(hs, mask, weights, H) == ["_latent_pool_fwd", "_latent_pool_bwd"]
+    for bad in ("-1", "1.5", "lots"):
+        monkeypatch.setenv("NVEMBED_LATENT_POOL_SAVE_MB", bad)
+        with pytest.raises(ValueError, match=r"nvembed::latent_pool: NVEMBED_LATENT_POOL_SAVE_MB must be a "
+                                             r"non-negative integer \(MiB\), got '" + bad):
+            OP(hs, mask, *weights, H, True, 1e-5)
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "random", "zero_row"])
+@pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
+def test_saved_activations_are_the_layers(mask_kind, path):
+    """geglu_mean, resid and ff_hidden equal the reference layer's masked mean of GEGLU(u), y1 = attention + x and
+    u = LN_ff(y1) W_in^T + b_in (float64), their rows the active tokens in (b, l) order followed by zeros; the
+    saved path's outputs equal _latent_pool_fwd's bit for bit."""
+    B, L, d, N, H, dh, F_ = 3, 11, 16, 5, 2, 8, 24
+    gen = torch.Generator().manual_seed(5)
+    weights = make_weights(d, N, H, dh, F_, gen=gen)
+    hs = torch.randn(B, L, d, dtype=torch.float64, generator=gen)
+    mask = make_mask(mask_kind, B, L, gen)
+    with fold_path(path):
+        out, pooled, gbar, resid, u = torch.ops.nvembed._latent_pool_fwd_save(hs, mask, *weights, H, True, 1e-5)
+        out0, pooled0 = torch.ops.nvembed._latent_pool_fwd(hs, mask, *weights, H, True, 1e-5)
+    assert torch.equal(out, out0) and torch.equal(pooled, pooled0)
+    (latents, nw, nb, cw, cb, wq, wkv, wo, fw, fb, win, bin_, wff, bff) = weights
+    ln = lambda x, w, b: F.layer_norm(x, (d,), w, b, 1e-5)  # noqa: E731
+    q = (ln(hs, nw, nb) @ wq.T).view(B, L, H, dh).transpose(1, 2)
+    k, v = (ln(latents, cw, cb) @ wkv.T).chunk(2, dim=-1)
+    p = torch.softmax(q @ k.view(N, H, dh).permute(1, 2, 0) / dh ** 0.5, dim=-1)
+    y1 = (p @ v.view(N, H, dh).transpose(0, 1)).transpose(1, 2).reshape(B, L, H * dh) @ wo.T + hs
+    u_ref = ln(y1, fw, fb) @ win.T + bin_
+    g = u_ref[..., :F_] * F.gelu(u_ref[..., F_:])
+    m = torch.ones(B, L, dtype=torch.float64) if mask is None else mask.double()
+    gbar_ref = (g * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
+    active = m.reshape(-1) != 0
+    T = int(active.sum())
+    assert gbar.shape == (B, F_) and resid.shape == (B * L, d) and u.shape == (B * L, 2 * F_)
+    torch.testing.assert_close(gbar, gbar_ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(resid[:T], y1.reshape(B * L, d)[active], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(u[:T], u_ref.reshape(B * L, 2 * F_)[active], rtol=1e-10, atol=1e-12)
+    assert not resid[T:].any() and not u[T:].any()
+
+
+def test_saved_and_recomputed_backward_agree():
+    """Float32 at a size with several token blocks per call: the saved and the recomputing backward give the same
+    gradients up to float32 rounding (different GEMM shapes), and each path repeats its own bits."""
+    B, L, d, N, H, dh, F_ = 2, 700, 32, 9, 4, 8, 64
+    gen = torch.Generator().manual_seed(9)
+    weights = make_weights(d, N, H, dh, F_, dtype=torch.float32, gen=gen)
+    hs = torch.randn(B, L, d, generator=gen)
+    mask = make_mask("random", B, L, gen)
+    runs = {}
+    for impl in ("kernel", "saved", "saved"):
+        with impl_path(impl):
+            runs.setdefault(impl, []).append(run_with_grads(OP, hs, mask, weights, H, True))
+    (o_k, g_k), = runs["kernel"]
+    (o_s, g_s), (o_s2, g_s2) = runs["saved"]
+    assert torch.equal(o_s, o_s2) and all(torch.equal(a, b) for a, b in zip(g_s, g_s2))
+    assert torch.equal(o_s, o_k)
+    for name, a, b in zip(("hidden_states",) + WEIGHT_NAMES, g_s, g_k):
+        assert rel_err(a, b) <= 1e-5, (name, rel_err(a, b))

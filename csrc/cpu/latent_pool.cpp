@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
 #include <cstdlib>
 #include <cstring>
 
@@ -131,43 +132,130 @@ bool use_aten_path() {
   return aten;
 }
 
+// The op's arguments, gathered once by each entry point; weights in schema order (latents ... ff_out_bias).
+struct Inputs {
+  const Tensor& hs;
+  const std::optional<Tensor>& mask;
+  std::array<const Tensor*, 14> w;
+  int64_t num_heads;
+  bool normalize;
+  double eps;
+
+  LatentPoolShapes check() const {
+    return latent_pool_check_args(hs, mask, *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9],
+                                  *w[10], *w[11], *w[12], *w[13], num_heads, eps, /*cuda=*/false);
+  }
+  std::tuple<Tensor, Tensor> aten_fwd() const {
+    return latent_pool_fwd_aten(hs, mask, *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9],
+                                *w[10], *w[11], *w[12], *w[13], num_heads, normalize, eps);
+  }
+  std::vector<Tensor> aten_bwd(const Tensor& grad_out, const Tensor& pooled) const {
+    return latent_pool_bwd_aten(grad_out, pooled, hs, mask, *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7],
+                                *w[8], *w[9], *w[10], *w[11], *w[12], *w[13], num_heads, normalize, eps);
+  }
+};
+
 template <typename S>
-cpu::latent_pool::Params<S> make_params(Converted& cv, const LatentPoolShapes& s, at::ScalarType st, const Tensor& hs,
-                                        const std::optional<Tensor>& pool_mask, const Tensor& latents,
-                                        const Tensor& norm_w, const Tensor& norm_b, const Tensor& ctx_w,
-                                        const Tensor& ctx_b, const Tensor& wq, const Tensor& wkv, const Tensor& wo,
-                                        const Tensor& ff_norm_w, const Tensor& ff_norm_b, const Tensor& ff_in_w,
-                                        const Tensor& ff_in_b, const Tensor& ff_out_w, const Tensor& ff_out_b,
-                                        bool normalize, double eps) {
+cpu::latent_pool::Params<S> make_params(Converted& cv, const LatentPoolShapes& s, at::ScalarType st,
+                                        const Inputs& in) {
   cpu::latent_pool::Params<S> p;
   p.B = s.B, p.L = s.L, p.d = s.d, p.N = s.N, p.H = s.H, p.dh = s.dh, p.F = s.F;
-  p.eps = S(eps);
-  p.normalize = normalize;
-  p.x = cv.template ptr<S>(hs, st);
-  p.mask = pool_mask.has_value() ? cv.template ptr<S>(*pool_mask, st) : nullptr;
-  p.latents = cv.template ptr<S>(latents, st);
-  p.norm_w = cv.template ptr<S>(norm_w, st);
-  p.norm_b = cv.template ptr<S>(norm_b, st);
-  p.ctx_w = cv.template ptr<S>(ctx_w, st);
-  p.ctx_b = cv.template ptr<S>(ctx_b, st);
-  p.wq = cv.template ptr<S>(wq, st);
-  p.wkv = cv.template ptr<S>(wkv, st);
-  p.wo = cv.template ptr<S>(wo, st);
-  p.ff_norm_w = cv.template ptr<S>(ff_norm_w, st);
-  p.ff_norm_b = cv.template ptr<S>(ff_norm_b, st);
-  p.ff_in_w = cv.template ptr<S>(ff_in_w, st);
-  p.ff_in_b = cv.template ptr<S>(ff_in_b, st);
-  p.ff_out_w = cv.template ptr<S>(ff_out_w, st);
-  p.ff_out_b = cv.template ptr<S>(ff_out_b, st);
+  p.eps = S(in.eps);
+  p.normalize = in.normalize;
+  p.x = cv.template ptr<S>(in.hs, st);
+  p.mask = in.mask.has_value() ? cv.template ptr<S>(*in.mask, st) : nullptr;
+  const S** dst[] = {&p.latents, &p.norm_w,    &p.norm_b,    &p.ctx_w,   &p.ctx_b,   &p.wq,       &p.wkv,
+                     &p.wo,      &p.ff_norm_w, &p.ff_norm_b, &p.ff_in_w, &p.ff_in_b, &p.ff_out_w, &p.ff_out_b};
+  for (size_t i = 0; i < in.w.size(); ++i) *dst[i] = cv.template ptr<S>(*in.w[i], st);
   int64_t T = s.B * s.L;
-  if (pool_mask.has_value()) T = pool_mask->ne(0).sum().item<int64_t>();
+  if (in.mask.has_value()) T = in.mask->ne(0).sum().item<int64_t>();
   p.fold =
       latent_pool_fold_override(cpu::latent_pool::fold_is_cheaper(std::max<int64_t>(T, 1), s.d, s.N, s.H, s.dh));
   return p;
 }
 
+// The CPU kernel's forward; `saved` = {geglu_mean, resid, ff_hidden} to fill (latent_pool_fwd_save_cpu) or empty.
+std::tuple<Tensor, Tensor> run_forward(const LatentPoolShapes& s, const Inputs& in, const std::vector<Tensor>& saved) {
+  const at::ScalarType st = accum_dtype(in.hs.scalar_type());
+  auto opts = in.hs.options().dtype(st);
+  Tensor out = at::empty({s.B, s.d}, opts);
+  Tensor pooled = at::empty({s.B, s.d}, opts);
+  Converted cv;
+  AT_DISPATCH_FLOATING_TYPES(st, "nvembed::latent_pool", [&] {
+    auto p = make_params<scalar_t>(cv, s, st, in);
+    if (saved.empty()) {
+      cpu::latent_pool::forward<scalar_t>(p, out.data_ptr<scalar_t>(), pooled.data_ptr<scalar_t>());
+    } else {
+      const cpu::latent_pool::Saved<scalar_t> sv{saved[0].data_ptr<scalar_t>(), saved[1].data_ptr<scalar_t>(),
+                                                 saved[2].data_ptr<scalar_t>()};
+      cpu::latent_pool::forward<scalar_t>(p, out.data_ptr<scalar_t>(), pooled.data_ptr<scalar_t>(), &sv);
+    }
+  });
+  return {out.to(in.hs.scalar_type()), pooled};
+}
+
+// The CPU kernel's backward; `saved` as in run_forward (then the activations it holds are not recomputed).
+std::vector<Tensor> run_backward(const LatentPoolShapes& s, const Inputs& in, const Tensor& grad_out,
+                                 const Tensor& pooled, const std::vector<Tensor>& saved) {
+  const at::ScalarType st = accum_dtype(in.hs.scalar_type());
+  auto opts = in.hs.options().dtype(st);
+  std::vector<Tensor> grads{at::empty(in.hs.sizes(), opts)};
+  for (const Tensor* t : in.w) grads.push_back(at::empty(t->sizes(), opts));
+  Converted cv;
+  AT_DISPATCH_FLOATING_TYPES(st, "nvembed::latent_pool_backward", [&] {
+    auto p = make_params<scalar_t>(cv, s, st, in);
+    const scalar_t* go = cv.template ptr<scalar_t>(grad_out, st);
+    const scalar_t* pl = cv.template ptr<scalar_t>(pooled, st);
+    auto g = [&](int i) { return grads[i].data_ptr<scalar_t>(); };
+    cpu::latent_pool::Grads<scalar_t> gr{g(0), g(1), g(2),  g(3),  g(4),  g(5),  g(6), g(7),
+                                         g(8), g(9), g(10), g(11), g(12), g(13), g(14)};
+    if (saved.empty()) {
+      cpu::latent_pool::backward<scalar_t>(p, go, pl, gr);
+    } else {
+      // the backward only reads them (the kernel's work rows are not const)
+      auto rd = [&](int i) { return const_cast<scalar_t*>(cv.template ptr<scalar_t>(saved[i], st)); };
+      const cpu::latent_pool::Saved<scalar_t> sv{rd(0), rd(1), rd(2)};
+      cpu::latent_pool::backward<scalar_t>(p, go, pl, gr, &sv);
+    }
+  });
+  for (auto& t : grads) t = t.to(in.hs.scalar_type());
+  return grads;
+}
+
+// Shapes of the saved activations: geglu_mean [B, F], resid [B*L, d], ff_hidden [B*L, 2F].
+std::vector<std::vector<int64_t>> saved_shapes(const LatentPoolShapes& s) {
+  return {{s.B, s.F}, {s.B * s.L, s.d}, {s.B * s.L, 2 * s.F}};
+}
+constexpr const char* kSavedNames[] = {"geglu_mean", "resid", "ff_hidden"};
+
 }  // namespace
 
+bool latent_pool_saves_activations(const Tensor& hidden_states, const Tensor& ff_in_weight) {
+  if (!hidden_states.device().is_cpu() || use_aten_path() || hidden_states.dim() != 3 || ff_in_weight.dim() != 2) {
+    return false;
+  }
+  int64_t budget_mb = 1024;
+  if (const char* env = std::getenv("NVEMBED_LATENT_POOL_SAVE_MB"); env != nullptr && *env != '\0') {
+    char* end = nullptr;
+    const long long v = std::strtoll(env, &end, 10);
+    NVE_CHECK_VALUE(*end == '\0' && v >= 0, kOp,
+                    "NVEMBED_LATENT_POOL_SAVE_MB must be a non-negative integer (MiB), got '", env, "'");
+    budget_mb = v;
+  }
+  const int64_t B = hidden_states.size(0), L = hidden_states.size(1), d = hidden_states.size(2);
+  const int64_t F = ff_in_weight.size(0) / 2;
+  const double elem = hidden_states.scalar_type() == at::kDouble ? 8.0 : 4.0;
+  const double bytes = elem * (double(B) * F + double(B) * L * (d + 2.0 * F));
+  return bytes <= double(budget_mb) * 1024.0 * 1024.0;
+}
+
+#define NVE_LATENT_POOL_INPUTS                                                                                     \
+  Inputs in {                                                                                                      \
+    hidden_states, pool_mask,                                                                                      \
+        {&latents, &norm_weight, &norm_bias, &norm_context_weight, &norm_context_bias, &to_q_weight, &to_kv_weight, \
+         &to_out_weight, &ff_norm_weight, &ff_norm_bias, &ff_in_weight, &ff_in_bias, &ff_out_weight, &ff_out_bias}, \
+        num_heads, normalize, eps                                                                                  \
+  }
 std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
     const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
     const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
@@ -175,71 +263,67 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
-  const LatentPoolShapes s = latent_pool_check_args(
-      hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight,
-      to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
-      num_heads, eps, /*cuda=*/false);
-  if (use_aten_path()) {
-    return latent_pool_fwd_aten(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
-                                norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
-                                ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads,
-                                normalize, eps);
-  }
-  const at::ScalarType st = accum_dtype(hidden_states.scalar_type());
-  auto opts = hidden_states.options().dtype(st);
-  Tensor out = at::empty({s.B, s.d}, opts);
-  Tensor pooled = at::empty({s.B, s.d}, opts);
-  Converted cv;
-  AT_DISPATCH_FLOATING_TYPES(st, "nvembed::latent_pool", [&] {
-    auto p = make_params<scalar_t>(cv, s, st, hidden_states, pool_mask, latents, norm_weight, norm_bias,
-                                   norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
-                                   ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight,
-                                   ff_out_bias, normalize, eps);
-    cpu::latent_pool::forward<scalar_t>(p, out.data_ptr<scalar_t>(), pooled.data_ptr<scalar_t>());
-  });
-  return {out.to(hidden_states.scalar_type()), pooled};
+  const NVE_LATENT_POOL_INPUTS;
+  const LatentPoolShapes s = in.check();
+  return use_aten_path() ? in.aten_fwd() : run_forward(s, in, {});
 }
 
-std::vector<Tensor> latent_pool_bwd_cpu(
-    const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
-    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cpu(
+    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
-  const LatentPoolShapes s = latent_pool_check_args(
-      hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight,
-      to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
-      num_heads, eps, /*cuda=*/false);
-  latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
-  if (use_aten_path()) {
-    return latent_pool_bwd_aten(grad_out, pooled, hidden_states, pool_mask, latents, norm_weight, norm_bias,
-                                norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
-                                ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
-                                num_heads, normalize, eps);
+  const NVE_LATENT_POOL_INPUTS;
+  const LatentPoolShapes s = in.check();
+  std::vector<Tensor> saved;
+  for (const auto& shape : saved_shapes(s)) {
+    saved.push_back(at::empty(shape, hidden_states.options().dtype(accum_dtype(hidden_states.scalar_type()))));
   }
-  const at::ScalarType st = accum_dtype(hidden_states.scalar_type());
-  auto opts = hidden_states.options().dtype(st);
-  const Tensor* ins[] = {&hidden_states,  &latents,        &norm_weight,    &norm_bias,    &norm_context_weight,
-                         &norm_context_bias, &to_q_weight, &to_kv_weight,   &to_out_weight, &ff_norm_weight,
-                         &ff_norm_bias,   &ff_in_weight,   &ff_in_bias,     &ff_out_weight, &ff_out_bias};
-  std::vector<Tensor> grads;
-  for (const Tensor* t : ins) grads.push_back(at::empty(t->sizes(), opts));
-  Converted cv;
-  AT_DISPATCH_FLOATING_TYPES(st, "nvembed::latent_pool_backward", [&] {
-    auto p = make_params<scalar_t>(cv, s, st, hidden_states, pool_mask, latents, norm_weight, norm_bias,
-                                   norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
-                                   ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight,
-                                   ff_out_bias, normalize, eps);
-    const scalar_t* go = cv.template ptr<scalar_t>(grad_out, st);
-    const scalar_t* pl = cv.template ptr<scalar_t>(pooled, st);
-    auto g = [&](int i) { return grads[i].data_ptr<scalar_t>(); };
-    cpu::latent_pool::Grads<scalar_t> gr{g(0), g(1), g(2),  g(3),  g(4),  g(5),  g(6), g(7),
-                                         g(8), g(9), g(10), g(11), g(12), g(13), g(14)};
-    cpu::latent_pool::backward<scalar_t>(p, go, pl, gr);
-  });
-  for (auto& t : grads) t = t.to(hidden_states.scalar_type());
-  return grads;
+  auto [out, pooled] = run_forward(s, in, saved);
+  return {out, pooled, saved[0], saved[1], saved[2]};
 }
+
+std::vector<Tensor> latent_pool_bwd_cpu(
+    const Tensor& grad_out, const Tensor& pooled,
+    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps) {
+  const NVE_LATENT_POOL_INPUTS;
+  const LatentPoolShapes s = in.check();
+  latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
+  return use_aten_path() ? in.aten_bwd(grad_out, pooled) : run_backward(s, in, grad_out, pooled, {});
+}
+
+std::vector<Tensor> latent_pool_bwd_saved_cpu(
+    const Tensor& grad_out, const Tensor& pooled, const Tensor& geglu_mean, const Tensor& resid,
+    const Tensor& ff_hidden,
+    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps) {
+  const NVE_LATENT_POOL_INPUTS;
+  const LatentPoolShapes s = in.check();
+  latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
+  const at::ScalarType st = accum_dtype(hidden_states.scalar_type());
+  const std::vector<Tensor> saved{geglu_mean, resid, ff_hidden};
+  const auto shapes = saved_shapes(s);
+  for (size_t i = 0; i < saved.size(); ++i) {
+    check_same_device(saved[i], hidden_states, kOp, kSavedNames[i], "hidden_states");
+    NVE_CHECK_TYPE(saved[i].scalar_type() == st, kOp, kSavedNames[i], " has dtype ", saved[i].scalar_type(),
+                   "; expected ", st, " (what _latent_pool_fwd_save returns)");
+    NVE_CHECK_VALUE(saved[i].sizes() == at::IntArrayRef(shapes[i]), kOp, kSavedNames[i], " must have shape ",
+                    at::IntArrayRef(shapes[i]), ", got ", saved[i].sizes());
+  }
+  return run_backward(s, in, grad_out, pooled, saved);
+}
+
+#undef NVE_LATENT_POOL_INPUTS
 
 }  // namespace nvembed

@@ -15,6 +15,8 @@
 // Backward recomputes the per-token activations block by block (nothing of size [T, H*N] is stored; the forward
 // saves only pooled [B, d]), accumulates the weight gradients over the blocks with beta = 1 GEMMs, then chains the
 // latent side (dKx -> dWq, dK; dCx -> dWo, dV; dK, dV -> dWkv, dctx -> LN_ctx backward -> dlatents).
+// Optionally (Saved, below) the forward also keeps y1 [T, d] and u [T, 2F] (a quarter to a third of the eager
+// layer's activations), and the backward recomputes only LN(x), the attention probabilities (and q, o), LN_ff(y1).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -332,10 +334,16 @@ void colsum_add(const S* src, int64_t rows, int64_t n, S* dst) {
   });
 }
 
-// Forward of tokens [t0, t0 + R) up to g = GEGLU(...); fills w.x, xn, (q, o), P, y1, z, u, g and the LN stats.
+// What block_forward computes: kAll = everything up to g = GEGLU(...); kForBackward = what the backward needs when
+// y1 and u were saved by the forward (w.y1 and w.u point at the saved rows): x, xn, (q, o), P, then z = LN_ff(y1)
+// and its statistics; neither the attention output (P Cx / o Wo^T), nor the ff_in GEMM, nor the GEGLU.
+enum class Stage { kAll, kForBackward };
+
+// Forward of tokens [t0, t0 + R); kAll fills w.x, xn, (q, o), P, y1, z, u, g and the LN stats.
 template <typename S>
 void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& tok, int64_t t0, int64_t R,
-                   Work<S>& w) {
+                   Work<S>& w, Stage stage = Stage::kAll) {
+  const bool all = stage == Stage::kAll;
   const int64_t d = p.d, N = p.N, H = p.H, dh = p.dh, I = p.I(), HN = H * N, F = p.F;
   const S scale = S(1) / std::sqrt(S(dh));
   par(R, d, [&](int64_t r0, int64_t r1) {
@@ -349,7 +357,7 @@ void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& 
   if (p.fold) {
     gemm(false, true, R, HN, d, scale, w.xn, d, s.Kx.data(), d, S(0), w.P, HN);
     softmax();
-    gemm(false, false, R, d, HN, S(1), w.P, HN, s.Cx.data(), d, S(0), w.attn, d);
+    if (all) gemm(false, false, R, d, HN, S(1), w.P, HN, s.Cx.data(), d, S(0), w.attn, d);
   } else {
     gemm(false, true, R, I, d, S(1), w.xn, d, p.wq, d, S(0), w.q, I);
     // head by head: scores, softmax and P V while P_h [R, N] is still in cache
@@ -358,12 +366,15 @@ void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& 
       par(R, 4 * N, [&](int64_t r0, int64_t r1) { softmax_rows(w.P + r0 * HN + h * N, r1 - r0, N, HN); });
       gemm(false, false, R, dh, N, S(1), w.P + h * N, HN, s.V.data() + h * dh, I, S(0), w.o + h * dh, I);
     });
-    gemm(false, true, R, d, I, S(1), w.o, I, p.wo, I, S(0), w.attn, d);
+    if (all) gemm(false, true, R, d, I, S(1), w.o, I, p.wo, I, S(0), w.attn, d);
   }
-  par(R, d, [&](int64_t r0, int64_t r1) {
-    for (int64_t i = r0 * d; i < r1 * d; ++i) w.y1[i] = w.attn[i] + w.x[i];
-  });
+  if (all) {
+    par(R, d, [&](int64_t r0, int64_t r1) {
+      for (int64_t i = r0 * d; i < r1 * d; ++i) w.y1[i] = w.attn[i] + w.x[i];
+    });
+  }
   ln_fwd_par(w.y1, R, d, p.ff_norm_w, p.ff_norm_b, p.eps, w.z, w.mean2, w.rstd2);
+  if (!all) return;
   gemm(false, true, R, 2 * F, d, S(1), w.z, d, p.ff_in_w, d, S(0), w.u, 2 * F);
   par(R, 20 * F, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
@@ -385,11 +396,22 @@ int64_t block_rows(const Params<S>& p, bool bwd, int64_t T) {
 
 }  // namespace detail
 
-// out [B, d] (normalized if p.normalize), pooled [B, d] (before normalization: the backward's statistic).
+// Activations the forward can keep for the backward (all three or none), in the compute type: the backward then
+// skips the attention output projection, the ff_in GEMM and the GEGLU of its recomputation (about 2/3 of the
+// recomputed multiply-adds at MiniLM size). Rows are the active tokens in (b, l) order; rows T .. B*L - 1 are zero.
 template <typename S>
-void forward(const Params<S>& p, S* out, S* pooled) {
+struct Saved {
+  S* gbar;  // [B, F]: the masked mean of g = GEGLU(...), what d ff_out_weight needs
+  S* y1;    // [B*L, d]: attention output + residual, the input of LN_ff
+  S* u;     // [B*L, 2F]: z ff_in_w^T + ff_in_b, the input of the GEGLU
+};
+
+// out [B, d] (normalized if p.normalize), pooled [B, d] (before normalization: the backward's statistic); with
+// `save`, the activations above are written too.
+template <typename S>
+void forward(const Params<S>& p, S* out, S* pooled, const Saved<S>* save = nullptr) {
   using namespace detail;
-  const int64_t B = p.B, d = p.d, F = p.F;
+  const int64_t B = p.B, L = p.L, d = p.d, F = p.F;
   const Tokens<S> tok = gather_tokens(p);
   const int64_t T = tok.size();
   const LatentSide<S> side = latent_side(p);
@@ -398,9 +420,15 @@ void forward(const Params<S>& p, S* out, S* pooled) {
   Work<S> w(p, false, std::min(Rb, std::max<int64_t>(T, 1)));
   for (int64_t tb = 0; tb < T; tb += Rb) {
     const int64_t R = std::min(Rb, T - tb);
+    if (save) w.y1 = save->y1 + tb * d, w.u = save->u + tb * 2 * F;  // the GEMMs write the saved rows directly
     block_forward(p, side, tok, tb, R, w);
     pool_rows(w.g, R, F, tok.batch.data() + tb, tok.w.data() + tb, gbar.data());
     pool_rows(w.y1, R, d, tok.batch.data() + tb, tok.w.data() + tb, ybar.data());
+  }
+  if (save) {
+    std::copy(gbar.begin(), gbar.end(), save->gbar);
+    std::fill(save->y1 + T * d, save->y1 + B * L * d, S(0));
+    std::fill(save->u + T * 2 * F, save->u + B * L * 2 * F, S(0));
   }
   gemm(false, true, B, d, F, S(1), gbar.data(), F, p.ff_out_w, F, S(0), pooled, d);
   for (int64_t b = 0; b < B; ++b)
@@ -416,8 +444,10 @@ void forward(const Params<S>& p, S* out, S* pooled) {
   }
 }
 
+// `saved`: what forward(..., save) wrote for the same inputs, or nullptr (recompute everything).
 template <typename S>
-void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grads<S>& gr) {
+void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grads<S>& gr,
+              const Saved<S>* saved = nullptr) {
   using namespace detail;
   const int64_t B = p.B, L = p.L, d = p.d, N = p.N, H = p.H, dh = p.dh, I = p.I(), HN = H * N, F = p.F;
   const S scale = S(1) / std::sqrt(S(dh));
@@ -465,8 +495,13 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
   Work<S> w(p, true, std::min(Rb, std::max<int64_t>(T, 1)));
   for (int64_t tb = 0; tb < T; tb += Rb) {
     const int64_t R = std::min(Rb, T - tb);
-    block_forward(p, side, tok, tb, R, w);
-    pool_rows(w.g, R, F, tok.batch.data() + tb, tok.w.data() + tb, gbar.data());
+    if (saved) {
+      w.y1 = saved->y1 + tb * d, w.u = saved->u + tb * 2 * F;
+      block_forward(p, side, tok, tb, R, w, Stage::kForBackward);
+    } else {
+      block_forward(p, side, tok, tb, R, w);
+      pool_rows(w.g, R, F, tok.batch.data() + tb, tok.w.data() + tb, gbar.data());
+    }
     // GEGLU backward; dy1 starts as the residual path's w_t * de_b.
     par(R, 30 * F, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
@@ -522,7 +557,7 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
   std::copy(dnw.begin(), dnw.end(), gr.norm_w);
   std::copy(dnb.begin(), dnb.end(), gr.norm_b);
   // Wff and its bias see only the pooled rows.
-  gemm(true, false, d, F, B, S(1), de.data(), d, gbar.data(), F, S(0), gr.ff_out_w, F);
+  gemm(true, false, d, F, B, S(1), de.data(), d, saved ? saved->gbar : gbar.data(), F, S(0), gr.ff_out_w, F);
   for (int64_t j = 0; j < d; ++j) {
     S s = 0;
     for (int64_t b = 0; b < B; ++b) s += tok.bias_coef[b] * de[b * d + j];
