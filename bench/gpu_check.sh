@@ -101,8 +101,9 @@ SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sani
 PYTEST="python3 -m pytest -q -p no:cacheprovider -rfE -n 8 --timeout 120 -o timeout_method=thread"
 
 # The order puts first what decides the paths still unverified on a GPU (the k...Verified = false flags in csrc:
-# InfoNCE's GEMM forward / backward and fused gradients, latent_pool's fused stages): their tests, sanitizer cases
-# and benchmarks. The flash attention kernels, verified on an H200 on 2026-11-26 and unchanged since, come after.
+# InfoNCE's GEMM forward / backward and fused gradients, latent_pool's fused stages and saved activations): their
+# tests, sanitizer cases and benchmarks. The flash attention kernels, verified on an H200 on 2026-11-26 and unchanged
+# since, come after.
 # 1. Every kernel family on a few awkward shapes against the float64 references: seconds, and says which kernel
 #    hangs if one does.
 step smoke 90 python3 bench/gpu_smoke.py
@@ -116,8 +117,8 @@ step cuda_tests 180 $PYTEST --junitxml "$LOGS/cuda_tests.xml" tests/ -m cuda --i
 
 # 3. compute-sanitizer on small cases (uncached allocations so memcheck sees accesses past a tensor's end):
 #    InfoNCE's tile kernels (sm80 and Hopper forward, plain path), the blocked-GEMM backward, the GEMM forward and
-#    the fused forward's row blocks, and latent_pool's fused stages (bench/sanitize_cases.py: one table of cases,
-#    each under its own environment; CI runs the same table on CPU tensors); flash fwd + bwd of every
+#    the fused forward's row blocks, latent_pool's fused stages and saved activations (bench/sanitize_cases.py: one
+#    table of cases, each under its own environment; CI runs the same table on CPU tensors); flash fwd + bwd of every
 #    instantiation, sm80 and Hopper (bench/sanitize_flash.py), later.
 sanitize() {  # sanitize TOOL WHAT: WHAT = cases | flash under compute-sanitizer TOOL
   [ -n "$SANITIZER" ] || { echo "compute-sanitizer not found: $1 $2 skipped" | tee -a "$STEPS"; return 0; }

@@ -24,6 +24,10 @@ to the hidden states and all 14 weights):
            softmax, GEGLU + masked mean) on ATen ops (NVEMBED_LATENT_POOL_KERNELS=aten).
   nvembed-fused  the same with those stages on the fused kernels of csrc/cuda/latent_pool.cu
            (NVEMBED_LATENT_POOL_KERNELS=fused; on CPU tensors both run ATen ops).
+  nvembed-saved  nvembed whose forward keeps y1 and u = LN_ff(y1) W_in^T for the backward
+           (NVEMBED_LATENT_POOL_SAVE_MB=8192; ~1.3 GB at v2 size in bf16), so the backward skips the attention
+           output and the ff_in GEMM of its recomputation. nvembed and nvembed-fused run with
+           NVEMBED_LATENT_POOL_SAVE_MB=0 (recompute everything), whatever the op's default is then.
 Masks: "all" (every token pooled) and "padded" (right-padded rows of uniform random length in [L/4, L], the first
 row full, and the first 16 positions - an instruction - left out of pooling, as encode() builds them). The eager
 layer computes every token either way; ours skips the tokens with pool weight 0.
@@ -112,9 +116,11 @@ COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "mask",
 CHECK_COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "check", "provider", "dtype", "reference_dtype", "batch",
                  "seqlen", "d", "latents", "heads", "dim_head", "out_err", "grad_err", "grad_err_worst", "tol_out",
                  "tol_grad", "status"]
-PROVIDERS = ("eager", "compile", "nvembed", "nvembed-fused")
+PROVIDERS = ("eager", "compile", "nvembed", "nvembed-fused", "nvembed-saved")
 # our providers and the environment each runs under (the op reads it on every call, backward included)
-OURS = {"nvembed": {"NVEMBED_LATENT_POOL_KERNELS": "aten"}, "nvembed-fused": {"NVEMBED_LATENT_POOL_KERNELS": "fused"}}
+OURS = {"nvembed": {"NVEMBED_LATENT_POOL_KERNELS": "aten", "NVEMBED_LATENT_POOL_SAVE_MB": "0"},
+        "nvembed-fused": {"NVEMBED_LATENT_POOL_KERNELS": "fused", "NVEMBED_LATENT_POOL_SAVE_MB": "0"},
+        "nvembed-saved": {"NVEMBED_LATENT_POOL_KERNELS": "aten", "NVEMBED_LATENT_POOL_SAVE_MB": "8192"}}
 MODES = ("fwd", "fwd+bwd")
 MASKS = ("all", "padded")
 PREFIX = "latent_attention_model."

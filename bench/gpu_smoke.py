@@ -200,14 +200,17 @@ def main():
                     run_case(f"infonce {tag} {str(dtype)[6:]} B=77 G=3 d={d} +5 {what}", dtype,
                              infonce(dtype, 77, 3, d, 5, True))
             run_case(f"infonce {tag} bfloat16 B=2048 G=8 d=1024 inb", bf16, infonce(bf16, 2048, 8, 1024, 0, True))
-    for kernels in ("aten", "fused"):  # elementwise stages: ATen ops / csrc/cuda/latent_pool.cu
-        os.environ["NVEMBED_LATENT_POOL_KERNELS"] = kernels
+    # elementwise stages: ATen ops / csrc/cuda/latent_pool.cu; "saved": ATen ops, the forward keeping y1 and u
+    for kernels in ("aten", "fused", "saved"):
+        os.environ["NVEMBED_LATENT_POOL_KERNELS"] = "aten" if kernels == "saved" else kernels
+        os.environ["NVEMBED_LATENT_POOL_SAVE_MB"] = "4096" if kernels == "saved" else "0"
         for dtype in (torch.bfloat16, torch.float32):
             run_case(f"latent_pool {kernels} {str(dtype)[6:]} B=3 L=37 d=64 N=16 H=2", dtype,
                      latent_pool(dtype, 3, 37, 64, 16, 2, 96))
         run_case(f"latent_pool {kernels} float16 B=2 L=300 d=64 N=16 H=2 F=37", torch.float16,
                  latent_pool(torch.float16, 2, 300, 64, 16, 2, 37))
     os.environ.pop("NVEMBED_LATENT_POOL_KERNELS")
+    os.environ.pop("NVEMBED_LATENT_POOL_SAVE_MB")
     print(f"--- {len(failures)} failed" + (": " + "; ".join(failures) if failures else ""), flush=True)
     return 1 if failures else 0
 

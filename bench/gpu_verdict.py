@@ -2,7 +2,7 @@
 bench/gpu_verdict.py LOGS` (the run's log folder, i.e. $OUT/logs.tgz unpacked) prints a markdown report.
 
 For each unverified path (the flags in csrc: kInfonceGemmBwdVerified, kInfonceGemmFwdVerified,
-kInfonceFusedGradVerified, kLatentPoolFusedVerified) it gathers, from the files the run wrote:
+kInfonceFusedGradVerified, kLatentPoolFusedVerified, kLatentPoolSavedVerified) it gathers, from the files the run wrote:
 - smoke (smoke.log): its cases, ok / FAIL;
 - tests (cuda_tests.xml, pytest's JUnit report): the test cases of that path (by parameter id or test name), passed
   / failed / errors / skipped;
@@ -27,6 +27,7 @@ PATHS = [
     ("infonce-gemm-fwd", "kInfonceGemmFwdVerified", "infonce gemm-fwd ", ("gpu_infonce.csv", "nvembed-gemm-fwd")),
     ("infonce-fused", "kInfonceFusedGradVerified", "infonce fused ", ("gpu_infonce.csv", "nvembed-fused")),
     ("latent_pool-fused", "kLatentPoolFusedVerified", "latent_pool fused ", ("gpu_latent_pool.csv", "nvembed-fused")),
+    ("latent_pool-saved", "kLatentPoolSavedVerified", "latent_pool saved ", ("gpu_latent_pool.csv", "nvembed-saved")),
 ]
 
 
@@ -46,6 +47,8 @@ def test_path(classname: str, name: str):
                 return "infonce-gemm-fwd" if i + 1 < len(tokens) and tokens[i + 1] == "fwd" else "infonce-gemm-bwd"
             if tok == "fused":
                 return "infonce-fused"
+    if "test_latent_pool_cuda" in classname and "saved" in tokens:
+        return "latent_pool-saved"
     if "test_latent_pool_cuda" in classname and "fused" in tokens:
         return "latent_pool-fused"
     return None

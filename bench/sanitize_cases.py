@@ -66,6 +66,8 @@ INFONCE_CASES = (
 LATENT_POOL_CASES = [
     ({"NVEMBED_LATENT_POOL_KERNELS": "fused"}, BF16, 3, 150, 64, 8, 2, 32, 1028),  # F % 4 == 0, a ragged last CTA
     ({"NVEMBED_LATENT_POOL_KERNELS": "fused"}, FP32, 2, 70, 32, 5, 2, 16, 37),     # odd F: one column per thread
+    # saved activations (ATen stages): the forward writes y1 / u rows and zeroes the rest, the backward reads them
+    ({"NVEMBED_LATENT_POOL_KERNELS": "aten", "NVEMBED_LATENT_POOL_SAVE_MB": "4096"}, BF16, 3, 150, 64, 8, 2, 32, 96),
 ]
 
 
@@ -100,6 +102,8 @@ def latent_pool_case(device, dtype, B, L, d, N, H, dh, F):
 
 def case_label(env):
     """The path a case's environment selects, as bench/gpu_verdict.py names it."""
+    if env.get("NVEMBED_LATENT_POOL_SAVE_MB", "0") != "0":
+        return "latent_pool-saved"
     if env.get("NVEMBED_LATENT_POOL_KERNELS") == "fused":
         return "latent_pool-fused"
     if env.get("NVEMBED_INFONCE_GRAD") == "fused":

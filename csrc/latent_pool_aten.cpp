@@ -6,7 +6,9 @@
 //     says so (the release's dim_head = d: ~9x fewer attention FLOPs per token): scores = xn Kx^T, attn = P Cx;
 //   * the last feed-forward matrix applied after the masked mean ([B, F] GEMM instead of [T, F]);
 //   * tokens with pool weight 0 skipped (their gradient is exactly 0);
-//   * the backward recomputes the token activations chunk by chunk (the forward saves only pooled [B, d]).
+//   * the backward recomputes the token activations chunk by chunk (the forward saves only pooled [B, d]), or,
+//     given the activations _latent_pool_fwd_save kept (y1 [T, d] acc and u = z W_in^T [T, 2F]), only LN(x), the
+//     attention probabilities (and q, o) and LN_ff(y1): no attention output, no ff_in GEMM.
 // Memory: a chunk's length comes from an element budget (Layer::chunk), the GEGLU backward runs in place in the
 // [t, 2F] buffer of its input, weight-gradient accumulations go through row blocks (add_mm), and gradients that are
 // only returned come out of their GEMM in the input dtype. fwd + bwd at NV-Embed-v2 size (bf16) then peaks at the
@@ -220,8 +222,10 @@ struct Acts {
   Tensor y1, z, z_mean, z_rstd;    // y1 acc, z io
 };
 
+// y1: the chunk's rows of y1 that the forward saved (acc), or undefined; with them the attention output and the
+// residual are not recomputed, and z = LN_ff(y1) comes from ATen's LayerNorm.
 Acts token_forward(const Layer& s, const LatentPoolKernels& k, const Tensor& x_flat, const Tensor& idx,
-                   bool backward) {
+                   bool backward, const Tensor& y1 = Tensor()) {
   Acts a;
   const int64_t t = idx.size(0);
   LatentPoolRows l1 = k.gather_layer_norm(x_flat, idx, s.norm_w, s.norm_b, s.eps);
@@ -240,13 +244,14 @@ Acts token_forward(const Layer& s, const LatentPoolKernels& k, const Tensor& x_f
   const std::vector<int64_t> shape = s.fold ? std::vector<int64_t>{t, s.H, s.N} : std::vector<int64_t>{s.H, t, s.N};
   a.p_io = s.fold ? p_io.view(shape) : p_io.view(shape).transpose(0, 1);
   if (p.defined()) a.p = s.fold ? p.view(shape) : p.view(shape).transpose(0, 1);
-  Tensor attn;  // io
-  if (s.fold) {
-    attn = at::matmul(a.p_io.reshape({t, s.H * s.N}), s.cx_io);
-  } else {
-    a.o = at::matmul(a.p_io.transpose(0, 1), s.vh_io).to(s.acc).transpose(0, 1).reshape({t, s.I});
-    attn = at::matmul(a.o.to(s.io), s.wo.t());
+  if (!s.fold) a.o = at::matmul(a.p_io.transpose(0, 1), s.vh_io).to(s.acc).transpose(0, 1).reshape({t, s.I});
+  if (y1.defined()) {
+    auto [z, mean, rstd] = at::native_layer_norm(y1, {s.d}, s.ff_norm_w, s.ff_norm_b, s.eps);
+    a.y1 = y1, a.z = z.to(s.io), a.z_mean = std::move(mean), a.z_rstd = std::move(rstd);
+    return a;
   }
+  const Tensor attn = s.fold ? at::matmul(a.p_io.reshape({t, s.H * s.N}), s.cx_io)  // io
+                             : at::matmul(a.o.to(s.io), s.wo.t());
   LatentPoolRows l2 = k.residual_layer_norm(attn, a.x, s.ff_norm_w, s.ff_norm_b, s.eps);
   a.y1 = std::move(l2.input), a.z = std::move(l2.normed), a.z_mean = std::move(l2.mean);
   a.z_rstd = std::move(l2.rstd);
@@ -348,12 +353,13 @@ Tensor pool_matrix(const Layer& s, const Tensor& batch, const Tensor& w) {
   return one_hot_rows(s.B, batch, s.acc).mul_(w.unsqueeze(0));
 }
 
+// fn(t0, idx, batch, w, units) per chunk of active tokens [t0, t0 + t)
 template <class Fn>
 void for_chunks(const Layer& s, Fn fn) {
   const int64_t T = s.idx.size(0);
   for (int64_t t0 = 0, k = 0; t0 < T; t0 += s.chunk, ++k) {
     const int64_t t = std::min(s.chunk, T - t0);
-    fn(s.idx.narrow(0, t0, t), s.batch.narrow(0, t0, t), s.w.narrow(0, t0, t),
+    fn(t0, s.idx.narrow(0, t0, t), s.batch.narrow(0, t0, t), s.w.narrow(0, t0, t),
        s.units.narrow(0, s.unit_off[k], s.unit_off[k + 1] - s.unit_off[k]));
   }
 }
@@ -366,7 +372,7 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps, const LatentPoolKernels* kernels) {
+    bool normalize, double eps, const LatentPoolKernels* kernels, const std::vector<Tensor>* saved) {
   const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   const Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
                         norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias,
@@ -374,19 +380,28 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
   const Tensor x_flat = hidden_states.reshape({s.B * s.L, s.d}).contiguous();  // the row kernels' gather
   Tensor gbar = at::zeros({s.B, s.F}, x_flat.options().dtype(s.acc));
   Tensor ybar = at::zeros({s.B, s.d}, x_flat.options().dtype(s.acc));
-  for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w, const Tensor& units) {
+  for_chunks(s, [&](int64_t t0, const Tensor& idx, const Tensor& batch, const Tensor& w, const Tensor& units) {
+    const int64_t t = idx.size(0);
     Tensor z;
     {
       const Acts a = token_forward(s, k, x_flat, idx, /*backward=*/false);
       ybar.add_(at::matmul(pool_matrix(s, batch, w), a.y1));
+      if (saved) (*saved)[1].narrow(0, t0, t).copy_(a.y1);
       z = a.z;
     }
     Tensor u = ff_in(s, z);
     z.reset();
+    if (saved) (*saved)[2].narrow(0, t0, t).copy_(u);  // before the GEGLU stage, which may work in place
     Tensor part_g = at::empty({units.size(0), s.F}, x_flat.options().dtype(s.acc));
     k.geglu_pool_fwd(u, s.ff_in_b, w, units, part_g);
     gbar.add_(at::mm(unit_rows(s, units), part_g));
   });
+  if (saved) {
+    const int64_t T = s.idx.size(0);
+    (*saved)[0].copy_(gbar);
+    (*saved)[1].narrow(0, T, s.B * s.L - T).zero_();
+    (*saved)[2].narrow(0, T, s.B * s.L - T).zero_();
+  }
   Tensor pooled = mm(gbar, s.ff_out_w.t(), s.io, s.acc) + s.c.unsqueeze(1) * s.ff_out_b + ybar;
   // out never aliases pooled (two outputs of one op must not share storage, also for fp32 / fp64 where .to is a
   // no-op)
@@ -400,7 +415,7 @@ std::vector<Tensor> latent_pool_bwd_aten(
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps, const LatentPoolKernels* kernels) {
+    bool normalize, double eps, const LatentPoolKernels* kernels, const std::vector<Tensor>* saved) {
   const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias,
                   to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias,
@@ -437,11 +452,13 @@ std::vector<Tensor> latent_pool_bwd_aten(
     d_kh = at::zeros({s.H, s.N, s.dh}, opts), d_vh = at::zeros({s.H, s.N, s.dh}, opts);
   }
 
-  for_chunks(s, [&](const Tensor& idx, const Tensor& batch, const Tensor& w, const Tensor& units) {
+  for_chunks(s, [&](int64_t t0, const Tensor& idx, const Tensor& batch, const Tensor& w, const Tensor& units) {
     const int64_t t = idx.size(0);
-    Acts a = token_forward(s, k, x_flat, idx, /*backward=*/true);
+    Acts a = token_forward(s, k, x_flat, idx, /*backward=*/true,
+                           saved ? (*saved)[1].narrow(0, t0, t) : Tensor());
     Tensor dy1 = at::matmul(pool_matrix(s, batch, w).t(), gp);  // [t, d]
-    Tensor du = ff_in(s, a.z);                                  // [t, 2F] io: u, then du in its place
+    // [t, 2F] io: u, then du in its place (a copy of the saved rows: autograd may hand them to a second backward)
+    Tensor du = saved ? (*saved)[2].narrow(0, t0, t).to(s.io, /*non_blocking=*/false, /*copy=*/true) : ff_in(s, a.z);
     {
       Tensor part_g = at::empty({units.size(0), s.F}, opts), part_b = at::empty({units.size(0), 2 * s.F}, opts);
       k.geglu_pool_bwd(du, s.ff_in_b, w, units, dgbar, part_g, part_b);

@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <array>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -71,6 +72,16 @@ void latent_pool_check_rows(const Tensor& src, const Tensor& idx, const Tensor& 
                             const Tensor& b);
 void latent_pool_check_softmax(const Tensor& scores);
 
+// The activations _latent_pool_fwd_save returns: geglu_mean [B, F] and resid [B*L, d] in the compute dtype (float32;
+// float64 for float64 inputs), ff_hidden [B*L, 2F] in the dtype of the GEMM that makes it (the input dtype on CUDA,
+// the compute dtype on CPU, also on the ATen path there). _saved_empty allocates them; _check_saved checks what
+// _latent_pool_bwd_saved is handed (errors name the op and the argument).
+std::vector<Tensor> latent_pool_saved_empty(const Tensor& hs, const LatentPoolShapes& s);
+void latent_pool_check_saved(const std::vector<Tensor>& saved, const Tensor& hs, const LatentPoolShapes& s);
+// Whether the CUDA path with saved activations (ATen implementation, latent_pool_aten.cpp) has run on a GPU; until
+// then the op keeps nothing there unless NVEMBED_LATENT_POOL_SAVE_MB asks for it.
+constexpr bool kLatentPoolSavedVerified = false;
+
 // Whether the fused CUDA kernels (cuda/latent_pool.cu) have run on a GPU (bench/gpu_check.sh: CUDA tests, memcheck,
 // benchmark); until then auto keeps ATen's elementwise ops and NVEMBED_LATENT_POOL_KERNELS=fused opts in.
 constexpr bool kLatentPoolFusedVerified = false;
@@ -79,20 +90,48 @@ constexpr bool kLatentPoolFusedVerified = false;
 const char* latent_pool_kernel_choice();
 
 // Same contract as latent_pool_fwd_cpu / latent_pool_bwd_cpu (ops.h); arguments already checked. `kernels`: the
-// fused stage's device kernels, null for ATen ops.
+// fused stage's device kernels, null for ATen ops. `saved`: {geglu_mean, resid, ff_hidden} as
+// latent_pool_saved_empty makes them, for the forward to fill and the backward to read (_latent_pool_fwd_save /
+// _latent_pool_bwd_saved), or null.
 std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
     const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
     const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps, const LatentPoolKernels* kernels = nullptr);
+    bool normalize, double eps, const LatentPoolKernels* kernels = nullptr,
+    const std::vector<Tensor>* saved = nullptr);
 std::vector<Tensor> latent_pool_bwd_aten(
     const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
     const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps, const LatentPoolKernels* kernels = nullptr);
+    bool normalize, double eps, const LatentPoolKernels* kernels = nullptr,
+    const std::vector<Tensor>* saved = nullptr);
+
+// The op's arguments, gathered once by each entry point of a launcher (NVE_LATENT_POOL_INPUTS, in a function
+// whose parameters carry the schema's names); weights in schema order (latents ... ff_out_bias).
+struct LatentPoolInputs {
+  const Tensor& hs;
+  const std::optional<Tensor>& mask;
+  std::array<const Tensor*, 14> w;
+  int64_t num_heads;
+  bool normalize;
+  double eps;
+
+  LatentPoolShapes check(bool cuda) const;  // latent_pool_check_args
+  std::tuple<Tensor, Tensor> aten_fwd(const LatentPoolKernels* kernels, const std::vector<Tensor>* saved) const;
+  std::vector<Tensor> aten_bwd(const Tensor& grad_out, const Tensor& pooled, const LatentPoolKernels* kernels,
+                               const std::vector<Tensor>* saved) const;
+};
+
+#define NVE_LATENT_POOL_INPUTS                                                                                     \
+  LatentPoolInputs in {                                                                                            \
+    hidden_states, pool_mask,                                                                                      \
+        {&latents, &norm_weight, &norm_bias, &norm_context_weight, &norm_context_bias, &to_q_weight, &to_kv_weight, \
+         &to_out_weight, &ff_norm_weight, &ff_norm_bias, &ff_in_weight, &ff_in_bias, &ff_out_weight, &ff_out_bias}, \
+        num_heads, normalize, eps                                                                                  \
+  }
 
 }  // namespace nvembed

@@ -65,7 +65,7 @@ Tensor latent_pool_composite(const Tensor& hidden_states, const std::optional<Te
                              const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
                              const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias,
                              int64_t num_heads, bool normalize, double eps) {
-  // Where gradients are needed and the CPU kernel can keep its activations, _latent_pool_fwd_save (the backward then
+  // Where gradients are needed and latent_pool_saves_activations allows it, _latent_pool_fwd_save (the backward then
   // skips most of its recomputation); otherwise _latent_pool_fwd.
   bool wants_grad = false;
   for (const Tensor* t : {&hidden_states, &latents, &norm_weight, &norm_bias, &norm_context_weight,
@@ -153,9 +153,10 @@ TORCH_LIBRARY(nvembed, m) {
         " Tensor to_out_weight, Tensor ff_norm_weight, Tensor ff_norm_bias, Tensor ff_in_weight,"
         " Tensor ff_in_bias, Tensor ff_out_weight, Tensor ff_out_bias, int num_heads, bool normalize=True,"
         " float eps=1e-05) -> Tensor[]");
-  // CPU only: _latent_pool_fwd that also returns the activations its backward would recompute, in the compute dtype
-  // (geglu_mean [B, F], resid [B*L, d], ff_hidden [B*L, 2F]: rows = the active tokens in order, then zeros), and the
-  // backward that reads them.
+  // _latent_pool_fwd that also returns the activations its backward would recompute (geglu_mean [B, F] = the masked
+  // mean of the GEGLU output, resid [B*L, d] = attention output + residual, ff_hidden [B*L, 2F] = LN_ff(resid)
+  // ff_in_weight^T before the bias; rows = the active tokens in order, then zeros; dtypes: latent_pool_saved_empty in
+  // latent_pool_aten.h), and the backward that reads them.
   m.def("_latent_pool_fwd_save(Tensor hidden_states, Tensor? pool_mask, Tensor latents, Tensor norm_weight,"
         " Tensor norm_bias, Tensor norm_context_weight, Tensor norm_context_bias, Tensor to_q_weight,"
         " Tensor to_kv_weight, Tensor to_out_weight, Tensor ff_norm_weight, Tensor ff_norm_bias,"
@@ -204,6 +205,8 @@ TORCH_LIBRARY_IMPL(nvembed, CUDA, m) {
   m.impl("_flash_attn_varlen_bwd", &nvembed::flash_attn_varlen_bwd_cuda);
   m.impl("_latent_pool_fwd", &nvembed::latent_pool_fwd_cuda);
   m.impl("_latent_pool_bwd", &nvembed::latent_pool_bwd_cuda);
+  m.impl("_latent_pool_fwd_save", &nvembed::latent_pool_fwd_save_cuda);
+  m.impl("_latent_pool_bwd_saved", &nvembed::latent_pool_bwd_saved_cuda);
   m.impl("_infonce_fwd", &nvembed::infonce_fwd_cuda);
   m.impl("_infonce_bwd", &nvembed::infonce_bwd_cuda);
   m.impl("_infonce_fwd_grad", &nvembed::infonce_fwd_grad_cuda);

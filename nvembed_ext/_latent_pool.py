@@ -5,10 +5,11 @@ pooled [B, d] is the pre-normalization masked mean (float32, or float64 for floa
 backward needs; _latent_pool_bwd recomputes the per-token activations itself. pooled is not a differentiable
 output: its gradient is ignored.
 
-On CPU, when gradients are needed and they fit NVEMBED_LATENT_POOL_SAVE_MB (default 1024 MiB), the wrapper calls
-_latent_pool_fwd_save instead: it also returns geglu_mean [B, F], resid [B*L, d] and ff_hidden [B*L, 2F] (the
-GEGLU's pooled output, the attention block's output + residual, the GEGLU's input; rows = active tokens in order,
-then zeros), and _latent_pool_bwd_saved reads them instead of recomputing the attention output and the feed-forward.
+When gradients are needed and they fit NVEMBED_LATENT_POOL_SAVE_MB (MiB; default 1024 for the CPU kernel, 0 for the
+CUDA path until a GPU run verifies it), the wrapper calls _latent_pool_fwd_save instead: it also returns geglu_mean
+[B, F], resid [B*L, d] and ff_hidden [B*L, 2F] (the GEGLU's pooled output, the attention block's output + residual,
+the GEGLU's input before its bias; rows = active tokens in order, then zeros), and _latent_pool_bwd_saved reads them
+instead of recomputing the attention output and the feed-forward's first GEMM.
 """
 import torch
 
@@ -105,10 +106,18 @@ def _latent_pool_fwd_save_fake(hidden_states, pool_mask, latents, norm_weight, n
                                         norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
                                         ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads,
                                         normalize, eps)
+    saved = [hidden_states.new_empty(shape, dtype=dtype) for shape, dtype in _saved_layout(hidden_states, ff_in_weight)]
+    return (out, pooled, *saved)
+
+
+def _saved_layout(hidden_states, ff_in_weight):
+    """(shape, dtype) of geglu_mean, resid, ff_hidden (latent_pool_saved_empty in csrc/latent_pool_aten.h): ff_hidden
+    comes out of a GEMM in the input dtype on CUDA, in the compute dtype on CPU."""
     B, L, d = hidden_states.shape
     F = ff_in_weight.shape[0] // 2
-    saved = [pooled.new_empty(shape) for shape in ((B, F), (B * L, d), (B * L, 2 * F))]
-    return (out, pooled, *saved)
+    acc = _stat_dtype(hidden_states)
+    return [((B, F), acc), ((B * L, d), acc),
+            ((B * L, 2 * F), hidden_states.dtype if hidden_states.device.type == "cuda" else acc)]
 
 
 @torch.library.register_fake(_lib + "_latent_pool_bwd_saved")
@@ -116,15 +125,12 @@ def _latent_pool_bwd_saved_fake(grad_out, pooled, geglu_mean, resid, ff_hidden, 
                                 norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight,
                                 to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias,
                                 ff_out_weight, ff_out_bias, num_heads, normalize=True, eps=1e-5):
-    B, L, d = hidden_states.shape
-    F = ff_in_weight.shape[0] // 2
-    for name, t, shape in (("geglu_mean", geglu_mean, (B, F)), ("resid", resid, (B * L, d)),
-                           ("ff_hidden", ff_hidden, (B * L, 2 * F))):
+    for name, t, (shape, dtype) in zip(("geglu_mean", "resid", "ff_hidden"), (geglu_mean, resid, ff_hidden),
+                                       _saved_layout(hidden_states, ff_in_weight)):
         torch._check(t.device == hidden_states.device,
                      lambda name=name: _OP + f"{name} is on another device than hidden_states")
         torch._check(t.shape == shape, lambda name=name, shape=shape: _OP + f"{name} must have shape {list(shape)}")
-        torch._check(t.dtype == _stat_dtype(hidden_states),
-                     lambda name=name: _OP + f"{name} must have dtype {_stat_dtype(hidden_states)}")
+        torch._check(t.dtype == dtype, lambda name=name, dtype=dtype: _OP + f"{name} must have dtype {dtype}")
     return _latent_pool_bwd_fake(grad_out, pooled, hidden_states, pool_mask, latents, norm_weight, norm_bias,
                                  norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
                                  ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,

@@ -53,7 +53,7 @@ def test_gpu_check_parses_and_calls_existing_scripts():
 def test_sanitizer_cases_cpu():
     out = run_bench("sanitize_cases.py", "--device", "cpu")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "sanitizer cases done: 26 infonce, 2 latent_pool on cpu" in out.stdout
+    assert "sanitizer cases done: 26 infonce, 3 latent_pool on cpu" in out.stdout
 
 
 def test_sanitizer_cases_set_only_variables_the_ops_read():
@@ -133,7 +133,7 @@ def test_verdict_report(tmp_path):
                 "nvembed-fused,bfloat16,4096,8,32768,1024,ok,2.4,900\n")
     text, verdicts = gpu_verdict.report(str(tmp_path))
     assert verdicts == {"infonce-gemm-bwd": "incomplete", "infonce-gemm-fwd": "failed", "infonce-fused": "failed",
-                        "latent_pool-fused": "incomplete"}, text
+                        "latent_pool-fused": "incomplete", "latent_pool-saved": "incomplete"}, text
     assert ("- tests: 0 passed, 1 failed, 0 skipped "
             "(first failures: test_matches_reference[inbatch-1-1-32-0-bf16-gemm-fwd])") in text
     assert "- memcheck: 1 error(s) in this path's cases; whole run: ERROR SUMMARY: 1 error" in text

@@ -35,7 +35,8 @@ def test_gpu_latent_pool_tiny_cpu(tmp_path):
     # agreement: ours against the released layer in float64, float32 and at the benchmark size (compile too)
     assert [(c["check"], c["provider"]) for c in checks] == [
         ("small-fp64", "nvembed"), ("small-fp32", "eager"), ("small-fp32", "nvembed"), ("small-fp32", "nvembed-fused"),
-        ("bench", "eager"), ("bench", "compile"), ("bench", "nvembed"), ("bench", "nvembed-fused")]
+        ("small-fp32", "nvembed-saved"), ("bench", "eager"), ("bench", "compile"), ("bench", "nvembed"),
+        ("bench", "nvembed-fused"), ("bench", "nvembed-saved")]
     for c in checks:
         assert c["status"] == ("baseline" if c["provider"] == "eager" else "ok"), c
         assert float(c["out_err"]) <= float(c["tol_out"]) and float(c["grad_err"]) <= float(c["tol_grad"])
@@ -46,8 +47,8 @@ def test_gpu_latent_pool_tiny_cpu(tmp_path):
     assert gemm["provider"] == "torch.matmul" and gemm["mode"] == "gemm" and float(gemm["tflops"]) > 0
     timed = rows[1:]
     assert sorted((r["mask"], r["mode"], r["provider"]) for r in timed) == sorted(
-        (m, mode, p) for m in ("all", "padded") for mode in ("fwd", "fwd+bwd") for p in ("eager", "compile", "nvembed",
-                                                                                   "nvembed-fused"))
+        (m, mode, p) for m in ("all", "padded") for mode in ("fwd", "fwd+bwd")
+        for p in ("eager", "compile", "nvembed", "nvembed-fused", "nvembed-saved"))
     for r in timed:
         assert (r["batch"], r["seqlen"], r["d"], r["latents"], r["heads"], r["dim_head"], r["ff_hidden"], r["dtype"]) \
             == ("2", "17", "64", "16", "2", "64", "256", "float32")
@@ -67,8 +68,8 @@ def test_gpu_latent_pool_tiny_cpu(tmp_path):
     assert {int(r["pooled_tokens"]) for r in timed if r["mask"] == "all"} == {34}
     padded = {int(r["pooled_tokens"]) for r in timed if r["mask"] == "padded"}
     assert len(padded) == 1 and 0 < padded.pop() < 34
-    ours = [r for r in timed if r["provider"] in ("nvembed", "nvembed-fused")]
-    assert len(ours) == 8 and all("targets (issue 7)" in r["note"] and "small-fp32 ok" in r["agreement"] for r in ours)
+    ours = [r for r in timed if r["provider"] in ("nvembed", "nvembed-fused", "nvembed-saved")]
+    assert len(ours) == 12 and all("targets (issue 7)" in r["note"] and "small-fp32 ok" in r["agreement"] for r in ours)
     assert all("small-fp64 ok" in r["agreement"] for r in ours if r["provider"] == "nvembed")
     assert all("aot_eager" in r["note"] for r in timed if r["provider"] == "compile")
     assert "wrote" in stdout
@@ -83,7 +84,7 @@ def test_gpu_latent_pool_tiny_records_a_failing_compile(tmp_path):
         assert r["ms"] == "" and "unavailable: " in r["note"] and "no_such_backend" in r["note"]
     assert [c["status"].split(":")[0] for c in checks if c["provider"] == "compile"] == ["unavailable"]
     for r in rows:
-        if r["provider"] in ("eager", "nvembed", "nvembed-fused"):
+        if r["provider"] in ("eager", "nvembed", "nvembed-fused", "nvembed-saved"):
             assert float(r["ms"]) > 0 and r["speedup_vs_compile"] == ""
 
 

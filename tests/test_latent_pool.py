@@ -142,16 +142,18 @@ def fold_path(value):
 
 @contextmanager
 def impl_path(impl):
-    """Run the op through the CPU kernel, its backward recomputing every activation ("kernel") or reading those its
-    forward kept ("saved": _latent_pool_fwd_save / _latent_pool_bwd_saved, what the op picks when gradients are
-    needed and the activations fit NVEMBED_LATENT_POOL_SAVE_MB), or through the device-generic ATen implementation
-    that the CUDA build registers for CUDA tensors ("aten", csrc/latent_pool_aten.cpp), on CPU tensors."""
-    with _env("NVEMBED_LATENT_POOL_ATEN", "1" if impl == "aten" else "0"), \
-            _env("NVEMBED_LATENT_POOL_SAVE_MB", "0" if impl == "kernel" else None):
+    """Run the op through the CPU kernel or through the device-generic ATen implementation that the CUDA build
+    registers for CUDA tensors (csrc/latent_pool_aten.cpp), on CPU tensors, each with a backward that recomputes
+    every activation ("kernel", "aten") or reads those its forward kept ("saved", "aten-saved":
+    _latent_pool_fwd_save / _latent_pool_bwd_saved, picked when gradients are needed and the activations fit
+    NVEMBED_LATENT_POOL_SAVE_MB; by default the CPU kernel keeps them and the ATen path does not)."""
+    aten = impl.startswith("aten")
+    save = {"kernel": "0", "saved": None, "aten": None, "aten-saved": "1024"}[impl]
+    with _env("NVEMBED_LATENT_POOL_ATEN", "1" if aten else "0"), _env("NVEMBED_LATENT_POOL_SAVE_MB", save):
         yield
 
 
-IMPLS = ["kernel", "saved", "aten"]
+IMPLS = ["kernel", "saved", "aten", "aten-saved"]
 
 
 def make_weights(d, N, H, dh, F_, dtype=torch.float64, gen=None):
@@ -553,8 +555,8 @@ def _ops_run(hs, mask, weights, H, backward=True):
 
 
 def test_saved_path_choice(monkeypatch):
-    """The op keeps activations only when gradients are needed, on the CPU kernel, within NVEMBED_LATENT_POOL_SAVE_MB
-    (here ~3.7 KB of activations: B3 L6, d8, F12, float64)."""
+    """The op keeps activations only when gradients are needed and they fit NVEMBED_LATENT_POOL_SAVE_MB (here ~3.7 KB
+    of activations: B3 L6, d8, F12, float64; by default 1 GiB on the CPU kernel, nothing on the ATen path)."""
     hs, mask, weights, H = _tiny_args()
     monkeypatch.delenv("NVEMBED_LATENT_POOL_SAVE_MB", raising=False)
     assert _ops_run(hs, mask, weights, H) == ["_latent_pool_fwd_save", "_latent_pool_bwd_saved"]
@@ -568,8 +570,10 @@ def test_saved_path_choice(monkeypatch):
     # 1 MiB is too little for B1 L8192 d8 F12 in float64: (12 + 8192 * 32) * 8 bytes > 2 MiB
     big = torch.randn(1, 8192, 8, dtype=torch.float64, requires_grad=True)
     assert _ops_run(big, None, weights, H, backward=False) == ["_latent_pool_fwd"]
-    with impl_path("aten"):
+    with impl_path("aten"):  # the ATen implementation (the CUDA path) keeps nothing unless asked to
         assert _ops_run(hs, mask, weights, H) == ["_latent_pool_fwd", "_latent_pool_bwd"]
+    with impl_path("aten-saved"):
+        assert _ops_run(hs, mask, weights, H) == ["_latent_pool_fwd_save", "_latent_pool_bwd_saved"]
     for bad in ("-1", "1.5", "lots"):
         monkeypatch.setenv("NVEMBED_LATENT_POOL_SAVE_MB", bad)
         with pytest.raises(ValueError, match=r"nvembed::latent_pool: NVEMBED_LATENT_POOL_SAVE_MB must be a "
@@ -577,18 +581,19 @@ def test_saved_path_choice(monkeypatch):
             OP(hs, mask, *weights, H, True, 1e-5)
 
 
+@pytest.mark.parametrize("impl", ["kernel", "aten"])
 @pytest.mark.parametrize("mask_kind", ["none", "random", "zero_row"])
 @pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
-def test_saved_activations_are_the_layers(mask_kind, path):
-    """geglu_mean, resid and ff_hidden equal the reference layer's masked mean of GEGLU(u), y1 = attention + x and
-    u = LN_ff(y1) W_in^T + b_in (float64), their rows the active tokens in (b, l) order followed by zeros; the
-    saved path's outputs equal _latent_pool_fwd's bit for bit."""
+def test_saved_activations_are_the_layers(mask_kind, path, impl):
+    """geglu_mean, resid and ff_hidden equal the reference layer's masked mean of GEGLU(u + b_in), y1 = attention + x
+    and u = LN_ff(y1) W_in^T (float64), their rows the active tokens in (b, l) order followed by zeros, from the CPU
+    kernel and from the ATen implementation alike; the outputs equal _latent_pool_fwd's bit for bit."""
     B, L, d, N, H, dh, F_ = 3, 11, 16, 5, 2, 8, 24
     gen = torch.Generator().manual_seed(5)
     weights = make_weights(d, N, H, dh, F_, gen=gen)
     hs = torch.randn(B, L, d, dtype=torch.float64, generator=gen)
     mask = make_mask(mask_kind, B, L, gen)
-    with fold_path(path):
+    with fold_path(path), impl_path(impl):
         out, pooled, gbar, resid, u = torch.ops.nvembed._latent_pool_fwd_save(hs, mask, *weights, H, True, 1e-5)
         out0, pooled0 = torch.ops.nvembed._latent_pool_fwd(hs, mask, *weights, H, True, 1e-5)
     assert torch.equal(out, out0) and torch.equal(pooled, pooled0)
@@ -598,8 +603,8 @@ def test_saved_activations_are_the_layers(mask_kind, path):
     k, v = (ln(latents, cw, cb) @ wkv.T).chunk(2, dim=-1)
     p = torch.softmax(q @ k.view(N, H, dh).permute(1, 2, 0) / dh ** 0.5, dim=-1)
     y1 = (p @ v.view(N, H, dh).transpose(0, 1)).transpose(1, 2).reshape(B, L, H * dh) @ wo.T + hs
-    u_ref = ln(y1, fw, fb) @ win.T + bin_
-    g = u_ref[..., :F_] * F.gelu(u_ref[..., F_:])
+    u_ref = ln(y1, fw, fb) @ win.T
+    g = (u_ref[..., :F_] + bin_[:F_]) * F.gelu(u_ref[..., F_:] + bin_[F_:])
     m = torch.ones(B, L, dtype=torch.float64) if mask is None else mask.double()
     gbar_ref = (g * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1)
     active = m.reshape(-1) != 0
@@ -611,20 +616,24 @@ def test_saved_activations_are_the_layers(mask_kind, path):
     assert not resid[T:].any() and not u[T:].any()
 
 
-def test_saved_and_recomputed_backward_agree():
-    """Float32 at a size with several token blocks per call: the saved and the recomputing backward give the same
-    gradients up to float32 rounding (different GEMM shapes), and each path repeats its own bits."""
-    B, L, d, N, H, dh, F_ = 2, 700, 32, 9, 4, 8, 64
+@pytest.mark.parametrize("impls", [("kernel", "saved"), ("aten", "aten-saved")], ids=["kernel", "aten"])
+def test_saved_and_recomputed_backward_agree(impls):
+    """Float32 with more active tokens than one block of the CPU kernel (512) and one chunk of the ATen path
+    (4096 at this width): the saved and the recomputing backward give the same gradients up to float32 rounding
+    (different GEMM shapes), and each path repeats its own bits."""
+    B, L, d, N, H, dh, F_ = 2, 3000, 32, 9, 4, 8, 64
     gen = torch.Generator().manual_seed(9)
     weights = make_weights(d, N, H, dh, F_, dtype=torch.float32, gen=gen)
     hs = torch.randn(B, L, d, generator=gen)
     mask = make_mask("random", B, L, gen)
+    mask[1] = True  # ~2100 + 3000 active tokens
+    recompute, saved = impls
     runs = {}
-    for impl in ("kernel", "saved", "saved"):
+    for impl in (recompute, saved, saved):
         with impl_path(impl):
             runs.setdefault(impl, []).append(run_with_grads(OP, hs, mask, weights, H, True))
-    (o_k, g_k), = runs["kernel"]
-    (o_s, g_s), (o_s2, g_s2) = runs["saved"]
+    (o_k, g_k), = runs[recompute]
+    (o_s, g_s), (o_s2, g_s2) = runs[saved]
     assert torch.equal(o_s, o_s2) and all(torch.equal(a, b) for a, b in zip(g_s, g_s2))
     assert torch.equal(o_s, o_k)
     for name, a, b in zip(("hidden_states",) + WEIGHT_NAMES, g_s, g_k):

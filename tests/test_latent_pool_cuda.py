@@ -1,9 +1,10 @@
 """nvembed::latent_pool on CUDA (the ATen implementation of csrc/latent_pool_aten.cpp that a CUDA build registers):
 output and all 15 gradients against the float64 reference (computed on the CPU) for bf16 / fp16 / fp32, both
 attention paths, masks with an all-zero row, B=1 / L=1 / odd L; agreement with the CPU op; determinism; opcheck;
-torch.compile; the CUDA-side error messages. Every test runs twice: with the elementwise stages (gather + LayerNorm,
-softmax, residual + LayerNorm, GEGLU + masked mean) on ATen ops (aten) and on the fused kernels of
-csrc/cuda/latent_pool.cu (fused, NVEMBED_LATENT_POOL_KERNELS=fused).
+torch.compile; the CUDA-side error messages. Every test runs three times: with the elementwise stages (gather +
+LayerNorm, softmax, residual + LayerNorm, GEGLU + masked mean) on ATen ops (aten), on the fused kernels of
+csrc/cuda/latent_pool.cu (fused, NVEMBED_LATENT_POOL_KERNELS=fused), and with the default stages and saved
+activations (saved, NVEMBED_LATENT_POOL_SAVE_MB=4096).
 
 Marked `cuda`; skipped unless a CUDA device is present and the build registers the op for CUDA (the same code runs
 on CPU tensors in test_latent_pool.py through NVEMBED_LATENT_POOL_ATEN=1)."""
@@ -33,10 +34,12 @@ pytestmark = [
 OP = torch.ops.nvembed.latent_pool
 
 
-@pytest.fixture(autouse=True, params=["aten", "fused"])
+@pytest.fixture(autouse=True, params=["aten", "fused", "saved"])
 def kernels(request, monkeypatch):
-    # read by the launcher on every call
-    monkeypatch.setenv("NVEMBED_LATENT_POOL_KERNELS", request.param)
+    # read by the launcher on every call; "saved": the default stages, with the forward keeping y1 and u for the
+    # backward (_latent_pool_fwd_save / _latent_pool_bwd_saved, off by default on CUDA until verified)
+    monkeypatch.setenv("NVEMBED_LATENT_POOL_KERNELS", "auto" if request.param == "saved" else request.param)
+    monkeypatch.setenv("NVEMBED_LATENT_POOL_SAVE_MB", "4096" if request.param == "saved" else "0")
     return request.param
 
 # GEMMs run in the input dtype (as the eager layer does), so the low-precision bounds are those of a bf16 / fp16
@@ -142,6 +145,16 @@ def test_opcheck_and_compile():
     mask = make_mask("zero_row", 2, 7).cuda()
     torch.library.opcheck(torch.ops.nvembed._latent_pool_fwd.default, (hs, mask, *weights, H, True, 1e-5))
     torch.library.opcheck(OP.default, (hs, mask, *weights, H, False, 1e-5))
+    torch.library.opcheck(torch.ops.nvembed._latent_pool_fwd_save.default, (hs, mask, *weights, H, True, 1e-5))
+    with torch.no_grad():
+        out, pooled, *acts = torch.ops.nvembed._latent_pool_fwd_save(hs, mask, *weights, H, True, 1e-5)
+    with torch.no_grad():  # ff_hidden in the dtype of its GEMM (the input's), the rest in fp32
+        acts_bf16 = torch.ops.nvembed._latent_pool_fwd_save(hs.bfloat16(), mask, *[w.bfloat16() for w in weights],
+                                                             H, True, 1e-5)[2:]
+    assert [a.dtype for a in acts_bf16] == [torch.float32, torch.float32, torch.bfloat16]
+    torch.library.opcheck(torch.ops.nvembed._latent_pool_bwd_saved.default,
+                          (torch.randn_like(out), pooled, *acts, hs.detach(), mask, *[w.detach() for w in weights],
+                           H, True, 1e-5))
     torch._dynamo.reset()
     fn = torch.compile(lambda x, *w: OP(x, mask, *w, H, True, 1e-5), fullgraph=True)
     out = fn(hs, *weights)

@@ -5,7 +5,6 @@
 
 #include <ATen/ATen.h>
 
-#include <array>
 #include <cstdlib>
 #include <cstring>
 
@@ -110,6 +109,24 @@ void latent_pool_check_bwd_args(const Tensor& grad_out, const Tensor& pooled, co
                   "pooled must have shape [B, d] = [", s.B, ", ", s.d, "], got ", pooled.sizes());
 }
 
+LatentPoolShapes LatentPoolInputs::check(bool cuda) const {
+  return latent_pool_check_args(hs, mask, *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9],
+                                *w[10], *w[11], *w[12], *w[13], num_heads, eps, cuda);
+}
+
+std::tuple<Tensor, Tensor> LatentPoolInputs::aten_fwd(const LatentPoolKernels* kernels,
+                                                      const std::vector<Tensor>* saved) const {
+  return latent_pool_fwd_aten(hs, mask, *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9], *w[10],
+                              *w[11], *w[12], *w[13], num_heads, normalize, eps, kernels, saved);
+}
+
+std::vector<Tensor> LatentPoolInputs::aten_bwd(const Tensor& grad_out, const Tensor& pooled,
+                                               const LatentPoolKernels* kernels,
+                                               const std::vector<Tensor>* saved) const {
+  return latent_pool_bwd_aten(grad_out, pooled, hs, mask, *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7],
+                              *w[8], *w[9], *w[10], *w[11], *w[12], *w[13], num_heads, normalize, eps, kernels, saved);
+}
+
 namespace {
 
 // Tensors converted to the compute type S, kept alive while the kernel reads them.
@@ -132,32 +149,9 @@ bool use_aten_path() {
   return aten;
 }
 
-// The op's arguments, gathered once by each entry point; weights in schema order (latents ... ff_out_bias).
-struct Inputs {
-  const Tensor& hs;
-  const std::optional<Tensor>& mask;
-  std::array<const Tensor*, 14> w;
-  int64_t num_heads;
-  bool normalize;
-  double eps;
-
-  LatentPoolShapes check() const {
-    return latent_pool_check_args(hs, mask, *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9],
-                                  *w[10], *w[11], *w[12], *w[13], num_heads, eps, /*cuda=*/false);
-  }
-  std::tuple<Tensor, Tensor> aten_fwd() const {
-    return latent_pool_fwd_aten(hs, mask, *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7], *w[8], *w[9],
-                                *w[10], *w[11], *w[12], *w[13], num_heads, normalize, eps);
-  }
-  std::vector<Tensor> aten_bwd(const Tensor& grad_out, const Tensor& pooled) const {
-    return latent_pool_bwd_aten(grad_out, pooled, hs, mask, *w[0], *w[1], *w[2], *w[3], *w[4], *w[5], *w[6], *w[7],
-                                *w[8], *w[9], *w[10], *w[11], *w[12], *w[13], num_heads, normalize, eps);
-  }
-};
-
 template <typename S>
 cpu::latent_pool::Params<S> make_params(Converted& cv, const LatentPoolShapes& s, at::ScalarType st,
-                                        const Inputs& in) {
+                                        const LatentPoolInputs& in) {
   cpu::latent_pool::Params<S> p;
   p.B = s.B, p.L = s.L, p.d = s.d, p.N = s.N, p.H = s.H, p.dh = s.dh, p.F = s.F;
   p.eps = S(in.eps);
@@ -175,7 +169,7 @@ cpu::latent_pool::Params<S> make_params(Converted& cv, const LatentPoolShapes& s
 }
 
 // The CPU kernel's forward; `saved` = {geglu_mean, resid, ff_hidden} to fill (latent_pool_fwd_save_cpu) or empty.
-std::tuple<Tensor, Tensor> run_forward(const LatentPoolShapes& s, const Inputs& in, const std::vector<Tensor>& saved) {
+std::tuple<Tensor, Tensor> run_forward(const LatentPoolShapes& s, const LatentPoolInputs& in, const std::vector<Tensor>& saved) {
   const at::ScalarType st = accum_dtype(in.hs.scalar_type());
   auto opts = in.hs.options().dtype(st);
   Tensor out = at::empty({s.B, s.d}, opts);
@@ -195,7 +189,7 @@ std::tuple<Tensor, Tensor> run_forward(const LatentPoolShapes& s, const Inputs& 
 }
 
 // The CPU kernel's backward; `saved` as in run_forward (then the activations it holds are not recomputed).
-std::vector<Tensor> run_backward(const LatentPoolShapes& s, const Inputs& in, const Tensor& grad_out,
+std::vector<Tensor> run_backward(const LatentPoolShapes& s, const LatentPoolInputs& in, const Tensor& grad_out,
                                  const Tensor& pooled, const std::vector<Tensor>& saved) {
   const at::ScalarType st = accum_dtype(in.hs.scalar_type());
   auto opts = in.hs.options().dtype(st);
@@ -222,19 +216,47 @@ std::vector<Tensor> run_backward(const LatentPoolShapes& s, const Inputs& in, co
   return grads;
 }
 
-// Shapes of the saved activations: geglu_mean [B, F], resid [B*L, d], ff_hidden [B*L, 2F].
-std::vector<std::vector<int64_t>> saved_shapes(const LatentPoolShapes& s) {
-  return {{s.B, s.F}, {s.B * s.L, s.d}, {s.B * s.L, 2 * s.F}};
-}
+// geglu_mean, resid, ff_hidden: their shapes and dtypes (see latent_pool_saved_empty in latent_pool_aten.h).
 constexpr const char* kSavedNames[] = {"geglu_mean", "resid", "ff_hidden"};
+std::vector<std::vector<int64_t>> saved_shapes(int64_t B, int64_t L, int64_t d, int64_t F) {
+  return {{B, F}, {B * L, d}, {B * L, 2 * F}};
+}
+std::vector<at::ScalarType> saved_dtypes(const Tensor& hs) {
+  const at::ScalarType acc = accum_dtype(hs.scalar_type());
+  return {acc, acc, hs.is_cuda() ? hs.scalar_type() : acc};
+}
 
 }  // namespace
 
+std::vector<Tensor> latent_pool_saved_empty(const Tensor& hs, const LatentPoolShapes& s) {
+  std::vector<Tensor> saved;
+  const auto shapes = saved_shapes(s.B, s.L, s.d, s.F);
+  const auto dtypes = saved_dtypes(hs);
+  for (size_t i = 0; i < shapes.size(); ++i) saved.push_back(at::empty(shapes[i], hs.options().dtype(dtypes[i])));
+  return saved;
+}
+
+void latent_pool_check_saved(const std::vector<Tensor>& saved, const Tensor& hs, const LatentPoolShapes& s) {
+  const auto shapes = saved_shapes(s.B, s.L, s.d, s.F);
+  const auto dtypes = saved_dtypes(hs);
+  for (size_t i = 0; i < saved.size(); ++i) {
+    check_same_device(saved[i], hs, kOp, kSavedNames[i], "hidden_states");
+    NVE_CHECK_TYPE(saved[i].scalar_type() == dtypes[i], kOp, kSavedNames[i], " has dtype ", saved[i].scalar_type(),
+                   "; expected ", dtypes[i], " (what _latent_pool_fwd_save returns)");
+    NVE_CHECK_VALUE(saved[i].sizes() == at::IntArrayRef(shapes[i]), kOp, kSavedNames[i], " must have shape ",
+                    at::IntArrayRef(shapes[i]), ", got ", saved[i].sizes());
+  }
+}
+
 bool latent_pool_saves_activations(const Tensor& hidden_states, const Tensor& ff_in_weight) {
-  if (!hidden_states.device().is_cpu() || use_aten_path() || hidden_states.dim() != 3 || ff_in_weight.dim() != 2) {
+  const bool cuda = hidden_states.is_cuda();
+  if (!(cuda || hidden_states.device().is_cpu()) || hidden_states.dim() != 3 || ff_in_weight.dim() != 2) {
     return false;
   }
-  int64_t budget_mb = 1024;
+  // the CPU kernel: 1 GiB; the ATen implementation (CUDA, and on CPU tensors its tests): nothing until a GPU run
+  // has verified it there, then 4 GiB
+  const bool aten = cuda || use_aten_path();
+  int64_t budget_mb = aten ? (kLatentPoolSavedVerified ? 4096 : 0) : 1024;
   if (const char* env = std::getenv("NVEMBED_LATENT_POOL_SAVE_MB"); env != nullptr && *env != '\0') {
     char* end = nullptr;
     const long long v = std::strtoll(env, &end, 10);
@@ -242,20 +264,18 @@ bool latent_pool_saves_activations(const Tensor& hidden_states, const Tensor& ff
                     "NVEMBED_LATENT_POOL_SAVE_MB must be a non-negative integer (MiB), got '", env, "'");
     budget_mb = v;
   }
+  if (budget_mb == 0) return false;
   const int64_t B = hidden_states.size(0), L = hidden_states.size(1), d = hidden_states.size(2);
   const int64_t F = ff_in_weight.size(0) / 2;
-  const double elem = hidden_states.scalar_type() == at::kDouble ? 8.0 : 4.0;
-  const double bytes = elem * (double(B) * F + double(B) * L * (d + 2.0 * F));
+  const auto shapes = saved_shapes(B, L, d, F);
+  const auto dtypes = saved_dtypes(hidden_states);
+  double bytes = 0;
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    bytes += double(shapes[i][0]) * double(shapes[i][1]) * double(c10::elementSize(dtypes[i]));
+  }
   return bytes <= double(budget_mb) * 1024.0 * 1024.0;
 }
 
-#define NVE_LATENT_POOL_INPUTS                                                                                     \
-  Inputs in {                                                                                                      \
-    hidden_states, pool_mask,                                                                                      \
-        {&latents, &norm_weight, &norm_bias, &norm_context_weight, &norm_context_bias, &to_q_weight, &to_kv_weight, \
-         &to_out_weight, &ff_norm_weight, &ff_norm_bias, &ff_in_weight, &ff_in_bias, &ff_out_weight, &ff_out_bias}, \
-        num_heads, normalize, eps                                                                                  \
-  }
 std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
     const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
     const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
@@ -264,8 +284,8 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
   const NVE_LATENT_POOL_INPUTS;
-  const LatentPoolShapes s = in.check();
-  return use_aten_path() ? in.aten_fwd() : run_forward(s, in, {});
+  const LatentPoolShapes s = in.check(/*cuda=*/false);
+  return use_aten_path() ? in.aten_fwd(nullptr, nullptr) : run_forward(s, in, {});
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cpu(
@@ -276,12 +296,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cpu(
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
   const NVE_LATENT_POOL_INPUTS;
-  const LatentPoolShapes s = in.check();
-  std::vector<Tensor> saved;
-  for (const auto& shape : saved_shapes(s)) {
-    saved.push_back(at::empty(shape, hidden_states.options().dtype(accum_dtype(hidden_states.scalar_type()))));
-  }
-  auto [out, pooled] = run_forward(s, in, saved);
+  const LatentPoolShapes s = in.check(/*cuda=*/false);
+  const std::vector<Tensor> saved = latent_pool_saved_empty(hidden_states, s);
+  auto [out, pooled] = use_aten_path() ? in.aten_fwd(nullptr, &saved) : run_forward(s, in, saved);
   return {out, pooled, saved[0], saved[1], saved[2]};
 }
 
@@ -294,9 +311,9 @@ std::vector<Tensor> latent_pool_bwd_cpu(
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
   const NVE_LATENT_POOL_INPUTS;
-  const LatentPoolShapes s = in.check();
+  const LatentPoolShapes s = in.check(/*cuda=*/false);
   latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
-  return use_aten_path() ? in.aten_bwd(grad_out, pooled) : run_backward(s, in, grad_out, pooled, {});
+  return use_aten_path() ? in.aten_bwd(grad_out, pooled, nullptr, nullptr) : run_backward(s, in, grad_out, pooled, {});
 }
 
 std::vector<Tensor> latent_pool_bwd_saved_cpu(
@@ -309,21 +326,11 @@ std::vector<Tensor> latent_pool_bwd_saved_cpu(
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
   const NVE_LATENT_POOL_INPUTS;
-  const LatentPoolShapes s = in.check();
+  const LatentPoolShapes s = in.check(/*cuda=*/false);
   latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
-  const at::ScalarType st = accum_dtype(hidden_states.scalar_type());
   const std::vector<Tensor> saved{geglu_mean, resid, ff_hidden};
-  const auto shapes = saved_shapes(s);
-  for (size_t i = 0; i < saved.size(); ++i) {
-    check_same_device(saved[i], hidden_states, kOp, kSavedNames[i], "hidden_states");
-    NVE_CHECK_TYPE(saved[i].scalar_type() == st, kOp, kSavedNames[i], " has dtype ", saved[i].scalar_type(),
-                   "; expected ", st, " (what _latent_pool_fwd_save returns)");
-    NVE_CHECK_VALUE(saved[i].sizes() == at::IntArrayRef(shapes[i]), kOp, kSavedNames[i], " must have shape ",
-                    at::IntArrayRef(shapes[i]), ", got ", saved[i].sizes());
-  }
-  return run_backward(s, in, grad_out, pooled, saved);
+  latent_pool_check_saved(saved, hidden_states, s);
+  return use_aten_path() ? in.aten_bwd(grad_out, pooled, nullptr, &saved) : run_backward(s, in, grad_out, pooled, saved);
 }
-
-#undef NVE_LATENT_POOL_INPUTS
 
 }  // namespace nvembed

@@ -3,7 +3,7 @@
 //
 // Per token t (queries are tokens, keys/values come from the N latents, every token is independent):
 //   xn = LN(x); p_h = softmax(scale * xn Wq_h^T K_h^T); attn = sum_h p_h V_h Wo_h^T; y1 = attn + x
-//   z = LN_ff(y1); [a | gate] = z Win^T + bin; g = a * gelu(gate); y2 = g Wff^T + bff + y1
+//   z = LN_ff(y1); u = z Win^T; [a | gate] = u + bin; g = a * gelu(gate); y2 = g Wff^T + bff + y1
 //   pooled_b = sum_t w_t y2_t with w_t = m_t / max(M_b, 1); out = pooled / max(|pooled|, 1e-12) (normalize)
 // Exact algebra used to cut work:
 //   * K, V depend only on the latents: computed once per call. When it is cheaper (dim_head large, e.g. the release's
@@ -153,24 +153,24 @@ inline void softmax_bwd_rows(const S* p, S* dp, int64_t rows, int64_t n, int64_t
   }
 }
 
-// GEGLU: g = a * gelu(gate), exact (erf) GELU.
+// GEGLU of [a | gate] = u + bias (u = z W_in^T without its bias): g = a * gelu(gate), exact (erf) GELU.
 template <typename S>
-inline void geglu_fwd(const S* u, int64_t F, S* g) {
+inline void geglu_fwd(const S* u, const S* bias, int64_t F, S* g) {
   for (int64_t j = 0; j < F; ++j) {
-    const S v = u[F + j];
-    g[j] = u[j] * (S(0.5) * v * (S(1) + verf(v * S(0.70710678118654752440))));
+    const S v = u[F + j] + bias[F + j];
+    g[j] = (u[j] + bias[j]) * (S(0.5) * v * (S(1) + verf(v * S(0.70710678118654752440))));
   }
 }
 // du = [dg * gelu(gate) | dg * a * gelu'(gate)] with dg = wt * dgb.
 template <typename S>
-inline void geglu_bwd(const S* u, const S* dgb, S wt, int64_t F, S* du) {
+inline void geglu_bwd(const S* u, const S* bias, const S* dgb, S wt, int64_t F, S* du) {
   for (int64_t j = 0; j < F; ++j) {
-    const S v = u[F + j];
+    const S v = u[F + j] + bias[F + j];
     const S cdf = S(0.5) * (S(1) + verf(v * S(0.70710678118654752440)));
     const S pdf = exp_fast(S(-0.5) * v * v) * S(0.39894228040143267794);
     const S dg = wt * dgb[j];
     du[j] = dg * v * cdf;
-    du[F + j] = dg * u[j] * (cdf + v * pdf);
+    du[F + j] = dg * (u[j] + bias[j]) * (cdf + v * pdf);
   }
 }
 
@@ -379,9 +379,7 @@ void block_forward(const Params<S>& p, const LatentSide<S>& s, const Tokens<S>& 
   gemm(false, true, R, 2 * F, d, S(1), w.z, d, p.ff_in_w, d, S(0), w.u, 2 * F);
   par(R, 20 * F, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      S* ur = &w.u[r * 2 * F];
-      for (int64_t j = 0; j < 2 * F; ++j) ur[j] += p.ff_in_b[j];
-      geglu_fwd(ur, F, &w.g[r * F]);
+      geglu_fwd(&w.u[r * 2 * F], p.ff_in_b, F, &w.g[r * F]);
     }
   });
 }
@@ -404,7 +402,7 @@ template <typename S>
 struct Saved {
   S* gbar;  // [B, F]: the masked mean of g = GEGLU(...), what d ff_out_weight needs
   S* y1;    // [B*L, d]: attention output + residual, the input of LN_ff
-  S* u;     // [B*L, 2F]: z ff_in_w^T + ff_in_b, the input of the GEGLU
+  S* u;     // [B*L, 2F]: z ff_in_w^T, the input of the GEGLU before its bias (as csrc/latent_pool_aten.cpp's u)
 };
 
 // out [B, d] (normalized if p.normalize), pooled [B, d] (before normalization: the backward's statistic); with
@@ -508,7 +506,7 @@ void backward(const Params<S>& p, const S* grad_out, const S* pooled, const Grad
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = tok.batch[tb + r];
         const S wt = tok.w[tb + r];
-        geglu_bwd(&w.u[r * 2 * F], &dgb[b * F], wt, F, &w.du[r * 2 * F]);
+        geglu_bwd(&w.u[r * 2 * F], p.ff_in_b, &dgb[b * F], wt, F, &w.du[r * 2 * F]);
         for (int64_t j = 0; j < d; ++j) w.dy1[r * d + j] = wt * de[b * d + j];
       }
     });

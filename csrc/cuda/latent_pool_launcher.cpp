@@ -134,33 +134,58 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_cuda(
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
-  latent_pool_check_args(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
-                         norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias,
-                         ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, eps, /*cuda=*/true);
+  const NVE_LATENT_POOL_INPUTS;
+  in.check(/*cuda=*/true);
   const c10::cuda::CUDAGuard guard(hidden_states.device());
-  return latent_pool_fwd_aten(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
-                              norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
-                              ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, normalize,
-                              eps, chosen_kernels());
+  return in.aten_fwd(chosen_kernels(), nullptr);
 }
 
-std::vector<Tensor> latent_pool_bwd_cuda(
-    const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
-    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cuda(
+    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
     const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
     const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
     const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
     bool normalize, double eps) {
-  const LatentPoolShapes s = latent_pool_check_args(
-      hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias, to_q_weight,
-      to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
-      num_heads, eps, /*cuda=*/true);
+  const NVE_LATENT_POOL_INPUTS;
+  const LatentPoolShapes s = in.check(/*cuda=*/true);
+  const c10::cuda::CUDAGuard guard(hidden_states.device());
+  const std::vector<Tensor> saved = latent_pool_saved_empty(hidden_states, s);
+  auto [out, pooled] = in.aten_fwd(chosen_kernels(), &saved);
+  return {out, pooled, saved[0], saved[1], saved[2]};
+}
+
+std::vector<Tensor> latent_pool_bwd_cuda(
+    const Tensor& grad_out, const Tensor& pooled,
+    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps) {
+  const NVE_LATENT_POOL_INPUTS;
+  const LatentPoolShapes s = in.check(/*cuda=*/true);
   latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
   const c10::cuda::CUDAGuard guard(hidden_states.device());
-  return latent_pool_bwd_aten(grad_out, pooled, hidden_states, pool_mask, latents, norm_weight, norm_bias,
-                              norm_context_weight, norm_context_bias, to_q_weight, to_kv_weight, to_out_weight,
-                              ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias,
-                              num_heads, normalize, eps, chosen_kernels());
+  return in.aten_bwd(grad_out, pooled, chosen_kernels(), nullptr);
+}
+
+std::vector<Tensor> latent_pool_bwd_saved_cuda(
+    const Tensor& grad_out, const Tensor& pooled, const Tensor& geglu_mean, const Tensor& resid,
+    const Tensor& ff_hidden,
+    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
+    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
+    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
+    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
+    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
+    bool normalize, double eps) {
+  const NVE_LATENT_POOL_INPUTS;
+  const LatentPoolShapes s = in.check(/*cuda=*/true);
+  latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
+  const std::vector<Tensor> saved{geglu_mean, resid, ff_hidden};
+  latent_pool_check_saved(saved, hidden_states, s);
+  const c10::cuda::CUDAGuard guard(hidden_states.device());
+  return in.aten_bwd(grad_out, pooled, chosen_kernels(), &saved);
 }
 
 }  // namespace nvembed
