@@ -145,6 +145,8 @@ def _setup_context(ctx, inputs, output):
     saved = [hidden_states, *weights, pooled] + ([pool_mask] if ctx.has_mask else [])
     ctx.save_for_backward(*saved)
     ctx.num_heads, ctx.normalize, ctx.eps = num_heads, normalize, eps
+    ctx.mark_non_differentiable(pooled)  # no zero-filled gradient for it
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, grad_out, grad_pooled):
@@ -168,6 +170,10 @@ def _setup_context_save(ctx, inputs, output):
     ctx.has_mask = pool_mask is not None
     ctx.save_for_backward(hidden_states, *weights, pooled, *saved, *([pool_mask] if ctx.has_mask else []))
     ctx.num_heads, ctx.normalize, ctx.eps = num_heads, normalize, eps
+    # Only `out` is differentiable. Without this autograd would hand the backward zero-filled gradients for pooled
+    # and the saved activations (a [B*L, 2F] tensor of zeros: as large as ff_hidden itself).
+    ctx.mark_non_differentiable(pooled, *saved)
+    ctx.set_materialize_grads(False)
 
 
 def _backward_save(ctx, grad_out, *_):

@@ -97,6 +97,38 @@ def test_aten_fwd_bwd_peak_bf16(shape):
     assert peak <= bound, f"peak {peak / MiB:.2f} MiB > bound {bound / MiB:.2f} MiB (T = {T})"
 
 
+def saved_bytes(B, L, d, F, io=2, cuda=False):
+    """What _latent_pool_fwd_save keeps from the forward to the backward: geglu_mean [B, F] and resid [B*L, d] in fp32,
+    ff_hidden [B*L, 2F] in the dtype of its GEMM on CUDA (io), in fp32 on CPU tensors (latent_pool_saved_empty)."""
+    return 4 * (B * F + B * L * d) + (io if cuda else 4) * B * L * 2 * F
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}L{}d{}N{}H{}dh{}F{}".format(*s))
+def test_aten_saved_fwd_bwd_peak_bf16(shape):
+    """With saved activations the ATen path holds them from the forward to the end of the backward and otherwise
+    what the recomputing path holds (the copy of a chunk's saved u takes the place of the ff_in GEMM's output)."""
+    B, L, d, N, H, dh, F = shape
+    with impl_path("aten-saved"), fold_path(None):
+        peak, T, grad_bytes = measure_peak_bytes(*shape)
+    assert peak >= grad_bytes + saved_bytes(B, L, d, F) > 0  # the saved path ran (its buffers are in the peak)
+    bound = model_peak_bytes(B, L, d, N, H, dh, F, T) * 1.05 + saved_bytes(B, L, d, F)
+    assert peak <= bound, f"peak {peak / MiB:.2f} MiB > bound {bound / MiB:.2f} MiB (T = {T})"
+
+
+def test_kernel_saved_peak_adds_only_the_activations():
+    """The CPU kernel (nvembed's default on CPU): keeping y1 and u costs their bytes and nothing more. In particular
+    autograd hands the backward no zero-filled gradients for the saved outputs (they are marked non-differentiable;
+    a materialized zero gradient of ff_hidden alone would be as large as ff_hidden)."""
+    shape = (4, 512, 128, 32, 4, 128, 2048)
+    B, L, d, N, H, dh, F = shape
+    with impl_path("kernel"):
+        recompute, _, _ = measure_peak_bytes(*shape)
+    with impl_path("saved"):
+        saved, _, _ = measure_peak_bytes(*shape)
+    extra = saved_bytes(B, L, d, F)
+    assert extra <= saved - recompute <= extra * 1.05, (saved / MiB, recompute / MiB, extra / MiB)
+
+
 def test_aten_fwd_bwd_peak_bf16_plain():
     B, L, d, N, H, dh, F = 2, 128, 64, 8, 8, 64, 4096  # forced plain path: q, o [t, I] per chunk
     with impl_path("aten"), fold_path("0"):
@@ -109,7 +141,8 @@ def test_aten_fwd_bwd_peak_bf16_plain():
 if __name__ == "__main__":
     v2 = (32, 512, 4096, 512, 8, 4096, 16384)
     print(f"NV-Embed-v2 size {v2}, all tokens, bf16: model (estimate) "
-          f"{model_peak_bytes(*v2, T=32 * 512) / MiB:.0f} MiB above weights + inputs")
+          f"{model_peak_bytes(*v2, T=32 * 512) / MiB:.0f} MiB above weights + inputs; with saved activations on "
+          f"CUDA + {saved_bytes(32, 512, 4096, 16384, cuda=True) / MiB:.0f} MiB")
     with impl_path("aten"), fold_path(None):
         for shape in SHAPES:
             peak, T, _ = measure_peak_bytes(*shape)
