@@ -1,6 +1,8 @@
 """Where the time of nvembed::latent_pool goes at NV-Embed-v2 size (B32 L512, d 4096, 512 latents, 8 heads x 4096,
 F 16384, bf16, every token pooled): for the elementwise stages on ATen ops and on the fused kernels
-(NVEMBED_LATENT_POOL_KERNELS=aten | fused), the CUDA-event time of the forward and of forward + backward, then
+(NVEMBED_LATENT_POOL_KERNELS=aten | fused; both recomputing every activation in the backward,
+NVEMBED_LATENT_POOL_SAVE_MB=0), and for ATen stages with the forward keeping y1 and u (saved, fwd + bwd only), the
+CUDA-event time of the forward and of forward + backward, then
 torch.profiler's kernels of one forward + backward summed by kind:
   gemm      cuBLAS / CUTLASS GEMM kernels (the algebra's FLOPs; the part that runs at the GEMM rate)
   nvembed   our kernels (csrc/cuda/latent_pool.cu)
@@ -43,17 +45,19 @@ def kind(name: str) -> str:
     return "other"
 
 
-def executed_tflop(shape, tokens: int, backward: bool) -> float:
+def executed_tflop(shape, tokens: int, backward: bool, saved: bool = False) -> float:
     """FLOPs of the folded algebra the op runs at this size: per token the scores and attention GEMMs against the
     folded [H*N, d] matrices and the feed-forward input GEMM; per call K / V of the latents and the two folds; the
-    backward recomputes the forward (1x), runs two gradient GEMMs per forward GEMM (2x) and the latent side's six
-    (the folds' and to_kv's gradients: 2x the per-call part)."""
+    backward recomputes the forward (1x; with saved activations without the attention output and the feed-forward
+    input GEMMs), runs two gradient GEMMs per forward GEMM (2x) and the latent side's six (the folds' and to_kv's
+    gradients: 2x the per-call part)."""
     d, N, H, dh = shape.d, shape.latents, shape.heads, shape.dim_head
     F = 4 * d
     per_token = 2 * d * H * N * 2 + 2 * d * 2 * F
     per_call = 2 * N * d * 2 * H * dh + 2 * 2 * H * N * dh * d
     fwd = tokens * per_token + per_call + 2 * shape.batch * F * d
-    return (fwd + (3 * fwd + 2 * per_call if backward else 0)) / 1e12
+    recompute = fwd - (tokens * (2 * d * H * N + 2 * d * 2 * F) if saved else 0)
+    return (fwd + (recompute + 2 * fwd + 2 * per_call if backward else 0)) / 1e12
 
 
 def main() -> int:
@@ -82,11 +86,14 @@ def main() -> int:
         torch.autograd.grad(layer.module(hs, mask), [hs, *layer.weights], gout.to(dtype))
 
     rows = []
-    for kernels in ("aten", "fused"):
-        with env_vars({"NVEMBED_LATENT_POOL_KERNELS": kernels}):
+    variants = (("aten", "aten", "0"), ("fused", "fused", "0"), ("saved", "aten", "8192"))
+    for kernels, stages, save_mb in variants:
+        with env_vars({"NVEMBED_LATENT_POOL_KERNELS": stages, "NVEMBED_LATENT_POOL_SAVE_MB": save_mb}):
             for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
+                if kernels == "saved" and mode == "fwd":
+                    continue  # the same forward as aten's (no gradients, nothing kept)
                 ms = statistics.median(time_calls(fn, 1, 3 if args.tiny else 5, on_cuda))
-                tflop = executed_tflop(shape, tokens, mode == "fwd+bwd")
+                tflop = executed_tflop(shape, tokens, mode == "fwd+bwd", saved=kernels == "saved")
                 acts = [ProfilerActivity.CUDA] if on_cuda else [ProfilerActivity.CPU]
                 with profile(activities=acts) as prof:
                     fn()

@@ -90,13 +90,15 @@ def test_gpu_latent_pool_tiny_records_a_failing_compile(tmp_path):
 
 def test_gpu_profile_latent_pool_tiny_cpu(tmp_path):
     """bench/gpu_profile_latent_pool.py (gpu_check.sh's latent_pool_profile step) in --tiny mode: both kernel
-    choices, fwd and fwd+bwd, the CSV."""
+    choices, fwd and fwd+bwd, and fwd+bwd with saved activations, the CSV."""
     out = run_bench("gpu_profile_latent_pool.py", "--tiny", "--device", "cpu", "--out", str(tmp_path))
     assert out.returncode == 0, out.stdout + out.stderr
     with open(tmp_path / "gpu_profile_latent_pool_tiny.csv") as f:
         rows = list(csv.DictReader(f))
     assert [(r["kernels"], r["mode"]) for r in rows] == [("aten", "fwd"), ("aten", "fwd+bwd"), ("fused", "fwd"),
-                                                         ("fused", "fwd+bwd")]
+                                                         ("fused", "fwd+bwd"), ("saved", "fwd+bwd")]
+    # the saved path executes fewer FLOPs: no attention output and no ff_in GEMM in the backward's recomputation
+    assert float(rows[4]["tflop"]) < float(rows[1]["tflop"])
     for r in rows:
         assert float(r["ms"]) > 0 and float(r["tflop"]) > 0
         assert abs(float(r["kernel_ms"]) - sum(float(r[k]) for k in ("gemm_ms", "nvembed_ms", "other_ms"))) < 1e-2
