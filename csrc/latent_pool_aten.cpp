@@ -366,13 +366,8 @@ void for_chunks(const Layer& s, Fn fn) {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps, const LatentPoolKernels* kernels, const std::vector<Tensor>* saved) {
+std::tuple<Tensor, Tensor> latent_pool_fwd_aten(NVE_LATENT_POOL_PARAMS, const LatentPoolKernels* kernels,
+                                                const std::vector<Tensor>* saved) {
   const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   const Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
                         norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias,
@@ -409,13 +404,8 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
   return {out.to(s.io), pooled};
 }
 
-std::vector<Tensor> latent_pool_bwd_aten(
-    const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
-    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps, const LatentPoolKernels* kernels, const std::vector<Tensor>* saved) {
+std::vector<Tensor> latent_pool_bwd_aten(const Tensor& grad_out, const Tensor& pooled, NVE_LATENT_POOL_PARAMS,
+                                         const LatentPoolKernels* kernels, const std::vector<Tensor>* saved) {
   const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias,
                   to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias,

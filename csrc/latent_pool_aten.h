@@ -12,6 +12,17 @@
 namespace nvembed {
 using at::Tensor;
 
+// The parameters of every latent_pool entry point that takes the op's arguments (the schema's names and order, see
+// torch_bindings.cpp): the composite, the CPU / CUDA launchers and the ATen implementation. NVE_LATENT_POOL_INPUTS
+// (below) gathers them by these names.
+#define NVE_LATENT_POOL_PARAMS                                                                                   \
+  const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,                     \
+      const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,                      \
+      const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,                     \
+      const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias,                      \
+      const Tensor& ff_in_weight, const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, \
+      int64_t num_heads, bool normalize, double eps
+
 struct LatentPoolShapes {
   int64_t B, L, d, N, H, dh, F;
 };
@@ -93,22 +104,11 @@ const char* latent_pool_kernel_choice();
 // fused stage's device kernels, null for ATen ops. `saved`: {geglu_mean, resid, ff_hidden} as
 // latent_pool_saved_empty makes them, for the forward to fill and the backward to read (_latent_pool_fwd_save /
 // _latent_pool_bwd_saved), or null.
-std::tuple<Tensor, Tensor> latent_pool_fwd_aten(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps, const LatentPoolKernels* kernels = nullptr,
-    const std::vector<Tensor>* saved = nullptr);
-std::vector<Tensor> latent_pool_bwd_aten(
-    const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
-    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps, const LatentPoolKernels* kernels = nullptr,
-    const std::vector<Tensor>* saved = nullptr);
+std::tuple<Tensor, Tensor> latent_pool_fwd_aten(NVE_LATENT_POOL_PARAMS, const LatentPoolKernels* kernels = nullptr,
+                                                const std::vector<Tensor>* saved = nullptr);
+std::vector<Tensor> latent_pool_bwd_aten(const Tensor& grad_out, const Tensor& pooled, NVE_LATENT_POOL_PARAMS,
+                                         const LatentPoolKernels* kernels = nullptr,
+                                         const std::vector<Tensor>* saved = nullptr);
 
 // The op's arguments, gathered once by each entry point of a launcher (NVE_LATENT_POOL_INPUTS, in a function
 // whose parameters carry the schema's names); weights in schema order (latents ... ff_out_bias).

@@ -6,6 +6,8 @@
 #include <tuple>
 #include <vector>
 
+#include "latent_pool_aten.h"  // NVE_LATENT_POOL_PARAMS
+
 namespace nvembed {
 using at::Tensor;
 
@@ -76,75 +78,29 @@ std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_cuda(const Tensor& queries, 
 // hidden_states [B, L, d], pool_mask [B, L] (weights, None = all), latents [N, d], weights as in NV-Embed-v2.
 // Returns (out [B, d] in hidden_states' dtype, pooled [B, d] pre-normalization mean in the compute dtype:
 // float32, or float64 for float64 inputs).
-std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
+std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(NVE_LATENT_POOL_PARAMS);
 // Returns the 15 gradients, in argument order without pool_mask (hidden_states, latents, norm_weight, ...).
-std::vector<Tensor> latent_pool_bwd_cpu(
-    const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
-    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
+std::vector<Tensor> latent_pool_bwd_cpu(const Tensor& grad_out, const Tensor& pooled, NVE_LATENT_POOL_PARAMS);
 // The forward that also returns the activations the backward would otherwise recompute (geglu_mean [B, F], resid
 // [B*L, d], ff_hidden [B*L, 2F]: latent_pool_saved_empty in latent_pool_aten.h; cpu::latent_pool::Saved), and the
 // backward that reads them. latent_pool's composite takes this pair when gradients are needed and
 // latent_pool_saves_activations says so.
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cpu(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cpu(NVE_LATENT_POOL_PARAMS);
 std::vector<Tensor> latent_pool_bwd_saved_cpu(
     const Tensor& grad_out, const Tensor& pooled, const Tensor& geglu_mean, const Tensor& resid,
-    const Tensor& ff_hidden, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
-    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
+    const Tensor& ff_hidden, NVE_LATENT_POOL_PARAMS);
 // Whether to keep those activations: their size within NVEMBED_LATENT_POOL_SAVE_MB (MiB; 0 = always recompute).
 // Default: 1024 for the CPU kernel; 0 for the ATen implementation (CUDA, and CPU tensors under
 // NVEMBED_LATENT_POOL_ATEN=1) until a GPU run verifies it there (kLatentPoolSavedVerified).
 bool latent_pool_saves_activations(const Tensor& hidden_states, const Tensor& ff_in_weight);
 #ifdef NVEMBED_WITH_CUDA
 // The same two on CUDA (float32 / bfloat16 / float16): csrc/cuda/latent_pool_launcher.cpp.
-std::tuple<Tensor, Tensor> latent_pool_fwd_cuda(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cuda(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
+std::tuple<Tensor, Tensor> latent_pool_fwd_cuda(NVE_LATENT_POOL_PARAMS);
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cuda(NVE_LATENT_POOL_PARAMS);
 std::vector<Tensor> latent_pool_bwd_saved_cuda(
     const Tensor& grad_out, const Tensor& pooled, const Tensor& geglu_mean, const Tensor& resid,
-    const Tensor& ff_hidden, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
-    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
-std::vector<Tensor> latent_pool_bwd_cuda(
-    const Tensor& grad_out, const Tensor& pooled, const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
-    const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps);
+    const Tensor& ff_hidden, NVE_LATENT_POOL_PARAMS);
+std::vector<Tensor> latent_pool_bwd_cuda(const Tensor& grad_out, const Tensor& pooled, NVE_LATENT_POOL_PARAMS);
 #endif
 // LATENT_POOL_DECLS_END
 

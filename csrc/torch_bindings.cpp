@@ -6,6 +6,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string_view>
 
 #include "infonce_gemm.h"
@@ -58,46 +59,31 @@ Tensor infonce_composite(const Tensor& queries, const Tensor& docs, int64_t grou
 }
 
 // LATENT_POOL_COMPOSITE_FN_BEGIN
-Tensor latent_pool_composite(const Tensor& hidden_states, const std::optional<Tensor>& pool_mask,
-                             const Tensor& latents, const Tensor& norm_weight, const Tensor& norm_bias,
-                             const Tensor& norm_context_weight, const Tensor& norm_context_bias,
-                             const Tensor& to_q_weight, const Tensor& to_kv_weight, const Tensor& to_out_weight,
-                             const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-                             const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias,
-                             int64_t num_heads, bool normalize, double eps) {
+Tensor latent_pool_composite(NVE_LATENT_POOL_PARAMS) {
   // Where gradients are needed and latent_pool_saves_activations allows it, _latent_pool_fwd_save (the backward then
-  // skips most of its recomputation); otherwise _latent_pool_fwd.
-  bool wants_grad = false;
-  for (const Tensor* t : {&hidden_states, &latents, &norm_weight, &norm_bias, &norm_context_weight,
-                          &norm_context_bias, &to_q_weight, &to_kv_weight, &to_out_weight, &ff_norm_weight,
-                          &ff_norm_bias, &ff_in_weight, &ff_in_bias, &ff_out_weight, &ff_out_bias}) {
-    wants_grad = wants_grad || t->requires_grad();
-  }
-  wants_grad = wants_grad && at::GradMode::is_enabled();
+  // skips most of its recomputation); otherwise _latent_pool_fwd. Both return out first.
+  const NVE_LATENT_POOL_INPUTS;
+  const bool wants_grad =
+      at::GradMode::is_enabled() &&
+      (hidden_states.requires_grad() || std::any_of(in.w.begin(), in.w.end(), [](const Tensor* t) {
+         return t->requires_grad();
+       }));
+  const auto out = [&](const auto& op) {
+    return std::get<0>(op.call(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
+                               norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
+                               ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads,
+                               normalize, eps));
+  };
   if (wants_grad && latent_pool_saves_activations(hidden_states, ff_in_weight)) {
-    static auto save =
-        c10::Dispatcher::singleton()
-            .findSchemaOrThrow("nvembed::_latent_pool_fwd_save", "")
-            .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
-                const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&,
-                const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, bool, double)>();
-    return std::get<0>(save.call(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
-                                 norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
-                                 ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads,
-                                 normalize, eps));
+    static auto save = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("nvembed::_latent_pool_fwd_save", "")
+                           .typed<decltype(latent_pool_fwd_save_cpu)>();
+    return out(save);
   }
-  static auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("nvembed::_latent_pool_fwd", "")
-          .typed<std::tuple<Tensor, Tensor>(
-              const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-              const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-              const Tensor&, const Tensor&, const Tensor&, int64_t, bool, double)>();
-  return std::get<0>(op.call(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
-                             norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight,
-                             ff_norm_bias, ff_in_weight, ff_in_bias, ff_out_weight, ff_out_bias, num_heads, normalize,
-                             eps));
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("nvembed::_latent_pool_fwd", "")
+                       .typed<decltype(latent_pool_fwd_cpu)>();
+  return out(op);
 }
 // LATENT_POOL_COMPOSITE_FN_END
 

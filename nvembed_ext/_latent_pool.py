@@ -138,53 +138,33 @@ def _latent_pool_bwd_saved_fake(grad_out, pooled, geglu_mean, resid, ff_hidden, 
 
 
 def _setup_context(ctx, inputs, output):
+    """Both forwards: _latent_pool_fwd returns (out, pooled), _latent_pool_fwd_save also the activations it kept."""
     *tensors, num_heads, normalize, eps = inputs
-    _, pooled = output
+    _, pooled, *acts = output
     hidden_states, pool_mask, *weights = tensors
-    ctx.has_mask = pool_mask is not None
-    saved = [hidden_states, *weights, pooled] + ([pool_mask] if ctx.has_mask else [])
-    ctx.save_for_backward(*saved)
-    ctx.num_heads, ctx.normalize, ctx.eps = num_heads, normalize, eps
-    ctx.mark_non_differentiable(pooled)  # no zero-filled gradient for it
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_out, grad_pooled):
-    saved = ctx.saved_tensors
-    hidden_states, weights, pooled = saved[0], saved[1:15], saved[15]
-    pool_mask = saved[16] if ctx.has_mask else None
-    if grad_out is None:
-        return (None,) * 16 + (None, None, None)
-    grads = torch.ops.nvembed._latent_pool_bwd(grad_out.contiguous(), pooled, hidden_states, pool_mask, *weights,
-                                               ctx.num_heads, ctx.normalize, ctx.eps)
-    return (grads[0], None, *grads[1:], None, None, None)
-
-
-torch.library.register_autograd(_lib + "_latent_pool_fwd", _backward, setup_context=_setup_context)
-
-
-def _setup_context_save(ctx, inputs, output):
-    *tensors, num_heads, normalize, eps = inputs
-    _, pooled, *saved = output
-    hidden_states, pool_mask, *weights = tensors
-    ctx.has_mask = pool_mask is not None
-    ctx.save_for_backward(hidden_states, *weights, pooled, *saved, *([pool_mask] if ctx.has_mask else []))
+    ctx.has_mask, ctx.num_acts = pool_mask is not None, len(acts)
+    ctx.save_for_backward(hidden_states, *weights, pooled, *acts, *([pool_mask] if ctx.has_mask else []))
     ctx.num_heads, ctx.normalize, ctx.eps = num_heads, normalize, eps
     # Only `out` is differentiable. Without this autograd would hand the backward zero-filled gradients for pooled
-    # and the saved activations (a [B*L, 2F] tensor of zeros: as large as ff_hidden itself).
-    ctx.mark_non_differentiable(pooled, *saved)
+    # and the saved activations (for ff_hidden a [B*L, 2F] tensor of zeros: as large as ff_hidden itself).
+    ctx.mark_non_differentiable(pooled, *acts)
     ctx.set_materialize_grads(False)
 
 
-def _backward_save(ctx, grad_out, *_):
+def _backward(ctx, grad_out, *_):
     saved = ctx.saved_tensors
-    hidden_states, weights, pooled, acts = saved[0], saved[1:15], saved[15], saved[16:19]
-    pool_mask = saved[19] if ctx.has_mask else None
+    hidden_states, weights, pooled = saved[0], saved[1:15], saved[15]
+    acts = saved[16:16 + ctx.num_acts]
+    pool_mask = saved[16 + ctx.num_acts] if ctx.has_mask else None
     if grad_out is None:
         return (None,) * 16 + (None, None, None)
-    grads = torch.ops.nvembed._latent_pool_bwd_saved(grad_out.contiguous(), pooled, *acts, hidden_states, pool_mask,
-                                                     *weights, ctx.num_heads, ctx.normalize, ctx.eps)
+    args = (hidden_states, pool_mask, *weights, ctx.num_heads, ctx.normalize, ctx.eps)
+    if acts:
+        grads = torch.ops.nvembed._latent_pool_bwd_saved(grad_out.contiguous(), pooled, *acts, *args)
+    else:
+        grads = torch.ops.nvembed._latent_pool_bwd(grad_out.contiguous(), pooled, *args)
     return (grads[0], None, *grads[1:], None, None, None)
 
 
-torch.library.register_autograd(_lib + "_latent_pool_fwd_save", _backward_save, setup_context=_setup_context_save)
+for _op in ("_latent_pool_fwd", "_latent_pool_fwd_save"):
+    torch.library.register_autograd(_lib + _op, _backward, setup_context=_setup_context)

@@ -169,7 +169,8 @@ cpu::latent_pool::Params<S> make_params(Converted& cv, const LatentPoolShapes& s
 }
 
 // The CPU kernel's forward; `saved` = {geglu_mean, resid, ff_hidden} to fill (latent_pool_fwd_save_cpu) or empty.
-std::tuple<Tensor, Tensor> run_forward(const LatentPoolShapes& s, const LatentPoolInputs& in, const std::vector<Tensor>& saved) {
+std::tuple<Tensor, Tensor> run_forward(const LatentPoolShapes& s, const LatentPoolInputs& in,
+                                       const std::vector<Tensor>& saved) {
   const at::ScalarType st = accum_dtype(in.hs.scalar_type());
   auto opts = in.hs.options().dtype(st);
   Tensor out = at::empty({s.B, s.d}, opts);
@@ -276,25 +277,13 @@ bool latent_pool_saves_activations(const Tensor& hidden_states, const Tensor& ff
   return bytes <= double(budget_mb) * 1024.0 * 1024.0;
 }
 
-std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+std::tuple<Tensor, Tensor> latent_pool_fwd_cpu(NVE_LATENT_POOL_PARAMS) {
   const NVE_LATENT_POOL_INPUTS;
   const LatentPoolShapes s = in.check(/*cuda=*/false);
   return use_aten_path() ? in.aten_fwd(nullptr, nullptr) : run_forward(s, in, {});
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cpu(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cpu(NVE_LATENT_POOL_PARAMS) {
   const NVE_LATENT_POOL_INPUTS;
   const LatentPoolShapes s = in.check(/*cuda=*/false);
   const std::vector<Tensor> saved = latent_pool_saved_empty(hidden_states, s);
@@ -302,35 +291,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cpu(
   return {out, pooled, saved[0], saved[1], saved[2]};
 }
 
-std::vector<Tensor> latent_pool_bwd_cpu(
-    const Tensor& grad_out, const Tensor& pooled,
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+std::vector<Tensor> latent_pool_bwd_cpu(const Tensor& grad_out, const Tensor& pooled, NVE_LATENT_POOL_PARAMS) {
   const NVE_LATENT_POOL_INPUTS;
   const LatentPoolShapes s = in.check(/*cuda=*/false);
   latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
-  return use_aten_path() ? in.aten_bwd(grad_out, pooled, nullptr, nullptr) : run_backward(s, in, grad_out, pooled, {});
+  return use_aten_path() ? in.aten_bwd(grad_out, pooled, nullptr, nullptr)
+                         : run_backward(s, in, grad_out, pooled, {});
 }
 
 std::vector<Tensor> latent_pool_bwd_saved_cpu(
     const Tensor& grad_out, const Tensor& pooled, const Tensor& geglu_mean, const Tensor& resid,
-    const Tensor& ff_hidden,
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+    const Tensor& ff_hidden, NVE_LATENT_POOL_PARAMS) {
   const NVE_LATENT_POOL_INPUTS;
   const LatentPoolShapes s = in.check(/*cuda=*/false);
   latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
   const std::vector<Tensor> saved{geglu_mean, resid, ff_hidden};
   latent_pool_check_saved(saved, hidden_states, s);
-  return use_aten_path() ? in.aten_bwd(grad_out, pooled, nullptr, &saved) : run_backward(s, in, grad_out, pooled, saved);
+  return use_aten_path() ? in.aten_bwd(grad_out, pooled, nullptr, &saved)
+                         : run_backward(s, in, grad_out, pooled, saved);
 }
 
 }  // namespace nvembed

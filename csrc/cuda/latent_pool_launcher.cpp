@@ -127,26 +127,14 @@ const LatentPoolKernels* chosen_kernels() {
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> latent_pool_fwd_cuda(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+std::tuple<Tensor, Tensor> latent_pool_fwd_cuda(NVE_LATENT_POOL_PARAMS) {
   const NVE_LATENT_POOL_INPUTS;
   in.check(/*cuda=*/true);
   const c10::cuda::CUDAGuard guard(hidden_states.device());
   return in.aten_fwd(chosen_kernels(), nullptr);
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cuda(
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cuda(NVE_LATENT_POOL_PARAMS) {
   const NVE_LATENT_POOL_INPUTS;
   const LatentPoolShapes s = in.check(/*cuda=*/true);
   const c10::cuda::CUDAGuard guard(hidden_states.device());
@@ -155,14 +143,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> latent_pool_fwd_save_cuda(
   return {out, pooled, saved[0], saved[1], saved[2]};
 }
 
-std::vector<Tensor> latent_pool_bwd_cuda(
-    const Tensor& grad_out, const Tensor& pooled,
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+std::vector<Tensor> latent_pool_bwd_cuda(const Tensor& grad_out, const Tensor& pooled, NVE_LATENT_POOL_PARAMS) {
   const NVE_LATENT_POOL_INPUTS;
   const LatentPoolShapes s = in.check(/*cuda=*/true);
   latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
@@ -172,13 +153,7 @@ std::vector<Tensor> latent_pool_bwd_cuda(
 
 std::vector<Tensor> latent_pool_bwd_saved_cuda(
     const Tensor& grad_out, const Tensor& pooled, const Tensor& geglu_mean, const Tensor& resid,
-    const Tensor& ff_hidden,
-    const Tensor& hidden_states, const std::optional<Tensor>& pool_mask, const Tensor& latents,
-    const Tensor& norm_weight, const Tensor& norm_bias, const Tensor& norm_context_weight,
-    const Tensor& norm_context_bias, const Tensor& to_q_weight, const Tensor& to_kv_weight,
-    const Tensor& to_out_weight, const Tensor& ff_norm_weight, const Tensor& ff_norm_bias, const Tensor& ff_in_weight,
-    const Tensor& ff_in_bias, const Tensor& ff_out_weight, const Tensor& ff_out_bias, int64_t num_heads,
-    bool normalize, double eps) {
+    const Tensor& ff_hidden, NVE_LATENT_POOL_PARAMS) {
   const NVE_LATENT_POOL_INPUTS;
   const LatentPoolShapes s = in.check(/*cuda=*/true);
   latent_pool_check_bwd_args(grad_out, pooled, hidden_states, s);
