@@ -4,6 +4,7 @@ for non-retrieval batches, GradCache equal to the plain step, two gloo processes
 resumed with the uninterrupted run's losses."""
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -84,7 +85,8 @@ def test_identity_head_keeps_the_base_embeddings_and_export_round_trips(tmp_path
     assert torch.allclose(reloaded.encode(texts, convert_to_numpy=False), trained, atol=1e-5)
 
 
-def test_train_run_writes_a_loadable_model_logs_and_eval(tmp_path, data_file):
+def _beir(tmp_path):
+    """A BEIR folder of the _DOCS functions: query = first docstring line, relevant doc = the rest."""
     beir = tmp_path / "beir"
     (beir / "qrels").mkdir(parents=True)
     with open(beir / "corpus.jsonl", "w") as f:
@@ -95,13 +97,20 @@ def test_train_run_writes_a_loadable_model_logs_and_eval(tmp_path, data_file):
             f.write(json.dumps({"_id": "q:" + name, "text": q}) + "\n")
     with open(beir / "qrels" / "test.tsv", "w") as f:
         f.write("query-id\tcorpus-id\tscore\n" + "".join(f"q:{n}\t{n}\t1\n" for n, _, _ in _DOCS))
-    cfg = _cfg(tmp_path, data_file, eval_data=str(beir))
+    return str(beir)
+
+
+def test_train_run_writes_a_loadable_model_logs_and_eval(tmp_path, data_file):
+    cfg = _cfg(tmp_path, data_file, eval_data=_beir(tmp_path))
     summary = train(cfg)
     assert len(summary["losses"]) == 2 and all(torch.isfinite(torch.tensor(summary["losses"])))
     assert [e["step"] for e in summary["evals"]] == [0, 2]
     out = cfg.output
     log = [json.loads(ln) for ln in open(os.path.join(out, "train_log.jsonl"))]
     assert [r["step"] for r in log] == [1, 2] and all(r["examples_per_s"] > 0 for r in log)
+    # the rates each step's update used (linear decay from lr over 2 steps), per parameter group
+    assert [r["lr"] for r in log] == pytest.approx([1e-4, 5e-5])
+    assert [r["lrs"] for r in log] == [{"backbone": 1e-4, "head": 1e-4}, {"backbone": 5e-5, "head": 5e-5}]
     assert json.load(open(os.path.join(out, "eval.json")))["instruction"] == INSTR
     model = nvembed.load(out)
     assert model.config["pooling"] == "latent" and model.config["is_mask_instruction"] is True
@@ -204,7 +213,8 @@ def _cli(*args, env=None):
 def test_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data_file):
     common = ["train", "--data", data_file, "--max-steps", "4", "--batch-size", "4", "--group-size", "2",
               "--num-latents", "16", "--query-max-length", "32", "--doc-max-length", "48", "--save-every", "2",
-              "--no-progress", "--lr", "1e-4", "--warmup-steps", "1"]
+              "--no-progress", "--lr", "1e-4", "--warmup-steps", "1", "--eval-data", _beir(tmp_path),
+              "--eval-every", "2"]
     full = _cli(*common, "--output", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr[-3000:]
     killed = _cli(*common, "--output", str(tmp_path / "res"), env={"NVEMBED_TRAIN_EXIT_AFTER_STEP": "3"})
@@ -218,6 +228,40 @@ def test_killed_run_resumes_with_the_uninterrupted_losses(tmp_path, data_file):
         return [json.loads(ln)["loss"] for ln in open(tmp_path / d / "train_log.jsonl")]
     assert len(losses("full")) == 4
     assert losses("res") == pytest.approx(losses("full"), rel=1e-5)
+    # the evaluations made before the kill (steps 0 and 2) are kept in eval.json and the summary
+
+    def evals(d):
+        return [(e["step"], round(e["nDCG@10"], 3)) for e in json.load(open(tmp_path / d / "eval.json"))["evals"]]
+    assert [step for step, _ in evals("full")] == [0, 2, 4]
+    assert evals("res") == evals("full")
+    line = json.loads(resumed.stdout)
+    assert (line["eval_first"]["step"], line["eval_last"]["step"]) == (0, 4)  # the baseline, not the first after
+
+
+def test_checkpoints_of_another_run_are_never_resumed_or_mixed_in(tmp_path, data_file):
+    """A rerun into a folder that holds another run's checkpoints: resuming with other settings is refused, a run
+    with --no-resume removes them (its own retention then keeps only its checkpoints), and the step-N.tmp folder of
+    a killed save is ignored and cleared."""
+    out = tmp_path / "run"
+    common = ["train", "--data", data_file, "--batch-size", "4", "--group-size", "2", "--num-latents", "16",
+              "--query-max-length", "32", "--doc-max-length", "48", "--save-every", "1", "--no-progress",
+              "--output", str(out)]
+    first = _cli(*common, "--max-steps", "4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    ckpts = out / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["step-3", "step-4"]
+    shutil.copytree(ckpts / "step-4", ckpts / "step-5.tmp")  # a save killed before its rename
+    refused = _cli(*common, "--max-steps", "3")
+    assert refused.returncode == 2 and "max_steps: 4 in the checkpoint, 3 now" in refused.stderr, refused.stderr
+    assert json.load(open(out / "train_config.json"))["max_steps"] == 4  # the folder still describes its run
+    fresh = _cli(*common, "--max-steps", "3", "--no-resume")
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "removed 2 checkpoint(s) of an earlier run" in fresh.stderr
+    assert sorted(os.listdir(ckpts)) == ["step-2", "step-3"]
+    resumed = _cli(*common, "--max-steps", "3")  # its own, finished run: resumes at its end
+    assert resumed.returncode == 0 and json.loads(resumed.stdout)["resumed_from"] == 3, resumed.stderr[-3000:]
+    over = _cli(*common, "--max-steps", "3", "--lr", "1e-3")
+    assert over.returncode == 2 and "lr: 2e-05 in the checkpoint, 0.001 now" in over.stderr, over.stderr
 
 
 def test_cli_yaml_config_and_errors(tmp_path, data_file):
@@ -245,3 +289,7 @@ def test_config_errors_name_the_setting(tmp_path, data_file):
         TrainConfig.from_dict({"data": data_file, "output": "o", "lr": "fast"})
     with pytest.raises(TrainError, match="pooling"):
         _cfg(tmp_path, data_file, pooling="cls").validate()
+    for key, value in (("weight_decay", -0.1), ("weight_decay", float("nan")), ("lora_alpha", 0),
+                       ("latent_dim_head", 0), ("max_grad_norm", float("nan")), ("max_grad_norm", -1.0)):
+        with pytest.raises(TrainError, match=f"train: {key} must be"):
+            _cfg(tmp_path, data_file, **{key: value}).validate()

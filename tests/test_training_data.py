@@ -220,6 +220,13 @@ def test_iterate_batches_errors_are_eager():
                                         r"retrieval 23, classification 5, sts 11"):
         iterate_batches(ex, batch_size=32, group_size=2, seed=0)
     assert next(iterate_batches(ex, 32, 2, 0, drop_last=False)).step == 0
+    # one task type too small for a batch: an error naming it, not a type silently never trained on
+    with pytest.raises(DataError, match=r"iterate_batches: task type classification \(5 examples\) cannot fill "
+                                        r"one batch of batch_size=8"):
+        iterate_batches(ex, batch_size=8, group_size=2, seed=0)
+    with pytest.raises(DataError, match=r"task type classification \(5 examples\), sts \(11 examples\) cannot"):
+        iterate_batches(ex, batch_size=12, group_size=2, seed=0)
+    assert {next(iterate_batches(ex, 8, 2, 0, drop_last=False)).step} == {0}
     with pytest.raises(DataError, match="check_group_size: 1 of 40 examples have no negatives"):
         iterate_batches(ex + [Example("q", ("p",))], 4, 2, 0)
     with pytest.raises(DataError, match="iterate_batches: start_step must be >= 0"):

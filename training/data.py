@@ -252,6 +252,14 @@ def iterate_batches(examples: Sequence[Example], batch_size: int, group_size: in
         counts = ", ".join(f"{t} {n}" for t, n in counts.items() if n) or "no examples"
         raise DataError(f"iterate_batches: no full batch of batch_size={batch_size} can be formed (batches hold one "
                         f"task type; examples per type: {counts}): lower batch_size or add examples")
+    if drop_last:
+        # a task type with fewer examples than a batch would be loaded and then never trained on
+        starved = {t: n for t in TASK_TYPES if 0 < (n := sum(ex.task_type == t for ex in examples)) < batch_size}
+        if starved:
+            listed = ", ".join(f"{t} ({n} examples)" for t, n in starved.items())
+            raise DataError(f"iterate_batches: task type {listed} cannot fill one batch of batch_size={batch_size} "
+                            "(batches hold one task type, so these examples would never be trained on): lower "
+                            "batch_size, add examples of that type, or leave them out")
     return _batches(examples, batch_size, group_size, seed, start_step, drop_last, per_epoch)
 
 

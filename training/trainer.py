@@ -25,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -46,6 +47,14 @@ EXIT_AFTER_STEP_ENV = "NVEMBED_TRAIN_EXIT_AFTER_STEP"
 
 class TrainError(ValueError):
     """A bad training setting or input (the CLI prints it as one line)."""
+
+
+# Settings a resumed run may change: where and how often it logs, evaluates and saves, and how it computes the same
+# steps (device, bf16 autocast, activation checkpointing, GradCache). Every other setting must equal the
+# checkpoint's, or resuming would continue another run's trajectory under this run's name.
+RESUME_MAY_CHANGE = frozenset({"output", "resume", "progress", "log_every", "save_every", "keep_checkpoints",
+                               "eval_data", "eval_every", "eval_instruction", "eval_batch_size", "device", "bf16",
+                               "gradient_checkpointing", "grad_cache_chunk"})
 
 
 @dataclass
@@ -120,7 +129,13 @@ class TrainConfig:
         need(self.pooling in ("latent", "keep"), f"pooling must be 'latent' or 'keep', got {self.pooling!r}")
         need(self.head_init in ("identity", "random"), f"head_init must be 'identity' or 'random', got {self.head_init!r}")
         need(self.grad_cache_chunk is None or self.grad_cache_chunk >= 1, "grad_cache_chunk must be >= 1")
-        need(self.max_grad_norm >= 0, "max_grad_norm must be >= 0")
+        need(math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+             f"max_grad_norm must be finite and >= 0, got {self.max_grad_norm}")
+        need(math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"weight_decay must be finite and >= 0, got {self.weight_decay}")
+        need(math.isfinite(self.lora_alpha) and self.lora_alpha > 0, f"lora_alpha must be > 0, got {self.lora_alpha}")
+        need(self.latent_dim_head is None or (isinstance(self.latent_dim_head, int) and self.latent_dim_head >= 1),
+             f"latent_dim_head must be an integer >= 1 (or unset), got {self.latent_dim_head!r}")
 
     @property
     def total_steps(self) -> int:
@@ -324,11 +339,33 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
 def checkpoint_dirs(output: str) -> List[str]:
-    """Complete checkpoints (trainer_state.pt is written last), oldest first."""
-    dirs = [d for d in glob.glob(os.path.join(output, "checkpoints", "step-*"))
-            if os.path.isfile(os.path.join(d, STATE_FILE))]
-    return sorted(dirs, key=lambda d: int(d.rsplit("-", 1)[1]))
+    """Complete checkpoints (trainer_state.pt is written last), oldest first; a step-N.tmp folder that a killed save
+    left behind is not one."""
+    found = []
+    for d in glob.glob(os.path.join(output, "checkpoints", "step-*")):
+        m = _STEP_DIR.fullmatch(os.path.basename(d))
+        if m and os.path.isfile(os.path.join(d, STATE_FILE)):
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def _clear_stale_checkpoints(output: str, resume: bool) -> int:
+    """Remove the step-N.tmp folders of killed saves and, for a run that does not resume, every checkpoint and the
+    eval.json of an earlier run in this folder (kept, they would be resumed from later or mixed into this run's
+    retention); returns how many checkpoints were removed."""
+    removed = 0
+    for d in glob.glob(os.path.join(output, "checkpoints", "step-*")):
+        is_tmp = _STEP_DIR.fullmatch(os.path.basename(d)) is None
+        if is_tmp or not resume:
+            shutil.rmtree(d, ignore_errors=True)
+            removed += not is_tmp
+    if not resume and os.path.isfile(os.path.join(output, "eval.json")):
+        os.remove(os.path.join(output, "eval.json"))
+    return removed
 
 
 def save_checkpoint(output: str, step: int, model, optimizer, scheduler, cfg: TrainConfig, dist: Dist) -> str:
@@ -359,8 +396,27 @@ def save_checkpoint(output: str, step: int, model, optimizer, scheduler, cfg: Tr
     return final
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, dist: Dist) -> int:
+def check_resumable(state: Dict[str, Any], path: str, cfg: TrainConfig) -> None:
+    """The checkpoint belongs to a run with this run's settings (all but RESUME_MAY_CHANGE) and lies within it."""
+    saved = state.get("config") or {}
+    diff = [(k, saved[k], v) for k, v in dataclasses.asdict(cfg).items()
+            if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
+    if diff:
+        listed = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diff[:6])
+        raise TrainError(f"train: checkpoint {path} was written by a run with other settings ({listed}): resume "
+                         "with the same settings, start over with --no-resume (removes the old checkpoints), or "
+                         "write to another --output")
+    if int(state["step"]) > cfg.total_steps:
+        raise TrainError(f"train: checkpoint {path} is at step {state['step']}, beyond this run's "
+                         f"{cfg.total_steps} steps: start over with --no-resume or write to another --output")
+
+
+def load_checkpoint(path: str, model, optimizer, scheduler, dist: Dist, cfg: Optional[TrainConfig] = None) -> int:
+    """Restore a checkpoint (with cfg: after check_resumable); returns its step."""
     from safetensors.torch import load_file
+    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
+    if cfg is not None:
+        check_resumable(state, path, cfg)
     tensors = load_file(os.path.join(path, TRAINABLE_FILE))
     params = dict(trainable_parameters(model))
     if set(tensors) != set(params):
@@ -370,7 +426,6 @@ def load_checkpoint(path: str, model, optimizer, scheduler, dist: Dist) -> int:
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(tensors[n])
-    state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if state["world"] == dist.world:
@@ -395,8 +450,7 @@ def evaluate_beir(model, data_dir: str, instruction: str = "", batch_size: int =
     d_emb = model.encode([retrieval.document_text(a, b) for a, b in zip(titles, texts)], **kw)
     q_emb = model.encode([queries[q] for q in qids], instruction=instruction, **kw)
     k = max(k for _, _, k in retrieval.METRICS)
-    _, idx = retrieval.exact_topk(q_emb, d_emb, k)
-    metrics = retrieval.evaluate({q: [ids[i] for i in row] for q, row in zip(qids, idx.tolist())}, qrels)
+    metrics = retrieval.evaluate(retrieval.retrieve(q_emb, d_emb, qids, ids, k), qrels)
     metrics.pop("queries", None)
     return {name: round(float(v), 5) for name, v in metrics.items()}
 
@@ -535,6 +589,22 @@ class Trainer:
                  "evals": evals}, indent=2))
         self.dist.barrier()
 
+    def _earlier_evals(self, upto_step: int) -> List[Dict[str, Any]]:
+        """The evaluations a resumed run made up to its checkpoint (eval.json, same data and instruction)."""
+        path = os.path.join(self.cfg.output, "eval.json")
+        if not (self.cfg.eval_data and os.path.isfile(path)):
+            return []
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            return []
+        if (not isinstance(doc, dict) or doc.get("data") != os.path.abspath(self.cfg.eval_data)
+                or doc.get("instruction") != self.eval_instruction):
+            return []
+        return [e for e in doc.get("evals", []) if isinstance(e, dict) and isinstance(e.get("step"), int)
+                and e["step"] <= upto_step]
+
     def _truncate_log(self, upto_step: int):
         """Drop log lines of steps after the checkpoint a resumed run restarts from."""
         path = os.path.join(self.cfg.output, LOG_FILE)
@@ -548,19 +618,24 @@ class Trainer:
         cfg, dist = self.cfg, self.dist
         if dist.main:
             os.makedirs(cfg.output, exist_ok=True)
-            atomic_write_text(os.path.join(cfg.output, "train_config.json"),
-                              json.dumps(dataclasses.asdict(cfg), indent=2))
+            removed = _clear_stale_checkpoints(cfg.output, cfg.resume)
+            if removed:
+                print(f"nvembed train: not resuming: removed {removed} checkpoint(s) of an earlier run in "
+                      f"{os.path.join(cfg.output, 'checkpoints')}", file=sys.stderr)
         dist.barrier()
         start = 0
         ckpts = checkpoint_dirs(cfg.output) if cfg.resume else []
         if ckpts:
-            start = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler, dist)
+            start = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler, dist, cfg)
             if dist.main:
                 print(f"nvembed train: resumed from {ckpts[-1]} (step {start})", file=sys.stderr)
         elif dist.main and os.path.isfile(os.path.join(cfg.output, LOG_FILE)):
             os.remove(os.path.join(cfg.output, LOG_FILE))
+        if dist.main:  # after the resume check: a refused resume leaves the earlier run's settings in place
+            atomic_write_text(os.path.join(cfg.output, "train_config.json"),
+                              json.dumps(dataclasses.asdict(cfg), indent=2))
         self._truncate_log(start)
-        evals: List[Dict[str, Any]] = []
+        evals: List[Dict[str, Any]] = self._earlier_evals(start) if start else []
         if start == 0:
             self._evaluate(0, evals)
         exit_after = int(os.environ.get(EXIT_AFTER_STEP_ENV, "0") or 0)
@@ -573,6 +648,8 @@ class Trainer:
                 bar = None
         losses, t_run, n_examples = [], time.perf_counter(), 0
         for step, stage, batch in self._batches(start):
+            # the rates this step's optimizer update uses (the scheduler moves them on inside train_step)
+            lrs = {g.get("name", str(k)): g["lr"] for k, g in enumerate(self.optimizer.param_groups)}
             t = time.perf_counter()
             loss = self.train_step(batch)
             dt = time.perf_counter() - t
@@ -580,7 +657,7 @@ class Trainer:
             n_examples += len(batch.queries)
             losses.append(loss)
             record = {"step": done, "stage": stage, "task_type": batch.task_type, "loss": round(loss, 6),
-                      "lr": self.scheduler.get_last_lr()[0], "examples_per_s": round(len(batch.queries) / dt, 2),
+                      "lr": next(iter(lrs.values())), "lrs": lrs, "examples_per_s": round(len(batch.queries) / dt, 2),
                       "seconds": round(dt, 3)}
             self._log(record)
             if bar is not None:
