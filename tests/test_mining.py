@@ -57,7 +57,8 @@ def _reference(examples, scores, top_k, perc_pos, max_candidates):
     corpus, s, row = scores
     out = []
     for i, ex in enumerate(examples):
-        threshold = perc_pos * min(s[i, row[p]] for p in ex.pos)
+        low = min(s[i, row[p]] for p in ex.pos)
+        threshold = low - (1 - perc_pos) * abs(low)  # perc_pos x low for low >= 0
         window = [j for j in np.argsort(-s[i], kind="stable") if corpus[j] not in ex.pos and corpus[j] != ex.query]
         out.append([corpus[j] for j in window[:max_candidates] if s[i, j] < threshold][:top_k])
     return out
@@ -87,13 +88,38 @@ def test_mine_several_positives_use_the_lowest_score(model, examples, scores):
     ex = examples[i]
     order = sorted((c for c in corpus if c not in ex.pos), key=lambda c: -s[i, row[c]])
     weak = order[len(order) // 2]
-    threshold = 0.95 * s[i, row[weak]]
+    threshold = s[i, row[weak]] - 0.05 * abs(s[i, row[weak]])  # 0.95 x its score where that is >= 0
     single = mine_hard_negatives([ex], corpus, model, top_k=7, max_length=MAX_LENGTH)[0]
     assert any(s[i, row[c]] >= threshold for c in single.neg)  # these must go
     mined = mine_hard_negatives([Example(ex.query, ex.pos + (weak,), (), ex.instruction)], corpus, model,
                                 top_k=7, max_length=MAX_LENGTH)[0]
     assert weak not in mined.neg and all(s[i, row[c]] < threshold for c in mined.neg)
     assert list(mined.neg) == [c for c in order if c != weak and s[i, row[c]] < threshold][:7]
+
+
+class _FixedTeacher:
+    """A teacher whose embeddings are given per text (the scores of a test are then exact by construction)."""
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def encode(self, texts, instruction="", normalize=False, **kwargs):
+        v = np.array([self.vectors[t] for t in texts], dtype=np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("pos_score", [0.6, -0.2])
+def test_mine_threshold_stays_below_the_positive(pos_score):
+    """The perc_pos margin lies below the positive's score also when that score is negative: a candidate that
+    beats the positive (a likely false negative) is never kept, one within the margin neither, one beyond it is."""
+    def unit(cos):
+        return [cos, float(np.sqrt(1 - cos * cos))]
+    margin = 0.05 * abs(pos_score)
+    cands = {"beats": pos_score + 0.01, "within": pos_score - 0.5 * margin, "beyond": pos_score - 2 * margin - 0.01}
+    teacher = _FixedTeacher({"q": [1.0, 0.0], "pos": unit(pos_score), **{k: unit(c) for k, c in cands.items()}})
+    corpus = ["pos", *cands]
+    mined = mine_hard_negatives([Example("q", ("pos",))], corpus, teacher, top_k=3, perc_pos=0.95)[0]
+    assert mined.neg == ("beyond",)
 
 
 def test_mine_instruction_override_and_corpus_handling(model, examples):

@@ -6,6 +6,8 @@ so, exactly as model.encode does) and every corpus text. For each query the corp
 are dropped (text equality), only the first max_candidates remaining candidates are considered, and of those the
 ones scoring below perc_pos x the positive's score are kept, best first, up to top_k. The threshold removes
 candidates that score almost as high as the positive, which are often unlabelled positives (false negatives).
+For a positive scoring s < 0 the margin is taken below s as well: the threshold is s - (1 - perc_pos) |s| (equal
+to perc_pos x s for s >= 0), so a candidate that beats the positive is never kept as a negative.
 
 With several positives the threshold uses the LOWEST positive score: a candidate is only kept if it scores
 clearly below every positive, the conservative choice against false negatives (the maximum would let through
@@ -16,6 +18,12 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from .data import DataError, Example
+
+
+def _threshold(pos_score: float, perc_pos: float) -> float:
+    """Candidates scoring below this are kept: perc_pos x pos_score for pos_score >= 0, and as far below a
+    negative pos_score (pos_score - (1 - perc_pos) |pos_score|), never above it."""
+    return pos_score - (1.0 - perc_pos) * abs(pos_score)
 
 
 def corpus_from_examples(examples: Sequence[Example]) -> List[str]:
@@ -100,7 +108,7 @@ def mine_hard_negatives(examples: Sequence[Example], corpus: Sequence[str], mode
     mined = []
     for i, ex in enumerate(examples):
         pos_rows = [row[p] for p in ex.pos]
-        threshold = perc_pos * float((docs[pos_rows] @ queries[i]).min())
+        threshold = _threshold(float((docs[pos_rows] @ queries[i]).min()), perc_pos)
         skip = set(ex.pos)
         skip.add(ex.query)
         neg, considered = [], 0
