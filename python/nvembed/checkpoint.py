@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
 import torch
@@ -43,12 +44,28 @@ def check_state_dict_shapes(expected: Mapping[str, Iterable[int]], found: Mappin
     raise CheckpointMismatchError("\n".join(lines))
 
 
+@contextmanager
+def _open_safetensors(path: str):
+    """safe_open, with a truncated or corrupt file reported as a ValueError naming it."""
+    from safetensors import SafetensorError
+    try:
+        with safe_open(path, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise ValueError(f"cannot read {path}: {e}") from None
+
+
 def checkpoint_files(folder: str) -> list:
     index = os.path.join(folder, INDEX_FILE)
     if os.path.isfile(index):
         with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
+            try:
+                weight_map = json.load(f)["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"cannot read {index}: not a safetensors index with a 'weight_map' "
+                                 f"({e!r})") from None
+        return [os.path.join(folder, name) for name in names]
     single = os.path.join(folder, SINGLE_FILE)
     if os.path.isfile(single):
         return [single]
@@ -59,7 +76,7 @@ def read_shapes(folder: str) -> Dict[str, Tuple[int, ...]]:
     """Names and shapes of every tensor in the folder's checkpoint, without reading the data."""
     shapes = {}
     for path in checkpoint_files(folder):
-        with safe_open(path, framework="pt") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():
                 shapes[name] = tuple(f.get_slice(name).get_shape())
     return shapes
@@ -70,7 +87,7 @@ def load_state_dict(folder: str, names: Optional[Iterable[str]] = None) -> Dict[
     wanted = None if names is None else set(names)
     tensors = {}
     for path in checkpoint_files(folder):
-        with safe_open(path, framework="pt") as f:
+        with _open_safetensors(path) as f:
             for name in f.keys():
                 if wanted is None or name in wanted:
                     tensors[name] = f.get_tensor(name)

@@ -103,6 +103,8 @@ def _encode(model, texts: Sequence[str], args, instruction: str = "", normalize:
         return np.zeros((0, model.embedding_dim), dtype=np.float32)
     try:
         return model.encode(list(texts), instruction=instruction, **kwargs)
+    except ValueError as e:  # settings the model cannot honour (e.g. a --max-length below its special tokens)
+        raise CLIError(str(e)) from None
     except NotImplementedError as e:
         # the dispatcher's "Could not run 'nvembed::...' with arguments from the 'CUDA' backend": an op without a
         # kernel for this device yet
@@ -265,12 +267,13 @@ def cmd_eval(args) -> int:
                               "corpus": os.path.abspath(os.path.join(args.data, "corpus.jsonl"))})
         _info(args, f"nvembed: saved the corpus embeddings as an index in {args.save_index}")
     k = max(k for _, _, k in retrieval.METRICS)
-    _, idx = retrieval.exact_topk(q_emb, d_emb, k, device=device)
-    run = {q: [ids[i] for i in row] for q, row in zip(qids, idx.tolist())}
+    run = retrieval.retrieve(q_emb, d_emb, qids, ids, k, device=device,
+                             ignore_identical_ids=args.ignore_identical_ids)
     metrics = retrieval.evaluate(run, qrels)
     t3 = time.perf_counter()
     result = {"model": _model_id(args.model), "data": os.path.abspath(args.data), "split": args.split,
-              "instruction": args.instruction, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+              "instruction": args.instruction, "ignore_identical_ids": args.ignore_identical_ids,
+              "device": str(device), "dtype": str(dtype).replace("torch.", ""),
               "documents": len(ids), "queries": metrics.pop("queries"),
               "metrics": {name: round(v, 5) for name, v in metrics.items()},
               "seconds": {"encode_corpus": round(t1 - t0, 2), "encode_queries": round(t2 - t1, 2),
@@ -364,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="RESULTS.json", help="also write the results as JSON")
     p.add_argument("--save-index", metavar="INDEX_DIR",
                    help="also save the corpus embeddings as a search index (for `nvembed search query`)")
+    p.add_argument("--ignore-identical-ids", action=argparse.BooleanOptionalAction, default=True,
+                   help="drop a retrieved document whose id equals the query's id, as BEIR's evaluation does by "
+                        "default (sets whose queries are also in the corpus, e.g. ArguAna, Quora); default on")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the kernel + search demo (python -m nvembed.demo)")

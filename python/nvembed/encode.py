@@ -31,12 +31,26 @@ def instruction_length(model, instruction: str) -> int:
     return 0
 
 
+def _effective_max_length(model, max_length: int) -> int:
+    """max_length capped at the model's max_seq_length and its backbone's position table (longer inputs would index
+    past it); an error where it leaves no room for one text token next to the tokenizer's special tokens (the
+    tokenizer would then not truncate at all)."""
+    cfg = model.config
+    for cap in (cfg.get("max_seq_length"), (cfg.get("text_config") or {}).get("max_position_embeddings")):
+        if isinstance(cap, int) and cap > 0:
+            max_length = min(max_length, cap)
+    special = model.tokenizer.num_special_tokens_to_add(pair=False)
+    if max_length <= special:
+        raise ValueError(f"encode: max_length={max_length} leaves no room for text: the tokenizer adds {special} "
+                         f"special token(s), so max_length must be at least {special + 1}")
+    return max_length
+
+
 def tokenize_batch(model, texts: Sequence[str], instructions: Sequence[str], max_length: int, device=None):
     """input_ids / attention_mask / pool_mask of one batch with the release's recipe (module docstring), one
     instruction per row (encode() passes the same one for every row; training data may mix them)."""
     tokenizer = model.tokenizer
-    if model.config.get("max_seq_length"):
-        max_length = min(max_length, model.config["max_seq_length"])
+    max_length = _effective_max_length(model, max_length)
     eos = tokenizer.eos_token if (model.config["add_eos"] and tokenizer.eos_token is not None) else ""
     batch = tokenizer([i + t + eos for i, t in zip(instructions, texts)], max_length=max_length, padding=True,
                       truncation=True, return_token_type_ids=False, return_tensors="pt")

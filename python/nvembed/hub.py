@@ -31,24 +31,39 @@ def _default_folder() -> str:
 
 def _read_json(path: str):
     with open(path) as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+            raise ValueError(f"nvembed: cannot read {path}: {e}") from None
 
 
 def from_sentence_transformers(folder: str, dtype: Optional[torch.dtype] = torch.float32) -> NVEmbedModel:
     """Import a sentence-transformers folder: Transformer (at the folder root) -> Pooling (mean only) ->
     optional Normalize. The backbone's `pooler.*` weights are dropped (mean pooling does not use them)."""
     modules = _read_json(os.path.join(folder, "modules.json"))
+    if not (isinstance(modules, list) and all(isinstance(m, dict) and isinstance(m.get("type"), str)
+                                              and isinstance(m.get("path"), str) for m in modules)):
+        raise ValueError(f"nvembed: {folder}/modules.json is not a list of modules with a 'type' and a 'path'")
     kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
     if kinds[:2] != ["Transformer", "Pooling"] or kinds[2:] not in ([], ["Normalize"]) or modules[0]["path"]:
         raise ValueError(f"nvembed: unsupported sentence-transformers pipeline {kinds} in {folder} "
                          "(supported: Transformer -> Pooling(mean) [-> Normalize])")
     pooling = _read_json(os.path.join(folder, modules[1]["path"], "config.json"))
-    modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
-    if modes != ["pooling_mode_mean_tokens"]:
+    if isinstance(pooling.get("pooling_mode"), str):  # sentence-transformers >= 5 writes {"pooling_mode": "mean"}
+        modes = [pooling["pooling_mode"]]
+        mean = modes == ["mean"]
+    else:  # earlier versions one flag per mode
+        modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
+        mean = modes == ["pooling_mode_mean_tokens"]
+    if not mean:
         raise ValueError(f"nvembed: only mean pooling is supported, {folder} uses {modes}")
     text_config = _read_json(os.path.join(folder, "config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     st_config_path = os.path.join(folder, "sentence_bert_config.json")
     max_seq_length = _read_json(st_config_path).get("max_seq_length") if os.path.isfile(st_config_path) else None
+    if max_seq_length is None and 0 < tokenizer.model_max_length < 1_000_000:
+        # newer sentence-transformers leave it out and keep the limit in the tokenizer (its "unset" is ~1e30)
+        max_seq_length = int(tokenizer.model_max_length)
     config = {"model_type": "nvembed", "architectures": ["NVEmbedModel"], "pooling": "mean",
               "normalize": kinds[2:] == ["Normalize"], "max_seq_length": max_seq_length,
               "text_config": text_config, "hidden_size": text_config.get("hidden_size"),
@@ -59,8 +74,7 @@ def from_sentence_transformers(folder: str, dtype: Optional[torch.dtype] = torch
         key = key[len(prefix):] if key.startswith(prefix) else key
         return None if key.startswith("pooler.") else "embedding_model." + key
 
-    return NVEmbedModel.from_config_dict(config, folder, tokenizer=AutoTokenizer.from_pretrained(folder, trust_remote_code=False),
-                                         dtype=dtype, rename=rename)
+    return NVEmbedModel.from_config_dict(config, folder, tokenizer=tokenizer, dtype=dtype, rename=rename)
 
 
 def load(name_or_path: str = "default", dtype: Union[str, torch.dtype, None] = None,

@@ -20,19 +20,35 @@ class InputError(ValueError):
 def _read_text(path: str) -> Tuple[str, str]:
     """(display name, contents) of a file, or of stdin for "-"."""
     import sys
-    if path == "-":
-        return "<stdin>", sys.stdin.read()
+    name = "<stdin>" if path == "-" else path
     try:
-        with open(path, encoding="utf-8") as f:
-            return path, f.read()
-    except (OSError, UnicodeDecodeError) as e:
+        if path == "-":
+            # bytes, decoded here (text-mode stdin turns bad bytes into lone surrogates), with universal newlines;
+            # a stdin replaced by a text stream (no .buffer) is read as text
+            raw = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+            return name, raw.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
+        with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the first line
+            return name, f.read()
+    except (OSError, UnicodeError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise InputError(f"cannot read {path}: {reason}") from None
+        raise InputError(f"cannot read {name}: {reason}") from None
+
+
+def _lines(text: str) -> List[str]:
+    """The lines of a file read with universal newlines: split on "\n" only (str.splitlines would also split at
+    U+2028, U+0085, form feeds and other characters that JSON strings and texts may hold raw); no final empty line
+    after a trailing newline."""
+    if not text:
+        return []
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def _jsonl_objects(name: str, text: str) -> Iterable[Tuple[int, dict]]:
     """(line number, object) for every non-blank line; a line that is not a JSON object is an error."""
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -64,7 +80,7 @@ def detect_format(path: str, text: str) -> str:
         return "jsonl"
     if lower.endswith(".txt"):
         return "text"
-    for line in text.splitlines():
+    for line in _lines(text):
         if line.strip():
             return "jsonl" if line.lstrip().startswith("{") else "text"
     return "text"
@@ -77,7 +93,7 @@ def read_texts(path: str, fmt: str = "auto") -> List[str]:
     if fmt == "auto":
         fmt = detect_format(path, text)
     if fmt == "text":
-        return text.splitlines()
+        return _lines(text)
     if fmt != "jsonl":
         raise InputError(f"unknown input format {fmt!r} (auto, text, jsonl)")
     return [_field(name, lineno, obj, "text") for lineno, obj in _jsonl_objects(name, text)]
@@ -100,7 +116,7 @@ def read_corpus(path: str) -> Tuple[List[str], List[str], List[str]]:
             titles.append(_field(name, lineno, obj, "title", required=False) or "")
             texts.append(_field(name, lineno, obj, "text"))
     else:
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(_lines(text), 1):
             if line.strip():
                 ids.append(str(lineno))
                 titles.append("")
@@ -130,7 +146,7 @@ def read_qrels(path: str) -> Dict[str, Dict[str, int]]:
     The header line is optional; relevance is an integer (graded; <= 0 counts as not relevant)."""
     name, text = _read_text(path)
     qrels: Dict[str, Dict[str, int]] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
+    for lineno, line in enumerate(_lines(text), 1):
         if not line.strip():
             continue
         parts = line.rstrip("\n").split("\t")
@@ -198,12 +214,27 @@ def exact_topk(queries, docs, k: int, device=None, query_chunk: int = 1024, doc_
             s, i = (q @ d.T).topk(min(k, d.shape[0]), dim=1)
             i = i + start
             if best_s is not None:
-                s, j = torch.cat([best_s, s], 1).topk(k, dim=1)
+                s, j = torch.cat([best_s, s], 1).topk(min(k, best_s.shape[1] + s.shape[1]), dim=1)
                 i = torch.cat([best_i, i], 1).gather(1, j)
             best_s, best_i = s, i
         out_s.append(best_s.cpu())
         out_i.append(best_i.cpu())
     return torch.cat(out_s), torch.cat(out_i)
+
+
+def retrieve(q_emb, d_emb, qids: Sequence[str], ids: Sequence[str], k: int, device=None,
+             ignore_identical_ids: bool = True) -> Dict[str, List[str]]:
+    """The run of an evaluation: query id -> the ids of its top-k documents, best first. With ignore_identical_ids
+    (BEIR's EvaluateRetrieval.evaluate default) a document whose id equals the query's is dropped from that query's
+    list (ArguAna- / Quora-style sets hold each query in the corpus too), and the next one moves up."""
+    _, idx = exact_topk(q_emb, d_emb, k + 1 if ignore_identical_ids else k, device=device)
+    run = {}
+    for q, row in zip(qids, idx.tolist()):
+        hits = [ids[i] for i in row]
+        if ignore_identical_ids:
+            hits = [d for d in hits if d != q]
+        run[q] = hits[:k]
+    return run
 
 
 INDEX_EMBEDDINGS, INDEX_META, INDEX_DOCS = "embeddings.safetensors", "index.json", "docs.jsonl"
