@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <limits>
 
 #include "checks.h"
 #include "kernel_choice.h"
@@ -18,7 +19,9 @@ const char* flash_kernel_for(bool backward, int major, int minor, int64_t head_d
 
 double resolve_scale(std::optional<double> scale, int64_t head_dim, const char* op) {
   if (!scale.has_value()) return 1.0 / std::sqrt(static_cast<double>(head_dim));
-  NVE_CHECK_VALUE(std::isfinite(*scale), op, "scale must be finite, got ", *scale);
+  // the kernels multiply in float32 (also for float64 inputs' tiles of exp): a scale beyond its range is inf there
+  NVE_CHECK_VALUE(std::isfinite(*scale) && std::abs(*scale) <= std::numeric_limits<float>::max(), op,
+                  "scale must be finite and within float32's range, got ", *scale);
   return *scale;
 }
 
@@ -71,7 +74,7 @@ void check_dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 // Validates cu_seqlens (reading them on the host: a device-to-host copy for CUDA tensors) and returns them as a
 // contiguous int32 CPU tensor.
 at::Tensor check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
-                            const char* max_name, const at::Tensor& q) {
+                            const char* max_name, const at::Tensor& q, int64_t* longest_out) {
   NVE_CHECK_TYPE(cu.scalar_type() == at::kInt, kVarlenOp, name, " must be int32, got ", cu.scalar_type());
   check_same_device(cu, q, kVarlenOp, name, "q");
   NVE_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, kVarlenOp, name, " must be 1-D [B+1] with B >= 1, got shape ",
@@ -89,16 +92,19 @@ at::Tensor check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t tota
                   " must equal the packed length ", total);
   NVE_CHECK_VALUE(max_seqlen >= longest, kVarlenOp, max_name, "=", max_seqlen, " is smaller than the longest sequence (",
                   longest, ")");
+  if (longest_out != nullptr) *longest_out = longest;
   return c;
 }
 
 // q/k/v and both cu_seqlens of the varlen ops; returns the offsets as contiguous int32 CPU tensors.
 std::pair<at::Tensor, at::Tensor> check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                               int64_t max_seqlen_q, int64_t max_seqlen_k, bool cuda) {
+                                               int64_t& max_seqlen_q, int64_t& max_seqlen_k, bool cuda) {
   check_qkv(q, k, v, 3, kVarlenOp, cuda);
-  auto cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q", q);
-  auto cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k", q);
+  auto cu_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.size(0), max_seqlen_q, "max_seqlen_q", q,
+                               &max_seqlen_q);
+  auto cu_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.size(0), max_seqlen_k, "max_seqlen_k", q,
+                               &max_seqlen_k);
   NVE_CHECK_VALUE(cu_q.size(0) == cu_k.size(0), kVarlenOp, "cu_seqlens_q has ", cu_q.size(0) - 1,
                   " sequences but cu_seqlens_k has ", cu_k.size(0) - 1);
   return {cu_q, cu_k};

@@ -31,13 +31,16 @@ void check_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, in
 // check_qkv for the dense op, plus the batch sizes and the key padding mask (bool [B, Lk]).
 void check_dense(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const std::optional<at::Tensor>& mask, bool cuda);
+// *longest (if given) receives the longest sequence's length.
 at::Tensor check_cu_seqlens(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
-                            const char* max_name, const at::Tensor& q);
+                            const char* max_name, const at::Tensor& q, int64_t* longest = nullptr);
 // q/k/v and both cu_seqlens of the varlen op; returns the offsets as contiguous int32 CPU tensors (validated on
-// the host, also for CUDA inputs).
+// the host, also for CUDA inputs). max_seqlen_q / _k (each at least its longest sequence, else an error) are
+// replaced by the longest sequence's length: the kernels size their work from them, and an oversized value
+// (anything up to INT64_MAX passes the schema) would otherwise cost empty blocks or overflow their arithmetic.
 std::pair<at::Tensor, at::Tensor> check_varlen(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-                                               int64_t max_seqlen_q, int64_t max_seqlen_k, bool cuda);
+                                               int64_t& max_seqlen_q, int64_t& max_seqlen_k, bool cuda);
 void check_bwd_tensors(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse,
                        at::IntArrayRef lse_shape, const char* op);
 

@@ -109,6 +109,7 @@ struct Layer {
   Tensor kx_io, cx_io;             // folded: [H*N, d]
   // active tokens
   Tensor idx, batch, w, c;  // [T] flat token index, [T] batch row, [T] pool weight, [B] row weight sum
+  Tensor active;            // [B] bool: the row pools a token (a nonzero weight; its weights may still sum to 0)
   // units of the fused GEGLU stage (LatentPoolKernels): int32 [U, 3] for all chunks (first token relative to its
   // chunk, count, row); chunk k owns rows [unit_off[k], unit_off[k + 1])
   Tensor units;
@@ -166,6 +167,7 @@ Layer setup(const Tensor& hs, const std::optional<Tensor>& pool_mask, const Tens
   s.batch = at::div(s.idx, s.L, "floor");
   s.w = flat.index_select(0, s.idx);
   s.c = wgt.sum(1);
+  s.active = wgt.ne(0).any(1);
 
   auto ln = at::native_layer_norm(s.latents, {s.d}, s.ctx_w, s.ctx_b, eps);
   s.ctx = std::get<0>(ln), s.ctx_mean = std::get<1>(ln), s.ctx_rstd = std::get<2>(ln);
@@ -422,7 +424,7 @@ std::vector<Tensor> latent_pool_bwd_aten(const Tensor& grad_out, const Tensor& p
     gp = at::where(nrm > 1e-12, (go - o * (o * go).sum(1, true)) / nrm.clamp_min(1e-12), go / 1e-12);
     // A row with no pooled token is the constant 0: no gradient. Its go / 1e-12 would also overflow to inf in the
     // fp16 GEMM operand below, and inf * 0 spread NaN into every weight gradient.
-    gp = at::where(s.c.unsqueeze(1) > 0, gp, at::zeros_like(gp));
+    gp = at::where(s.active.unsqueeze(1), gp, at::zeros_like(gp));
   }
   const Tensor d_ff_out_b = (gp * s.c.unsqueeze(1)).sum(0);
   const Tensor dgbar = mm(gp, s.ff_out_w, s.io, s.acc);  // [B, F]

@@ -10,6 +10,7 @@ import torch
 
 _KEYS = {"cuda": torch._C.DispatchKey.AutocastCUDA, "cpu": torch._C.DispatchKey.AutocastCPU}
 _lib = torch.library.Library("nvembed", "IMPL")
+_CAST = (torch.float32, torch.float16, torch.bfloat16)
 
 
 # op -> argument positions never cast (latent_pool's pool_mask may hold fractional weights; masks and cu_seqlens
@@ -23,7 +24,8 @@ def _rule(op_name, device_type, keep):
 
     def kernel(*args):
         dtype = torch.get_autocast_dtype(device_type)
-        cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and i not in keep else a
+        # like torch's own autocast: float32 / float16 / bfloat16 tensors are cast, float64 ones left alone
+        cast = [a.to(dtype) if isinstance(a, torch.Tensor) and a.dtype in _CAST and i not in keep else a
                 for i, a in enumerate(args)]
         with torch._C._ExcludeDispatchKeyGuard(exclude):
             return op(*cast)

@@ -11,6 +11,8 @@ CUDA path until a GPU run verifies it), the wrapper calls _latent_pool_fwd_save 
 the GEGLU's input before its bias; rows = active tokens in order, then zeros), and _latent_pool_bwd_saved reads them
 instead of recomputing the attention output and the feed-forward's first GEMM.
 """
+import math
+
 import torch
 
 _lib = "nvembed::"
@@ -32,7 +34,7 @@ def _check_args(hidden_states, pool_mask, weights, num_heads, eps):
     B, L, d = hidden_states.shape
     torch._check(B > 0, lambda: _OP + "hidden_states has an empty batch (B = 0)")
     torch._check(num_heads >= 1, lambda: _OP + f"num_heads must be >= 1, got {num_heads}")
-    torch._check(eps > 0, lambda: _OP + f"eps must be finite and > 0, got {eps}")
+    torch._check(math.isfinite(eps) and eps > 0, lambda: _OP + f"eps must be finite and > 0, got {eps}")
     w = dict(zip(_WEIGHT_NAMES, weights))
     for name, t in w.items():
         torch._check(t.device == hidden_states.device,
@@ -142,6 +144,9 @@ def _setup_context(ctx, inputs, output):
     *tensors, num_heads, normalize, eps = inputs
     _, pooled, *acts = output
     hidden_states, pool_mask, *weights = tensors
+    if pool_mask is not None and pool_mask.requires_grad:
+        raise RuntimeError(_OP + "pool_mask requires grad, but the op gives no gradient for it (it selects and "
+                                 "weights the pooled tokens): pass pool_mask.detach()")
     ctx.has_mask, ctx.num_acts = pool_mask is not None, len(acts)
     ctx.save_for_backward(hidden_states, *weights, pooled, *acts, *([pool_mask] if ctx.has_mask else []))
     ctx.num_heads, ctx.normalize, ctx.eps = num_heads, normalize, eps

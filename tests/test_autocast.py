@@ -26,6 +26,15 @@ def test_flash_attn_casts_to_the_region_dtype():
     assert OPS.flash_attn(q, k, v, mask).dtype == torch.float32  # outside the region: unchanged
 
 
+def test_float64_inputs_are_not_cast():
+    """Like torch's autocast (SDPA keeps float64): float64 tensors stay float64 inside the region."""
+    q = torch.randn(1, 5, 2, 8, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = OPS.flash_attn(q, q, q)
+        assert torch.nn.functional.scaled_dot_product_attention(q, q, q).dtype == torch.float64
+    assert out.dtype == torch.float64 and torch.equal(out, OPS.flash_attn(q, q, q))
+
+
 def test_flash_attn_varlen_casts():
     q = torch.randn(7, 2, 32)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32)

@@ -156,6 +156,20 @@ def test_varlen_matches_reference(dtype, lens):
         assert_close(a.grad, b.grad, dtype, name)
 
 
+def test_varlen_oversized_max_seqlen():
+    """max_seqlen only has to bound the longest sequence: any larger value (up to INT64_MAX, which once
+    overflowed the kernel's block count and returned uninitialized memory, or 2**45, which ran for minutes)
+    gives the same result at once, forward and backward."""
+    q64, k64, v64, cu_q, cu_k = _varlen_inputs([2, 3], [3, 3], 2, 2, 8)
+    ref = flash_attn_varlen_ref(q64, k64, v64, cu_q, cu_k)
+    for mq, mk in ((3, 3), (2 ** 31, 3), (3, 2 ** 45), (2 ** 63 - 1, 2 ** 63 - 1)):
+        q = q64.clone().requires_grad_()
+        out = ops.flash_attn_varlen(q, k64, v64, cu_q, cu_k, mq, mk)
+        assert torch.allclose(out, ref, atol=1e-12), (mq, mk)
+        out.sum().backward()
+        assert torch.isfinite(q.grad).all()
+
+
 def test_varlen_equals_padded_dense():
     lens = [5, 12, 1]
     q, k, v, cu, _ = _varlen_inputs(lens, lens, 4, 4, 32, dtype=torch.float32)
@@ -267,6 +281,7 @@ def test_bad_inputs():
          torch.ones(2, 6, dtype=torch.bool))
     _bad(r"nvembed::flash_attn: scale must be finite", q, k, v, None, float("nan"))
     _bad(r"nvembed::flash_attn: scale must be finite", q, k, v, None, float("inf"))
+    _bad(r"nvembed::flash_attn: scale must be finite and within float32's range", q, k, v, None, 1e300)
     _bad(r"nvembed::flash_attn: q has an empty batch", q[:0], k[:0], v[:0])
     if torch.cuda.is_available():
         _bad(r"nvembed::flash_attn: k is on", q, k.cuda(), v)

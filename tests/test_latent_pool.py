@@ -239,6 +239,36 @@ def test_matches_reference(shape, mask_kind, normalize, path, dtype, impl):
         assert (grads[0][~mask] == 0).all()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mask_weights_summing_to_zero(impl):
+    """A row whose pool weights cancel (1 and -1) still pools tokens: its gradients are the reference's, not the
+    zeros of a row without pooled tokens (the ATen path once keyed that on the weight sum)."""
+    B, L, d, N, H, dh, F_ = 2, 4, 16, 5, 2, 8, 64
+    gen = torch.Generator().manual_seed(5)
+    weights = make_weights(d, N, H, dh, F_, gen=gen)
+    hs = torch.randn(B, L, d, dtype=torch.float64, generator=gen)
+    mask = torch.tensor([[1.0, -1.0, 0.0, 0.0], [0.5, 0.5, 1.0, 0.0]], dtype=torch.float64)
+    ref, ref_grads = run_with_grads(latent_pool_ref, hs, mask, weights, H, True)
+    with impl_path(impl):
+        out, grads = run_with_grads(OP, hs, mask, weights, H, True)
+    assert rel_err(out, ref) <= 1e-10
+    assert grads[0][0].abs().max() > 0
+    for name, g, rg in zip(("hidden_states",) + WEIGHT_NAMES, grads, ref_grads):
+        assert rel_err(g, rg) <= 1e-9, name
+
+
+def test_pool_mask_requiring_grad_is_an_error():
+    """The op gives no gradient for pool_mask: a mask that asks for one is refused, not silently left at None."""
+    B, L, d, N, H, dh, F_ = 2, 4, 16, 5, 2, 8, 64
+    weights = make_weights(d, N, H, dh, F_, dtype=torch.float32)
+    hs = torch.randn(B, L, d, requires_grad=True)
+    mask = torch.rand(B, L, requires_grad=True)
+    with pytest.raises(RuntimeError, match="nvembed::latent_pool: pool_mask requires grad"):
+        OP(hs, mask, *weights, H, True, 1e-5)
+    OP(hs, mask.detach(), *weights, H, True, 1e-5).sum().backward()
+    assert hs.grad is not None
+
+
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.int32, torch.float32, torch.float64])
 def test_mask_dtypes(mask_dtype):
     B, L, d, N, H, dh, F_ = 3, 11, 16, 5, 2, 8, 64
