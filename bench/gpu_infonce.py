@@ -143,9 +143,9 @@ def nvembed_bytes(B: int, d: int) -> int:
 
 def gemm_bytes(B: int, d: int) -> int:
     """Input gradients, the fp32 dQ / target-row accumulators, a block's bf16 probabilities (256 MiB, at least 4096
-    columns), a chunk's fp32 scores and a GEMM's fp32 row block (64 MiB each)."""
+    columns), a chunk's fp32 scores (256 MiB) and a GEMM's fp32 row block (64 MiB)."""
     N = B * G
-    return 2 * (B + N) * d + 8 * B * d + max(256 << 20, 2 * B * min(4096, N)) + (128 << 20)
+    return 2 * (B + N) * d + 8 * B * d + max(256 << 20, 2 * B * min(4096, N)) + (320 << 20)
 
 
 def fused_bytes(B: int, d: int) -> int:

@@ -4,6 +4,7 @@
 #include "infonce_gemm.h"
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -20,7 +21,8 @@ using at::Tensor;
 namespace {
 
 constexpr const char* kOp = "infonce";
-constexpr int64_t kPartBytes = int64_t{64} << 20;  // a chunk's scores, a row block of a GEMM's fp32 output
+constexpr int64_t kPartBytes = int64_t{64} << 20;    // a row block of a GEMM's fp32 output
+constexpr int64_t kChunkBytes = int64_t{256} << 20;  // a chunk's scores (forward and blocked backward)
 
 // A non-negative integer from the environment, or `fallback` when unset / empty; anything else is an error.
 int64_t env_int(const char* name, int64_t fallback) {
@@ -131,12 +133,14 @@ const char* infonce_fwd_choice(bool gemm_default) {
 
 int64_t infonce_fwd_chunk(int64_t B, int64_t N, int64_t acc_bytes) {
   int64_t chunk = env_int("NVEMBED_INFONCE_CHUNK_COLS", 0);
-  if (chunk == 0) chunk = std::max<int64_t>((int64_t{256} << 20) / (B * acc_bytes) / 256 * 256, 256);
+  if (chunk == 0) chunk = std::max<int64_t>(kChunkBytes / (B * acc_bytes) / 256 * 256, 256);
   return std::min(chunk, N);
 }
 
 std::tuple<Tensor, Tensor> infonce_fwd_gemm(const Tensor& queries, const Tensor& docs, int64_t group_size,
                                             double temperature, InfoNCEChunkLseFn chunk_lse) {
+  // the ATen ops below run in the dtypes chosen here: an enclosing autocast region must not recast them
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::ScalarType acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = queries.size(0), N = docs.size(0);
   const auto opts = queries.options().dtype(acc);
@@ -167,13 +171,18 @@ InfoNCEGemmWidths infonce_gemm_widths(int64_t B, int64_t N, int64_t elem_bytes) 
   }
   block = std::min(block, N);
   int64_t chunk = env_int("NVEMBED_INFONCE_CHUNK_COLS", 0);
-  if (chunk == 0) chunk = std::max<int64_t>(kPartBytes / (B * acc_bytes) / 256 * 256, 256);
+  // 256 MiB of scores, like the forward's chunks: at 64 MiB a batch of 65536 queries got 256-column chunks, whose
+  // elementwise kernel gives each of its 65536 rows one float4 per 4 threads (2048 latency-bound launches at
+  // N = 524288, by a static estimate as long as the chunk GEMMs); 1024 columns keep every thread busy
+  if (chunk == 0) chunk = std::max<int64_t>(kChunkBytes / (B * acc_bytes) / 256 * 256, 256);
   return {block, std::min(chunk, block)};
 }
 
 std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
                                             const Tensor& lse, int64_t group_size, double temperature,
                                             InfoNCEChunkGradFn chunk_grad) {
+  // the ATen ops below run in the dtypes chosen here: an enclosing autocast region must not recast them
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::ScalarType io = queries.scalar_type();
   const at::ScalarType acc = io == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = queries.size(0), N = docs.size(0), d = queries.size(1), G = group_size;
@@ -244,6 +253,8 @@ int64_t infonce_fused_rows(int64_t B, int64_t N, int64_t elem_bytes) {
 std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, const Tensor& docs,
                                                          int64_t group_size, double temperature,
                                                          InfoNCEChunkLseFn chunk_lse, InfoNCEChunkGradFn chunk_grad) {
+  // the ATen ops below run in the dtypes chosen here: an enclosing autocast region must not recast them
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const at::ScalarType acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = queries.size(0), N = docs.size(0), d = queries.size(1), G = group_size;
   const auto opts = queries.options().dtype(acc);

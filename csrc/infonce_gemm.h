@@ -10,7 +10,7 @@
 // two widths: every block re-reads and re-writes the fp32 dQ (16 B d bytes), which costs ~400 / C of the GEMM time
 // at H100-class rate and bandwidth, so C wants to be thousands of columns; the block's probabilities are B C elem
 // bytes but its fp32 scores, twice as big, exist one chunk at a time. Memory: P_C (NVEMBED_INFONCE_BLOCK_MB, default
-// 256 MiB, C >= 4096 unless N is smaller), the chunk's scores (64 MiB), O((B + N) d).
+// 256 MiB, C >= 4096 unless N is smaller), the chunk's scores (256 MiB), O((B + N) d).
 #pragma once
 #include <ATen/core/Tensor.h>
 
@@ -59,7 +59,7 @@ std::tuple<at::Tensor, at::Tensor> infonce_fwd_gemm(const at::Tensor& queries, c
 
 // Block and chunk widths (C, c): NVEMBED_INFONCE_BLOCK_COLS / NVEMBED_INFONCE_CHUNK_COLS if set (tests: many
 // small, ragged ones), else the largest multiples of 256 whose B x C probabilities fit NVEMBED_INFONCE_BLOCK_MB
-// (default 256; C at least 4096) and whose B x c accumulation-dtype scores fit 64 MiB (c at least 256); c <= C <= N.
+// (default 256; C at least 4096) and whose B x c accumulation-dtype scores fit 256 MiB (c at least 256); c <= C <= N.
 struct InfoNCEGemmWidths {
   int64_t block, chunk;
 };
@@ -67,8 +67,9 @@ InfoNCEGemmWidths infonce_gemm_widths(int64_t B, int64_t N, int64_t elem_bytes);
 
 // probs [R, c] (out, dtype of the inputs; unit column stride, any row stride) = exp(scores / t - lse) with column
 // r*G - col0 of row r zeroed where it lies in the chunk (col0 as for InfoNCEChunkLseFn); neg_prob_sum [R] += the
-// row sums of what was written. scores is contiguous fp32 (fp64 for fp64 inputs) and may be overwritten. Null: the
-// ATen version (any device).
+// row sums of those probabilities in the accumulation dtype, before their rounding to probs' dtype (both versions
+// do so). scores is contiguous fp32 (fp64 for fp64 inputs) and may be overwritten. Null: the ATen version (any
+// device).
 using InfoNCEChunkGradFn = void (*)(at::Tensor& scores, const at::Tensor& lse, at::Tensor& neg_prob_sum,
                                     at::Tensor& probs, int64_t col0, int64_t group_size, double inv_temperature);
 

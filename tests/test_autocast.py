@@ -62,3 +62,25 @@ def test_latent_pool_mixed_dtypes_under_autocast():
     out.float().sum().backward()
     for p in layer.parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("env", [{}, {"NVEMBED_INFONCE_FWD": "gemm", "NVEMBED_INFONCE_BWD": "gemm"},
+                                 {"NVEMBED_INFONCE_GRAD": "fused"}], ids=["tiles", "gemm", "fused"])
+def test_infonce_inside_autocast_keeps_its_dtypes(env, monkeypatch):
+    """InfoNCE has no autocast rule (fp32 embeddings on purpose): inside a region the loss and gradients equal those
+    outside. The ATen-based paths once had their fp32 GEMMs recast to bf16 by the region and failed an internal
+    check."""
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    gen = torch.Generator().manual_seed(3)
+    q0, d0 = torch.randn(6, 16, generator=gen), torch.randn(18, 16, generator=gen)
+    results = []
+    for region in (False, True):
+        q, d = q0.clone().requires_grad_(), d0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=region):
+            loss = OPS.infonce(q, d, 3, 0.1, True)
+        loss.backward()
+        results.append((loss.detach(), q.grad, d.grad))
+    assert results[1][0].dtype == torch.float32
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -43,7 +43,8 @@ void infonce_bwd_launch(const InfoNCEParams& p, cudaStream_t stream);
 struct InfoNCEChunkGradParams {
   const float* scores;  // [rows, cols] fp32, row-major: Q D_chunk^T, unscaled
   const float* lse;     // [rows] as saved by the forward
-  float* neg_prob_sum;  // [rows] += each row's sum of what is written (its target column excluded)
+  float* neg_prob_sum;  // [rows] += each row's sum of the fp32 probabilities before their rounding to probs' dtype
+                        // (its target column excluded), as the ATen version sums them
   void* probs;          // [rows, cols] `dtype`, row stride probs_ld: exp(scores / t - lse), 0 at column r*G - col0
                         // of row r
   InfoNCEDType dtype;
