@@ -358,7 +358,8 @@ def gqa_key(case: Case):
     return (case.lengths is not None, case.heads_q != case.heads_kv, case.head_dim)
 
 
-def run(args, device, dtype) -> tuple:
+def run(args, device, dtype, on_rows=None) -> tuple:
+    """(rows, mismatch); on_rows(rows) after each case, so a step killed at its limit keeps what it measured."""
     env = gpu_environment(device)
     print(f"gpu_attention: {describe(env)}, {str(dtype).replace('torch.', '')}, {'tiny' if args.tiny else 'full'} "
           f"run, warm-up {args.warmup}, timed {args.iters}", flush=True)
@@ -402,6 +403,8 @@ def run(args, device, dtype) -> tuple:
                 shown = f"{row['ms']:10.3f} ms {row['tflops']:9.2f} TFLOP/s" if row["ms"] != "" else row["note"]
                 print(f"  {case.kind:<10} B={case.batch:<3} S={case.seqlen:<5} H={case.heads_q}/{case.heads_kv} "
                       f"D={case.head_dim:<3} {name:<15} {mode:<7} {shown}", flush=True)
+        if on_rows is not None:
+            on_rows(rows)
     return rows, mismatch
 
 
@@ -494,10 +497,10 @@ def main(argv=None) -> int:
     if device.type == "cpu" and dtype == torch.float16:
         print("gpu_attention: the CPU op takes bfloat16, not float16")
         return 2
-    rows, mismatch = run(args, device, dtype)
     os.makedirs(args.out, exist_ok=True)
     name = "gpu_attention_tiny" if args.tiny else "gpu_attention"
     csv_path = os.path.join(args.out, f"{name}.csv")
+    rows, mismatch = run(args, device, dtype, on_rows=lambda rows: write_csv(csv_path, rows, COLUMNS))
     write_csv(csv_path, rows, COLUMNS)
     print(f"wrote {csv_path} ({len(rows)} rows)")
     plot(rows, os.path.join(args.out, f"{name}.png"), args.tiny)

@@ -82,13 +82,17 @@ if [ -f .cuda_objects/digest ] && [ -f .cuda_objects/archs ] &&
 elif [ -d .cuda_objects ]; then
   echo "build: .cuda_objects does not match the sources: full build" | tee -a "$STEPS"
 fi
-MAX_JOBS=16 NVEMBED_CUDA=1 NVEMBED_CUDA_ARCHS="${NVEMBED_CUDA_ARCHS:-90a}" ./tools/dev_build.sh > "$LOGS/build.log" 2>&1
+# under the deadline too (a full nvcc build takes minutes): a build cut off still packs its log
+build_limit() { local l; l=$(left); [ "$l" -lt 60 ] && l=60; echo "$l"; }
+MAX_JOBS=16 NVEMBED_CUDA=1 NVEMBED_CUDA_ARCHS="${NVEMBED_CUDA_ARCHS:-90a}" timeout -k 10 "$(build_limit)" \
+  ./tools/dev_build.sh > "$LOGS/build.log" 2>&1
 rc=$?
 if [ $rc -ne 0 ] && [ -n "${NVEMBED_CUDA_OBJECTS:-}" ]; then
   echo "build with the prebuilt objects failed (rc=$rc; build_objects.log): full build" | tee -a "$STEPS"
   mv "$LOGS/build.log" "$LOGS/build_objects.log"
   unset NVEMBED_CUDA_OBJECTS
-  MAX_JOBS=16 NVEMBED_CUDA=1 NVEMBED_BUILD_DIR=build/gpu-check-full ./tools/dev_build.sh > "$LOGS/build.log" 2>&1
+  MAX_JOBS=16 NVEMBED_CUDA=1 NVEMBED_BUILD_DIR=build/gpu-check-full timeout -k 10 "$(build_limit)" \
+    ./tools/dev_build.sh > "$LOGS/build.log" 2>&1
   rc=$?
 fi
 echo "build rc=$rc in $(( $(date +%s) - start ))s" | tee -a "$STEPS"
@@ -97,8 +101,10 @@ pack
 export PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
 # pytest on 8 workers (pytest-xdist); a test that hangs (a kernel waiting on a barrier forever) is ended after
-# 120 s by pytest-timeout's thread method, its worker replaced, and reported as failed.
-PYTEST="python3 -m pytest -q -p no:cacheprovider -rfE -n 8 --timeout 120 -o timeout_method=thread"
+# 60 s by pytest-timeout's thread method, its worker replaced, and reported as failed (60, not more: a hang late in
+# a step must still end before the step's own limit, which would kill pytest before it writes its JUnit XML). -v:
+# one line per test as it finishes, so the log says what ran even without the XML (gpu_verdict reads it then).
+PYTEST="python3 -m pytest -v -p no:cacheprovider -rfE -n 8 --timeout 60 -o timeout_method=thread"
 
 # The order puts first what decides the paths still unverified on a GPU (the k...Verified = false flags in csrc:
 # InfoNCE's GEMM forward / backward and fused gradients, latent_pool's fused stages and saved activations): their

@@ -192,7 +192,23 @@ def measure(variant: str, B: int, d: int, dtype, device: str, rounds: int, max_s
             "rounds": len(times), "peak_mem_mb": (max(peaks) / 2**20) if peaks else float("nan")}
 
 
-def run(args) -> list[dict]:
+def _failure(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"failed: {type(e).__name__}: {first[:200]}"
+
+
+def _empty_cache(device: str) -> None:
+    if device == "cuda":
+        try:  # after an illegal memory access the context is gone: that must not end the script
+            torch.cuda.empty_cache()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run(args, on_rows=None) -> list[dict]:
+    """Every (d, B, variant) row; on_rows(rows) after each (d, B) configuration (main writes the CSV there, so a
+    step killed at its limit keeps what it measured). A variant that raises gets status "failed: ..." and the
+    others still run."""
     device = args.device
     dtype = torch.bfloat16
     env = environment(device)
@@ -220,7 +236,10 @@ def run(args) -> list[dict]:
                         res = measure(variant, B, d, dtype, device, args.rounds, args.max_seconds)
                     except torch.cuda.OutOfMemoryError as e:  # reported, not retried
                         row["status"] = f"skipped: out of memory ({str(e).splitlines()[0][:120]})"
-                        torch.cuda.empty_cache()
+                        _empty_cache(device)
+                    except Exception as e:  # noqa: BLE001 -- an unverified path's error is a result, not the end
+                        row["status"] = _failure(e)
+                        _empty_cache(device)
                     else:
                         results[variant] = res
                         row.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in res.items()})
@@ -229,12 +248,14 @@ def run(args) -> list[dict]:
                 print(f"d={d:5d} B={B:6d} {variant:8s} " + (
                     f"{row['time_ms']:10.2f} ms  {row['tflops']:8.2f} TFLOP/s  peak {row['peak_mem_mb']:10.1f} MB"
                     if row["status"] == "ok" else row["status"]), flush=True)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                _empty_cache(device)
             first = next((v for v in variants if v != "naive" and v in results), None)
             if first is not None and "naive" in results:
                 naive = results["naive"]
-                diff = same_input_loss_diff(first, B, d, dtype, device)
+                try:
+                    diff = same_input_loss_diff(first, B, d, dtype, device)
+                except Exception:  # noqa: BLE001
+                    diff = float("nan")
                 for row in rows[-len(variants):]:  # the naive row carries the first of our variants' ratios
                     ours = results.get(row["variant"] if row["variant"] != "naive" else first)
                     if ours is None:
@@ -243,6 +264,8 @@ def run(args) -> list[dict]:
                     if naive["peak_mem_mb"] == naive["peak_mem_mb"] and ours["peak_mem_mb"] > 0:
                         row["mem_reduction_vs_naive"] = round(naive["peak_mem_mb"] / ours["peak_mem_mb"], 2)
                     row["loss_rel_diff_same_inputs"] = f"{diff:.2e}"
+            if on_rows is not None:
+                on_rows(rows)
     return rows
 
 
@@ -311,10 +334,10 @@ def main(argv=None) -> int:
         print("no CUDA device: use --smoke --device cpu")
         return 2
     sys.path[:0] = [ROOT, os.path.join(ROOT, "python")]
-    rows = run(args)
     os.makedirs(args.out, exist_ok=True)
     name = "gpu_infonce_smoke" if args.smoke else "gpu_infonce"
     csv_path = os.path.join(args.out, f"{name}.csv")
+    rows = run(args, on_rows=lambda rows: write_csv(csv_path, rows))
     write_csv(csv_path, rows)
     print(f"wrote {csv_path}")
     plot(rows, os.path.join(args.out, f"{name}.png"))

@@ -454,7 +454,9 @@ def measure(fn: Callable, layer: Layer, hs, mask, gout, mode: str, args, device)
 
 # ---- driver ------------------------------------------------------------------------------------------------------
 
-def run(args, device) -> tuple:
+def run(args, device, on_rows=None) -> tuple:
+    """(rows, agreement checks, mismatch); on_rows(rows, checks) after each (mask, mode) group, so a step killed at
+    its limit keeps what it measured."""
     env = gpu_environment(device)
     shape, small = (TINY, SMALL_TINY) if args.tiny else (FULL, SMALL)
     dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -596,6 +598,8 @@ def run(args, device) -> tuple:
                           f"{r.get('speedup_vs_compile', '-')}x compile, {r['gemm_fraction']:.0%} of the GEMM "
                           f"rate, memory {r.get('mem_vs_eager', '-')} of eager", flush=True)
             rows += group
+            if on_rows is not None:
+                on_rows(rows, checks)
         del hs, mask, gout
         _free(device)
     return rows, checks, mismatch
@@ -680,13 +684,16 @@ def main(argv=None) -> int:
         return 2
     if args.compile_backend is None:
         args.compile_backend = "aot_eager" if (args.tiny and device.type == "cpu") else "inductor"
-    rows, checks, mismatch = run(args, device)
     os.makedirs(args.out, exist_ok=True)
     name = "gpu_latent_pool_tiny" if args.tiny else "gpu_latent_pool"
     csv_path = os.path.join(args.out, f"{name}.csv")
-    write_csv(csv_path, rows, COLUMNS)
     check_path = os.path.join(args.out, f"{name}_agreement.csv")
-    write_csv(check_path, checks, CHECK_COLUMNS)
+
+    def write(rows, checks):
+        write_csv(csv_path, rows, COLUMNS)
+        write_csv(check_path, checks, CHECK_COLUMNS)
+    rows, checks, mismatch = run(args, device, on_rows=write)
+    write(rows, checks)
     print(f"wrote {csv_path} ({len(rows)} rows) and {check_path} ({len(checks)} rows)")
     plot(rows, os.path.join(args.out, f"{name}.png"), args.tiny)
     if mismatch:

@@ -57,6 +57,26 @@ def fresh_seed(request):
         print(f"\n[seed] {request.node.nodeid} ran with torch.manual_seed({seed})", file=sys.stderr)
 
 
+@pytest.fixture(autouse=True)
+def cuda_context_check(request):
+    """After a test marked cuda: a sticky CUDA error (an illegal memory access leaves the context unusable, and every
+    later test in this process would fail with it) is charged to this test. Under pytest-xdist (bench/gpu_check.sh)
+    the worker process ends, so xdist reports this test as crashed and starts a fresh worker for the rest; without
+    xdist the test errors in its teardown."""
+    yield
+    if request.node.get_closest_marker("cuda") is None or not torch.cuda.is_available() \
+            or not torch.cuda.is_initialized():
+        return
+    try:
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 -- torch raises RuntimeError / AcceleratorError by version
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            print(f"\n[cuda] {request.node.nodeid} left a CUDA error ({e}); ending this worker", file=sys.stderr,
+                  flush=True)
+            os._exit(3)
+        raise
+
+
 @pytest.hookimpl(tryfirst=True, hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield

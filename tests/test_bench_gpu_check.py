@@ -50,6 +50,19 @@ def test_gpu_check_parses_and_calls_existing_scripts():
     assert not missing, missing
 
 
+def test_cuda_objects_digest_covers_what_the_kernels_include():
+    """tools/pack_cuda_objects.sh digests csrc/cuda's .cu / .cuh only (so edits to the C++ side after packing do not
+    force a full nvcc build on the device): that holds while the kernels include no other file of csrc."""
+    cuda = os.path.join(ROOT, "csrc", "cuda")
+    for path in glob.glob(os.path.join(cuda, "*.cu")) + glob.glob(os.path.join(cuda, "*.cuh")):
+        with open(path) as f:
+            for inc in re.findall(r'^\s*#\s*include\s+"([^"]+)"', f.read(), re.M):
+                assert inc.startswith("cuda/") and os.path.isfile(os.path.join(ROOT, "csrc", inc)), (path, inc)
+    digest = subprocess.run(["bash", os.path.join(ROOT, "tools", "pack_cuda_objects.sh"), "--digest"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+
+
 def test_sanitizer_cases_cpu():
     out = run_bench("sanitize_cases.py", "--device", "cpu")
     assert out.returncode == 0, out.stdout + out.stderr
@@ -144,3 +157,30 @@ def test_verdict_report(tmp_path):
     out = run_bench("gpu_verdict.py", str(tmp_path), "--out", str(tmp_path / "verdict.md"))
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "verdict.md").read_text().strip() == text.strip()
+
+
+def test_verdict_reads_the_verbose_log_without_xml(tmp_path):
+    """A cuda_tests step killed at its limit writes no JUnit XML: the per-test lines of its -v log (pytest-xdist's
+    and plain pytest's forms) give the counts; own-group InfoNCE cases run the tile kernels and count for no path."""
+    log = tmp_path / "cuda_tests.log"
+    log.write_text(
+        "[gw0] [  1%] PASSED tests/test_infonce_cuda.py::test_matches_reference[inbatch-1-1-32-0-bf16-gemm]\n"
+        "[gw1] [  2%] FAILED tests/test_infonce_cuda.py::test_matches_reference[inbatch-1-1-32-0-bf16-fused]\n"
+        "[gw1] [  3%] PASSED tests/test_infonce_cuda.py::test_matches_reference[owngroup-1-1-32-0-bf16-fused]\n"
+        "tests/test_latent_pool_cuda.py::test_x[saved] SKIPPED (no sm90)      [  4%]\n"
+        "[gw2] [  5%] ERROR tests/test_latent_pool_cuda.py::test_y[fused]\n"
+        "some other line\n")
+    counts = gpu_verdict.junit_counts(str(tmp_path / "cuda_tests.xml"), str(log))
+    assert counts["infonce-gemm-bwd"]["passed"] == 1
+    assert counts["infonce-fused"] == {"passed": 0, "failed": 1, "skipped": 0,
+                                       "failures": ["test_matches_reference[inbatch-1-1-32-0-bf16-fused]"]}
+    assert counts["latent_pool-saved"]["skipped"] == 1 and counts["latent_pool-fused"]["failed"] == 1
+
+
+def test_verdict_charges_a_failed_benchmark(tmp_path):
+    (tmp_path / "gpu_infonce.csv").write_text(
+        "variant,dtype,B,G,N,d,status,time_ms,peak_mem_mb\n"
+        "nvembed-sm90,bfloat16,4096,8,32768,1024,ok,7.2,300\n"
+        "nvembed-fused,bfloat16,4096,8,32768,1024,failed: RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED,,\n")
+    text, verdicts = gpu_verdict.report(str(tmp_path))
+    assert verdicts["infonce-fused"] == "failed" and "CUBLAS_STATUS_EXECUTION_FAILED" in text

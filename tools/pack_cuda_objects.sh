@@ -7,8 +7,11 @@
 # The .cu files include no torch or Python header, so the objects link into a build against another torch / Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The digest covers what the objects are compiled from: csrc/cuda's .cu / .cuh (they include nothing else of csrc;
+# a test checks that), the build file and the archs. Headers of the C++ side (launchers, CPU kernels) may change
+# after packing without forcing a full nvcc build on the device.
 digest() {
-  { find csrc -name '*.cu' -o -name '*.cuh' -o -name '*.h' | LC_ALL=C sort | xargs sha256sum
+  { find csrc/cuda -name '*.cu' -o -name '*.cuh' | LC_ALL=C sort | xargs sha256sum
     sha256sum CMakeLists.txt
     echo "archs=${NVEMBED_CUDA_ARCHS:-80;90a}"
   } | sha256sum | cut -d' ' -f1
