@@ -377,6 +377,16 @@ def test_make_stdlib_beir_and_eval(model, tmp_path, capsys):
     assert demo._stdlib_corpus(5) == stdlib_corpus(5)
 
 
+def test_stdlib_corpus_has_no_twins():
+    """One relevant document per query: an object reachable from two modules (statistics.fsum is math.fsum) is
+    listed once, under its home module, and no two documents share their (summary, text)."""
+    docs = stdlib_corpus()
+    names = [n for n, _, _ in docs]
+    assert len(set(names)) == len(names) and len({(s, t) for _, s, t in docs}) == len(docs)
+    assert "math.fsum" in names and "statistics.fsum" not in names
+    assert "itertools.groupby" in names and "statistics.groupby" not in names
+
+
 def test_subprocess_encode_from_stdin(model, tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p), HF_HUB_OFFLINE="1")
     lines = "".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:3])

@@ -272,6 +272,22 @@ def test_stdlib_split_small_subset(tmp_path):
     assert other["test_packages"] != counts["test_packages"]
 
 
+def test_stdlib_pool_ignores_methods_third_parties_attach(monkeypatch):
+    """A package that attaches a documented method to a stdlib class (transformers adds warning_once to
+    logging.Logger) does not change the pool, so the split does not depend on what the process imported."""
+    import logging
+    before = [d.name for d in stdlib_split.stdlib_docs(("logging",))]
+
+    def helper(self):
+        """Log a message once per call site, however often it runs.
+
+        A third-party helper that must not become a stdlib training pair."""
+    helper.__module__ = "thirdparty.logging_utils"
+    monkeypatch.setattr(logging.Logger, "helper_once", helper, raising=False)
+    after = [d.name for d in stdlib_split.stdlib_docs(("logging",))]
+    assert after == before and not any("helper_once" in n for n in after)
+
+
 def test_stdlib_split_arguments():
     with pytest.raises(ValueError, match=r"split_packages: test_fraction must be in \(0, 1\)"):
         stdlib_split.split_packages([], test_fraction=1.0)

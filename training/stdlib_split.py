@@ -119,6 +119,17 @@ def _own_doc(obj) -> Optional[Tuple[str, str]]:
     return lines[0], rest[:MAX_TEXT]
 
 
+def _is_stdlib_object(obj) -> bool:
+    """Whether an object belongs to the standard library by its __module__ (none, as for C method descriptors, counts
+    as yes): third-party packages attach methods to stdlib classes (transformers adds warning_once to
+    logging.Logger), and those must not enter the pool, or the split would depend on what the process imported."""
+    home = getattr(obj, "__module__", None)
+    if not isinstance(home, str):
+        return True
+    top = home.split(".")[0]
+    return top in sys.stdlib_module_names or top.lstrip("_") in sys.stdlib_module_names
+
+
 def _public_members(mod) -> List[Tuple[str, object]]:
     """The module's public API: its __all__ when it has one, else the public names it defines itself."""
     names = getattr(mod, "__all__", None)
@@ -129,6 +140,8 @@ def _public_members(mod) -> List[Tuple[str, object]]:
         if not isinstance(n, str) or n.startswith("_") or not hasattr(mod, n):
             continue
         obj = getattr(mod, n)
+        if not _is_stdlib_object(obj):
+            continue
         own = getattr(obj, "__name__", n)
         if own != n and isinstance(own, str) and getattr(mod, own, None) is obj:
             continue  # an alias (array.ArrayType = array.array): listed under its own name
@@ -144,7 +157,7 @@ def _methods(cls) -> List[Tuple[str, object]]:
             continue
         if isinstance(v, (classmethod, staticmethod)):
             v = v.__func__
-        if inspect.isfunction(v) or inspect.ismethoddescriptor(v) or inspect.isbuiltin(v):
+        if (inspect.isfunction(v) or inspect.ismethoddescriptor(v) or inspect.isbuiltin(v)) and _is_stdlib_object(v):
             out.append((n, v))
     return out
 

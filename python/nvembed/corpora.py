@@ -15,20 +15,43 @@ STDLIB_MODULES = ("os", "os.path", "shutil", "json", "re", "math", "statistics",
 
 def stdlib_corpus(limit: int = 400) -> List[Tuple[str, str, str]]:
     """(name, first docstring line, rest of the docstring) for documented functions of a few stdlib modules:
-    public callables whose docstring has at least two non-blank lines; the rest is cut to 600 characters."""
+    public callables whose docstring has at least two non-blank lines; the rest is cut to 600 characters.
+
+    Every document is unique, since each query has exactly one relevant document and a twin would count a correct
+    hit as a miss:
+    - an object reachable from several of the modules (statistics.fsum is math.fsum) is listed once, under its home
+      module when that is one of them (itertools.groupby, not statistics.groupby), else under the first;
+    - of documents with the same (summary, text), only the first is kept."""
     import importlib
     import inspect
 
-    docs = []
+    found = []  # (module, name, obj) in module order
     for mod_name in STDLIB_MODULES:
         mod = importlib.import_module(mod_name)
         for name, obj in sorted(vars(mod).items()):
-            if name.startswith("_") or not callable(obj):
-                continue
-            doc = inspect.getdoc(obj) or ""
-            lines = [ln.strip() for ln in doc.splitlines() if ln.strip()]
-            if len(lines) >= 2 and len(docs) < limit:
-                docs.append((f"{mod_name}.{name}", lines[0], " ".join(lines[1:])[:600]))
+            if not name.startswith("_") and callable(obj):
+                found.append((mod_name, name, obj))
+
+    def home_first(entry):
+        mod_name, _, obj = entry
+        home = getattr(obj, "__module__", None)
+        return 0 if isinstance(home, str) and home.lstrip("_") == mod_name else 1
+
+    listed_as = {}
+    for entry in sorted(found, key=home_first):  # stable: module order within each rank
+        listed_as.setdefault(id(entry[2]), entry[:2])
+    docs, seen = [], set()
+    for mod_name, name, obj in found:
+        if listed_as[id(obj)] != (mod_name, name):
+            continue
+        doc = inspect.getdoc(obj) or ""
+        lines = [ln.strip() for ln in doc.splitlines() if ln.strip()]
+        if len(lines) < 2 or len(docs) >= limit:
+            continue
+        pair = (lines[0], " ".join(lines[1:])[:600])
+        if pair not in seen:
+            seen.add(pair)
+            docs.append((f"{mod_name}.{name}", *pair))
     return docs
 
 
