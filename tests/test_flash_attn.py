@@ -78,6 +78,23 @@ def test_bf16_forward_paths(monkeypatch, brgemm):
         assert_close(out, flash_attn_ref(q, k, v, None, -0.3), torch.bfloat16, "out (scale < 0)")
 
 
+@pytest.mark.parametrize("lk", [40, 600], ids=["one-block", "several-blocks"])
+def test_nan_propagates_to_the_gradients(lk):
+    """A NaN in a key makes every query's row NaN, and its gradients NaN as the reference's are; it is not taken for
+    a row without keys (whose gradients are zero)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, 2, 16, dtype=torch.float64, generator=gen) for n in (4, lk, lk))
+    k[0, 5, 0, 3] = float("nan")
+    q.requires_grad_(), v.requires_grad_()
+    out = ops.flash_attn(q, k, v)
+    out.sum().backward()
+    ref_q, ref_v = q.detach().clone().requires_grad_(), v.detach().clone().requires_grad_()
+    flash_attn_ref(ref_q, k, ref_v).sum().backward()
+    for ours, ref in ((out, flash_attn_ref(q.detach(), k, v.detach())), (q.grad, ref_q.grad), (v.grad, ref_v.grad)):
+        assert torch.equal(ours.isnan(), ref.isnan())
+    assert v.grad[0, :, 0].isnan().all()  # head 0 read the NaN key: all of its dv is NaN, as in the reference
+
+
 def test_fully_masked_rows_are_zero_with_zero_grads():
     q, k, v = _inputs(3, 9, 11, 4, 2, 32, dtype=torch.float32)
     mask = torch.ones(3, 11, dtype=torch.bool)

@@ -157,6 +157,28 @@ def _dist_scenarios(rank, world, seed):
         out["mismatch"] = None
     except ValueError as e:
         out["mismatch"] = str(e)
+    # (6) bad inputs on one rank only, or ranks that disagree on the loss's settings: every rank raises at once
+    # (before, the other rank waited in the docs gather until the process group's timeout)
+    q, d = torch.randn(3, 4), torch.randn(6, 4)
+    for key, loss_fn, args in (
+            ("empty_queries", InfoNCELoss(T, cross_rank=True), (q[:0] if rank == 1 else q, d)),
+            ("bad_docs", InfoNCELoss(T, cross_rank=True), (q, d[:5] if rank == 0 else d)),
+            ("temperature", InfoNCELoss(T * (1 + rank), cross_rank=True), (q, d)),
+            ("in_batch", InfoNCELoss(T, in_batch_negatives=rank == 0, cross_rank=True), (q, d))):
+        t0 = time.perf_counter()
+        try:
+            loss_fn(*args, 2)
+            out[key] = (None, time.perf_counter() - t0)
+        except ValueError as e:
+            out[key] = (str(e), time.perf_counter() - t0)
+    # (7) double backward through the gather raises (its backward's all_reduce has no derivative)
+    x = torch.ones(2, 3, dtype=torch.float64, requires_grad=True)
+    g, = torch.autograd.grad((all_gather_with_grad(x) ** 3).sum(), x, create_graph=True)
+    try:
+        (g ** 2).sum().backward()
+        out["double_backward"] = None
+    except RuntimeError as e:
+        out["double_backward"] = str(e)
     return out
 
 
@@ -281,6 +303,20 @@ def test_cross_rank_unequal_batches(dist_results):
     # and that differs from the global mean over the 5 queries (the weights are 1/4, 1/6 instead of 1/5)
     global_mean = infonce_ref(q, d, G, T)
     assert abs(sum(r.item() for r in per_rank) / WORLD - global_mean.item()) > 1e-6
+
+
+def test_cross_rank_errors_reach_every_rank(dist_results):
+    _, results = dist_results
+    for key, mine in (("empty_queries", {1: "queries is empty"}), ("bad_docs", {0: "docs.size(0)=5"}),
+                      ("temperature", {}), ("in_batch", {})):
+        for rank, res in enumerate(results):
+            msg, seconds = res[key]
+            assert msg is not None and seconds < 10, (key, rank, res[key])
+            expect = mine.get(rank, "failed their checks" if mine else "the ranks disagree")
+            assert expect in msg, (key, rank, msg)
+    assert "temperature 0.05" in results[0]["temperature"][0] and "temperature 0.1" in results[0]["temperature"][0]
+    for res in results:
+        assert res["double_backward"] is not None and "once_differentiable" in res["double_backward"]
 
 
 def test_cached_infonce_cross_rank_ddp(dist_results):

@@ -129,12 +129,15 @@ inline void online_softmax_row(T* row, int64_t n, T scale, T& run_max, T& run_to
     for (int64_t d = 0; d < D; ++d) orow[d] *= corr;
 }
 
-// out row = O / total and its lse; a row with no key (total 0) gets 0 and lse = +inf.
+// out row = O / total and its lse; a row with no key (total exactly 0) gets 0 and lse = +inf. A NaN total (a NaN
+// score) stays NaN in both, so the backward's recomputed probabilities, and the gradients, are NaN as the
+// reference's are (a "> 0" test would have taken it for a row without keys and given zero gradients).
 template <typename In, typename T>
 inline void finish_row(const T* orow, T run_max, T run_total, int64_t D, In* dst, T* lse) {
-  const T inv = run_total > T(0) ? T(1) / run_total : T(0);
+  const bool empty = run_total == T(0);
+  const T inv = empty ? T(0) : T(1) / run_total;
   for (int64_t d = 0; d < D; ++d) dst[d] = store_as<In>(orow[d] * inv);
-  *lse = run_total > T(0) ? run_max + std::log(run_total) : std::numeric_limits<T>::infinity();
+  *lse = empty ? std::numeric_limits<T>::infinity() : run_max + std::log(run_total);
 }
 
 // The query block that forward task t covers: (sequence b, query head h, its kv head hk, first row i0, m rows).

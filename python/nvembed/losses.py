@@ -84,7 +84,8 @@ class _AllGatherWithGrad(torch.autograd.Function):
         return _all_gather_rows(tensor, sizes, group)
 
     @staticmethod
-    def backward(ctx, grad):
+    @torch.autograd.function.once_differentiable  # the in-place all_reduce has no derivative: double backward
+    def backward(ctx, grad):                      # raises instead of silently treating it as the identity
         # Every rank's loss may read every rank's rows: this rank's rows get the sum of all ranks' gradients for
         # them (see all_gather_with_grad for why a sum, not a mean).
         grad = grad.contiguous().clone()  # all_reduce works in place; the incoming gradient may be shared
@@ -198,8 +199,46 @@ class InfoNCELoss(nn.Module):
             raise ValueError(f"InfoNCELoss: docs.size(0)={N} is not queries.size(0)*group_size={B * group_size}")
         return group_size
 
+    def _agree_across_ranks(self, queries, error: Optional[Exception]) -> None:
+        """One small all_gather before anything can raise on one rank only (cross_rank, world > 1): every rank's
+        inputs passed their checks, and the ranks agree on temperature and in_batch_negatives. Otherwise every rank
+        raises (a rank whose own inputs failed raises its own error), where a local raise would leave the other
+        ranks waiting in the docs gather until the process group's timeout."""
+        if isinstance(queries, torch.Tensor):
+            device = queries.device
+        elif dist.get_backend(self.group) == "nccl":
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        temp_bits = torch.tensor([self.temperature], dtype=torch.float64).view(torch.int64).item()
+        header = torch.tensor([error is None, self.in_batch_negatives, temp_bits], dtype=torch.int64, device=device)
+        headers = [torch.empty_like(header) for _ in range(dist.get_world_size(self.group))]
+        dist.all_gather(headers, header, group=self.group)
+        rows = [h.tolist() for h in headers]
+        if error is not None:
+            raise error
+        bad = [r for r, h in enumerate(rows) if not h[0]]
+        if bad:
+            raise ValueError(f"InfoNCELoss (cross_rank): the inputs of rank(s) {bad} failed their checks (see the "
+                             "error raised there); every rank stops here instead of waiting for them")
+        if any(h[1:] != rows[0][1:] for h in rows):
+            def temp(h):
+                return torch.tensor([h[2]], dtype=torch.int64).view(torch.float64).item()
+            listed = ", ".join(f"rank {r}: temperature {temp(h)}, in_batch_negatives {bool(h[1])}"
+                               for r, h in enumerate(rows))
+            raise ValueError(f"InfoNCELoss (cross_rank): the ranks disagree ({listed}); every rank must compute the "
+                             "same loss")
+
     def forward(self, queries: torch.Tensor, docs: torch.Tensor, group_size: Optional[int] = None) -> torch.Tensor:
-        G = self.resolve_group_size(queries, docs, group_size)
+        if self.cross_rank and _distributed_world(self.group) > 1:
+            try:
+                G = self.resolve_group_size(queries, docs, group_size)
+                error = None
+            except (TypeError, ValueError) as e:
+                error = e
+            self._agree_across_ranks(queries, error)
+        else:
+            G = self.resolve_group_size(queries, docs, group_size)
         if self.cross_rank and self.in_batch_negatives and _distributed_world(self.group) > 1:
             gathered, sizes = _gather_with_sizes(docs, self.group, "InfoNCELoss (cross_rank docs)")
             rank = dist.get_rank(self.group)
