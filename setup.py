@@ -37,6 +37,20 @@ def _find_nvcc():
     return None
 
 
+def _cuda_required() -> bool:
+    return os.environ.get("NVEMBED_CUDA", "auto").lower() in ("1", "true", "on", "yes")
+
+
+def _nvcc_major(nvcc):
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    import re
+    m = re.search(r"release (\d+)\.", out)
+    return int(m.group(1)) if m else None
+
+
 def _cuda_plan(torch):
     """Returns (with_cuda, nvcc, reason)."""
     want = os.environ.get("NVEMBED_CUDA", "auto").lower()
@@ -48,10 +62,16 @@ def _cuda_plan(torch):
         reason = f"torch {torch.__version__} is a CPU-only build"
     elif nvcc is None:
         reason = "nvcc was not found (set CUDA_HOME)"
+    else:
+        # the library links the CUDA runtime of this nvcc into torch's process: their major versions must agree
+        major, torch_major = _nvcc_major(nvcc), int(torch.version.cuda.split(".")[0])
+        if major is not None and major != torch_major:
+            reason = (f"nvcc {nvcc} is CUDA {major}, torch {torch.__version__} was built with CUDA "
+                      f"{torch.version.cuda} (point CUDA_HOME at a CUDA {torch_major} toolkit)")
     if reason is None:
         return True, nvcc, None
-    if want in ("1", "true", "on", "yes"):
-        raise RuntimeError(f"NVEMBED_CUDA=1 but the CUDA build is impossible: {reason}")
+    if _cuda_required():
+        raise RuntimeError(f"NVEMBED_CUDA={os.environ['NVEMBED_CUDA']} but the CUDA build is impossible: {reason}")
     return False, None, reason
 
 
@@ -85,15 +105,22 @@ class CMakeExtension(Extension):
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         import pybind11
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise RuntimeError(
+                "nvembed compiles its kernels against the torch it will run with, so that torch must be installed "
+                "first and visible to the build: pip install 'torch>=2.11', then pip install --no-build-isolation . "
+                "(an isolated build environment has no torch, or another one)") from None
         import torch.utils.cpp_extension as cpp_ext
 
         with_cuda, nvcc, reason = _cuda_plan(torch)
         cuda_objects = os.environ.get("NVEMBED_CUDA_OBJECTS") if with_cuda else None
         cutlass = _cutlass_include() if with_cuda else None
         if with_cuda and cutlass is None and not cuda_objects:
-            if os.environ.get("NVEMBED_CUDA", "auto") == "1":
-                raise RuntimeError("NVEMBED_CUDA=1 but the nvidia-cutlass wheel (CUTLASS/CuTe headers) is missing")
+            if _cuda_required():
+                raise RuntimeError(f"NVEMBED_CUDA={os.environ['NVEMBED_CUDA']} but the nvidia-cutlass wheel "
+                                   "(CUTLASS/CuTe headers) is missing")
             with_cuda, reason = False, "the nvidia-cutlass wheel (CUTLASS/CuTe headers) is not installed"
         if with_cuda:
             print(f"nvembed: building CPU + CUDA kernels (nvcc {nvcc}, archs "
@@ -112,6 +139,8 @@ class CMakeBuild(build_ext):
             cmake = os.path.join(cmake_pkg.CMAKE_BIN_DIR, "cmake")
         except ImportError:
             pass
+        if cmake is None:
+            raise RuntimeError("nvembed: cmake was not found: pip install cmake ninja (requirements-build.txt)")
         args = [
             cmake, ROOT, "-G", "Ninja", f"-DCMAKE_BUILD_TYPE=Release",
             f"-DNVEMBED_VERSION={VERSION}",
@@ -157,6 +186,13 @@ class CMakeBuild(build_ext):
         in_tree = os.path.join(ROOT, "nvembed_ext", os.path.basename(built))
         if os.path.abspath(built) != os.path.abspath(in_tree) and os.path.isdir(os.path.dirname(in_tree)):
             shutil.copy2(built, in_tree)
+        # Which torch the library was compiled against, beside each copy: nvembed_ext compares it with the running
+        # torch before loading the library (a mismatch otherwise surfaces as an undefined C++ symbol, or worse).
+        meta = f"# written by setup.py at build time\nTORCH_VERSION = {torch.__version__!r}\n"
+        for folder in {os.path.dirname(built), os.path.dirname(in_tree)}:
+            if os.path.isdir(folder):
+                with open(os.path.join(folder, "_build_meta.py"), "w") as f:
+                    f.write(meta)
 
 
 setup(
