@@ -12,6 +12,7 @@ Environment knobs:
 import glob
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -46,7 +47,6 @@ def _nvcc_major(nvcc):
         out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    import re
     m = re.search(r"release (\d+)\.", out)
     return int(m.group(1)) if m else None
 

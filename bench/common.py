@@ -104,6 +104,14 @@ def write_csv(path: str, rows: list, columns: Optional[list] = None) -> None:
             w.writerow({k: r.get(k, "") for k in columns})
 
 
+def first_line(e: BaseException, limit: Optional[int] = None) -> str:
+    """"Type: first line of the message" (that line cut to `limit` characters): what a benchmark row records of an
+    error, the full traceback going to the log."""
+    lines = str(e).strip().splitlines()
+    first = lines[0] if lines else ""
+    return f"{type(e).__name__}: {first[:limit] if limit else first}"
+
+
 def quantile(times: list, p: float) -> float:
     """The p-quantile of `times` as the benchmarks report it: sorted(times)[min(n - 1, int(p * n))]."""
     s = sorted(times)

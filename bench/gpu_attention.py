@@ -64,8 +64,8 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import (describe, env_vars, gpu_environment, pyplot, save_figure, select_device, time_calls,  # noqa: E402
-                    write_csv)
+from common import (describe, env_vars, first_line, gpu_environment, pyplot, save_figure,  # noqa: E402
+                    select_device, time_calls, write_csv)
 
 COLUMNS = ["gpu", "torch", "cuda", "commit", "date", "provider", "mode", "batch", "seqlen", "heads_q", "heads_kv",
            "head_dim", "ms", "tflops", "note"]
@@ -172,11 +172,6 @@ class Inputs:
 
 
 # ---- providers ---------------------------------------------------------------------------------------------------
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:300] if text else ''}"
-
 
 def _fa4_module():
     import flash_attn.cute as fa4  # PyPI flash-attn-4 (CuTe DSL; sm90 / sm100)
@@ -394,7 +389,7 @@ def run(args, device, dtype, on_rows=None) -> tuple:
                         row["ms"] = round(ms, 4)
                         row["tflops"] = float(f"{MODE_FLOPS[mode] * case.fwd_flops() / (ms * 1e-3) / 1e12:.4g}")
                     except Exception as e:  # recorded, not fatal: the other providers still run
-                        notes.append("unavailable: " + _first_line(e))
+                        notes.append("unavailable: " + first_line(e, 300))
                     seed += 1
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
@@ -418,7 +413,7 @@ def agree(name, case, device, dtype, args, seed) -> tuple:
             bad = check_agreement(name, case, device, dtype, args.tiny, seed, gqa_mode)
         except Exception as e:
             if first_error is None:
-                first_error = _first_line(e)
+                first_error = first_line(e, 300)
             continue
         note = ""
         if gqa and name.startswith("sdpa"):

@@ -43,7 +43,7 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import device_name, env_vars, git_commit, pyplot, save_figure, write_csv  # noqa: E402
+from common import device_name, env_vars, first_line, git_commit, pyplot, save_figure, write_csv  # noqa: E402
 
 TEMPERATURE = 0.05
 G = 8
@@ -192,11 +192,6 @@ def measure(variant: str, B: int, d: int, dtype, device: str, rounds: int, max_s
             "rounds": len(times), "peak_mem_mb": (max(peaks) / 2**20) if peaks else float("nan")}
 
 
-def _failure(e: BaseException) -> str:
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"failed: {type(e).__name__}: {first[:200]}"
-
-
 def _empty_cache(device: str) -> None:
     if device == "cuda":
         try:  # after an illegal memory access the context is gone: that must not end the script
@@ -238,7 +233,7 @@ def run(args, on_rows=None) -> list[dict]:
                         row["status"] = f"skipped: out of memory ({str(e).splitlines()[0][:120]})"
                         _empty_cache(device)
                     except Exception as e:  # noqa: BLE001 -- an unverified path's error is a result, not the end
-                        row["status"] = _failure(e)
+                        row["status"] = "failed: " + first_line(e, 200)
                         _empty_cache(device)
                     else:
                         results[variant] = res

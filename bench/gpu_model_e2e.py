@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 import torch  # noqa: E402
 
-from common import device_name, git_commit, quantile, write_csv  # noqa: E402
+from common import device_name, first_line, git_commit, quantile, write_csv  # noqa: E402
 from released_nvembed import port_nvembed, random_state_dict, released_config, released_shapes  # noqa: E402
 
 FULL_TEXT = {"model_type": "bidir_mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
@@ -112,11 +112,6 @@ def make_batch(gen, batch, seq_len, vocab, device):
 
 
 # ------------------------------------------------------------------------------------------------------ probing
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".strip()
-
-
 def probe_ops(model, device):
     """{op: "ok" | "<error>"}: one tiny call of each op the nvembed path runs, on this model's shapes, dtype and
     device. A missing kernel shows up as the dispatcher's NotImplementedError ("Could not run ... with arguments
@@ -142,7 +137,7 @@ def probe_ops(model, device):
                 torch.cuda.synchronize(device)
             status[name] = "ok" if torch.isfinite(out.float()).all() else "non-finite output"
         except Exception as e:  # any failure means this path cannot run here; the message says which
-            status[name] = _first_line(e)
+            status[name] = first_line(e).strip()
     return status
 
 
@@ -267,7 +262,7 @@ def main(argv=None) -> int:
             print(f"  agreement: per-row cosine min {min_cos:.6f}, max |diff| "
                   f"{(our_emb - ref_emb).abs().max().item():.3e}", flush=True)
         except Exception as e:  # an op the probe did not reach
-            not_run = _first_line(e)
+            not_run = first_line(e).strip()
 
     base = {**env, **shapes, "cuda_kernels": kernels}
     rows = []
