@@ -14,7 +14,8 @@ Protocol (the CUDA InfoNCE issue): d in {1024, 4096}, B in {4096, 16384, 65536} 
            online log-sum-exp kernel) and the blocked-GEMM backward.
   nvembed-fused  the gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused, csrc/infonce_gemm.h: row blocks of
            queries against all docs, three cuBLAS GEMMs of 2 B N d in all, no recomputation in the backward, which
-           only scales them), through the public op.
+           only scales them), through the public op; its row blocks and dD accumulator are the default plan (the
+           CSV's fused_plan column).
   (nvembed and nvembed-sm90 pin the tile backward, NVEMBED_INFONCE_BWD=tiles; all but nvembed-gemm-fwd and
   nvembed-fused the tile forward, NVEMBED_INFONCE_FWD=tiles.)
 Per configuration: one warm-up round, then timed rounds, each on fresh random inputs; the time of a round is the
@@ -149,12 +150,15 @@ def gemm_bytes(B: int, d: int) -> int:
 
 
 def fused_bytes(B: int, d: int) -> int:
-    """Input gradients, a row block's fp32 scores and bf16 probabilities (all B rows within 1 GiB, else at least
-    4096 rows), the fp32 dD accumulator when there is more than one row block, a GEMM's fp32 part (64 MiB)."""
+    """Input gradients, a row block's fp32 scores (the bf16 probabilities are written over them), the fp32 dD
+    accumulator where the plan has one, a GEMM's fp32 part (64 MiB): the library's own plan
+    (nvembed_ext._C.infonce_fused_plan, under the current NVEMBED_INFONCE_FUSED_MB and
+    NVEMBED_INFONCE_FUSED_ACC)."""
+    import nvembed_ext
+
     N = B * G
-    one_block = 6 * B * N <= (1 << 30)
-    rows = B if one_block else min(B, max((1 << 30) // (6 * N) // 256 * 256, 4096))
-    return 2 * (B + N) * d + 6 * rows * N + (0 if one_block else 4 * N * d) + (64 << 20)
+    plan = nvembed_ext._C.infonce_fused_plan(B, N, d, 2)
+    return 2 * (B + N) * d + 4 * plan["rows"] * N + (4 * N * d if plan["accumulator"] == "fp32" else 0) + (64 << 20)
 
 
 def measure(variant: str, B: int, d: int, dtype, device: str, rounds: int, max_seconds: float) -> dict:
@@ -217,7 +221,12 @@ def run(args, on_rows=None) -> list[dict]:
             results = {}
             for variant in variants:
                 row = {**env, "variant": variant, "dtype": "bfloat16", "B": B, "G": G, "N": N, "d": d,
-                       "temperature": TEMPERATURE, "in_batch_negatives": True, "status": "ok"}
+                       "temperature": TEMPERATURE, "in_batch_negatives": True, "status": "ok", "fused_plan": ""}
+                if variant == "nvembed-fused":
+                    import nvembed_ext
+
+                    plan = nvembed_ext._C.infonce_fused_plan(B, N, d, 2)
+                    row["fused_plan"] = f"rows {plan['rows']}, dD accumulator {plan['accumulator']}"
                 need = {"naive": naive_bytes, "nvembed-gemm": gemm_bytes, "nvembed-gemm-fwd": gemm_bytes,
                         "nvembed-fused": fused_bytes}.get(variant, nvembed_bytes)(B, d)
                 free = torch.cuda.mem_get_info()[0] if device == "cuda" else None

@@ -180,6 +180,7 @@ def main():
     #   gemm-fwd: the GEMM forward (with the blocked backward): one chunk; chunks of 9 (the lse kernel's scalar path)
     #   fused: gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused): one row block; row blocks of 37
     #          queries (the fp32 dD accumulator) with odd d (both chunk kernels' scalar paths)
+    #   fused-output: the same with the row blocks' dD updates added into the output (NVEMBED_INFONCE_FUSED_ACC)
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     gemm = {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_BWD": "gemm"}
     gemm_paths = (
@@ -189,6 +190,9 @@ def main():
          (("chunks 9", bf16, 72),)),
         ("fused", {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_GRAD": "fused"}, (bf16, fp16, fp32),
          {"NVEMBED_INFONCE_ROW_BLOCK": "37"}, (("row blocks 37", bf16, 73),)),
+        ("fused-output", {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_GRAD": "fused",
+                          "NVEMBED_INFONCE_FUSED_ACC": "output"}, (bf16,),
+         {"NVEMBED_INFONCE_ROW_BLOCK": "37"}, (("row blocks 37", bf16, 73), ("row blocks 37", fp16, 72))),
     )
     for tag, variables, dtypes, small_variables, small in gemm_paths:
         with env_vars(variables):

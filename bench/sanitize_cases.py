@@ -60,7 +60,9 @@ INFONCE_CASES = (
     + [(_infonce_env(FWD="gemm", CHUNK_COLS=9), FP16, True, 130, 2, 72, 3)]
     # gradients formed in the forward: one row block (float4 paths), then row blocks of 37 queries with d % 4 != 0
     + [(_infonce_env(GRAD="fused"), dtype, True, 130, 2, 72, 4) for dtype in (BF16, FP32)]
-    + [(_infonce_env(GRAD="fused", ROW_BLOCK=37), FP16, True, 130, 2, 65, 3)])
+    + [(_infonce_env(GRAD="fused", ROW_BLOCK=37), FP16, True, 130, 2, 65, 3)]
+    # ... the row blocks' dD updates added into the bf16 output (cuBLAS beta = 1), float4 in-place passes
+    + [(_infonce_env(GRAD="fused", ROW_BLOCK=37, FUSED_ACC="output"), BF16, True, 130, 2, 72, 4)])
 
 # (environment, dtype, B, L, d, latents, heads, dim_head, ff_hidden)
 LATENT_POOL_CASES = [

@@ -7,6 +7,7 @@
 
 #include "cpu/blas.h"
 #include "flash_attn_common.h"
+#include "infonce_gemm.h"
 #include "kernel_choice.h"
 #ifdef NVEMBED_WITH_CUDA
 #include "cuda/gemm_sm90.cuh"
@@ -63,6 +64,27 @@ PYBIND11_MODULE(_C, m) {
   m.def("infonce_fwd_kernel_for", &nvembed::infonce_fwd_kernel_for, py::arg("major"), py::arg("minor"),
         "The CUDA forward kernel infonce's tensor-core path would run on a device of compute capability "
         "major.minor: 'sm90' or 'sm80' (NVEMBED_INFONCE_KERNEL = auto | sm80 | sm90 chooses).");
+  m.def(
+      "infonce_fused_plan",
+      [](int64_t B, int64_t N, int64_t d, int64_t elem_bytes) {
+        nvembed::InfoNCEFusedPlan plan{};
+        try {
+          plan = nvembed::infonce_fused_plan(B, N, d, elem_bytes);
+        } catch (const c10::Error& e) {  // a bad variable: the op's message, as a ValueError
+          throw py::value_error(e.what_without_backtrace());
+        }
+        py::dict out;
+        out["rows"] = plan.rows;
+        out["accumulator"] = plan.acc == nvembed::InfoNCEFusedAcc::kNone   ? "none"
+                             : plan.acc == nvembed::InfoNCEFusedAcc::kFp32 ? "fp32"
+                                                                            : "output";
+        return out;
+      },
+      py::arg("B"), py::arg("N"), py::arg("d"), py::arg("elem_bytes"),
+      "The row blocks and dD accumulator of infonce's gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused) "
+      "for B queries, N docs of width d and inputs of elem_bytes bytes, under the current NVEMBED_INFONCE_FUSED_MB, "
+      "NVEMBED_INFONCE_FUSED_ACC and NVEMBED_INFONCE_ROW_BLOCK: {'rows': R, 'accumulator': 'none' | 'fp32' | "
+      "'output'} (csrc/infonce_gemm.h).");
 #ifdef NVEMBED_WITH_CUDA
   // Raw-pointer entry points of the CUTLASS Hopper GEMM (cuda/gemm_sm90.cuh) for nvembed_ext.cutlass_gemm, which
   // checks the tensors; benchmarks only.

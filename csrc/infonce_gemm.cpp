@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <limits>
+#include <string_view>
 #include <utility>
 
 #include "checks.h"
@@ -94,7 +95,11 @@ void aten_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
   const ChunkTargets t = chunk_targets(B, c, col0, G);
   if (t.i1 > t.i0) target_view(scores, t, col0, G).fill_(0);
   neg_prob_sum.add_(scores.sum(1));
-  probs.copy_(scores);
+  if (probs.data_ptr() != scores.data_ptr()) {
+    probs.copy_(scores);
+  } else if (probs.scalar_type() != scores.scalar_type()) {  // written over the scores: through a copy
+    probs.copy_(scores.to(probs.scalar_type()));
+  }  // else probs is scores
 }
 
 void aten_chunk_lse(Tensor& scores, Tensor& run_max, Tensor& run_sum, Tensor& target, int64_t col0, int64_t G,
@@ -125,6 +130,12 @@ void infonce_check_chunk_grad(const Tensor& scores, const Tensor& lse, const Ten
   TORCH_INTERNAL_ASSERT(probs.dim() == 2 && probs.size(0) == scores.size(0) && probs.size(1) == scores.size(1) &&
                             probs.stride(1) == 1 && probs.device() == scores.device(),
                         "infonce: chunk probabilities");
+  // sharing memory with the scores only as their in-place overlay (what the CUDA kernel's in-place loop assumes)
+  if (probs.numel() > 0 && probs.storage().is_alias_of(scores.storage())) {
+    TORCH_INTERNAL_ASSERT(probs.data_ptr() == scores.data_ptr() &&
+                              probs.stride(0) * probs.element_size() == scores.size(1) * scores.element_size(),
+                          "infonce: chunk probabilities overlap the scores other than row by row");
+  }
 }
 
 const char* infonce_fwd_choice(bool gemm_default) {
@@ -238,50 +249,90 @@ const char* infonce_grad_choice(bool fused_default) {
   return kernel_choice("NVEMBED_INFONCE_GRAD", kOp, "backward", "fused", true, fused_default);
 }
 
-int64_t infonce_fused_rows(int64_t B, int64_t N, int64_t elem_bytes) {
+InfoNCEFusedPlan infonce_fused_plan(int64_t B, int64_t N, int64_t d, int64_t elem_bytes) {
+  const int64_t acc_bytes = elem_bytes == 8 ? 8 : 4;
+  const bool low_precision = elem_bytes < acc_bytes;
+  const int64_t budget = env_int("NVEMBED_INFONCE_FUSED_MB", 1024) << 20;
+  const int64_t row_bytes = std::max<int64_t>(N * acc_bytes, 1);  // one query's scores
+  const int64_t acc_d_bytes = N * d * 4;
+  const char* v = std::getenv("NVEMBED_INFONCE_FUSED_ACC");
+  const std::string_view mode = v == nullptr || *v == '\0' ? "auto" : v;
+  NVE_CHECK_VALUE(mode == "auto" || mode == "fp32" || mode == "output", kOp,
+                  "NVEMBED_INFONCE_FUSED_ACC must be auto, fp32 or output, got '", mode, "'");
   int64_t rows = env_int("NVEMBED_INFONCE_ROW_BLOCK", 0);
+  bool fp32 = false;
   if (rows == 0) {
-    const int64_t acc_bytes = elem_bytes == 8 ? 8 : 4;
-    rows = (env_int("NVEMBED_INFONCE_FUSED_MB", 1024) << 20) / (N * (acc_bytes + elem_bytes));
-    // below 4096 rows a block's update of the fp32 dD accumulator (16 N d bytes of traffic) costs more than ~10%
-    // of its three GEMMs (6 R N d FLOPs) at H100-class rate and bandwidth
-    if (rows < B) rows = std::max<int64_t>(rows / 256 * 256, 4096);
+    if (B * row_bytes <= budget && mode == "auto") {
+      rows = B;
+    } else {
+      const int64_t r32 = (budget - acc_d_bytes) / row_bytes / 256 * 256;  // rows beside the accumulator
+      fp32 = low_precision && (mode == "fp32" || (mode == "auto" && r32 >= 4096));
+      rows = fp32 ? std::max<int64_t>(r32, 4096) : std::max<int64_t>(budget / row_bytes / 256 * 256, 1024);
+    }
+  } else {
+    fp32 = low_precision &&
+           (mode == "fp32" || (mode == "auto" && acc_d_bytes + std::min(rows, B) * row_bytes <= budget));
   }
-  return std::clamp<int64_t>(rows, 1, B);
+  rows = std::clamp<int64_t>(rows, 1, std::max<int64_t>(B, 1));
+  if (rows >= B) return {rows, InfoNCEFusedAcc::kNone};
+  return {rows, fp32 ? InfoNCEFusedAcc::kFp32 : InfoNCEFusedAcc::kOutput};
 }
+
+namespace {
+
+// out = alpha a b + beta out in out's dtype, the product in the accumulation dtype and one rounding (beta = 0: out
+// is not read). CUDA: cuBLAS (fp32 arithmetic for bf16 / fp16); CPU: the same numbers formed with an fp32 product.
+void addmm_acc_(Tensor& out, const Tensor& a, const Tensor& b, double alpha, double beta, at::ScalarType acc) {
+  if (out.is_cuda() || out.scalar_type() == acc) {
+    out.addmm_(a, b, beta, alpha);
+    return;
+  }
+  Tensor prod = at::mm(a.to(acc), b.to(acc)).mul_(alpha);
+  if (beta != 0) prod.add_(out.to(acc), beta);
+  out.copy_(prod);
+}
+
+// The target entries of a row block's probabilities: row r (query r0 + r) at column (r0 + r) G; probs [rn, N] with
+// unit column stride, any row stride.
+Tensor block_targets(const Tensor& probs, int64_t r0, int64_t G) {
+  return at::as_strided(probs, {probs.size(0)}, {probs.stride(0) + G}, probs.storage_offset() + r0 * G);
+}
+
+}  // namespace
 
 std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, const Tensor& docs,
                                                          int64_t group_size, double temperature,
                                                          InfoNCEChunkLseFn chunk_lse, InfoNCEChunkGradFn chunk_grad) {
   // the ATen ops below run in the dtypes chosen here: an enclosing autocast region must not recast them
   const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
-  const at::ScalarType acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType io = queries.scalar_type();
+  const at::ScalarType acc = io == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = queries.size(0), N = docs.size(0), d = queries.size(1), G = group_size;
   const auto opts = queries.options().dtype(acc);
   const double inv_t = 1.0 / temperature, coef = 1.0 / (static_cast<double>(B) * temperature);
-  const int64_t R = infonce_fused_rows(B, N, queries.element_size());
-  const bool one_block = R >= B;
-  // the fp32 products of dQ and dD exist one part (<= 64 MiB, >= 1024 rows: GEMMs stay large) at a time
+  const InfoNCEFusedPlan plan = infonce_fused_plan(B, N, d, queries.element_size());
+  const int64_t R = plan.rows;
+  // the fp32 products of dQ (and of dD into the kFp32 accumulator) exist one part (<= 64 MiB, >= 1024 rows: GEMMs
+  // stay large) at a time
   const int64_t part = std::max<int64_t>(kPartBytes / (std::max<int64_t>(d, 1) * c10::elementSize(acc)), 1024);
   Tensor grad_q = at::empty({B, d}, queries.options());
   Tensor grad_d = at::empty({N, d}, queries.options());
-  Tensor acc_d = one_block ? Tensor() : at::zeros({N, d}, opts);  // sum over row blocks of P_R^T Q_R
+  Tensor acc_d = plan.acc == InfoNCEFusedAcc::kFp32 ? at::zeros({N, d}, opts) : Tensor();  // sum of P_R'^T Q_R
   Tensor loss_sum = at::zeros({}, opts);
-  Tensor probs_buf = at::empty({R, N}, queries.options());
   for (int64_t r0 = 0; r0 < B; r0 += R) {
     const int64_t rn = std::min(R, B - r0), col0 = -r0 * G;  // row r of the block: target column (r0 + r) G
     const Tensor qr = queries.narrow(0, r0, rn);
-    Tensor scores = mm_acc(qr, docs.t(), acc);  // [rn, N]
+    Tensor scores = mm_acc(qr, docs.t(), acc);  // [rn, N], contiguous
     Tensor run_max = at::full({rn}, -std::numeric_limits<double>::infinity(), opts);
     Tensor run_sum = at::zeros({rn}, opts);
     Tensor target = at::empty({rn}, opts);  // every row's target is among the N columns
     (chunk_lse != nullptr ? chunk_lse : aten_chunk_lse)(scores, run_max, run_sum, target, col0, G, inv_t);
     const auto [row_loss, lse] = finish_rows(run_max, run_sum, target);
     loss_sum.add_(row_loss.sum());
-    Tensor probs = probs_buf.narrow(0, 0, rn);
+    // the probabilities in the input dtype, written over the scores (row r where the scores' row r starts)
+    Tensor probs = io == acc ? scores : scores.view(io).narrow(1, 0, N);
     Tensor neg_prob_sum = at::zeros({rn}, opts);
     (chunk_grad != nullptr ? chunk_grad : aten_chunk_grad)(scores, lse, neg_prob_sum, probs, col0, G, inv_t);
-    scores.reset();  // before the GEMMs' fp32 parts
     const Tensor ns = neg_prob_sum.unsqueeze(1);
     // dQ_R = (P_R D - neg_prob_sum D_target) / (B t); the target term (P_t - 1 = -neg_prob_sum) as in the backward
     const Tensor d_tgt = target_rows(docs, {r0, r0 + rn}, 0, G);
@@ -291,23 +342,20 @@ std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, 
       gq.addcmul_(d_tgt.narrow(0, k0, kn), ns.narrow(0, k0, kn), -1);
       grad_q.narrow(0, r0 + k0, kn).copy_(gq.mul_(coef));
     }
-    // dD += P_R^T Q_R, minus neg_prob_sum Q at the targets of this block's queries
-    for (int64_t n0 = 0; n0 < N; n0 += part) {
-      const int64_t nn = std::min(part, N - n0), pcol0 = n0 + col0;  // row r's target: row r G - pcol0 of the part
-      Tensor gd = mm_acc(probs.narrow(1, n0, nn).t(), qr, acc);  // [nn, d]
-      const ChunkTargets t = chunk_targets(rn, nn, pcol0, G);
-      if (t.i1 > t.i0) {
-        target_rows(gd, t, pcol0, G).addcmul_(qr.narrow(0, t.i0, t.i1 - t.i0), ns.narrow(0, t.i0, t.i1 - t.i0), -1);
+    // dD += P_R'^T Q_R with P_R' = P_R - onehot: the targets take P_t - 1 = -neg_prob_sum (in the input dtype, like
+    // every other probability)
+    if (rn > 0) block_targets(probs, r0, G).copy_(neg_prob_sum.neg());
+    if (plan.acc == InfoNCEFusedAcc::kFp32) {
+      for (int64_t n0 = 0; n0 < N; n0 += part) {
+        const int64_t nn = std::min(part, N - n0);
+        acc_d.narrow(0, n0, nn).add_(mm_acc(probs.narrow(1, n0, nn).t(), qr, acc));
       }
-      if (one_block) {
-        grad_d.narrow(0, n0, nn).copy_(gd.mul_(coef));
-      } else {
-        acc_d.narrow(0, n0, nn).add_(gd);
-      }
+    } else {
+      addmm_acc_(grad_d, probs.t(), qr, coef, r0 == 0 ? 0.0 : 1.0, acc);
     }
   }
-  probs_buf.reset();
-  if (!one_block) {
+  if (B == 0) grad_d.zero_();  // no block ran (the op's checks reject an empty batch; kept total)
+  if (plan.acc == InfoNCEFusedAcc::kFp32) {
     for (int64_t n0 = 0; n0 < N; n0 += part) {  // in place, one part at a time: no second [N, d] fp32 tensor
       const int64_t nn = std::min(part, N - n0);
       grad_d.narrow(0, n0, nn).copy_(acc_d.narrow(0, n0, nn).mul_(coef));

@@ -68,8 +68,9 @@ InfoNCEGemmWidths infonce_gemm_widths(int64_t B, int64_t N, int64_t elem_bytes);
 // probs [R, c] (out, dtype of the inputs; unit column stride, any row stride) = exp(scores / t - lse) with column
 // r*G - col0 of row r zeroed where it lies in the chunk (col0 as for InfoNCEChunkLseFn); neg_prob_sum [R] += the
 // row sums of those probabilities in the accumulation dtype, before their rounding to probs' dtype (both versions
-// do so). scores is contiguous fp32 (fp64 for fp64 inputs) and may be overwritten. Null: the ATen version (any
-// device).
+// do so). scores is contiguous fp32 (fp64 for fp64 inputs) and may be overwritten. probs either shares no memory
+// with scores or is written over them: row r of probs starts where row r of scores does (same data pointer, row
+// stride c * sizeof(accumulation dtype) / sizeof(probs' dtype)). Null: the ATen version (any device).
 using InfoNCEChunkGradFn = void (*)(at::Tensor& scores, const at::Tensor& lse, at::Tensor& neg_prob_sum,
                                     at::Tensor& probs, int64_t col0, int64_t group_size, double inv_temperature);
 
@@ -97,13 +98,27 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_gemm(const at::Tensor& grad_loss,
 // FLOPs in all (the naive loss's count) instead of four. Rows blocks of R queries, each with all N docs:
 //   S_R  = Q_R D^T                                  [R, N] fp32, one GEMM
 //   lse_R, target logits                            one pass over S_R (the chunk-lse kernel)
-//   P_R  = exp(S_R / t - lse), targets zeroed       [R, N] input dtype (the chunk-grad kernel; neg_prob_sum)
-//   dQ_R = (P_R D - neg_prob_sum D_target) / (B t)  written once
-//   dD  += P_R^T Q_R - (target terms)               fp32 [N, d] accumulator, one row part (64 MiB) at a time;
-//                                                   written straight to the output when one block holds all rows
-// Memory: S_R and P_R (NVEMBED_INFONCE_FUSED_MB, default 1024 MiB for both, but R >= 4096: 3 GiB at N = 131072),
-// the fp32 dD accumulator (N d 4 bytes, only with more than one row block) and O((B + N) d); the trade: ~3/4 of the
-// GEMM work of the GEMM forward plus the blocked backward, for more memory than either.
+//   P_R  = exp(S_R / t - lse), targets zeroed       written over S_R in the input dtype (the chunk-grad kernel, in
+//                                                   place: P_R's row r starts where S_R's does; neg_prob_sum)
+//   dQ_R = (P_R D - neg_prob_sum D_target) / (B t)  written once (fp32 parts, the target term exact)
+//   P_R's targets := P_t - 1 = -neg_prob_sum        so that dD's update is one GEMM with no target terms
+//   dD  += P_R^T Q_R / (B t)                        accumulated as the plan says (InfoNCEFusedAcc)
+// Memory beyond the inputs and the gradients: S_R (P_R lives in it) and, for the kFp32 accumulator, N d fp32.
+
+// Where the row blocks' dD updates accumulate.
+enum class InfoNCEFusedAcc : int {
+  kNone = 0,    // one row block holds all B queries: dD = P^T Q written once (one rounding to the input dtype)
+  kFp32 = 1,    // an fp32 [N, d] accumulator, updated in 64 MiB fp32 GEMM parts (16 N d bytes of traffic per block),
+                // scaled and rounded to the input dtype once at the end (bf16 / fp16 inputs only)
+  kOutput = 2,  // straight into the output: each block's GEMM adds alpha P^T Q_R to dD in the input dtype (cuBLAS
+                // beta = 1, fp32 arithmetic, one rounding per block: B / R roundings of the running sum in bf16 /
+                // fp16, error growing ~ sqrt(B / R); exact accumulation in the fp32 / fp64 output for those inputs)
+};
+
+struct InfoNCEFusedPlan {
+  int64_t rows;  // queries per row block, 1..B
+  InfoNCEFusedAcc acc;
+};
 
 // Whether the fused forward has run on a GPU; NVEMBED_INFONCE_GRAD = auto | backward | fused picks, for an in-batch
 // InfoNCE whose inputs need gradients, between the backward (infonce_bwd_choice's) and gradients formed in the
@@ -111,10 +126,19 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_gemm(const at::Tensor& grad_loss,
 constexpr bool kInfonceFusedGradVerified = false;
 const char* infonce_grad_choice(bool fused_default);
 
-// Queries per row block of the fused forward: NVEMBED_INFONCE_ROW_BLOCK if set, else all B where the [B, N] scores
-// and probabilities fit NVEMBED_INFONCE_FUSED_MB, else the largest multiple of 256 that fits, but at least 4096 (the
-// accumulator's traffic per block, ~389 / R of the block's GEMM time); at least 1, at most B.
-int64_t infonce_fused_rows(int64_t B, int64_t N, int64_t elem_bytes);
+// The fused forward's row blocks and accumulator for B queries, N docs of width d and inputs of elem_bytes bytes.
+// The budget M = NVEMBED_INFONCE_FUSED_MB MiB (default 1024) holds a block's scores (R N 4 bytes, 8 for fp64; the
+// probabilities are written over them) and the kFp32 accumulator (N d 4) where there is one. NVEMBED_INFONCE_FUSED_ACC
+// = auto | fp32 | output and NVEMBED_INFONCE_ROW_BLOCK (a positive integer) override the choice:
+//   all B rows fit M                            -> R = B, kNone
+//   bf16 / fp16, accumulator + 4096 rows fit M  -> kFp32, R = the multiple of 256 that fills M (>= 4096): below
+//                                                  4096 rows the accumulator's traffic passes ~10% of a block's
+//                                                  three GEMMs (6 R N d FLOPs) at H100-class rate and bandwidth
+//   otherwise                                   -> kOutput, R = the multiple of 256 that fills M, at least 1024 (the
+//                                                  output's read + write, 4 N d bytes, against a block's GEMMs)
+// fp32 / fp64 inputs always accumulate in the output (it has the accumulation dtype: no copy, no extra rounding).
+// With NVEMBED_INFONCE_ROW_BLOCK set and the accumulator auto: kFp32 where it fits M beside the block, else kOutput.
+InfoNCEFusedPlan infonce_fused_plan(int64_t B, int64_t N, int64_t d, int64_t elem_bytes);
 
 // (loss, grad_queries, grad_docs) of an in-batch InfoNCE for an upstream gradient of 1: the loss in the accumulation
 // dtype (0-dim mean), the gradients in the inputs' dtype. queries [B, d], docs [N >= B*G, d] contiguous; chunk_lse /

@@ -117,12 +117,30 @@ def _fwd_grad_setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2])
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph / create_graph); True where torch cannot say."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    try:
+        return True if keep is None else bool(keep())
+    except RuntimeError:  # not inside a backward pass
+        return True
+
+
 def _fwd_grad_backward(ctx, grad_loss, grad_gq, grad_gd):
     gq, gd = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None
-    g = grad_loss.to(_acc_dtype(gq))  # 0-dim: the products are formed in fp32 and rounded once to the input dtype
-    dq, dd = _first_order(gq * g if ctx.needs_input_grad[0] else None, gd * g if ctx.needs_input_grad[1] else None)
+    if (not torch.compiler.is_compiling() and not _graph_kept()
+            and torch.equal(grad_loss, torch.ones_like(grad_loss))):
+        # loss.backward() itself (g = 1, the graph freed after this pass): the forward's gradients as they are,
+        # without a second [B + N, d] pair alive beside the saved one (the peak memory of this path); the leaves'
+        # gradient accumulation may take them over. One host sync reads g. A retained graph (its saved gradients
+        # must stay intact for the next pass) and traced graphs (which cannot branch on g) always scale.
+        dq, dd = gq, gd
+    else:
+        g = grad_loss.to(_acc_dtype(gq))  # 0-dim: the products are formed in fp32 and rounded once to the input dtype
+        dq, dd = gq * g, gd * g
+    dq, dd = _first_order(dq if ctx.needs_input_grad[0] else None, dd if ctx.needs_input_grad[1] else None)
     return dq, dd, None, None, None
 
 

@@ -298,7 +298,8 @@ def test_gemm_fwd_bad_variable_cpu(gemm_fwd):
 # gradients for an upstream gradient of 1 in one pass; the backward scales them) with ATen's elementwise passes
 # instead of the CUDA chunk kernels (those are checked by tools/infonce_emu, negative col0 included). Row blocks of
 # 1 (every query alone), 2 and 7 (a ragged last block, a block's targets in the middle of the docs), and one block
-# for all (no fp32 dD accumulator).
+# for all (no dD accumulation); the accumulators (fp32, or the output itself) and the probabilities written over the
+# scores.
 
 @pytest.fixture
 def fused(monkeypatch):
@@ -334,9 +335,35 @@ def test_fused_grad_path_and_upstream_scale_cpu(fused):
     assert "_infonce_fwd_default" in _grad_fn_name(ops.infonce(q2, docs2, 3, 0.05, False))
 
 
+def test_fused_grad_retain_graph_cpu(fused):
+    """An upstream gradient of 1 hands the forward's gradients over without a copy; a retained graph's second
+    backward (and a third, scaled) still finds them intact: the leaves' gradients accumulate 1 + 1 + 0.5 times."""
+    q, docs = make_inputs_extra(9, 3, 4, 16, torch.float64)
+    loss = ops.infonce(q, docs, 3, 0.05, True)
+    assert "_infonce_fwd_grad" in _grad_fn_name(loss)
+    loss.backward(retain_graph=True)
+    loss.backward(retain_graph=True)
+    (loss * 0.5).backward()
+    _, ref_gq, ref_gd = run_ref(q, docs, 3, 0.05, True)
+    torch.testing.assert_close(q.grad, 2.5 * ref_gq, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(docs.grad, 2.5 * ref_gd, rtol=1e-12, atol=1e-14)
+
+
+def test_fused_grad_backward_hands_over_without_copy_cpu():
+    """g = 1 and a freed graph: the backward passes on the forward's own gradient tensors (no second copy); other
+    upstream gradients and a retained graph get new tensors."""
+    q, docs = make_inputs_extra(9, 3, 4, 16, torch.float32)
+    seen = []
+    q.register_hook(lambda g: seen.append(g.data_ptr()))
+    for scale, retain in ((1.0, False), (0.5, False), (1.0, True)):
+        loss, gq, _ = ops._infonce_fwd_grad(q, docs, 3, 0.05, True)
+        (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain)
+        assert (seen[-1] == gq.data_ptr()) == (scale == 1.0 and not retain), (scale, retain)
+
+
 def test_fused_grad_equals_backward_cpu(monkeypatch):
     """The same loss and gradients as the tile kernels' forward + backward (fp64: to rounding), for one block, ragged
-    blocks of 11 and a small budget (still one block: fewer than 4096 queries)."""
+    blocks of 11 and a small budget (still one block: all 40 rows of scores fit 1 MiB)."""
     q, docs = make_inputs_extra(40, 4, 77, 24, torch.float64, requires_grad=False)
     loss, lse = ops._infonce_fwd(q, docs, 4, 0.05, True)
     gq, gd = ops._infonce_bwd(torch.tensor(1.0, dtype=torch.float64), q, docs, lse, 4, 0.05, True)
@@ -357,18 +384,86 @@ def test_fused_grad_equals_backward_cpu(monkeypatch):
 
 
 def test_fused_grad_rows_budget(monkeypatch):
-    """The default row blocks: all B where the [B, N] scores and probabilities fit the budget, else at least 4096
-    rows (here a 1 MiB budget: blocks of 4096 + 4 queries, through the fp32 dD accumulator)."""
+    """Past the budget (1 MiB here) the row blocks are at least 1024 queries (blocks of 1024 + 1024 + 1024 + 1024 + 4,
+    the fp32 output accumulating them): the same loss and gradients as the tile kernels."""
     q, docs = make_inputs(4100, 1, 3, torch.float32, requires_grad=False, seed=3)
     loss, lse = ops._infonce_fwd(q, docs, 1, 0.05, True)
     gq, gd = ops._infonce_bwd(torch.tensor(1.0), q, docs, lse, 1, 0.05, True)
-    for budget in (None, "1"):
+    for budget, plan in ((None, {"rows": 4100, "accumulator": "none"}), ("1", {"rows": 1024, "accumulator": "output"})):
         if budget is not None:
             monkeypatch.setenv("NVEMBED_INFONCE_FUSED_MB", budget)
+        assert nvembed_ext._C.infonce_fused_plan(4100, 4100, 3, 4) == plan
         loss2, gq2, gd2 = ops._infonce_fwd_grad(q, docs, 1, 0.05, True)
         torch.testing.assert_close(loss2, loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(gq2, gq, rtol=1e-4, atol=1e-7)
         torch.testing.assert_close(gd2, gd, rtol=1e-4, atol=1e-7)
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("env,args,plan", [
+    # all B rows' scores fit the budget (1 GiB): one block, dD written once
+    ({}, (4096, 32768, 4096, 2), (4096, "none")),
+    # the issue's B = 16384: the fp32 accumulator (2 GiB at d = 4096; 512 MiB + 4096 rows of 512 KiB at d = 1024)
+    # does not fit 1 GiB: the output accumulates, blocks of 2048 rows fill the budget
+    ({}, (16384, 131072, 4096, 2), (2048, "output")),
+    ({}, (16384, 131072, 1024, 2), (2048, "output")),
+    # B = 65536, N = 524288: 512 rows would fill 1 GiB; at least 1024 (the output's traffic against the GEMMs)
+    ({}, (65536, 524288, 4096, 2), (1024, "output")),
+    # a budget with room for the accumulator and >= 4096 rows beside it: (4096 - 512) MiB / 512 KiB = 7168 rows
+    ({"FUSED_MB": 4096}, (16384, 131072, 1024, 2), (7168, "fp32")),
+    # fp32 / fp64 inputs: the output is the accumulator; fp64 scores take 8 bytes
+    ({"FUSED_MB": 4096}, (16384, 131072, 1024, 4), (8192, "output")),
+    ({"FUSED_MB": 4096}, (16384, 131072, 1024, 8), (4096, "output")),
+    ({"FUSED_ACC": "fp32"}, (16384, 131072, 1024, 4), (2048, "output")),
+    # forced accumulators: fp32 keeps >= 4096 rows; output with everything in one block is one write
+    ({"FUSED_ACC": "fp32"}, (16384, 131072, 4096, 2), (4096, "fp32")),
+    ({"FUSED_ACC": "output"}, (4096, 32768, 4096, 2), (4096, "none")),
+    ({"FUSED_ACC": "output", "FUSED_MB": 4096}, (16384, 131072, 1024, 2), (8192, "output")),
+    # forced rows: auto takes the fp32 accumulator where it fits the budget beside the block
+    ({"ROW_BLOCK": 100}, (1000, 8000, 64, 2), (100, "fp32")),
+    ({"ROW_BLOCK": 100, "FUSED_MB": 1}, (1000, 8000, 64, 2), (100, "output")),
+    ({"ROW_BLOCK": 100, "FUSED_ACC": "output"}, (1000, 8000, 64, 2), (100, "output")),
+    ({"ROW_BLOCK": 5000}, (1000, 8000, 64, 2), (1000, "none")),
+    ({"ROW_BLOCK": 3}, (1, 1, 1, 2), (1, "none")),
+])
+def test_fused_plan(monkeypatch, env, args, plan):
+    for var, value in env.items():
+        monkeypatch.setenv(f"NVEMBED_INFONCE_{var}", str(value))
+    assert nvembed_ext._C.infonce_fused_plan(*args) == {"rows": plan[0], "accumulator": plan[1]}
+
+
+def test_fused_plan_bad_accumulator(monkeypatch):
+    monkeypatch.setenv("NVEMBED_INFONCE_FUSED_ACC", "bf16")
+    with pytest.raises(ValueError, match=r"nvembed::infonce: NVEMBED_INFONCE_FUSED_ACC must be auto, fp32 or output, "
+                                         r"got 'bf16'"):
+        nvembed_ext._C.infonce_fused_plan(16, 16, 8, 2)
+    monkeypatch.setenv("NVEMBED_INFONCE_GRAD", "fused")
+    q, docs = make_inputs(9, 3, 16, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"nvembed::infonce: NVEMBED_INFONCE_FUSED_ACC must be auto, fp32 or output"):
+        ops.infonce(q, docs, 3, 0.05, True)
+
+
+def test_fused_probabilities_written_over_scores_cpu(monkeypatch):
+    """The probabilities overlay the scores (a bf16 view with twice the row stride): a row block's peak is its fp32
+    scores alone. On CPU tensors the ATen pass goes through a copy; the CUDA kernel's in-place loop is checked by
+    tools/infonce_emu. Here: every accumulator and the reference on ragged blocks whose targets sit mid-row."""
+    q, docs = make_inputs_extra(37, 3, 11, 24, torch.bfloat16)
+    results = []
+    for acc in ("fp32", "output"):
+        monkeypatch.setenv("NVEMBED_INFONCE_FUSED_ACC", acc)
+        monkeypatch.setenv("NVEMBED_INFONCE_ROW_BLOCK", "10")
+        assert nvembed_ext._C.infonce_fused_plan(37, 122, 24, 2) == {"rows": 10, "accumulator": acc}
+        results.append(ops._infonce_fwd_grad(q.detach(), docs.detach(), 3, 0.05, True))
+    monkeypatch.delenv("NVEMBED_INFONCE_ROW_BLOCK")
+    results.append(ops._infonce_fwd_grad(q.detach(), docs.detach(), 3, 0.05, True))  # one block
+    _, ref_gq, ref_gd = run_ref(q, docs, 3, 0.05, True)
+    for loss, gq, gd in results:
+        assert rel_err(gq, ref_gq) < 1e-2 and rel_err(gd, ref_gd) < 1e-2
+    # the loss does not depend on the accumulator (same blocks: equal), nor, beyond its row sums' order, on the blocks
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(results[2][0], results[0][0], rtol=1e-6, atol=0)
 
 
 # ---- the three GEMM paths against the fp64 reference, one parametrization ----------------------------------------
@@ -380,7 +475,11 @@ def _env(**variables):
 GEMM_PATHS = (
     [pytest.param(_env(BWD="gemm", BLOCK_COLS=b, CHUNK_COLS=c), id=f"bwd-{b}x{c}") for b, c in GEMM_WIDTHS]
     + [pytest.param(_env(FWD="gemm", CHUNK_COLS=c), id=f"fwd-{c}") for c in (1, 3, 7, 64, None)]
-    + [pytest.param(_env(GRAD="fused", ROW_BLOCK=r), id=f"fused-{r}") for r in (1, 2, 7, None)])
+    + [pytest.param(_env(GRAD="fused", ROW_BLOCK=r), id=f"fused-{r}") for r in (1, 2, 7, None)]
+    # the dD accumulator forced: the block updates added into the output in its dtype (one rounding per block; 130
+    # of them at B = 130 in row blocks of 1), and the fp32 accumulator
+    + [pytest.param(_env(GRAD="fused", FUSED_ACC="output", ROW_BLOCK=r), id=f"fused-output-{r}") for r in (1, 7)]
+    + [pytest.param(_env(GRAD="fused", FUSED_ACC="fp32", ROW_BLOCK=7), id="fused-fp32-7")])
 
 
 @pytest.mark.parametrize("t", [0.02, 1.0])

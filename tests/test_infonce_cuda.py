@@ -215,13 +215,16 @@ def test_gemm_fwd_chunks(monkeypatch, dtype, chunk):
     check_against_ref(q, docs, 3, 0.05, True)
 
 
+@pytest.mark.parametrize("acc", ["auto", "output"])
 @pytest.mark.parametrize("rows", [1, 37, None])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_fused_row_blocks(monkeypatch, dtype, rows):
-    """Gradients formed in the forward with row blocks of one query, 37 (ragged, the fp32 dD accumulator, targets
-    mid-docs) and the default (one block), odd d (the chunk kernels' scalar paths): the public op takes the path
-    and matches the float64 reference; the backward scales by the upstream gradient."""
+def test_fused_row_blocks(monkeypatch, dtype, rows, acc):
+    """Gradients formed in the forward with row blocks of one query, 37 (ragged, targets mid-docs) and the default
+    (one block), odd d (the chunk kernels' scalar paths), the dD updates into the fp32 accumulator (auto: it fits)
+    or added into the output by cuBLAS (beta = 1), the probabilities written over the scores (in place): the
+    public op takes the path and matches the float64 reference; the backward scales by the upstream gradient."""
     monkeypatch.setenv("NVEMBED_INFONCE_GRAD", "fused")
+    monkeypatch.setenv("NVEMBED_INFONCE_FUSED_ACC", acc)
     if rows is not None:
         monkeypatch.setenv("NVEMBED_INFONCE_ROW_BLOCK", str(rows))
     q, docs = make_inputs(67, 3, 73, dtype, extra=5)

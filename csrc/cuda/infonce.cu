@@ -384,13 +384,56 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) infonce_chunk_grad_kernel(const InfoNCEChunkGradParams p) {
   __shared__ float warp_part[kWarpsPerBlock];
   const int64_t row = blockIdx.x;
-  const float* __restrict__ s = p.scores + row * p.cols;
-  T* __restrict__ out = static_cast<T*>(p.probs) + row * p.probs_ld;
+  // no __restrict__: in place, out and s are the same row
+  const float* s = p.scores + row * p.cols;
+  T* out = static_cast<T*>(p.probs) + row * p.probs_ld;
   constexpr float kLog2e = 1.4426950408889634f;
   const float k = p.inv_temperature * kLog2e, shift = p.lse[row] * kLog2e;
   const int64_t target = row * p.G - p.col0;  // outside [0, cols) when the row's positive is in another chunk
   float sum = 0.f;
-  if (p.vec4) {
+  if (p.in_place) {
+    // probs element j overlays the bytes of score j * sizeof(T) / 4 <= j. A pass reads its columns [j0, j0 + W)
+    // into registers, then (barrier: every thread's reads of this pass and the earlier ones are done) writes them:
+    // the writes cover scores [j0 s, (j0 + W) s) with s = sizeof(T) / 4 <= 1, all read by then, and none that a later
+    // pass reads (>= j0 + W). The trip count is the same for every thread (the barrier); kUnroll loads in flight.
+    constexpr int kUnroll = 4;
+    const int width = p.vec4 ? 4 : 1;
+    const int64_t pass = static_cast<int64_t>(width) * kThreads * kUnroll;
+    for (int64_t j0 = 0; j0 < p.cols; j0 += pass) {
+      float x[kUnroll][4];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * width;
+        if (j >= p.cols) continue;
+        if (p.vec4) {
+          const float4 v = *reinterpret_cast<const float4*>(s + j);
+          x[u][0] = v.x, x[u][1] = v.y, x[u][2] = v.z, x[u][3] = v.w;
+        } else {
+          x[u][0] = s[j];
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t j = j0 + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * width;
+        if (j >= p.cols) continue;
+        if (p.vec4) {
+          Pack<T, 4> v;
+#pragma unroll
+          for (int l = 0; l < 4; ++l) {
+            const float e = j + l == target ? 0.f : exp2f(fmaf(x[u][l], k, -shift));
+            sum += e;
+            v.v[l] = from_float(e, static_cast<T*>(nullptr));
+          }
+          *reinterpret_cast<Pack<T, 4>*>(out + j) = v;
+        } else {
+          const float e = j == target ? 0.f : exp2f(fmaf(x[u][0], k, -shift));
+          sum += e;
+          out[j] = from_float(e, static_cast<T*>(nullptr));
+        }
+      }
+    }
+  } else if (p.vec4) {
     for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < p.cols; j += 4 * kThreads) {
       const float4 x = *reinterpret_cast<const float4*>(s + j);
       const float xs[4] = {x.x, x.y, x.z, x.w};

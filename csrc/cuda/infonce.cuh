@@ -51,6 +51,8 @@ struct InfoNCEChunkGradParams {
   int64_t rows, cols, probs_ld, col0, G;
   float inv_temperature;
   bool vec4;  // cols and probs_ld % 4 == 0, scores 16-byte and probs 4-element aligned: float4 loads
+  bool in_place;  // probs is written over scores: probs == scores, probs_ld = cols * 4 / sizeof(dtype) (row r of
+                  // probs starts where row r of scores does); otherwise they share no memory
 };
 // rows <= 2^31 - 1 (one block per row).
 void infonce_chunk_grad_launch(const InfoNCEChunkGradParams& p, cudaStream_t stream);

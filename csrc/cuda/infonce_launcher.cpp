@@ -138,6 +138,8 @@ void cuda_chunk_grad(Tensor& scores, const Tensor& lse, Tensor& neg_prob_sum, Te
   p.inv_temperature = static_cast<float>(inv_temperature);
   p.vec4 = p.cols % 4 == 0 && p.probs_ld % 4 == 0 && reinterpret_cast<uintptr_t>(p.scores) % 16 == 0 &&
            reinterpret_cast<uintptr_t>(p.probs) % (4 * probs.element_size()) == 0;
+  // written over the scores (the fused forward); infonce_check_chunk_grad asserted the row-by-row layout
+  p.in_place = probs.data_ptr() == scores.data_ptr();
   cuda::infonce_chunk_grad_launch(p, c10::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -272,7 +272,7 @@ Errors run_plain_case(const Case& c, bool inb, InfoNCEDType dtype, uint64_t seed
 // as NaN (an unwritten element shows), neg_prob_sum at 0.25 (the kernel adds to it).
 template <class T>
 bool run_chunk_grad_case(int64_t rows, int64_t cols, int64_t ld, int64_t col0, int64_t G, double t,
-                         InfoNCEDType dtype, bool vec4, uint64_t seed) {
+                         InfoNCEDType dtype, bool vec4, bool in_place, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_real_distribution<float> u(-1.f, 1.f);
   std::vector<float> scores(rows * cols), lse(rows), nps(rows, 0.25f);
@@ -285,8 +285,16 @@ bool run_chunk_grad_case(int64_t rows, int64_t cols, int64_t ld, int64_t col0, i
   alignas(16) static T probs_store[1 << 14];
   T* probs = probs_store;
   for (int64_t i = 0; i < rows * ld; ++i) probs[i] = static_cast<T>(kNaN);  // the gaps must stay NaN
+  // in place (the fused forward): probs written over a copy of the scores, row r where the scores' row r starts
+  std::vector<float> overlay;
+  if (in_place) {
+    overlay = scores;
+    probs = reinterpret_cast<T*>(overlay.data());
+    ld = cols * static_cast<int64_t>(sizeof(float) / sizeof(T));
+  }
   nvembed::cuda::InfoNCEChunkGradParams p{};
-  p.scores = scores.data();
+  p.scores = in_place ? overlay.data() : scores.data();
+  p.in_place = in_place;
   p.lse = lse.data();
   p.neg_prob_sum = nps.data();
   p.probs = probs;
@@ -310,14 +318,16 @@ bool run_chunk_grad_case(int64_t rows, int64_t cols, int64_t ld, int64_t col0, i
       sum += want;
     }
     err_sum = std::max(err_sum, std::abs(nps[r] - (0.25 + sum)) / (0.25 + sum));
-    for (int64_t j = cols; j < ld; ++j) finite = finite && std::isnan(static_cast<float>(probs[r * ld + j]));
+    if (!in_place) {  // in place the rest of the row holds what is left of its scores
+      for (int64_t j = cols; j < ld; ++j) finite = finite && std::isnan(static_cast<float>(probs[r * ld + j]));
+    }
   }
   const bool ok = finite && err <= tol && err_sum <= 1e-5;
   std::printf("chunk grad: rows=%" PRId64 " cols=%" PRId64 " ld=%" PRId64 " col0=%" PRId64 " G=%" PRId64
-              " %s vec4=%d: %s  probs %.2e  neg_prob_sum %.2e  finite/untouched=%d\n",
+              " %s vec4=%d in_place=%d: %s  probs %.2e  neg_prob_sum %.2e  finite/untouched=%d\n",
               rows, cols, ld, col0, G,
               dtype == InfoNCEDType::kFloat32 ? "fp32" : dtype == InfoNCEDType::kBFloat16 ? "bf16" : "fp16",
-              int(vec4), ok ? "ok" : "FAIL", err, err_sum, int(finite));
+              int(vec4), int(in_place), ok ? "ok" : "FAIL", err, err_sum, int(finite));
   std::fflush(stdout);
   return ok;
 }
@@ -444,6 +454,7 @@ int main(int argc, char** argv) {
   struct ChunkCase {
     int64_t rows, cols, ld, col0, G;
     bool vec4;
+    bool in_place = false;  // probs written over the scores (ld: cols * 4 / sizeof(T), set by the case)
   };
   const std::vector<ChunkCase> chunk_cases = {
       {5, 7, 7, 0, 1, false},     {5, 8, 8, 0, 1, true},        {6, 12, 20, 4, 2, true},
@@ -451,6 +462,10 @@ int main(int argc, char** argv) {
       {7, 16, 16, 100, 2, true},
       // the fused forward (infonce_fwd_grad_gemm): a row block of queries from r0 against all docs, col0 = -r0 G
       {6, 40, 40, -12, 4, true},  {5, 33, 33, -6, 2, false},    {3, 1100, 1100, -800, 100, true},
+      // ... with the probabilities written over the scores: one pass, several passes of the barrier loop (4096
+      // columns per float4 pass, 1024 per scalar one) with a ragged last one, targets early and late in the row
+      {6, 40, 0, -12, 4, true, true}, {5, 33, 0, -6, 2, false, true}, {2, 9000, 0, -8, 8000, true, true},
+      {3, 2501, 0, -4, 1200, false, true},
   };
   for (size_t ci = 0; ci < chunk_cases.size(); ++ci) {
     const ChunkCase& c = chunk_cases[ci];
@@ -458,7 +473,7 @@ int main(int argc, char** argv) {
       const uint64_t seed = 4242 + ci;
       auto run = [&](auto tag) {
         using T = decltype(tag);
-        return run_chunk_grad_case<T>(c.rows, c.cols, c.ld, c.col0, c.G, 0.05, dt, c.vec4, seed);
+        return run_chunk_grad_case<T>(c.rows, c.cols, c.ld, c.col0, c.G, 0.05, dt, c.vec4, c.in_place, seed);
       };
       const bool ok = dt == InfoNCEDType::kFloat32    ? run(float{})
                       : dt == InfoNCEDType::kBFloat16 ? run(__nv_bfloat16{})
