@@ -26,12 +26,19 @@ def cpu_name() -> str:
 
 
 def git_commit() -> str:
+    """$NVEMBED_COMMIT where set (a device run's copied tree may carry stale git metadata: bench/gpu_check.sh's caller
+    passes the commit), else HEAD's short hash, with "-dirty" where tracked files differ from it."""
+    if os.environ.get("NVEMBED_COMMIT"):
+        return os.environ["NVEMBED_COMMIT"]
+    here = os.path.dirname(os.path.abspath(__file__))
     try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True,
+        head = subprocess.check_output(["git", "-C", here, "rev-parse", "--short", "HEAD"], text=True,
                                        stderr=subprocess.DEVNULL).strip()
     except Exception:
         return "unknown"
+    dirty = subprocess.run(["git", "-C", here, "diff", "--quiet", "HEAD", "--"], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL).returncode == 1
+    return head + ("-dirty" if dirty else "")
 
 
 def device_name(device) -> str:
@@ -61,8 +68,7 @@ def gpu_environment(device) -> dict:
     name = device_name(device)
     return {"gpu": name if device.type == "cuda" else f"cpu: {name}",
             "torch": torch.__version__, "cuda": torch.version.cuda or "",
-            "commit": os.environ.get("NVEMBED_COMMIT") or git_commit(),
-            "date": datetime.date.today().isoformat()}
+            "commit": git_commit(), "date": datetime.date.today().isoformat()}
 
 
 def describe(env: dict) -> str:
@@ -77,7 +83,7 @@ def environment() -> dict:
     return {
         "date": datetime.date.today().isoformat(),
         "commit": git_commit(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name(),
+        "device": cpu_name(),  # the CPU benchmarks run on CPU tensors, whatever GPU the machine has
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "nvembed_cpu_isa": info["cpu_isa"],

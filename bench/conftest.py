@@ -2,7 +2,8 @@
 `benchmark.extra_info["variant"]`; the variant named in extra_info["anchor"] is the baseline of its group. At the
 end of the session one CSV row per variant is written with its p20/p50/p80 time and the speedup over the anchor
 (anchor time / variant time, so > 1 means faster than the anchor), to $NVEMBED_BENCH_CSV (default
-bench/results/cpu_benchmarks.csv)."""
+bench/results/cpu_benchmarks.csv, where a run of some of the benchmarks replaces only their groups' rows)."""
+import csv
 import os
 import sys
 
@@ -45,10 +46,21 @@ def pytest_sessionfinish(session, exitstatus):
                     row[k] = v
             row.update(env)
             rows.append(row)
-    path = os.environ.get("NVEMBED_BENCH_CSV") or os.path.join(os.path.dirname(__file__), "results",
-                                                               "cpu_benchmarks.csv")
-    write_csv(path, rows)
-    print(f"\nnvembed: wrote {len(rows)} benchmark rows to {path}")
+    path = os.environ.get("NVEMBED_BENCH_CSV")
+    if not path:
+        # the committed table: a run of some benchmarks (one file, -k) replaces their groups' rows and keeps the
+        # others, each row with its own commit, date and device columns
+        path = os.path.join(os.path.dirname(__file__), "results", "cpu_benchmarks.csv")
+        ran = {r["group"] for r in rows}
+        kept = []
+        if os.path.exists(path):
+            with open(path, newline="") as f:
+                kept = [r for r in csv.DictReader(f) if r.get("group") not in ran]
+        write_csv(path, kept + rows)
+        print(f"\nnvembed: wrote {len(rows)} benchmark rows to {path}, kept {len(kept)} rows of other groups")
+    else:
+        write_csv(path, rows)
+        print(f"\nnvembed: wrote {len(rows)} benchmark rows to {path}")
     for r in rows:
         if "speedup_vs_anchor" in r and r["variant"] != r.get("anchor"):
             mem = f", memory {r['mem_ratio_vs_anchor']:.3f}x" if "mem_ratio_vs_anchor" in r else ""

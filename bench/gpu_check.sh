@@ -11,7 +11,10 @@
 #   EXTRA=.whl/diag.sh ONLY=extra DEADLINE=120 bench/gpu_check.sh   # a carried one-off script after the build
 # Logs, CSVs and PNGs go to a folder packed after every step into $OUT/logs.tgz (a device call brings back few
 # files); $OUT/steps.txt lists each step's exit status (124 = hit its limit) and duration. $OUT defaults to
-# ./gpu_out.
+# ./gpu_out. Exit status: the build's where it fails; else 1 if any step failed or the verdict could not be formed,
+# 3 if none failed but the deadline left some out, 0 when every step run (ONLY: those named) passed.
+# NVEMBED_COMMIT=<hash> labels every CSV row (the copied tree's git metadata may be stale); unset, the tree's HEAD
+# is used, with "-dirty" where tracked files differ from it, and env.txt says so.
 #
 # Build: where .cuda_objects/ holds the kernels' objects compiled here (tools/pack_cuda_objects.sh; carry it) and
 # its digest matches the sources, only the C++ launchers are compiled there and the objects linked (seconds instead
@@ -27,6 +30,8 @@ export PYTHONUNBUFFERED=1
 STEPS="$LOGS/steps.txt"
 : > "$STEPS"
 pack() { cp "$STEPS" "$OUT/steps.txt"; tar czf "$OUT/logs.tgz" -C "$LOGS" . 2>/dev/null; }
+FAILED=""   # steps that exited non-zero
+SKIPPED=""  # steps the deadline left out
 left() { if [ -n "${DEADLINE:-}" ]; then echo $(( DEADLINE - ($(date +%s) - T0) - 15 )); else echo 100000; fi; }
 
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -38,9 +43,17 @@ fi
   date -u
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  git log -1 --format='commit %H %s' 2>/dev/null || true
+  git log -1 --format='git metadata of the copied tree: commit %H %s' 2>/dev/null || true
   nproc
 } 2>&1 | tee "$LOGS/env.txt"
+if [ -z "${NVEMBED_COMMIT:-}" ]; then
+  NVEMBED_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+  git diff --quiet HEAD -- 2>/dev/null || NVEMBED_COMMIT="$NVEMBED_COMMIT-dirty"
+  echo "NVEMBED_COMMIT unset: rows labelled $NVEMBED_COMMIT from the copied tree's git metadata" | tee -a "$LOGS/env.txt"
+else
+  echo "NVEMBED_COMMIT=$NVEMBED_COMMIT (given by the caller)" | tee -a "$LOGS/env.txt"
+fi
+export NVEMBED_COMMIT
 
 # step NAME LIMIT_S CMD...: run CMD with stdout + stderr in $LOGS/NAME.log under min(LIMIT_S, time left), record
 # its exit status in steps.txt, show the log's tail when it fails, and go on either way.
@@ -54,6 +67,7 @@ step() {
   l=$(left)
   if [ "$l" -lt 20 ]; then
     echo "$name not run (deadline)" | tee -a "$STEPS"
+    SKIPPED="$SKIPPED $name"
     return 0
   fi
   [ "$l" -lt "$limit" ] && limit=$l
@@ -61,7 +75,7 @@ step() {
   timeout -k 10 "$limit" "$@" > "$LOGS/$name.log" 2>&1
   rc=$?
   echo "$name rc=$rc in $(( $(date +%s) - t0 ))s (limit ${limit}s; log: $name.log)" | tee -a "$STEPS"
-  if [ $rc -ne 0 ]; then tail -15 "$LOGS/$name.log"; fi
+  if [ $rc -ne 0 ]; then tail -15 "$LOGS/$name.log"; FAILED="$FAILED $name"; fi
   pack
   return 0
 }
@@ -144,6 +158,9 @@ sanitize memcheck cases
 #    back).
 step gpu_infonce 180 python3 bench/gpu_infonce.py --out "$LOGS" --max-seconds 4 --rounds 6 \
   --variants "${INFONCE_VARIANTS:-nvembed-sm90,nvembed-gemm,nvembed-gemm-fwd,nvembed-fused,naive}"
+#    ... and the fused path's dD accumulators against float64 (bf16 error per plan beside PyTorch's bf16 loss)
+step infonce_fused_accuracy 60 python3 bench/infonce_fused_accuracy.py --device cuda --B 4096 --G 8 --extra 0 \
+  --d 1024 --seeds 1 --out "$LOGS"
 # 5. The latent-attention layer against the eager released layer and torch.compile of it (issue 7).
 step gpu_latent_pool 200 python3 bench/gpu_latent_pool.py --out "$LOGS"
 sanitize racecheck cases
@@ -165,8 +182,15 @@ for f in gpu_infonce gpu_latent_pool gpu_attention gpu_model_e2e; do
 done
 # What this run says about each path not yet verified on a GPU (tests, smoke, sanitizers, speed against auto's
 # path): verdict.md, its verdict lines here.
-python3 bench/gpu_verdict.py "$LOGS" --out "$LOGS/verdict.md" > /dev/null 2>&1 &&
+if python3 bench/gpu_verdict.py "$LOGS" --out "$LOGS/verdict.md" > "$LOGS/verdict.log" 2>&1; then
   grep -E "^## |verdict:" "$LOGS/verdict.md"
+else
+  echo "gpu_verdict failed:"; tail -20 "$LOGS/verdict.log"; FAILED="$FAILED verdict"
+fi
 echo "--- steps ($(( $(date +%s) - T0 ))s)"
 cat "$STEPS"
+[ -n "$FAILED" ] && echo "failed:$FAILED"
+[ -n "$SKIPPED" ] && echo "not run:$SKIPPED"
 pack
+if [ -n "$FAILED" ]; then exit 1; elif [ -n "$SKIPPED" ]; then exit 3; fi
+exit 0

@@ -53,7 +53,7 @@ def main() -> int:
 
     why = available(device) if on_cuda else "no CUDA device"
     env = {"gpu": device_name(device) if on_cuda else f"cpu: {device_name(device)}", "torch": torch.__version__,
-           "commit": os.environ.get("NVEMBED_COMMIT") or git_commit()}
+           "commit": git_commit()}
     print(f"{env['gpu']}, torch {env['torch']}; cutlass: {why or 'available'}", flush=True)
     rows, mismatch = [], False
     gen = torch.Generator(device=device).manual_seed(0)

@@ -25,7 +25,7 @@ to the hidden states and all 14 weights):
   nvembed-fused  the same with those stages on the fused kernels of csrc/cuda/latent_pool.cu
            (NVEMBED_LATENT_POOL_KERNELS=fused; on CPU tensors both run ATen ops).
   nvembed-saved  nvembed whose forward keeps y1 and u = LN_ff(y1) W_in^T for the backward
-           (NVEMBED_LATENT_POOL_SAVE_MB=8192; ~1.3 GB at v2 size in bf16), so the backward skips the attention
+           (NVEMBED_LATENT_POOL_SAVE_MB=8192; ~1.25 GiB at v2 size in bf16), so the backward skips the attention
            output and the ff_in GEMM of its recomputation. nvembed and nvembed-fused run with
            NVEMBED_LATENT_POOL_SAVE_MB=0 (recompute everything), whatever the op's default is then.
 Masks: "all" (every token pooled) and "padded" (right-padded rows of uniform random length in [L/4, L], the first
@@ -574,7 +574,7 @@ def run(args, device, on_rows=None) -> tuple:
                 row["note"] = "; ".join(notes)
                 group.append(row)
                 shown = (f"{row['ms']:10.3f} ms {row['tflops']:9.2f} TFLOP/s ({row['gemm_fraction']:.0%} of GEMM)"
-                         + (f" peak {row['peak_mb']:9.1f} MB" if "peak_mb" in row else "")
+                         + (f" peak {row['peak_mb']:9.1f} MiB" if "peak_mb" in row else "")
                          if "ms" in row else row["note"])
                 print(f"  {mask_kind:<6} {mode:<7} {name:<13} {shown}", flush=True)
             by = {r["provider"]: r for r in group}
@@ -617,7 +617,7 @@ def plot(rows: list, path: str, tiny: bool) -> None:
               if any(r["mask"] == mask and r["mode"] == mode for r in timed)]
     providers = [p for p in PROVIDERS if any(r["provider"] == p for r in timed)]
     metrics = [("ms", "median time (ms)"), ("tflops", "TFLOP/s (eager layer FLOPs / time)"),
-               ("peak_mb", "peak memory above weights + inputs (MB)")]
+               ("peak_mb", "peak memory above weights + inputs (MiB)")]
     if not any(r.get("peak_mb", "") != "" for r in timed):
         metrics = metrics[:2]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 4.2), squeeze=False)

@@ -26,8 +26,9 @@ layers that layer is a much larger share of the forward than in the 32-layer mod
 measured here is not the 32-layer one.
 
 Writes DIR/gpu_model_e2e.csv (DIR/gpu_model_e2e_tiny.csv with --tiny): one row per path with the device name,
-torch / CUDA versions, commit, shapes, ms, texts/s, speedup, cosine, peak memory and the op probe. Exit status 1
-when the two paths disagree, 0 otherwise (also when the nvembed path could not run).
+torch / CUDA versions, commit, shapes, ms, texts/s, speedup, cosine, peak memory above the weights (peak_mem_mb,
+MiB; the committed H200 CSV of 2026-11-26 counted the weights too) and the op probe. Exit status 1 when the two paths
+disagree, 0 otherwise (also when the nvembed path could not run).
 """
 import argparse
 import datetime
@@ -168,7 +169,9 @@ def measure(name, fn, args, device, vocab):
     gen = torch.Generator().manual_seed(args.seed + 1)  # the same batch sequence for every path
     batches = (make_batch(gen, args.batch, args.seq_len, vocab, device) for _ in range(args.warmup + args.iters))
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)  # the weights (shared by both paths) and anything else held
     with torch.inference_mode():
         times = time_forwards(fn, batches, args.warmup, device)
     median = statistics.median(times)
@@ -176,7 +179,8 @@ def measure(name, fn, args, device, vocab):
            "p80_ms": round(quantile(times, 0.8), 3), "min_ms": round(min(times), 3),
            "texts_per_s": round(args.batch / (median / 1e3), 1)}
     if device.type == "cuda":
-        row["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        # above what was allocated before the forwards (the weights), as the other GPU benchmarks count it; MiB
+        row["peak_mem_mb"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
     print(f"  {name:<14} {median:10.2f} ms median (p20 {row['p20_ms']}, p80 {row['p80_ms']}, min {row['min_ms']}) "
           f"{row['texts_per_s']:>9.1f} texts/s", flush=True)
     return row

@@ -179,7 +179,7 @@ def main():
     #   gemm-bwd: the blocked-GEMM backward: one block; blocks of 37 / chunks of 9 (the chunk kernel's scalar path)
     #   gemm-fwd: the GEMM forward (with the blocked backward): one chunk; chunks of 9 (the lse kernel's scalar path)
     #   fused: gradients formed in the forward (NVEMBED_INFONCE_GRAD=fused): one row block; row blocks of 37
-    #          queries (the fp32 dD accumulator) with odd d (both chunk kernels' scalar paths)
+    #          queries (the fp32 dD accumulator; N = 236 docs: the chunk kernels' float4 paths, which N % 4 picks)
     #   fused-output: the same with the row blocks' dD updates added into the output (NVEMBED_INFONCE_FUSED_ACC)
     bf16, fp16, fp32 = torch.bfloat16, torch.float16, torch.float32
     gemm = {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_BWD": "gemm"}

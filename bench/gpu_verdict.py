@@ -11,8 +11,11 @@ kInfonceFusedGradVerified, kLatentPoolFusedVerified, kLatentPoolSavedVerified) i
   is charged to the case that was running;
 - speed: per shape, the path's time against the path `auto` runs now (InfoNCE: nvembed-sm90 on Hopper, else
   nvembed; latent_pool: nvembed) and, for InfoNCE, the naive loss (gpu_infonce.csv, gpu_latent_pool.csv).
-and says whether the evidence is complete and clean. Flipping a flag stays a decision made by reading the numbers:
-this only collects them, and a path with missing evidence is reported as such, never as passed.
+and says whether the correctness evidence is complete and clean (a step of gpu_check.sh killed at its limit or
+skipped by the deadline, per steps.txt, leaves its evidence incomplete; a smoke case started but never finished is a
+failure), with the speed beside it: "clean" says nothing about speed. Flipping a flag stays a decision made by
+reading the numbers: this only collects them, and a path with missing evidence is reported as such, never as
+passed.
 """
 import argparse
 import csv
@@ -22,13 +25,20 @@ import sys
 import xml.etree.ElementTree as ET
 
 # name (also the sanitizer cases' label), csrc flag, smoke-name prefix, benchmark (csv, our variant's name there)
+# A smoke case belongs to a path when its name starts with the prefix followed by a space or "-" (gpu_smoke's
+# "infonce fused-output ..." cases are the fused path's too).
 PATHS = [
-    ("infonce-gemm-bwd", "kInfonceGemmBwdVerified", "infonce gemm-bwd ", ("gpu_infonce.csv", "nvembed-gemm")),
-    ("infonce-gemm-fwd", "kInfonceGemmFwdVerified", "infonce gemm-fwd ", ("gpu_infonce.csv", "nvembed-gemm-fwd")),
-    ("infonce-fused", "kInfonceFusedGradVerified", "infonce fused ", ("gpu_infonce.csv", "nvembed-fused")),
-    ("latent_pool-fused", "kLatentPoolFusedVerified", "latent_pool fused ", ("gpu_latent_pool.csv", "nvembed-fused")),
-    ("latent_pool-saved", "kLatentPoolSavedVerified", "latent_pool saved ", ("gpu_latent_pool.csv", "nvembed-saved")),
+    ("infonce-gemm-bwd", "kInfonceGemmBwdVerified", "infonce gemm-bwd", ("gpu_infonce.csv", "nvembed-gemm")),
+    ("infonce-gemm-fwd", "kInfonceGemmFwdVerified", "infonce gemm-fwd", ("gpu_infonce.csv", "nvembed-gemm-fwd")),
+    ("infonce-fused", "kInfonceFusedGradVerified", "infonce fused", ("gpu_infonce.csv", "nvembed-fused")),
+    ("latent_pool-fused", "kLatentPoolFusedVerified", "latent_pool fused", ("gpu_latent_pool.csv", "nvembed-fused")),
+    ("latent_pool-saved", "kLatentPoolSavedVerified", "latent_pool saved", ("gpu_latent_pool.csv", "nvembed-saved")),
 ]
+
+# gpu_check.sh's steps whose evidence each kind of check needs (steps.txt: "NAME rc=N in ..." or "NAME not run")
+STEPS = {"smoke": ("smoke",), "tests": ("cuda_tests",), "memcheck": ("memcheck_infonce_latent_pool",),
+         "racecheck": ("racecheck_infonce_latent_pool",)}
+BENCH_STEP = {"gpu_infonce.csv": "gpu_infonce", "gpu_latent_pool.csv": "gpu_latent_pool"}
 
 
 def test_path(classname: str, name: str):
@@ -42,7 +52,7 @@ def test_path(classname: str, name: str):
             return "infonce-gemm-bwd"
         if base == "test_gemm_fwd_chunks":
             return "infonce-gemm-fwd"
-        if base == "test_fused_row_blocks":
+        if base in ("test_fused_row_blocks", "test_fused_in_place_passes"):
             return "infonce-fused"
         for i, tok in enumerate(tokens):
             if tok == "gemm":
@@ -109,17 +119,40 @@ def junit_counts(path: str, log: str = "") -> dict:
     return out
 
 
+def _case_of(text: str, prefix: str) -> bool:
+    return text.startswith(prefix) and text[len(prefix):len(prefix) + 1] in (" ", "-")
+
+
 def smoke_counts(path: str) -> dict:
-    """{smoke-name prefix: (ok, FAIL, [failed names])} over every line of smoke.log."""
+    """{smoke-name prefix: (ok, FAIL, [failed names], [unfinished names])} over every line of smoke.log; a case is
+    unfinished when its "hang? NAME" line (printed before it runs) has no ok / FAIL line after it."""
     out = {}
     if not os.path.exists(path):
         return out
     with open(path, errors="replace") as f:
         lines = f.read().splitlines()
     for _, _, prefix, _ in PATHS:
-        ok = [ln for ln in lines if ln.startswith("ok") and ln[4:].lstrip().startswith(prefix)]
-        bad = [ln for ln in lines if ln.startswith("FAIL") and ln[4:].lstrip().startswith(prefix)]
-        out[prefix] = (len(ok), len(bad), [ln[4:].strip()[:90] for ln in bad])
+        ok = [ln for ln in lines if ln.startswith("ok") and _case_of(ln[4:].lstrip(), prefix)]
+        bad = [ln for ln in lines if ln.startswith("FAIL") and _case_of(ln[4:].lstrip(), prefix)]
+        started = [ln[len("hang? "):].strip() for ln in lines if ln.startswith("hang? ")]
+        done = " ".join(ln for ln in lines if ln.startswith(("ok", "FAIL")))
+        unfinished = [name for name in started if _case_of(name, prefix) and name not in done]
+        out[prefix] = (len(ok), len(bad), [ln[4:].strip()[:90] for ln in bad], unfinished)
+    return out
+
+
+def step_status(path: str) -> dict:
+    """{step: rc (int) or "not run"} from gpu_check.sh's steps.txt; {} where there is none."""
+    out = {}
+    if not os.path.exists(path):
+        return out
+    with open(path, errors="replace") as f:
+        for line in f:
+            m = re.match(r"(\S+) rc=(\d+)", line)
+            if m:
+                out[m.group(1)] = int(m.group(2))
+            elif re.match(r"\S+ not run", line):
+                out[line.split()[0]] = "not run"
     return out
 
 
@@ -163,7 +196,7 @@ def _num(row, col):
 
 
 def speed_rows(logs: str, csv_name: str, variant: str) -> list:
-    """[(shape, ms, baseline name, baseline ms, naive ms or None, peak MB, baseline peak MB)] per shape."""
+    """[(shape, ms, baseline name, baseline ms, naive ms or None, peak MiB, baseline peak MiB)] per shape."""
     rows = read_csv(os.path.join(logs, csv_name))
     if csv_name == "gpu_infonce.csv":
         column, key = "variant", ("B", "G", "d", "dtype")
@@ -194,6 +227,8 @@ def report(logs: str) -> tuple:
     """(markdown text, {path: "clean" | "failed" | "incomplete"})."""
     tests = junit_counts(os.path.join(logs, "cuda_tests.xml"), os.path.join(logs, "cuda_tests.log"))
     smoke = smoke_counts(os.path.join(logs, "smoke.log"))
+    steps = step_status(os.path.join(logs, "steps.txt"))
+    agreement = read_csv(os.path.join(logs, "gpu_latent_pool_agreement.csv"))
     sanitizers = {tool: sanitizer_errors(os.path.join(logs, f"{tool}_infonce_latent_pool.log"))
                   for tool in ("memcheck", "racecheck")}
     lines = [f"# Unverified CUDA paths in {os.path.abspath(logs)}", ""]
@@ -205,12 +240,21 @@ def report(logs: str) -> tuple:
     for name, flag, prefix, (csv_name, variant) in PATHS:
         problems, missing = [], []
         lines.append(f"## {name} (`{flag}`)")
-        s_ok, s_bad, s_failed = smoke.get(prefix, (0, 0, []))
-        lines.append(f"- smoke: {s_ok} ok, {s_bad} FAIL" + (f" ({'; '.join(s_failed)})" if s_failed else ""))
-        if s_bad:
+        s_ok, s_bad, s_failed, s_unfinished = smoke.get(prefix, (0, 0, [], []))
+        lines.append(f"- smoke: {s_ok} ok, {s_bad} FAIL" + (f" ({'; '.join(s_failed)})" if s_failed else "")
+                     + (f", unfinished (hang?): {'; '.join(s_unfinished)}" if s_unfinished else ""))
+        if s_bad or s_unfinished:
             problems.append("smoke")
         elif not s_ok:
             missing.append("smoke")
+        # a step killed at its limit or never run leaves its evidence partial, whatever the logs show so far
+        for check, names in STEPS.items():
+            for step in names:
+                rc = steps.get(step)
+                if rc == "not run" or rc in (124, 137):
+                    lines.append(f"- step {step}: {'not run (deadline)' if rc == 'not run' else f'killed (rc={rc})'}")
+                    if check not in missing:
+                        missing.append(check)
         t = tests.get(name)
         if t is None:
             lines.append("- tests: none found in cuda_tests.xml / cuda_tests.log")
@@ -225,8 +269,8 @@ def report(logs: str) -> tuple:
         for tool, found in sanitizers.items():
             if not found:
                 lines.append(f"- {tool}: no log")
-                if tool == "memcheck":
-                    missing.append("memcheck")
+                if tool not in missing:
+                    missing.append(tool)
                 continue
             if name not in found:
                 lines.append(f"- {tool}: none of this path's cases ran ({found.get('_summary', '')})")
@@ -238,17 +282,28 @@ def report(logs: str) -> tuple:
             if found[name]:
                 problems.append(tool)
         speed = speed_rows(logs, csv_name, variant)
-        crashed = [r for r in read_csv(os.path.join(logs, csv_name))
+        # gpu_infonce: status "failed: ..."; gpu_latent_pool: note "unavailable: ..." (an error) or "skipped:
+        # disagrees with eager ..." (its agreement check failed), and the agreement CSV's "mismatch" rows
+        crashed = [str(r.get("status", "")) for r in read_csv(os.path.join(logs, csv_name))
                    if r.get("variant", r.get("provider")) == variant and str(r.get("status", "")).startswith("failed")]
+        crashed += [n for r in read_csv(os.path.join(logs, csv_name)) if r.get("provider") == variant
+                    for n in str(r.get("note", "")).split("; ") if n.startswith(("unavailable", "skipped: disagrees"))]
+        crashed += [f"agreement {r.get('check')}: {r.get('status')} (out {r.get('out_err')}, grads {r.get('grad_err')})"
+                    for r in agreement if csv_name == "gpu_latent_pool.csv" and r.get("provider") == variant
+                    and r.get("status") not in ("ok", "baseline")]
         if crashed:
-            lines.append(f"- speed: the benchmark failed on {len(crashed)} shape(s): {crashed[0]['status'][:200]}")
+            lines.append(f"- benchmark: failed on {len(crashed)} row(s): {crashed[0][:200]}")
             problems.append("benchmark")
+        bench_rc = steps.get(BENCH_STEP[csv_name])
+        if bench_rc == "not run" or bench_rc in (124, 137):
+            lines.append(f"- step {BENCH_STEP[csv_name]}: {'not run' if bench_rc == 'not run' else f'killed (rc={bench_rc})'}")
+            missing.append("speed")
         if not speed:
             lines.append(f"- speed: no `{variant}` rows in {csv_name}")
             missing.append("speed")
         else:
             lines += ["", f"| shape | {variant} ms | baseline | baseline ms | × baseline | naive ms | × naive "
-                          "| peak MB | baseline peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+                          "| peak MiB | baseline peak MiB |", "|---|---|---|---|---|---|---|---|---|"]
             faster = 0
             for shape, ms, base_name, base_ms, naive_ms, mem, base_mem in speed:
                 ratio = base_ms / ms if ms and base_ms else None
@@ -258,11 +313,17 @@ def report(logs: str) -> tuple:
                              f"{naive_ms if naive_ms is not None else ''} | "
                              f"{f'{naive_ms / ms:.2f}' if naive_ms and ms else ''} | "
                              f"{mem if mem is not None else ''} | {base_mem if base_mem is not None else ''} |")
-            lines += ["", f"- speed: faster than the baseline on {faster} of {len(speed)} shapes"]
+            timed = sum(1 for _, ms, _, base_ms, *_ in speed if ms and base_ms)
+            lines += ["", f"- speed: faster than the baseline on {faster} of {timed} timed shapes"]
+            speed_word = ("faster on every timed shape" if timed and faster == timed else
+                          "slower on every timed shape" if timed and not faster else
+                          f"faster on {faster} of {timed} shapes" if timed else "not timed against the baseline")
         verdict = "failed" if problems else "incomplete" if missing else "clean"
         verdicts[name] = verdict
         lines.append(f"- **verdict: {verdict}**" + (f" ({', '.join(problems)})" if problems else "")
-                     + (f" (missing: {', '.join(missing)})" if missing and not problems else ""))
+                     + (f" (missing: {', '.join(dict.fromkeys(missing))})" if missing and not problems else "")
+                     + " — correctness evidence only; speed: "
+                     + (speed_word if speed else "no rows"))
         lines.append("")
     return "\n".join(lines), verdicts
 

@@ -262,7 +262,7 @@ InfoNCEFusedPlan infonce_fused_plan(int64_t B, int64_t N, int64_t d, int64_t ele
   int64_t rows = env_int("NVEMBED_INFONCE_ROW_BLOCK", 0);
   bool fp32 = false;
   if (rows == 0) {
-    if (B * row_bytes <= budget && mode == "auto") {
+    if (B * row_bytes <= budget && mode != "fp32") {  // one block: nothing to accumulate, whatever was asked
       rows = B;
     } else {
       const int64_t r32 = (budget - acc_d_bytes) / row_bytes / 256 * 256;  // rows beside the accumulator

@@ -103,7 +103,9 @@ std::tuple<at::Tensor, at::Tensor> infonce_bwd_gemm(const at::Tensor& grad_loss,
 //   dQ_R = (P_R D - neg_prob_sum D_target) / (B t)  written once (fp32 parts, the target term exact)
 //   P_R's targets := P_t - 1 = -neg_prob_sum        so that dD's update is one GEMM with no target terms
 //   dD  += P_R^T Q_R / (B t)                        accumulated as the plan says (InfoNCEFusedAcc)
-// Memory beyond the inputs and the gradients: S_R (P_R lives in it) and, for the kFp32 accumulator, N d fp32.
+// Memory beyond the inputs and the gradients: S_R (P_R lives in it), one fp32 part of dQ_R (min(R, rows of 64 MiB)
+// x d) and, for the kFp32 accumulator, N d fp32 plus one <= 64 MiB fp32 part of the block's update. Every plan
+// rounds the targets' P_t - 1 to the input dtype for dD's GEMM (dQ applies it in fp32).
 
 // Where the row blocks' dD updates accumulate.
 enum class InfoNCEFusedAcc : int {
@@ -138,6 +140,7 @@ const char* infonce_grad_choice(bool fused_default);
 //                                                  output's read + write, 4 N d bytes, against a block's GEMMs)
 // fp32 / fp64 inputs always accumulate in the output (it has the accumulation dtype: no copy, no extra rounding).
 // With NVEMBED_INFONCE_ROW_BLOCK set and the accumulator auto: kFp32 where it fits M beside the block, else kOutput.
+// Where all B rows fit M and the accumulator is not forced to fp32, one block (kNone) whatever else was asked.
 InfoNCEFusedPlan infonce_fused_plan(int64_t B, int64_t N, int64_t d, int64_t elem_bytes);
 
 // (loss, grad_queries, grad_docs) of an in-batch InfoNCE for an upstream gradient of 1: the loss in the accumulation

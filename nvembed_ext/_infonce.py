@@ -130,17 +130,19 @@ def _fwd_grad_backward(ctx, grad_loss, grad_gq, grad_gd):
     gq, gd = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None
-    if (not torch.compiler.is_compiling() and not _graph_kept()
-            and torch.equal(grad_loss, torch.ones_like(grad_loss))):
-        # loss.backward() itself (g = 1, the graph freed after this pass): the forward's gradients as they are,
-        # without a second [B + N, d] pair alive beside the saved one (the peak memory of this path); the leaves'
-        # gradient accumulation may take them over. One host sync reads g. A retained graph (its saved gradients
-        # must stay intact for the next pass) and traced graphs (which cannot branch on g) always scale.
-        dq, dd = gq, gd
-    else:
-        g = grad_loss.to(_acc_dtype(gq))  # 0-dim: the products are formed in fp32 and rounded once to the input dtype
-        dq, dd = gq * g, gd * g
-    dq, dd = _first_order(dq if ctx.needs_input_grad[0] else None, dd if ctx.needs_input_grad[1] else None)
+    g = grad_loss.to(_acc_dtype(gq))  # 0-dim: the products are formed in fp32 and rounded once to the input dtype
+    need_q, need_d = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not torch.compiler.is_compiling() and not _graph_kept():
+        # The graph is freed after this pass, so nothing reads the saved gradients again: scale them in place and
+        # hand them over (no second [B + N, d] pair beside them, the peak memory of this path; no host sync, any
+        # g). The private op's own gradient outputs are these tensors: after this backward they hold g times their
+        # value and may become the leaves' .grad (the public op returns only the loss).
+        dq = gq.detach().mul_(g) if need_q else None
+        dd = gd.detach().mul_(g) if need_d else None
+    else:  # a retained graph (its saved gradients must stay intact for the next pass) or a traced one
+        dq = gq * g if need_q else None
+        dd = gd * g if need_d else None
+    dq, dd = _first_order(dq, dd)
     return dq, dd, None, None, None
 
 

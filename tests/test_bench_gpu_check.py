@@ -184,3 +184,37 @@ def test_verdict_charges_a_failed_benchmark(tmp_path):
         "nvembed-fused,bfloat16,4096,8,32768,1024,failed: RuntimeError: CUBLAS_STATUS_EXECUTION_FAILED,,\n")
     text, verdicts = gpu_verdict.report(str(tmp_path))
     assert verdicts["infonce-fused"] == "failed" and "CUBLAS_STATUS_EXECUTION_FAILED" in text
+
+
+def test_verdict_is_not_fooled_by_partial_runs(tmp_path):
+    """What a review's synthetic run showed the verdict calling "clean": a failed smoke case of a sub-variant
+    ("infonce fused-output ..."), a case started but never finished (its "hang?" line), a smoke step killed at its
+    limit and a racecheck never run (steps.txt), a latent_pool row that errored ("unavailable: ...") and one whose
+    agreement check failed. Each now counts; "clean" is said to be about correctness only."""
+    (tmp_path / "smoke.log").write_text(
+        "hang? infonce fused bfloat16 B=300 G=4 d=128 +17 inb\n"
+        "ok   infonce fused bfloat16 B=300 G=4 d=128 +17 inb\n"
+        "hang? infonce fused-output bfloat16 B=77 G=3 d=73 +5 row blocks 37\n"
+        "FAIL infonce fused-output bfloat16 B=77 G=3 d=73 +5 row blocks 37   grad 0.4\n"
+        "hang? latent_pool saved bfloat16 B=3 L=37 d=64 N=16 H=2\n"
+        "ok   latent_pool fused bfloat16 B=3 L=37 d=64 N=16 H=2\n")
+    (tmp_path / "steps.txt").write_text(
+        "smoke rc=124 in 90s (limit 90s; log: smoke.log)\ncuda_tests rc=1 in 100s (limit 180s; log: cuda_tests.log)\n"
+        "memcheck_infonce_latent_pool rc=0 in 20s (limit 120s; log: x)\nracecheck_infonce_latent_pool not run "
+        "(deadline)\ngpu_latent_pool rc=1 in 50s (limit 200s; log: gpu_latent_pool.log)\n")
+    (tmp_path / "gpu_latent_pool.csv").write_text(
+        "provider,mode,mask,dtype,ms,peak_mb,note\n"
+        "nvembed,fwd+bwd,all,bfloat16,70.0,5000,ok\n"
+        "nvembed-fused,fwd+bwd,all,bfloat16,,,unavailable: CUDA error: an illegal memory access was encountered\n"
+        "nvembed-saved,fwd+bwd,all,bfloat16,60.0,5200,ok\n")
+    (tmp_path / "gpu_latent_pool_agreement.csv").write_text(
+        "check,provider,status,out_err,grad_err\nsmall-fp32,nvembed-saved,mismatch,0.5,0.7\n"
+        "small-fp32,nvembed,ok,1e-6,1e-6\n")
+    text, verdicts = gpu_verdict.report(str(tmp_path))
+    assert verdicts["infonce-fused"] == "failed" and "infonce fused-output bfloat16" in text
+    assert verdicts["latent_pool-saved"] == "failed"  # unfinished smoke case, agreement mismatch
+    assert "unfinished (hang?): latent_pool saved bfloat16 B=3 L=37 d=64 N=16 H=2" in text
+    assert verdicts["latent_pool-fused"] == "failed" and "illegal memory access" in text
+    assert verdicts["infonce-gemm-bwd"] == "incomplete"
+    assert "- step smoke: killed (rc=124)" in text and "- step racecheck_infonce_latent_pool: not run (deadline)" in text
+    assert "correctness evidence only; speed:" in text

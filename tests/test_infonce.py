@@ -350,15 +350,17 @@ def test_fused_grad_retain_graph_cpu(fused):
 
 
 def test_fused_grad_backward_hands_over_without_copy_cpu():
-    """g = 1 and a freed graph: the backward passes on the forward's own gradient tensors (no second copy); other
-    upstream gradients and a retained graph get new tensors."""
+    """A freed graph: the backward scales the forward's own gradient tensors in place and passes them on (no second
+    copy, any upstream gradient); a retained graph gets new tensors (its saved gradients stay intact)."""
     q, docs = make_inputs_extra(9, 3, 4, 16, torch.float32)
     seen = []
     q.register_hook(lambda g: seen.append(g.data_ptr()))
-    for scale, retain in ((1.0, False), (0.5, False), (1.0, True)):
+    for scale, retain in ((1.0, False), (0.5, False), (1.0, True), (0.25, True)):
         loss, gq, _ = ops._infonce_fwd_grad(q, docs, 3, 0.05, True)
-        (loss * scale if scale != 1.0 else loss).backward(retain_graph=retain)
-        assert (seen[-1] == gq.data_ptr()) == (scale == 1.0 and not retain), (scale, retain)
+        before = gq.clone()
+        (loss * scale).backward(retain_graph=retain)
+        assert (seen[-1] == gq.data_ptr()) == (not retain), (scale, retain)
+        torch.testing.assert_close(gq, before * scale if not retain else before, rtol=0, atol=0)
 
 
 def test_fused_grad_equals_backward_cpu(monkeypatch):
@@ -420,6 +422,7 @@ MiB = 1 << 20
     # forced accumulators: fp32 keeps >= 4096 rows; output with everything in one block is one write
     ({"FUSED_ACC": "fp32"}, (16384, 131072, 4096, 2), (4096, "fp32")),
     ({"FUSED_ACC": "output"}, (4096, 32768, 4096, 2), (4096, "none")),
+    ({"FUSED_ACC": "output"}, (1100, 223696, 64, 2), (1100, "none")),  # fits, though more than 1024 rows would not
     ({"FUSED_ACC": "output", "FUSED_MB": 4096}, (16384, 131072, 1024, 2), (8192, "output")),
     # forced rows: auto takes the fp32 accumulator where it fits the budget beside the block
     ({"ROW_BLOCK": 100}, (1000, 8000, 64, 2), (100, "fp32")),
@@ -432,6 +435,19 @@ def test_fused_plan(monkeypatch, env, args, plan):
     for var, value in env.items():
         monkeypatch.setenv(f"NVEMBED_INFONCE_{var}", str(value))
     assert nvembed_ext._C.infonce_fused_plan(*args) == {"rows": plan[0], "accumulator": plan[1]}
+
+
+def test_fused_accumulators_over_several_parts_cpu(monkeypatch):
+    """d = 16384: the GEMM parts hold 1024 rows (64 MiB of fp32), so the fp32 accumulator's update of N = 1100 docs
+    and dQ's are split into parts; ragged row blocks of 40 queries; both accumulators against the reference."""
+    q, docs = make_inputs_extra(100, 11, 0, 16384, torch.bfloat16)
+    _, ref_gq, ref_gd = run_ref(q, docs, 11, 0.05, True)
+    monkeypatch.setenv("NVEMBED_INFONCE_ROW_BLOCK", "40")
+    for acc in ("fp32", "output"):
+        monkeypatch.setenv("NVEMBED_INFONCE_FUSED_ACC", acc)
+        assert nvembed_ext._C.infonce_fused_plan(100, 1100, 16384, 2) == {"rows": 40, "accumulator": acc}
+        _, gq, gd = ops._infonce_fwd_grad(q.detach(), docs.detach(), 11, 0.05, True)
+        assert rel_err(gq, ref_gq) < 1e-2 and rel_err(gd, ref_gd) < 1e-2, acc
 
 
 def test_fused_plan_bad_accumulator(monkeypatch):

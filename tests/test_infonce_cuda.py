@@ -220,9 +220,10 @@ def test_gemm_fwd_chunks(monkeypatch, dtype, chunk):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_row_blocks(monkeypatch, dtype, rows, acc):
     """Gradients formed in the forward with row blocks of one query, 37 (ragged, targets mid-docs) and the default
-    (one block), odd d (the chunk kernels' scalar paths), the dD updates into the fp32 accumulator (auto: it fits)
-    or added into the output by cuBLAS (beta = 1), the probabilities written over the scores (in place): the
-    public op takes the path and matches the float64 reference; the backward scales by the upstream gradient."""
+    (one block), N = 206 docs (not a multiple of 4: the chunk kernels' scalar paths), the dD updates into the fp32
+    accumulator (auto: it fits) or added into the output by cuBLAS (beta = 1), the probabilities written over the
+    scores (in place): the public op takes the path and matches the float64 reference; the backward scales by the
+    upstream gradient."""
     monkeypatch.setenv("NVEMBED_INFONCE_GRAD", "fused")
     monkeypatch.setenv("NVEMBED_INFONCE_FUSED_ACC", acc)
     if rows is not None:
@@ -237,6 +238,20 @@ def test_fused_row_blocks(monkeypatch, dtype, rows, acc):
     q.grad = docs.grad = None
     ops.infonce(q, docs, 3, 0.05, True).backward()
     torch.testing.assert_close(gq, q.grad * 0.25, rtol=1e-2 if dtype != torch.float32 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [None, 30])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_in_place_passes(monkeypatch, dtype, rows):
+    """N = 67 * 64 = 4288 docs (a multiple of 4: the float4 paths) per row: the chunk-grad kernel's in-place loop
+    runs two passes of its barrier (4096 columns each for float4), the second ragged, writing the probabilities over
+    the scores; one block and ragged blocks of 30 queries added into the output."""
+    monkeypatch.setenv("NVEMBED_INFONCE_GRAD", "fused")
+    monkeypatch.setenv("NVEMBED_INFONCE_FUSED_ACC", "output")
+    if rows is not None:
+        monkeypatch.setenv("NVEMBED_INFONCE_ROW_BLOCK", str(rows))
+    q, docs = make_inputs(67, 64, 64, dtype)
+    check_against_ref(q, docs, 64, 0.05, True)
 
 
 @pytest.mark.parametrize("inb", [True, False])
