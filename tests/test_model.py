@@ -344,3 +344,34 @@ def test_default_model_matches_sentence_transformers():
 def test_load_unknown_name():
     with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
         nvembed.load("no-such-model")
+
+
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("masked", ["none", "padded", "empty-row"])
+def test_sdpa_key_padding_attention_matches_flash_attn(hq, hkv, masked):
+    """The attention backend's fallback for what the CUDA kernels do not take (float32 on CUDA): flash_attn's
+    semantics through SDPA, checked on CPU float64 against the op itself (GQA, padding, a batch row without keys ->
+    0 with zero gradients), forward and backward."""
+    from nvembed.attention import sdpa_key_padding_attention
+
+    torch.manual_seed(0)
+    B, L, D = 3, 7, 16
+    q = torch.randn(B, hq, L, D, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(B, hkv, L, D, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(B, hkv, L, D, dtype=torch.float64, requires_grad=True)
+    mask = None
+    if masked != "none":
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[1, 4:] = False
+        if masked == "empty-row":
+            mask[2] = False
+    got = sdpa_key_padding_attention(q, k, v, mask, 0.3)
+    want = torch.ops.nvembed.flash_attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, 0.3)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    g = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v), g)
+    want_grads = torch.autograd.grad(want, (q, k, v), g)
+    for a, b in zip(grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    if masked == "empty-row":
+        assert (got[2] == 0).all() and all(t[2].abs().max() == 0 for t in grads)

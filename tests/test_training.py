@@ -293,3 +293,66 @@ def test_config_errors_name_the_setting(tmp_path, data_file):
                        ("latent_dim_head", 0), ("max_grad_norm", float("nan")), ("max_grad_norm", -1.0)):
         with pytest.raises(TrainError, match=f"train: {key} must be"):
             _cfg(tmp_path, data_file, **{key: value}).validate()
+
+
+def _agree_worker(rank, world, port, result_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), NVEMBED_DIST_TIMEOUT_MIN="2")
+    from nvembed.training.trainer import init_distributed
+    torch.set_num_threads(1)
+    d = init_distributed("cpu")
+    out = {"world": d.world}
+    try:
+        d.same_on_all_ranks(f"step-{rank}", "the checkpoint to resume")
+        out["differ"] = "no error"
+    except TrainError as e:
+        out["differ"] = str(e)
+    d.same_on_all_ranks("step-7", "the checkpoint to resume")  # equal: no error, and the group still works
+    d.barrier()
+    with open(os.path.join(result_dir, f"agree{rank}.json"), "w") as f:
+        json.dump(out, f)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def test_processes_check_they_resume_the_same_checkpoint(tmp_path):
+    """Ranks that see different checkpoints (an --output not shared between nodes) all raise instead of training
+    from different weights; equal values pass (2 gloo processes)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_agree_worker, args=(r, 2, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    for r in range(2):
+        out = json.loads((tmp_path / f"agree{r}.json").read_text())
+        assert out["world"] == 2
+        assert out["differ"] == ("train: the processes disagree on the checkpoint to resume: "
+                                 "['step-0', 'step-1']"), out
+
+
+def test_distributed_timeout_and_device_rules(monkeypatch):
+    from nvembed.training.trainer import Dist, dist_timeout_minutes, resolve_device
+    monkeypatch.delenv("NVEMBED_DIST_TIMEOUT_MIN", raising=False)
+    assert dist_timeout_minutes() == 60
+    monkeypatch.setenv("NVEMBED_DIST_TIMEOUT_MIN", "2.5")
+    assert dist_timeout_minutes() == 2.5
+    for bad in ("0", "-1", "soon", "inf"):
+        monkeypatch.setenv("NVEMBED_DIST_TIMEOUT_MIN", bad)
+        with pytest.raises(TrainError, match="NVEMBED_DIST_TIMEOUT_MIN must be a positive number of minutes"):
+            dist_timeout_minutes()
+    # several processes: an explicit cuda:N other than the process's LOCAL_RANK would stack ranks on one GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: None)
+    with pytest.raises(TrainError, match=r"device 'cuda:0' with 2 processes would put ranks on one GPU: use "
+                                         r"--device cuda \(each process takes cuda:LOCAL_RANK; this one is 1\)"):
+        resolve_device("cuda:0", Dist(rank=1, world=2, local_rank=1))
+    assert resolve_device("cuda", Dist(rank=1, world=2, local_rank=1)) == torch.device("cuda:1")
+    assert resolve_device("cuda:1", Dist(rank=1, world=2, local_rank=1)) == torch.device("cuda:1")
+    assert resolve_device("cuda:1", Dist()) == torch.device("cuda:1")  # one process: any GPU

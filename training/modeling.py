@@ -102,7 +102,10 @@ def merged_state_dict(model) -> Dict[str, torch.Tensor]:
     for name, layer in lora.items():
         delta = sum(layer.get_delta_weight(a) for a in layer.active_adapters)
         wkey = f"{name}.weight"
-        out[wkey] = (out[wkey].float() + delta.float()).to(out[wkey].dtype)
+        # merged on the CPU, one weight at a time: on a GPU the merged copies of every targeted weight would sit
+        # beside the model (~28 GB in fp32 for a 7B backbone); the export writes CPU tensors anyway
+        out[wkey] = (out[wkey].detach().to("cpu", torch.float32)
+                     + delta.detach().to("cpu", torch.float32)).to(out[wkey].dtype)
     return out
 
 

@@ -19,6 +19,7 @@ training on the whole batch.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -212,6 +213,15 @@ class Dist:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def same_on_all_ranks(self, value, what: str) -> None:
+        """Raise on every rank (no hang) unless every rank holds the same `value` (picklable)."""
+        if self.world == 1:
+            return
+        values = [None] * self.world
+        torch.distributed.all_gather_object(values, value)
+        if any(v != values[0] for v in values):
+            raise TrainError(f"train: the processes disagree on {what}: {values}")
+
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
@@ -222,19 +232,38 @@ class Dist:
         return float(t.item()) / self.world
 
 
+def dist_timeout_minutes() -> float:
+    """NVEMBED_DIST_TIMEOUT_MIN (default 60): how long a collective may wait. The other ranks wait in a barrier
+    while rank 0 alone evaluates, saves a checkpoint or exports the model, which for a 7B model can take longer
+    than NCCL's default of 10 minutes (the watchdog would end the job)."""
+    raw = os.environ.get("NVEMBED_DIST_TIMEOUT_MIN", "") or "60"
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not (value > 0 and math.isfinite(value)):
+        raise TrainError(f"train: NVEMBED_DIST_TIMEOUT_MIN must be a positive number of minutes, got {raw!r}")
+    return value
+
+
 def init_distributed(device: str) -> Dist:
-    """torch.distributed from torchrun's environment (WORLD_SIZE > 1): NCCL on CUDA, gloo on CPU."""
+    """torch.distributed from torchrun's environment (WORLD_SIZE > 1): NCCL on CUDA (each process on
+    cuda:LOCAL_RANK, set before the process group starts), gloo on CPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    import datetime
+
     dist = torch.distributed
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     here = False
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
-        dist.init_process_group(backend=backend)
+        if backend == "nccl" and torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=dist_timeout_minutes()))
         here = True
-    return Dist(rank=dist.get_rank(), world=dist.get_world_size(),
-                local_rank=int(os.environ.get("LOCAL_RANK", "0")), initialized_here=here)
+    return Dist(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, initialized_here=here)
 
 
 def resolve_device(name: str, dist: Dist) -> torch.device:
@@ -247,6 +276,9 @@ def resolve_device(name: str, dist: Dist) -> torch.device:
         if name == "cuda" and dist.world > 1:
             name = f"cuda:{dist.local_rank}"
         dev = torch.device(name)
+        if dist.world > 1 and dev.index != dist.local_rank:
+            raise TrainError(f"train: device {name!r} with {dist.world} processes would put ranks on one GPU: use "
+                             f"--device cuda (each process takes cuda:LOCAL_RANK; this one is {dist.local_rank})")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise TrainError(f"train: device {name!r} does not exist ({torch.cuda.device_count()} GPUs)")
         torch.cuda.set_device(dev)
@@ -326,7 +358,8 @@ def _rng_state() -> Dict[str, Any]:
     import numpy as np
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # this process's own device only: the state restores on a machine with another number or layout of GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -336,7 +369,13 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        cuda = state["cuda"]
+        if isinstance(cuda, (list, tuple)):  # checkpoints written before: every visible device's state
+            here = torch.cuda.current_device()
+            if here >= len(cuda):
+                return
+            cuda = cuda[here]
+        torch.cuda.set_rng_state(cuda)
 
 
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -579,8 +618,12 @@ class Trainer:
             return
         if self.dist.main:
             t = time.perf_counter()
-            metrics = evaluate_beir(self.model, self.cfg.eval_data, self.eval_instruction,
-                                    batch_size=self.cfg.eval_batch_size, max_length=self.cfg.doc_max_length)
+            # under the training forward's autocast (bf16 on CUDA): the CUDA attention kernels take bf16 / fp16
+            ac = self.wrapper.autocast_dtype
+            with (torch.autocast(device_type=self.device.type, dtype=ac) if ac is not None
+                  else contextlib.nullcontext()):
+                metrics = evaluate_beir(self.model, self.cfg.eval_data, self.eval_instruction,
+                                        batch_size=self.cfg.eval_batch_size, max_length=self.cfg.doc_max_length)
             evals.append({"step": step, **metrics, "seconds": round(time.perf_counter() - t, 2)})
             print(f"nvembed train: eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
                   file=sys.stderr)
@@ -625,6 +668,11 @@ class Trainer:
         dist.barrier()
         start = 0
         ckpts = checkpoint_dirs(cfg.output) if cfg.resume else []
+        # every rank must resume the same checkpoint (a rank on a node that does not see rank 0's files would
+        # start over with other weights: DDP averages gradients, not weights)
+        dist.same_on_all_ranks(os.path.basename(ckpts[-1]) if ckpts else None,
+                               f"the checkpoint to resume in {cfg.output} (--output must be on a filesystem that "
+                               "every process sees)")
         if ckpts:
             start = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler, dist, cfg)
             if dist.main:

@@ -65,9 +65,31 @@ def nvembed_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     mask = _key_padding_mask(attention_mask, batch, kv_length)
     if mask is not None:
         mask = mask.to(device=query.device).contiguous()
+    if query.is_cuda and query.dtype not in (torch.bfloat16, torch.float16):
+        return sdpa_key_padding_attention(query, key, value, mask, scaling), None
     out = torch.ops.nvembed.flash_attn(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), mask,
                                        scaling)
     return out, None
+
+
+def sdpa_key_padding_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               mask: Optional[torch.Tensor], scaling: Optional[float] = None) -> torch.Tensor:
+    """flash_attn's semantics (non-causal; key padding mask [B, Lk], True = attend; GQA; a batch row without keys
+    gives 0) through PyTorch's SDPA, for what our CUDA kernels do not take: float32 (and float64) on CUDA, e.g. a
+    model loaded with dtype float32 or an evaluation outside autocast. q [B, H, L, D], k / v [B, Hkv, L, D] as
+    transformers passes them; returns [B, L, H, D]."""
+    import torch.nn.functional as F
+
+    attn_mask = None
+    empty = None
+    if mask is not None:
+        empty = ~mask.any(dim=1)  # rows without keys: attend to all (no NaN), then 0
+        attn_mask = (mask | empty[:, None])[:, None, None, :]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, scale=scaling,
+                                         enable_gqa=key.shape[1] != query.shape[1])
+    if empty is not None:
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
+    return out.transpose(1, 2)
 
 
 def make_bidirectional(backbone: torch.nn.Module) -> torch.nn.Module:
