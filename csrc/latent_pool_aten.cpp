@@ -455,7 +455,8 @@ std::vector<Tensor> latent_pool_bwd_aten(const Tensor& grad_out, const Tensor& p
                            saved ? (*saved)[1].narrow(0, t0, t) : Tensor());
     Tensor dy1 = at::matmul(pool_matrix(s, batch, w).t(), gp);  // [t, d]
     // [t, 2F] io: u, then du in its place (a copy of the saved rows: autograd may hand them to a second backward)
-    Tensor du = saved ? (*saved)[2].narrow(0, t0, t).to(s.io, /*non_blocking=*/false, /*copy=*/true) : ff_in(s, a.z);
+    Tensor du = saved ? (*saved)[2].narrow(0, t0, t).to(s.io, /*non_blocking=*/false, /*copy=*/true).contiguous()
+                      : ff_in(s, a.z);  // contiguous: a direct call may pass non-contiguous saved rows
     {
       Tensor part_g = at::empty({units.size(0), s.F}, opts), part_b = at::empty({units.size(0), 2 * s.F}, opts);
       k.geglu_pool_bwd(du, s.ff_in_b, w, units, dgbar, part_g, part_b);

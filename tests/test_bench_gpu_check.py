@@ -66,7 +66,7 @@ def test_cuda_objects_digest_covers_what_the_kernels_include():
 def test_sanitizer_cases_cpu():
     out = run_bench("sanitize_cases.py", "--device", "cpu")
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "sanitizer cases done: 27 infonce, 3 latent_pool on cpu" in out.stdout
+    assert "sanitizer cases done: 27 infonce, 4 latent_pool on cpu" in out.stdout
 
 
 def test_sanitizer_cases_set_only_variables_the_ops_read():
