@@ -125,19 +125,32 @@ def _case_of(text: str, prefix: str) -> bool:
 
 def smoke_counts(path: str) -> dict:
     """{smoke-name prefix: (ok, FAIL, [failed names], [unfinished names])} over every line of smoke.log; a case is
-    unfinished when its "hang? NAME" line (printed before it runs) has no ok / FAIL line after it."""
+    unfinished when its "hang? NAME" line (gpu_smoke.py prints it before the case runs, and the case's ok / FAIL line
+    after it, one case at a time) is followed by the next "hang?" line or the end of the log, not by its own ok / FAIL
+    line (matched by the whole name: "B=1" is not finished by "B=17")."""
     out = {}
     if not os.path.exists(path):
         return out
     with open(path, errors="replace") as f:
         lines = f.read().splitlines()
+    ok = [ln[4:].strip() for ln in lines if ln.startswith("ok")]
+    bad = [ln[4:].strip() for ln in lines if ln.startswith("FAIL")]
+    unfinished, running = [], None
+    for ln in lines:
+        if ln.startswith("hang? "):
+            if running is not None:
+                unfinished.append(running)
+            running = ln[len("hang? "):].strip()
+        elif ln.startswith(("ok", "FAIL")) and running is not None:
+            text = ln[4:].strip()
+            if text.startswith(running) and text[len(running):len(running) + 1] in ("", " "):
+                running = None
+    if running is not None:
+        unfinished.append(running)
     for _, _, prefix, _ in PATHS:
-        ok = [ln for ln in lines if ln.startswith("ok") and _case_of(ln[4:].lstrip(), prefix)]
-        bad = [ln for ln in lines if ln.startswith("FAIL") and _case_of(ln[4:].lstrip(), prefix)]
-        started = [ln[len("hang? "):].strip() for ln in lines if ln.startswith("hang? ")]
-        done = " ".join(ln for ln in lines if ln.startswith(("ok", "FAIL")))
-        unfinished = [name for name in started if _case_of(name, prefix) and name not in done]
-        out[prefix] = (len(ok), len(bad), [ln[4:].strip()[:90] for ln in bad], unfinished)
+        failed = [text[:90] for text in bad if _case_of(text, prefix)]
+        out[prefix] = (sum(_case_of(text, prefix) for text in ok), len(failed), failed,
+                       [name for name in unfinished if _case_of(name, prefix)])
     return out
 
 

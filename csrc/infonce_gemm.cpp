@@ -10,7 +10,7 @@
 #include <cerrno>
 #include <cstdlib>
 #include <limits>
-#include <string_view>
+#include <string>
 #include <utility>
 
 #include "checks.h"
@@ -255,10 +255,7 @@ InfoNCEFusedPlan infonce_fused_plan(int64_t B, int64_t N, int64_t d, int64_t ele
   const int64_t budget = env_int("NVEMBED_INFONCE_FUSED_MB", 1024) << 20;
   const int64_t row_bytes = std::max<int64_t>(N * acc_bytes, 1);  // one query's scores
   const int64_t acc_d_bytes = N * d * 4;
-  const char* v = std::getenv("NVEMBED_INFONCE_FUSED_ACC");
-  const std::string_view mode = v == nullptr || *v == '\0' ? "auto" : v;
-  NVE_CHECK_VALUE(mode == "auto" || mode == "fp32" || mode == "output", kOp,
-                  "NVEMBED_INFONCE_FUSED_ACC must be auto, fp32 or output, got '", mode, "'");
+  const std::string mode = env_choice("NVEMBED_INFONCE_FUSED_ACC", kOp, {"fp32", "output"});
   int64_t rows = env_int("NVEMBED_INFONCE_ROW_BLOCK", 0);
   bool fp32 = false;
   if (rows == 0) {
@@ -310,6 +307,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, 
   const int64_t B = queries.size(0), N = docs.size(0), d = queries.size(1), G = group_size;
   const auto opts = queries.options().dtype(acc);
   const double inv_t = 1.0 / temperature, coef = 1.0 / (static_cast<double>(B) * temperature);
+  TORCH_INTERNAL_ASSERT(B > 0, "infonce: an empty batch reached the fused gradients");  // the op rejects it
   const InfoNCEFusedPlan plan = infonce_fused_plan(B, N, d, queries.element_size());
   const int64_t R = plan.rows;
   // the fp32 products of dQ (and of dD into the kFp32 accumulator) exist one part (<= 64 MiB, >= 1024 rows: GEMMs
@@ -344,7 +342,7 @@ std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, 
     }
     // dD += P_R'^T Q_R with P_R' = P_R - onehot: the targets take P_t - 1 = -neg_prob_sum (in the input dtype, like
     // every other probability)
-    if (rn > 0) block_targets(probs, r0, G).copy_(neg_prob_sum.neg());
+    block_targets(probs, r0, G).copy_(neg_prob_sum.neg());
     if (plan.acc == InfoNCEFusedAcc::kFp32) {
       for (int64_t n0 = 0; n0 < N; n0 += part) {
         const int64_t nn = std::min(part, N - n0);
@@ -354,7 +352,6 @@ std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, 
       addmm_acc_(grad_d, probs.t(), qr, coef, r0 == 0 ? 0.0 : 1.0, acc);
     }
   }
-  if (B == 0) grad_d.zero_();  // no block ran (the op's checks reject an empty batch; kept total)
   if (plan.acc == InfoNCEFusedAcc::kFp32) {
     for (int64_t n0 = 0; n0 < N; n0 += part) {  // in place, one part at a time: no second [N, d] fp32 tensor
       const int64_t nn = std::min(part, N - n0);

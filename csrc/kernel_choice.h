@@ -2,8 +2,15 @@
 // sm80+ device) and the Hopper (sm_90a: TMA + wgmma) kernels where they exist. Plain C++ (CPU and CUDA builds).
 #pragma once
 #include <cstdint>
+#include <initializer_list>
+#include <string>
+#include <string_view>
 
 namespace nvembed {
+
+// The value of the environment variable `env_var` that picks how `op` runs a step: "auto" when it is unset or empty,
+// else one of `allowed` (any other value raises an error naming `op` and the variable, listing auto and `allowed`).
+std::string env_choice(const char* env_var, const char* op, std::initializer_list<std::string_view> allowed);
 
 // `base` or `alt`, the two implementations of one op step named by `env_var`: it holds auto (default, also when unset
 // or empty), `base` or `alt`; any other value raises an error naming `op` and the variable. `alt` is returned only

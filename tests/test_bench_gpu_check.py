@@ -186,6 +186,21 @@ def test_verdict_charges_a_failed_benchmark(tmp_path):
     assert verdicts["infonce-fused"] == "failed" and "CUBLAS_STATUS_EXECUTION_FAILED" in text
 
 
+def test_verdict_unfinished_case_is_matched_by_its_whole_name(tmp_path):
+    """A case whose name is the start of a finished case's name ("... B=1" beside "... B=17") is still unfinished
+    when its own ok / FAIL line never came (the verdict once searched the joined ok / FAIL lines for the name)."""
+    (tmp_path / "smoke.log").write_text(
+        "hang? infonce fused bfloat16 B=17 G=4 d=128\n"
+        "ok   infonce fused bfloat16 B=17 G=4 d=128                      out=1.0e-03\n"
+        "hang? infonce fused bfloat16 B=1\n"
+        "hang? infonce fused bfloat16 B=1 G=4\n"
+        "ok   infonce fused bfloat16 B=1 G=4                             out=1.0e-03\n")
+    counts = gpu_verdict.smoke_counts(str(tmp_path / "smoke.log"))
+    assert counts["infonce fused"] == (2, 0, [], ["infonce fused bfloat16 B=1"])
+    text, verdicts = gpu_verdict.report(str(tmp_path))
+    assert verdicts["infonce-fused"] == "failed" and "unfinished (hang?): infonce fused bfloat16 B=1" in text
+
+
 def test_verdict_is_not_fooled_by_partial_runs(tmp_path):
     """What a review's synthetic run showed the verdict calling "clean": a failed smoke case of a sub-variant
     ("infonce fused-output ..."), a case started but never finished (its "hang?" line), a smoke step killed at its

@@ -377,6 +377,21 @@ __global__ void __launch_bounds__(kThreads) infonce_bwd_own_group_kernel(const I
 
 // ---- blocked-GEMM backward (infonce_gemm.h): the elementwise pass between its GEMMs -------------------------
 
+// probs[j + l] = exp(scores / t - lse) from the row's fp32 scores x[l] (l < V, one vector store), 0 in the target
+// column; adds them to sum. k = log2(e) / t, shift = log2(e) lse.
+template <typename T, int V>
+__device__ __forceinline__ void store_probs(T* out, int64_t j, const float (&x)[V], int64_t target, float k,
+                                            float shift, float& sum) {
+  Pack<T, V> v;
+#pragma unroll
+  for (int l = 0; l < V; ++l) {
+    const float e = j + l == target ? 0.f : exp2f(fmaf(x[l], k, -shift));
+    sum += e;
+    v.v[l] = from_float(e, static_cast<T*>(nullptr));
+  }
+  *reinterpret_cast<Pack<T, V>*>(out + j) = v;
+}
+
 // One block per row of the chunk: probs[r, j] = exp(scores[r, j] / t - lse[r]), 0 in the row's target column
 // r*G - col0 (its P_t - 1 is applied by the caller as -neg_prob_sum), neg_prob_sum[r] += the row's fp32 sum. One
 // owner per row and launches in stream order: deterministic, no atomics.
@@ -418,39 +433,23 @@ __global__ void __launch_bounds__(kThreads) infonce_chunk_grad_kernel(const Info
         const int64_t j = j0 + (static_cast<int64_t>(u) * kThreads + threadIdx.x) * width;
         if (j >= p.cols) continue;
         if (p.vec4) {
-          Pack<T, 4> v;
-#pragma unroll
-          for (int l = 0; l < 4; ++l) {
-            const float e = j + l == target ? 0.f : exp2f(fmaf(x[u][l], k, -shift));
-            sum += e;
-            v.v[l] = from_float(e, static_cast<T*>(nullptr));
-          }
-          *reinterpret_cast<Pack<T, 4>*>(out + j) = v;
+          store_probs<T, 4>(out, j, x[u], target, k, shift, sum);
         } else {
-          const float e = j == target ? 0.f : exp2f(fmaf(x[u][0], k, -shift));
-          sum += e;
-          out[j] = from_float(e, static_cast<T*>(nullptr));
+          const float x1[1] = {x[u][0]};
+          store_probs<T, 1>(out, j, x1, target, k, shift, sum);
         }
       }
     }
   } else if (p.vec4) {
     for (int64_t j = 4 * static_cast<int64_t>(threadIdx.x); j < p.cols; j += 4 * kThreads) {
-      const float4 x = *reinterpret_cast<const float4*>(s + j);
-      const float xs[4] = {x.x, x.y, x.z, x.w};
-      Pack<T, 4> v;
-#pragma unroll
-      for (int l = 0; l < 4; ++l) {
-        const float e = j + l == target ? 0.f : exp2f(fmaf(xs[l], k, -shift));
-        sum += e;
-        v.v[l] = from_float(e, static_cast<T*>(nullptr));
-      }
-      *reinterpret_cast<Pack<T, 4>*>(out + j) = v;
+      const float4 v = *reinterpret_cast<const float4*>(s + j);
+      const float x[4] = {v.x, v.y, v.z, v.w};
+      store_probs<T, 4>(out, j, x, target, k, shift, sum);
     }
   } else {
     for (int64_t j = threadIdx.x; j < p.cols; j += kThreads) {
-      const float e = j == target ? 0.f : exp2f(fmaf(s[j], k, -shift));
-      sum += e;
-      out[j] = from_float(e, static_cast<T*>(nullptr));
+      const float x[1] = {s[j]};
+      store_probs<T, 1>(out, j, x, target, k, shift, sum);
     }
   }
   sum = warp_sum(sum);
