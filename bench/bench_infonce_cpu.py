@@ -22,7 +22,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import environment, write_csv  # noqa: E402
+from common import environment, quantile, write_csv  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 B, G, D, TEMPERATURE = 2048, 8, 256, 0.05
@@ -90,13 +90,6 @@ def fwd_bwd_fn(variant: str):
     return run
 
 
-def percentile(xs, p):
-    xs = sorted(xs)
-    k = (len(xs) - 1) * p
-    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
 def time_interleaved(variants=("naive", "ours")) -> dict[str, list[float]]:
     """Rounds alternate between the variants, so drifting load on a shared runner (and the naive variant's
     allocator state, whose fwd+bwd time drifts by up to 2x within one process) hits both alike."""
@@ -121,7 +114,7 @@ def result_row(times: dict, mems: dict) -> dict:
     }
     for v in ("ours", "naive"):
         for p in (0.2, 0.5, 0.8):
-            row[f"{v}_time_p{int(p * 100)}_s"] = round(percentile(times[v], p), 5)
+            row[f"{v}_time_p{int(p * 100)}_s"] = round(quantile(times[v], p), 5)
         row[f"{v}_peak_mem_mb"] = round(mems[v]["peak_delta_bytes"] / 2**20, 2)
     row["time_ratio"] = round(row["ours_time_p50_s"] / row["naive_time_p50_s"], 4)
     row["mem_ratio"] = round(mems["ours"]["peak_delta_bytes"] / mems["naive"]["peak_delta_bytes"], 4)

@@ -48,7 +48,7 @@ ROOT = os.path.dirname(HERE)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
-from common import device_name, env_vars, first_line, git_commit, pyplot, save_figure, write_csv  # noqa: E402
+from common import device_name, env_vars, first_line, git_commit, pyplot, quantile, save_figure, write_csv  # noqa: E402
 
 TEMPERATURE = 0.05
 G = 8
@@ -195,9 +195,8 @@ def measure(variant: str, B: int, d: int, dtype, device: str, rounds: int, max_s
             times.append(elapsed)
             if time.perf_counter() - t_start > max_seconds and len(times) >= 3:
                 break
-    times.sort()
-    q20, q80 = times[int(0.2 * (len(times) - 1))], times[int(math.ceil(0.8 * (len(times) - 1)))]
-    return {"time_ms": statistics.median(times) * 1e3, "time_p20_ms": q20 * 1e3, "time_p80_ms": q80 * 1e3,
+    return {"time_ms": statistics.median(times) * 1e3, "time_p20_ms": quantile(times, 0.2) * 1e3,
+            "time_p80_ms": quantile(times, 0.8) * 1e3,
             "rounds": len(times), "peak_mem_mb": (max(peaks) / 2**20) if peaks else float("nan")}
 
 
