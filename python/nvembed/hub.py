@@ -57,17 +57,29 @@ def from_sentence_transformers(folder: str, dtype: Optional[torch.dtype] = torch
         mean = modes == ["pooling_mode_mean_tokens"]
     if not mean:
         raise ValueError(f"nvembed: only mean pooling is supported, {folder} uses {modes}")
+    include_prompt = pooling.get("include_prompt", True)
+    if not isinstance(include_prompt, bool):
+        raise ValueError(f"nvembed: {folder}/{modules[1]['path']}/config.json include_prompt must be true or false, "
+                         f"got {include_prompt!r}")
     text_config = _read_json(os.path.join(folder, "config.json"))
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     st_config_path = os.path.join(folder, "sentence_bert_config.json")
-    max_seq_length = _read_json(st_config_path).get("max_seq_length") if os.path.isfile(st_config_path) else None
+    st_config = _read_json(st_config_path) if os.path.isfile(st_config_path) else {}
+    max_seq_length = st_config.get("max_seq_length")
+    do_lower_case = st_config.get("do_lower_case", False)
+    if not isinstance(do_lower_case, bool):
+        raise ValueError(f"nvembed: {st_config_path} do_lower_case must be true or false, got {do_lower_case!r}")
     if max_seq_length is None and 0 < tokenizer.model_max_length < 1_000_000:
         # newer sentence-transformers leave it out and keep the limit in the tokenizer (its "unset" is ~1e30)
         max_seq_length = int(tokenizer.model_max_length)
     config = {"model_type": "nvembed", "architectures": ["NVEmbedModel"], "pooling": "mean",
               "normalize": kinds[2:] == ["Normalize"], "max_seq_length": max_seq_length,
               "text_config": text_config, "hidden_size": text_config.get("hidden_size"),
-              "padding_side": "right", "add_pad_token": False, "is_mask_instruction": False, "add_eos": False}
+              "padding_side": "right", "add_pad_token": False, "add_eos": False,
+              # sentence-transformers' text rules: its Transformer module appends no eos, lowercases where its config
+              # says so, and its Pooling leaves the prompt out (include_prompt false) counted its own way
+              "append_eos": False, "do_lower_case": do_lower_case, "is_mask_instruction": not include_prompt,
+              "instruction_count": "sentence_transformers"}
     prefix = text_config.get("model_type", "") + "."
 
     def rename(key: str):

@@ -150,7 +150,11 @@ class NVEmbedModel(nn.Module):
         transformers keeps them: a rotary inv_freq rounded to bf16 would shift the angles of late positions."""
         with torch.device("meta"):
             model = cls(config)
-        checkpoint.check_state_dict_shapes(model.state_dict(), state_dict, source=source)
+        expected = model.state_dict()
+        checkpoint.check_state_dict_shapes(expected, state_dict, source=source)
+        # buffers older transformers versions saved (rotary inv_freq, position ids): accepted above, not loaded
+        state_dict = {k: t for k, t in state_dict.items()
+                      if k in expected or not k.endswith(checkpoint.IGNORABLE_SUFFIXES)}
         if dtype is not None:
             state_dict = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state_dict.items()}
         model.load_state_dict(state_dict, strict=True, assign=True)
@@ -192,6 +196,12 @@ class NVEmbedModel(nn.Module):
         """config.json contents: the release's fields (+ ours: pooling, normalize, max_seq_length)."""
         cfg = dict(self.config)
         cfg["text_config"] = text_config_dict(self.embedding_model.config, self.config.get("text_config"))
+        # the dtype the weights are saved in, not the one they were loaded from
+        dtype = str(self.dtype).removeprefix("torch.")
+        cfg["torch_dtype"] = dtype
+        for key in ("torch_dtype", "dtype"):  # transformers 4 / 5 names in the backbone's own config
+            if key in cfg["text_config"]:
+                cfg["text_config"][key] = dtype
         cfg.setdefault("architectures", ["NVEmbedModel"])
         cfg.setdefault("hidden_size", self.embedding_dim)
         return cfg

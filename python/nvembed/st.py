@@ -12,8 +12,8 @@ to the text and, like ST's `Pooling(include_prompt=False)`, its positions are le
 part in attention. How many positions is the model's own rule, the released NV-Embed one (NVEMBED_FACTS (d)): the
 first `len(tokenizer.tokenize(prompt))` positions (counted from BOS) when the config says is_mask_instruction with
 right padding. With `include_prompt=None` (default) the module follows the model's config, so an ST encode equals
-`model.encode(texts, instruction=prompt)`; for the default all-MiniLM-L6-v2 (imported with is_mask_instruction
-false, as its ST Pooling has include_prompt true) the prompt is therefore pooled. `include_prompt=False` forces the
+`model.encode(texts, instruction=prompt)`; a model imported from a sentence-transformers folder keeps that folder's
+Pooling include_prompt (the default all-MiniLM-L6-v2's is true: the prompt is pooled). `include_prompt=False` forces the
 exclusion whatever the config says (right padding only) and counts the positions as sentence-transformers does
 (the tokenized prompt less its closing special token: [CLS] and every prompt token for BERT; for a BOS-only
 tokenizer like Mistral's this equals the released rule); `include_prompt=True` always pools the prompt.
@@ -32,7 +32,7 @@ from typing import Any, Dict, Optional, Sequence
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.input_module import InputModule
 
-from .encode import _check_texts, _effective_max_length, instruction_length
+from .encode import _check_texts, _effective_max_length, instruction_length, prompt_positions, row_texts
 from .model import NVEmbedModel
 
 DEFAULT_MAX_LENGTH = 4096  # NVEmbedModel.encode's default (capped by the config's max_seq_length)
@@ -73,16 +73,15 @@ class NVEmbedSTModule(InputModule):
                              f"positions); the model pads on the {self.model.config['padding_side']}")
         # sentence-transformers' own count (SentenceTransformer.encode's prompt_length): the tokenized prompt with its
         # special tokens, less the one that closes it ([SEP] / EOS) -- [CLS] / BOS and every prompt token
-        return len(self.tokenizer(prompt)["input_ids"]) - 1
+        return prompt_positions(self.model, prompt, "sentence_transformers")
 
     def preprocess(self, inputs: Sequence[str], prompt: Optional[str] = None, **kwargs) -> Dict[str, Any]:
         texts = _check_texts(inputs)
         prompt = prompt or ""
-        cfg, tok = self.model.config, self.tokenizer
-        eos = tok.eos_token if (cfg["add_eos"] and tok.eos_token is not None) else ""
-        # capped like encode() (the backbone's position table) and checked to leave room for text
-        batch = tok([prompt + t + eos for t in texts], max_length=_effective_max_length(self.model, self.max_seq_length),
-                    padding=True, truncation=True, return_token_type_ids=False, return_tensors="pt")
+        # the strings encode() tokenizes (eos, lowercasing), capped like encode() and checked to leave room for text
+        batch = self.tokenizer(row_texts(self.model, texts, [prompt] * len(texts)),
+                               max_length=_effective_max_length(self.model, self.max_seq_length), padding=True,
+                               truncation=True, return_token_type_ids=False, return_tensors="pt")
         attention_mask = batch["attention_mask"]
         pool_mask = attention_mask.clone()
         n = self.prompt_length(prompt)
