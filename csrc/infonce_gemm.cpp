@@ -4,7 +4,6 @@
 #include "infonce_gemm.h"
 
 #include <ATen/ATen.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -13,6 +12,7 @@
 #include <string>
 #include <utility>
 
+#include "aten_guard.h"
 #include "checks.h"
 #include "kernel_choice.h"
 
@@ -150,8 +150,7 @@ int64_t infonce_fwd_chunk(int64_t B, int64_t N, int64_t acc_bytes) {
 
 std::tuple<Tensor, Tensor> infonce_fwd_gemm(const Tensor& queries, const Tensor& docs, int64_t group_size,
                                             double temperature, InfoNCEChunkLseFn chunk_lse) {
-  // the ATen ops below run in the dtypes chosen here: an enclosing autocast region must not recast them
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const AtenKernelGuard guard;  // below autograd, outside autocast
   const at::ScalarType acc = queries.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = queries.size(0), N = docs.size(0);
   const auto opts = queries.options().dtype(acc);
@@ -192,8 +191,7 @@ InfoNCEGemmWidths infonce_gemm_widths(int64_t B, int64_t N, int64_t elem_bytes) 
 std::tuple<Tensor, Tensor> infonce_bwd_gemm(const Tensor& grad_loss, const Tensor& queries, const Tensor& docs,
                                             const Tensor& lse, int64_t group_size, double temperature,
                                             InfoNCEChunkGradFn chunk_grad) {
-  // the ATen ops below run in the dtypes chosen here: an enclosing autocast region must not recast them
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const AtenKernelGuard guard;  // below autograd, outside autocast
   const at::ScalarType io = queries.scalar_type();
   const at::ScalarType acc = io == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = queries.size(0), N = docs.size(0), d = queries.size(1), G = group_size;
@@ -300,8 +298,7 @@ Tensor block_targets(const Tensor& probs, int64_t r0, int64_t G) {
 std::tuple<Tensor, Tensor, Tensor> infonce_fwd_grad_gemm(const Tensor& queries, const Tensor& docs,
                                                          int64_t group_size, double temperature,
                                                          InfoNCEChunkLseFn chunk_lse, InfoNCEChunkGradFn chunk_grad) {
-  // the ATen ops below run in the dtypes chosen here: an enclosing autocast region must not recast them
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const AtenKernelGuard guard;  // below autograd, outside autocast
   const at::ScalarType io = queries.scalar_type();
   const at::ScalarType acc = io == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t B = queries.size(0), N = docs.size(0), d = queries.size(1), G = group_size;

@@ -25,12 +25,12 @@
 #include "latent_pool_aten.h"
 
 #include <ATen/ATen.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "aten_guard.h"
 #include "cpu/latent_pool.h"
 #include "kernel_choice.h"
 
@@ -371,8 +371,7 @@ void for_chunks(const Layer& s, Fn fn) {
 
 std::tuple<Tensor, Tensor> latent_pool_fwd_aten(NVE_LATENT_POOL_PARAMS, const LatentPoolKernels* kernels,
                                                 const std::vector<Tensor>* saved) {
-  // the ATen ops below run in the dtypes chosen here: an enclosing autocast region must not recast them
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const AtenKernelGuard guard;  // below autograd, outside autocast
   const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   const Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight,
                         norm_context_bias, to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias,
@@ -411,8 +410,7 @@ std::tuple<Tensor, Tensor> latent_pool_fwd_aten(NVE_LATENT_POOL_PARAMS, const La
 
 std::vector<Tensor> latent_pool_bwd_aten(const Tensor& grad_out, const Tensor& pooled, NVE_LATENT_POOL_PARAMS,
                                          const LatentPoolKernels* kernels, const std::vector<Tensor>* saved) {
-  // the ATen ops below run in the dtypes chosen here: an enclosing autocast region must not recast them
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const AtenKernelGuard guard;  // below autograd, outside autocast
   const LatentPoolKernels& k = kernels != nullptr ? *kernels : kAtenKernels;
   Layer s = setup(hidden_states, pool_mask, latents, norm_weight, norm_bias, norm_context_weight, norm_context_bias,
                   to_q_weight, to_kv_weight, to_out_weight, ff_norm_weight, ff_norm_bias, ff_in_weight, ff_in_bias,

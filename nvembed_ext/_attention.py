@@ -6,6 +6,8 @@ recomputing it. lse is a statistic, not a differentiable output: its gradient is
 """
 import torch
 
+from ._first_order import first_order
+
 _lib = "nvembed::"
 
 
@@ -46,7 +48,7 @@ def _fa_backward(ctx, dout, dlse):
     q, k, v, out, lse, mask = ctx.saved_tensors
     if dout is None:
         return None, None, None, None, None
-    dq, dk, dv = torch.ops.nvembed._flash_attn_bwd(dout, q, k, v, out, lse, mask, ctx.scale)
+    dq, dk, dv = first_order("flash_attn", torch.ops.nvembed._flash_attn_bwd(dout, q, k, v, out, lse, mask, ctx.scale))
     return dq, dk, dv, None, None
 
 
@@ -84,8 +86,8 @@ def _fav_backward(ctx, dout, dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     if dout is None:
         return (None,) * 8
-    dq, dk, dv = torch.ops.nvembed._flash_attn_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, ctx.max_q,
-                                                          ctx.max_k, ctx.scale)
+    dq, dk, dv = first_order("flash_attn_varlen", torch.ops.nvembed._flash_attn_varlen_bwd(
+        dout, q, k, v, out, lse, cu_q, cu_k, ctx.max_q, ctx.max_k, ctx.scale))
     return dq, dk, dv, None, None, None, None, None
 
 

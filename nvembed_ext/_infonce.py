@@ -8,12 +8,17 @@ import math
 
 import torch
 
+from ._first_order import first_order
+
 _lib = "nvembed::"
 _OP = "nvembed::infonce: "
 
 
 def _acc_dtype(t):
     return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def _check_inputs(queries, docs, group_size, temperature, in_batch_negatives):
@@ -30,6 +35,9 @@ def _check_inputs(queries, docs, group_size, temperature, in_batch_negatives):
     torch._check_value(group_size >= 1, lambda: f"{_OP}group_size must be >= 1, got {group_size}")
     torch._check_value(math.isfinite(temperature) and temperature > 0,
                        lambda: f"{_OP}temperature must be finite and > 0, got {temperature}")
+    torch._check_value(queries.dtype == torch.float64 or 1.0 / temperature <= _FLOAT32_MAX,
+                       lambda: f"{_OP}temperature={temperature} is too small for {queries.dtype} inputs: 1/temperature "
+                               "must be within float32's range")
     B, N = queries.shape[0], docs.shape[0]
     torch._check_value(B > 0, lambda: f"{_OP}queries.size(0) must be > 0 (empty batch)")
     torch._check_value(docs.shape[1] == queries.shape[1],
@@ -69,24 +77,8 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (group_size, temperature, in_batch_negatives)
 
 
-class _FirstOrderOnly(torch.autograd.Function):
-    """Identity on a gradient the backward returns with create_graph=True: differentiating it again (a gradient
-    penalty through the loss's gradients) raises instead of torch's not-implemented warning and a silent zero."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise NotImplementedError("nvembed::infonce: second derivatives are not implemented (the gradient of the "
-                                  "loss was differentiated again, e.g. after create_graph=True)")
-
-
 def _first_order(*grads):
-    if not torch.is_grad_enabled():  # the usual backward (create_graph=False): nothing to guard
-        return grads
-    return tuple(g if g is None else _FirstOrderOnly.apply(g) for g in grads)
+    return first_order("infonce", grads)
 
 
 def _backward(ctx, grad_loss, grad_lse):

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from ._first_order import first_order
+
 _lib = "nvembed::"
 _OP = "nvembed::latent_pool: "
 
@@ -168,6 +170,9 @@ def _backward(ctx, grad_out, *_):
         grads = torch.ops.nvembed._latent_pool_bwd_saved(grad_out.contiguous(), pooled, *acts, *args)
     else:
         grads = torch.ops.nvembed._latent_pool_bwd(grad_out.contiguous(), pooled, *args)
+    # only the gradients autograd asked for (the op computes all of them), each first-order only
+    grads = first_order("latent_pool", [g if need else None for g, need in
+                                        zip(grads, (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:16]))])
     return (grads[0], None, *grads[1:], None, None, None)
 
 

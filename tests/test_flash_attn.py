@@ -146,6 +146,39 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b, c: ops.flash_attn(a, b, c, None, 0.5), (q, k, v))
 
 
+def test_double_backward_raises():
+    """First-order gradients with create_graph=True are right; differentiating them again is an error naming the op
+    (the backward ops have no derivative: torch warned and returned zero second derivatives)."""
+    q, k, v = _inputs(2, 3, 5, 2, 1, 4)
+    cu = torch.tensor([0, 3, 6], dtype=torch.int32)
+    for t in (q, k, v):
+        t.requires_grad_()
+    ref = torch.autograd.grad(flash_attn_ref(q, k, v).square().sum(), (q, k, v))
+    cases = [("flash_attn", lambda: ops.flash_attn(q, k, v)),
+             ("flash_attn_varlen", lambda: ops.flash_attn_varlen(q.flatten(0, 1), k.flatten(0, 1)[:6],
+                                                                 v.flatten(0, 1)[:6], cu, cu, 3, 3))]
+    for name, fn in cases:
+        grads = torch.autograd.grad(fn().square().sum(), (q, k, v), create_graph=True, allow_unused=True)
+        if name == "flash_attn":
+            for g, r in zip(grads, ref):
+                assert rel_err(g.detach(), r) < 1e-10
+        with pytest.raises(NotImplementedError, match=rf"nvembed::{name}: second derivatives are not implemented"):
+            grads[0].square().sum().backward()
+
+
+def test_empty_batch_backward_is_immediate():
+    """No query rows: the gradients are zeros without one kernel task per (sequence, kv head) (a batch of 2^34
+    empty sequences took minutes in the backward)."""
+    q = torch.zeros(2 ** 34, 0, 2, 4, requires_grad=True)
+    k = torch.zeros(2 ** 34, 0, 2, 4, requires_grad=True)
+    v = torch.zeros(2 ** 34, 0, 2, 4, requires_grad=True)
+    dq, dk, dv = torch.autograd.grad(ops.flash_attn(q, k, v).sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or g.shape == q.shape for g in (dq, dk, dv))
+    dq, dk, dv = ops._flash_attn_bwd(torch.zeros(3, 0, 2, 4), torch.zeros(3, 0, 2, 4), torch.randn(3, 5, 2, 4),
+                                     torch.randn(3, 5, 2, 4), torch.zeros(3, 0, 2, 4), torch.zeros(3, 2, 0), None, None)
+    assert dq.shape == (3, 0, 2, 4) and (dk == 0).all() and (dv == 0).all() and dk.shape == (3, 5, 2, 4)
+
+
 def _varlen_inputs(lens_q, lens_k, Hq, Hkv, D, dtype=torch.float64):
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
     cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)

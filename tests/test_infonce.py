@@ -539,6 +539,22 @@ def test_opcheck_fwd_grad(inb):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_temperature_beyond_float32_range_is_an_error():
+    """1/t is applied in float32 for float32 / bf16 inputs: a temperature whose inverse overflows it is an error
+    naming the argument (the loss was NaN), in the op and in its fake; float64 inputs take it."""
+    q, docs = make_inputs(3, 2, 4, torch.float64)
+    for dt in (torch.float32, torch.bfloat16):
+        with pytest.raises(ValueError, match=r"nvembed::infonce: temperature=1e-39 is too small"):
+            ops.infonce(q.to(dt), docs.to(dt), 2, 1e-39, True)
+        qd, dd = q.detach().to(dt), docs.detach().to(dt)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fq, fd = mode.from_tensor(qd), mode.from_tensor(dd)
+            with pytest.raises(ValueError, match=r"nvembed::infonce: temperature=1e-39 is too small"):
+                ops.infonce(fq, fd, 2, 1e-39, True)
+    loss, _, _ = run_ref(q * 1e-20, docs * 1e-20, 2, 1e-39, True)
+    assert torch.isfinite(ops.infonce(q * 1e-20, docs * 1e-20, 2, 1e-39, True)) and torch.isfinite(loss)
+
+
 @pytest.mark.parametrize("grad", ["backward", "fused"])
 def test_double_backward_raises(monkeypatch, grad):
     """First-order gradients with create_graph=True work; differentiating them again is a clear error on both

@@ -440,6 +440,20 @@ def test_gradcheck(path, normalize, impl):
                                         eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_double_backward_raises(impl):
+    """create_graph=True gives the right first-order gradients; differentiating them again is an error naming the op
+    (the backward op has no derivative: torch warned and handed back None)."""
+    hs, mask, weights, H = _tiny_args()
+    ref = torch.autograd.grad(latent_pool_ref(hs, mask, *weights, H, True, 1e-5).sum(), (hs, weights[0]))
+    with impl_path(impl):
+        grads = torch.autograd.grad(OP(hs, mask, *weights, H, True, 1e-5).sum(), (hs, weights[0]), create_graph=True)
+        for g, r in zip(grads, ref):
+            assert rel_err(g.detach(), r) <= 1e-10
+        with pytest.raises(NotImplementedError, match=r"nvembed::latent_pool: second derivatives are not implemented"):
+            (grads[0].square().sum() + grads[1].sum()).backward()
+
+
 @pytest.mark.parametrize("path", ["0", "1"], ids=["plain", "folded"])
 def test_aten_path_chunks_and_determinism(path):
     """More active tokens than one chunk of the ATen implementation (4096 at this width): chunked recomputation and

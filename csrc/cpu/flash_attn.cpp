@@ -97,6 +97,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> run_bwd(const at::Tensor& dout, c
                                                        const at::Tensor& cu_q,
                                                        const at::Tensor& cu_k, int64_t batch, int64_t lq, int64_t lk,
                                                        double scale) {
+  // no query or no key: every gradient is 0 (and the kernel's B * Hkv tasks would each find nothing to do: a
+  // zero-length batch of 2^34 rows took minutes)
+  if (q.numel() == 0 || k.numel() == 0) return {at::zeros_like(q), at::zeros_like(k), at::zeros_like(v)};
   const int64_t hkv = k.size(-2);
   const int64_t splits = bwd_splits(batch, hkv, lq);
   const auto acc = q.options().dtype(accum_dtype(q.scalar_type()));

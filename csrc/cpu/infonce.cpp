@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/safe_numerics.h>
 
+#include <limits>
 #include <string_view>
 
 #include "checks.h"
@@ -31,6 +32,10 @@ void infonce_check_inputs(const Tensor& queries, const Tensor& docs, int64_t gro
   check_same_dtype(docs, queries, kOp, "docs", "queries");
   NVE_CHECK_VALUE(group_size >= 1, kOp, "group_size must be >= 1, got ", group_size);
   check_finite_positive(temperature, kOp, "temperature");
+  // the kernels scale by 1/t in float32 for float32 / bf16 / fp16 inputs: beyond its range the loss would be NaN
+  NVE_CHECK_VALUE(queries.scalar_type() == at::kDouble || 1.0 / temperature <= std::numeric_limits<float>::max(),
+                  kOp, "temperature=", temperature, " is too small for ", queries.scalar_type(),
+                  " inputs: 1/temperature must be within float32's range");
   const int64_t B = queries.size(0), N = docs.size(0);
   NVE_CHECK_VALUE(B > 0, kOp, "queries.size(0) must be > 0 (empty batch)");
   NVE_CHECK_VALUE(docs.size(1) == queries.size(1), kOp, "docs.size(1)=", docs.size(1),
