@@ -122,6 +122,15 @@ def test_mine_threshold_stays_below_the_positive(pos_score):
     assert mined.neg == ("beyond",)
 
 
+def test_mine_skips_every_positive_of_the_query():
+    """One (query, positive) pair per line: the query's other positives are not mined as its negatives."""
+    teacher = _FixedTeacher({"what is a heap": [1.0, 0.0, 0.0], "heap doc A": [0.9, 0.44, 0.0],
+                             "heap doc B": [0.8, 0.6, 0.0], "unrelated": [0.1, 0.0, 0.99]})
+    examples = [Example("what is a heap", ("heap doc A",)), Example("what is a heap", ("heap doc B",))]
+    mined = mine_hard_negatives(examples, ["heap doc A", "heap doc B", "unrelated"], teacher, top_k=2, perc_pos=0.95)
+    assert [m.neg for m in mined] == [("unrelated",), ("unrelated",)]
+
+
 def test_mine_instruction_override_and_corpus_handling(model, examples):
     sub = examples[:12]
     corpus = corpus_from_examples(sub)

@@ -229,6 +229,15 @@ def test_encode_order_empty_and_errors(tiny_model):
     assert torch.allclose(normed.norm(dim=-1), torch.ones(2), atol=1e-6)
 
 
+def test_instruction_that_fills_max_length_is_an_error(tiny_model):
+    """An instruction as long as max_length allows (less the special tokens) would truncate every text to nothing:
+    an error naming the instruction's token count and max_length, not identical embeddings for every query."""
+    n = len(tiny_model.tokenizer.tokenize(INSTRUCTION))
+    with pytest.raises(ValueError, match=rf"encode: the instruction .* takes {n} tokens, so max_length={n + 1}"):
+        tiny_model.encode(TEXTS, INSTRUCTION, max_length=n + 1)
+    assert tiny_model.encode(TEXTS, INSTRUCTION, max_length=n + 2).shape == (len(TEXTS), 32)
+
+
 def test_loader_lists_every_mismatch(released_folder, tmp_path):
     folder, sd = released_folder
     bad = str(tmp_path / "bad")

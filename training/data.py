@@ -30,6 +30,15 @@ class DataError(ValueError):
     """Bad training data or arguments; file errors read "FILE:LINE: message"."""
 
 
+def _encodable(text: str) -> bool:
+    """JSON's \\uXXXX escapes can spell half a surrogate pair, which json.loads accepts and no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _problem(query, pos, neg, instruction, task_type) -> Optional[str]:
     """What is wrong with these field values (None when nothing is); shared by Example and read_jsonl so that a
     file and a constructed Example obey the same rules."""
@@ -37,6 +46,8 @@ def _problem(query, pos, neg, instruction, task_type) -> Optional[str]:
         return f"field 'query' is {type(query).__name__}, expected a string"
     if not query.strip():
         return "field 'query' is empty"
+    if not _encodable(query):
+        return "field 'query' is not valid Unicode (a lone surrogate, e.g. a \\ud83d escape without its pair)"
     for key, value, required in (("pos", pos, True), ("neg", neg, False)):
         if not isinstance(value, (list, tuple)):
             return f"field {key!r} is {type(value).__name__}, expected a list of strings"
@@ -47,8 +58,15 @@ def _problem(query, pos, neg, instruction, task_type) -> Optional[str]:
                 return f"{key}[{i}] is {type(text).__name__}, expected a string"
             if not text.strip():
                 return f"{key}[{i}] is empty"
+            if not _encodable(text):
+                return f"{key}[{i}] is not valid Unicode (a lone surrogate, e.g. a \\ud83d escape without its pair)"
+    same = [i for i, text in enumerate(neg) if text in pos]
+    if same:
+        return f"neg[{same[0]}] is also a positive (a document cannot be both)"
     if not isinstance(instruction, str):
         return f"field 'instruction' is {type(instruction).__name__}, expected a string"
+    if not _encodable(instruction):
+        return "field 'instruction' is not valid Unicode (a lone surrogate, e.g. a \\ud83d escape without its pair)"
     if not isinstance(task_type, str):
         return f"field 'task_type' is {type(task_type).__name__}, expected a string"
     if task_type not in TASK_TYPES:
@@ -200,7 +218,8 @@ def select_group(example: Example, group_size: int, rng: random.Random) -> List[
     neg = list(example.neg)
     if not neg:
         raise DataError(f"select_group: the example with query {example.query[:80]!r} has no negatives, but "
-                        f"group_size={group_size} needs {n} (mine them with `nvembed mine`, or use group_size=1)")
+                        f"group_size={group_size} needs {n} (mine them with `nvembed mine`, or use group_size=1 for "
+                        "retrieval-only data)")
     if len(neg) < n:
         neg = neg * math.ceil(n / len(neg))
     return group + rng.sample(neg, n)
@@ -218,7 +237,8 @@ def check_group_size(examples: Sequence[Example], group_size: int) -> None:
         first = examples[lacking[0]]
         raise DataError(f"check_group_size: {len(lacking)} of {len(examples)} examples have no negatives (first: "
                         f"examples[{lacking[0]}], query {first.query[:80]!r}), but group_size={group_size} needs "
-                        f"{group_size - 1} per query: mine them with `nvembed mine`, or use group_size=1")
+                        f"{group_size - 1} per query: mine them with `nvembed mine`, or use group_size=1 for "
+                        "retrieval-only data")
 
 
 @dataclass

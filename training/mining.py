@@ -2,8 +2,8 @@
 
 A teacher model embeds every query (with its instruction, excluded from pooling where the model's config says
 so, exactly as model.encode does) and every corpus text. For each query the corpus is ranked by cosine score
-(exact top-k by chunked matrix product, nvembed.retrieval.exact_topk); its positives and the query text itself
-are dropped (text equality), only the first max_candidates remaining candidates are considered, and of those the
+(exact top-k by chunked matrix product, nvembed.retrieval.exact_topk); the positives of every example with the same
+query text and the query text itself are dropped (text equality), only the first max_candidates remaining candidates are considered, and of those the
 ones scoring below perc_pos x the positive's score are kept, best first, up to top_k. The threshold removes
 candidates that score almost as high as the positive, which are often unlabelled positives (false negatives).
 For a positive scoring s < 0 the margin is taken below s as well: the threshold is s - (1 - perc_pos) |s| (equal
@@ -101,16 +101,20 @@ def mine_hard_negatives(examples: Sequence[Example], corpus: Sequence[str], mode
         queries[idx] = torch.as_tensor(model.encode([examples[i].query for i in idx], instruction=instruction,
                                                     **kwargs))
 
-    # Positives and the query text are dropped from the ranking, so fetch enough to still see max_candidates.
-    n_drop = max(len(set(ex.pos)) for ex in examples) + 1
+    # Every positive of the query text (over all its examples: a file with one (query, positive) pair per line must
+    # not mine the query's other positives as its negatives) and the query text itself are dropped from the
+    # ranking, so fetch enough to still see max_candidates.
+    positives: Dict[str, set] = {}
+    for ex in examples:
+        positives.setdefault(ex.query, set()).update(ex.pos)
+    n_drop = max(len(p) for p in positives.values()) + 1
     scores, ranked = exact_topk(queries, docs[:len(corpus)], min(len(corpus), max_candidates + n_drop))
     scores, ranked = scores.tolist(), ranked.tolist()
     mined = []
     for i, ex in enumerate(examples):
         pos_rows = [row[p] for p in ex.pos]
         threshold = _threshold(float((docs[pos_rows] @ queries[i]).min()), perc_pos)
-        skip = set(ex.pos)
-        skip.add(ex.query)
+        skip = positives[ex.query] | {ex.query}
         neg, considered = [], 0
         for score, j in zip(scores[i], ranked[i]):
             text = corpus[j]

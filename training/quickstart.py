@@ -48,7 +48,7 @@ def main(argv=None) -> int:
 
     import nvembed
 
-    from .data import read_jsonl, write_jsonl
+    from .data import atomic_write_text, read_jsonl, write_jsonl
     from .mining import corpus_from_examples, mine_hard_negatives
     from .stdlib_split import write_stdlib_train_test
     from .trainer import TrainConfig, train
@@ -106,8 +106,7 @@ def main(argv=None) -> int:
         "before_default_mean_pooling": before, "after_trained_latent_head": after,
         "seconds": {k: round(v, 1) for k, v in timings.items()},
         "threads": torch.get_num_threads()}
-    with open(os.path.join(out, "quickstart.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    atomic_write_text(os.path.join(out, "quickstart.json"), json.dumps(result, indent=2))
 
     rows = [("default (mean pooling), no instruction", before["no_instruction"]),
             ("default (mean pooling), instruction", before["instruction"]),

@@ -71,14 +71,15 @@ def cmd_train(args) -> int:
             values.update(TrainConfig.from_yaml(args.config))
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         values.update({k: v for k, v in vars(args).items() if k in names and v is not None})
-        cfg = TrainConfig.from_dict(values, source=args.config or "flags")
+        try:
+            cfg = TrainConfig.from_dict(values, source=args.config or "flags")
+        except TypeError as e:  # a YAML value of the wrong type reaching the dataclass
+            raise TrainError(f"train: bad setting: {e}") from None
         if not cfg.data or not cfg.output:
             raise TrainError("train: --data and --output are required (as flags or in --config)")
         summary = train(cfg)
     except (TrainError, DataError) as e:
         raise CLIError(str(e)) from None
-    except TypeError as e:  # a YAML value of the wrong type reaching the dataclass
-        raise CLIError(f"train: bad setting: {e}") from None
     import os
     if os.environ.get("RANK", "0") != "0":
         return 0

@@ -58,6 +58,9 @@ RESUME_MAY_CHANGE = frozenset({"output", "resume", "progress", "log_every", "sav
                                "gradient_checkpointing", "grad_cache_chunk"})
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 @dataclass
 class TrainConfig:
     """Every setting of a run (CLI flags and YAML keys have these names, with '-' for '_' on the command line)."""
@@ -109,8 +112,22 @@ class TrainConfig:
         def need(cond, msg):
             if not cond:
                 raise TrainError(f"train: {msg}")
+        import typing
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # the types first (a TrainConfig built in Python is not from_dict's)
+            tp, v = hints[f.name], getattr(self, f.name)
+            if typing.get_origin(tp) is typing.Union:
+                if v is None:
+                    continue
+                tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
+            number = isinstance(v, (int, float)) and not isinstance(v, bool)
+            ok = {bool: isinstance(v, bool), int: number and isinstance(v, int), float: number,
+                  str: isinstance(v, str)}.get(tp, True)
+            need(ok, f"{f.name} must be {_TYPE_WORDS.get(tp, tp.__name__)}, got {v!r} ({type(v).__name__})")
         need(bool(self.data), "data is required (a JSONL file)")
         need(bool(self.output), "output is required (a folder)")
+        need(bool(self.stage2_data) or (self.stage2_steps is None and self.stage2_lr is None),
+             "stage2_steps and stage2_lr need stage2_data (there is no stage 2 without it)")
         for name in ("max_steps", "batch_size", "group_size", "num_latents", "latent_heads", "query_max_length",
                      "doc_max_length", "lora_rank", "keep_checkpoints", "eval_batch_size", "log_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1,
@@ -173,6 +190,8 @@ class TrainConfig:
                         raise ValueError("expected an integer")
                     value = int(value)
                 elif tp is float:
+                    if isinstance(value, bool):
+                        raise ValueError("expected a number")
                     value = float(value)  # YAML reads 2e-5 (no dot) as a string
                 elif tp is str and not isinstance(value, str):
                     raise ValueError("expected a string")
@@ -289,6 +308,24 @@ def resolve_device(name: str, dist: Dist) -> torch.device:
 
 
 # --------------------------------------------------------------------------------------------- the model
+def _normalize_output(model) -> None:
+    """InfoNCE's temperature scales cosine similarities (NV-Embed trains L2-normalized embeddings; mining compares
+    normalized ones): a base model whose output is not normalized (a sentence-transformers folder without a Normalize
+    module, and a latent head added to it) is trained, and exported, with its output normalized. Dot products of raw
+    embeddings ~5 long under t = 0.02 gave losses and gradients unrelated to the intended ones."""
+    if model.config["pooling"] == "latent":
+        head = model.latent_attention_model
+        changed = not head.normalize
+        head.normalize = True
+        model.config["latent_attention_config"]["output_normalize"] = True
+    else:
+        changed = not model.config["normalize"]
+        model.config["normalize"] = True
+    if changed:
+        print("nvembed train: the base model's embeddings are not L2-normalized; training (and the exported model) "
+              "normalizes them, as InfoNCE with a temperature expects", file=sys.stderr)
+
+
 def build_model(cfg: TrainConfig, device: torch.device):
     """The base model (a named model or folder) + latent head + LoRA, on `device`, fp32 master weights."""
     import nvembed
@@ -300,6 +337,7 @@ def build_model(cfg: TrainConfig, device: torch.device):
     if cfg.pooling == "latent" and model.config["pooling"] == "mean":
         add_latent_head(model, num_latents=cfg.num_latents, num_heads=cfg.latent_heads,
                         dim_head=cfg.latent_dim_head, init=cfg.head_init, seed=cfg.seed)
+    _normalize_output(model)
     model.config["is_mask_instruction"] = bool(cfg.mask_instruction)
     if cfg.backbone_dropout is not None:
         for module in model.embedding_model.modules():
@@ -477,8 +515,9 @@ def load_checkpoint(path: str, model, optimizer, scheduler, dist: Dist, cfg: Opt
 
 # ------------------------------------------------------------------------------------------------- eval
 def evaluate_beir(model, data_dir: str, instruction: str = "", batch_size: int = 64,
-                  max_length: Optional[int] = None) -> Dict[str, float]:
-    """nDCG@10, Recall@100, MRR@10 of `model` on a BEIR folder, computed like `nvembed eval`."""
+                  max_length: Optional[int] = None, query_max_length: Optional[int] = None) -> Dict[str, float]:
+    """nDCG@10, Recall@100, MRR@10 of `model` on a BEIR folder, computed like `nvembed eval`; documents truncated at
+    max_length, queries at query_max_length (default: max_length), as in training."""
     from nvembed import retrieval
     ids, titles, texts, queries, qrels = retrieval.load_beir(data_dir)
     qrels = {q: r for q, r in qrels.items() if q in queries}
@@ -487,6 +526,8 @@ def evaluate_beir(model, data_dir: str, instruction: str = "", batch_size: int =
     if max_length:
         kw["max_length"] = max_length
     d_emb = model.encode([retrieval.document_text(a, b) for a, b in zip(titles, texts)], **kw)
+    if query_max_length:
+        kw["max_length"] = query_max_length
     q_emb = model.encode([queries[q] for q in qids], instruction=instruction, **kw)
     k = max(k for _, _, k in retrieval.METRICS)
     metrics = retrieval.evaluate(retrieval.retrieve(q_emb, d_emb, qids, ids, k), qrels)
@@ -516,6 +557,39 @@ def _load_data(path: str, group_size: int, what: str) -> List[Example]:
     return examples
 
 
+def _check_streams(cfg: TrainConfig, stage1: List[Example], stage2: Optional[List[Example]]) -> None:
+    """Everything the batch streams would raise at their first batch, checked before any training: stage 2's (a blend
+    that cannot fill a batch once failed only after stage 1 had trained, with nothing saved when save_every was 0),
+    and group_size 1 with non-retrieval examples (they train on their own group without in-batch negatives: a group
+    of one document is a loss of exactly 0 with zero gradients)."""
+    from .data import DataError
+    for what, examples in (("data", stage1), ("stage2_data", stage2)):
+        if examples is None:
+            continue
+        if cfg.group_size == 1:
+            other = sorted({ex.task_type for ex in examples if ex.task_type != "retrieval"})
+            if other:
+                raise TrainError(f"train: {what}: group_size=1 cannot train the {', '.join(other)} examples (they use "
+                                 "no in-batch negatives, so a group of one document gives a loss of 0): use "
+                                 "group_size >= 2 with negatives (nvembed mine), or leave those examples out")
+        try:
+            iterate_batches(examples, cfg.batch_size, cfg.group_size, cfg.seed)
+        except DataError as e:
+            raise TrainError(f"train: {what}{' (blended with data)' if what == 'stage2_data' else ''}: {e}") from None
+
+
+def _check_instructions(model, cfg: TrainConfig, streams, eval_instruction: str) -> None:
+    """Every instruction leaves room for query text within query_max_length (checked before training: the batch
+    that holds a too-long one may come late in stage 2)."""
+    from nvembed.encode import check_instruction_fits
+    instructions = dict.fromkeys([ex.instruction for examples in streams for ex in examples] + [eval_instruction])
+    try:
+        for ins in instructions:
+            check_instruction_fits(model, ins, cfg.query_max_length, "train: query_max_length")
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         cfg.validate()
@@ -532,11 +606,13 @@ class Trainer:
             if cfg.stage2_data:
                 # The stage-2 blend: the stage-1 retrieval data plus the stage-2 file's tasks.
                 self.stage2 = self.stage1 + _load_data(cfg.stage2_data, cfg.group_size, "stage2_data")
+            _check_streams(cfg, self.stage1, self.stage2)
             self.eval_instruction = (cfg.eval_instruction if cfg.eval_instruction is not None
                                      else _most_common_instruction(self.stage1))
             torch.manual_seed(cfg.seed + self.dist.rank)
             random.seed(cfg.seed)
             self.model = build_model(cfg, self.device)
+            _check_instructions(self.model, cfg, [self.stage1, self.stage2 or []], self.eval_instruction)
             autocast = torch.bfloat16 if (cfg.bf16 and self.device.type == "cuda") else None
             self.wrapper = EmbeddingWrapper(self.model, autocast_dtype=autocast)
             self.engine = self.wrapper
@@ -623,7 +699,8 @@ class Trainer:
             with (torch.autocast(device_type=self.device.type, dtype=ac) if ac is not None
                   else contextlib.nullcontext()):
                 metrics = evaluate_beir(self.model, self.cfg.eval_data, self.eval_instruction,
-                                        batch_size=self.cfg.eval_batch_size, max_length=self.cfg.doc_max_length)
+                                        batch_size=self.cfg.eval_batch_size, max_length=self.cfg.doc_max_length,
+                                        query_max_length=self.cfg.query_max_length)
             evals.append({"step": step, **metrics, "seconds": round(time.perf_counter() - t, 2)})
             print(f"nvembed train: eval at step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
                   file=sys.stderr)
@@ -653,8 +730,15 @@ class Trainer:
         path = os.path.join(self.cfg.output, LOG_FILE)
         if not (self.dist.main and os.path.isfile(path)):
             return
+        keep = []
         with open(path) as f:
-            keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= upto_step]
+            for ln in f:
+                try:
+                    record = json.loads(ln)
+                except ValueError:  # a line torn by the kill that ended the run (its step is redone)
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= upto_step:
+                    keep.append(ln if ln.endswith("\n") else ln + "\n")
         atomic_write_text(path, "".join(keep))
 
     def run(self) -> Dict[str, Any]:
@@ -728,7 +812,8 @@ class Trainer:
         if dist.main:
             export_model(self.model, cfg.output)
         dist.barrier()
-        self._evaluate(cfg.total_steps, evals)
+        if not any(e["step"] == cfg.total_steps for e in evals):  # a finished run started again has it already
+            self._evaluate(cfg.total_steps, evals)
         summary = {"steps": cfg.total_steps, "resumed_from": start, "losses": losses,
                    "examples_per_s": round(n_examples / elapsed, 2) if n_examples else None, "evals": evals}
         return summary

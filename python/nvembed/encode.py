@@ -73,6 +73,19 @@ def _effective_max_length(model, max_length: int) -> int:
     return max_length
 
 
+def check_instruction_fits(model, instruction: str, max_length: int, where: str = "encode") -> None:
+    """An error where `instruction` alone fills the max_length - special tokens a row holds: truncation would cut
+    every text to nothing, and all rows would embed the instruction alone (or, with it masked, nothing)."""
+    if not instruction:
+        return
+    room = _effective_max_length(model, max_length) - model.tokenizer.num_special_tokens_to_add(pair=False)
+    n = len(model.tokenizer.tokenize(_prepare(model, instruction)))
+    if n >= room:
+        raise ValueError(f"{where}: the instruction {instruction[:60]!r} takes {n} tokens, so max_length={max_length} "
+                         f"({room} tokens beside the special tokens) leaves no room for the text: raise max_length "
+                         "or shorten the instruction")
+
+
 def row_texts(model, texts: Sequence[str], instructions: Sequence[str]) -> list:
     """The strings the tokenizer sees: instruction + text + eos (module docstring)."""
     tokenizer = model.tokenizer
@@ -85,6 +98,8 @@ def tokenize_batch(model, texts: Sequence[str], instructions: Sequence[str], max
     instruction per row (encode() passes the same one for every row; training data may mix them)."""
     tokenizer = model.tokenizer
     max_length = _effective_max_length(model, max_length)
+    for ins in dict.fromkeys(instructions):
+        check_instruction_fits(model, ins, max_length)
     batch = tokenizer(row_texts(model, texts, instructions), max_length=max_length, padding=True, truncation=True,
                       return_token_type_ids=False, return_tensors="pt")
     attention_mask = batch["attention_mask"]

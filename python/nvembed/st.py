@@ -32,7 +32,8 @@ from typing import Any, Dict, Optional, Sequence
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules.input_module import InputModule
 
-from .encode import _check_texts, _effective_max_length, instruction_length, prompt_positions, row_texts
+from .encode import (_check_texts, _effective_max_length, check_instruction_fits, instruction_length,
+                     prompt_positions, row_texts)
 from .model import NVEmbedModel
 
 DEFAULT_MAX_LENGTH = 4096  # NVEmbedModel.encode's default (capped by the config's max_seq_length)
@@ -79,6 +80,7 @@ class NVEmbedSTModule(InputModule):
         texts = _check_texts(inputs)
         prompt = prompt or ""
         # the strings encode() tokenizes (eos, lowercasing), capped like encode() and checked to leave room for text
+        check_instruction_fits(self.model, prompt, self.max_seq_length, "NVEmbedSTModule")
         batch = self.tokenizer(row_texts(self.model, texts, [prompt] * len(texts)),
                                max_length=_effective_max_length(self.model, self.max_seq_length), padding=True,
                                truncation=True, return_token_type_ids=False, return_tensors="pt")
