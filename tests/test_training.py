@@ -347,10 +347,13 @@ def test_unnormalized_base_model_trains_on_normalized_embeddings(tmp_path, data_
     assert abs(float(emb.norm()) - 1.0) < 1e-5
 
 
-def test_rerun_and_torn_log_resume(tmp_path, data_file):
-    """A run killed in the middle of a log line resumes (the torn line is dropped; it raised a JSONDecodeError),
-    and a finished run started again does not evaluate its last step a second time."""
-    cfg = _cfg(tmp_path, data_file, eval_data=_beir(tmp_path), save_every=1)
+def test_rerun_torn_log_and_edited_data(tmp_path):
+    """A run killed in the middle of a log line resumes (the torn line is dropped; it raised a JSONDecodeError), a
+    finished run started again does not evaluate its last step a second time, and a run whose data file changed
+    since its checkpoint is not resumed (the batches of a step would silently differ)."""
+    data = str(tmp_path / "run.jsonl")
+    write_jsonl(data, _examples())
+    cfg = _cfg(tmp_path, data, eval_data=_beir(tmp_path), save_every=1)
     train(cfg)
     log = os.path.join(cfg.output, "train_log.jsonl")
     with open(log, "a") as f:
@@ -364,6 +367,10 @@ def test_rerun_and_torn_log_resume(tmp_path, data_file):
     summary = train(cfg)  # finished: nothing to train, the final evaluation is already there
     assert summary["resumed_from"] == 2 and [e["step"] for e in summary["evals"]] == [0, 2]
     assert [e["step"] for e in json.load(open(os.path.join(cfg.output, "eval.json")))["evals"]] == [0, 2]
+    ex = _examples()
+    write_jsonl(data, ex[1:] + ex[:1])  # same file, same examples, another order
+    with pytest.raises(TrainError, match=r"written by a run on other data \(the contents of data changed"):
+        train(cfg)
 
 
 def _agree_worker(rank, world, port, result_dir):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
@@ -445,9 +446,23 @@ def _clear_stale_checkpoints(output: str, resume: bool) -> int:
     return removed
 
 
-def save_checkpoint(output: str, step: int, model, optimizer, scheduler, cfg: TrainConfig, dist: Dist) -> str:
+def data_digest(examples: Optional[List[Example]]) -> Optional[str]:
+    """sha256 of the examples as read (field values, in file order): a resumed run checks it, because the batches of
+    a step are a function of the data, and edited data would silently continue in another order."""
+    if examples is None:
+        return None
+    h = hashlib.sha256()
+    for ex in examples:
+        h.update(json.dumps([ex.query, list(ex.pos), list(ex.neg), ex.instruction, ex.task_type]).encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def save_checkpoint(output: str, step: int, model, optimizer, scheduler, cfg: TrainConfig, dist: Dist,
+                    data: Optional[Dict[str, Optional[str]]] = None) -> str:
     """Each rank's RNG state is its own (dropout differs per rank); weights and optimizer are rank 0's (DDP keeps
-    them equal). Written into a temporary folder and renamed: a checkpoint folder is complete or absent."""
+    them equal). Written into a temporary folder and renamed: a checkpoint folder is complete or absent. `data`:
+    the digests of the run's data files (data_digest), checked on resume."""
     from safetensors.torch import save_file
     final = os.path.join(output, "checkpoints", f"step-{step}")
     rng = _rng_state()
@@ -463,7 +478,7 @@ def save_checkpoint(output: str, step: int, model, optimizer, scheduler, cfg: Tr
         save_file({n: p.detach().cpu().contiguous() for n, p in trainable_parameters(model)},
                   os.path.join(tmp, TRAINABLE_FILE))
         torch.save({"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": rngs, "world": dist.world, "config": dataclasses.asdict(cfg)},
+                    "rng": rngs, "world": dist.world, "config": dataclasses.asdict(cfg), "data": data},
                    os.path.join(tmp, STATE_FILE))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -473,8 +488,10 @@ def save_checkpoint(output: str, step: int, model, optimizer, scheduler, cfg: Tr
     return final
 
 
-def check_resumable(state: Dict[str, Any], path: str, cfg: TrainConfig) -> None:
-    """The checkpoint belongs to a run with this run's settings (all but RESUME_MAY_CHANGE) and lies within it."""
+def check_resumable(state: Dict[str, Any], path: str, cfg: TrainConfig,
+                    data: Optional[Dict[str, Optional[str]]] = None) -> None:
+    """The checkpoint belongs to a run with this run's settings (all but RESUME_MAY_CHANGE) and data (digests, where
+    both sides have them) and lies within it."""
     saved = state.get("config") or {}
     diff = [(k, saved[k], v) for k, v in dataclasses.asdict(cfg).items()
             if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != v]
@@ -483,17 +500,24 @@ def check_resumable(state: Dict[str, Any], path: str, cfg: TrainConfig) -> None:
         raise TrainError(f"train: checkpoint {path} was written by a run with other settings ({listed}): resume "
                          "with the same settings, start over with --no-resume (removes the old checkpoints), or "
                          "write to another --output")
+    saved_data = state.get("data") or {}
+    changed = [k for k, v in (data or {}).items() if saved_data.get(k) is not None and saved_data[k] != v]
+    if changed:
+        raise TrainError(f"train: checkpoint {path} was written by a run on other data (the contents of "
+                         f"{' and '.join(changed)} changed since): resume with the same data, start over with "
+                         "--no-resume (removes the old checkpoints), or write to another --output")
     if int(state["step"]) > cfg.total_steps:
         raise TrainError(f"train: checkpoint {path} is at step {state['step']}, beyond this run's "
                          f"{cfg.total_steps} steps: start over with --no-resume or write to another --output")
 
 
-def load_checkpoint(path: str, model, optimizer, scheduler, dist: Dist, cfg: Optional[TrainConfig] = None) -> int:
+def load_checkpoint(path: str, model, optimizer, scheduler, dist: Dist, cfg: Optional[TrainConfig] = None,
+                    data: Optional[Dict[str, Optional[str]]] = None) -> int:
     """Restore a checkpoint (with cfg: after check_resumable); returns its step."""
     from safetensors.torch import load_file
     state = torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=False)
     if cfg is not None:
-        check_resumable(state, path, cfg)
+        check_resumable(state, path, cfg, data)
     tensors = load_file(os.path.join(path, TRAINABLE_FILE))
     params = dict(trainable_parameters(model))
     if set(tensors) != set(params):
@@ -607,6 +631,8 @@ class Trainer:
                 # The stage-2 blend: the stage-1 retrieval data plus the stage-2 file's tasks.
                 self.stage2 = self.stage1 + _load_data(cfg.stage2_data, cfg.group_size, "stage2_data")
             _check_streams(cfg, self.stage1, self.stage2)
+            self.data_digests = {"data": data_digest(self.stage1),
+                                 "stage2_data": data_digest(self.stage2[len(self.stage1):]) if self.stage2 else None}
             self.eval_instruction = (cfg.eval_instruction if cfg.eval_instruction is not None
                                      else _most_common_instruction(self.stage1))
             torch.manual_seed(cfg.seed + self.dist.rank)
@@ -758,7 +784,8 @@ class Trainer:
                                f"the checkpoint to resume in {cfg.output} (--output must be on a filesystem that "
                                "every process sees)")
         if ckpts:
-            start = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler, dist, cfg)
+            start = load_checkpoint(ckpts[-1], self.model, self.optimizer, self.scheduler, dist, cfg,
+                                    self.data_digests)
             if dist.main:
                 print(f"nvembed train: resumed from {ckpts[-1]} (step {start})", file=sys.stderr)
         elif dist.main and os.path.isfile(os.path.join(cfg.output, LOG_FILE)):
@@ -799,7 +826,8 @@ class Trainer:
                 print(f"nvembed train: step {done}/{cfg.total_steps} stage {stage} loss {loss:.4f} "
                       f"{record['examples_per_s']:.1f} examples/s", file=sys.stderr)
             if cfg.save_every and done % cfg.save_every == 0 and done < cfg.total_steps:
-                save_checkpoint(cfg.output, done, self.model, self.optimizer, self.scheduler, cfg, dist)
+                save_checkpoint(cfg.output, done, self.model, self.optimizer, self.scheduler, cfg, dist,
+                                self.data_digests)
             if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.total_steps:
                 self._evaluate(done, evals)
             if exit_after and done == exit_after:
@@ -808,7 +836,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         elapsed = time.perf_counter() - t_run
-        save_checkpoint(cfg.output, cfg.total_steps, self.model, self.optimizer, self.scheduler, cfg, dist)
+        save_checkpoint(cfg.output, cfg.total_steps, self.model, self.optimizer, self.scheduler, cfg, dist,
+                        self.data_digests)
         if dist.main:
             export_model(self.model, cfg.output)
         dist.barrier()
