@@ -37,6 +37,9 @@ def _check_args(hidden_states, pool_mask, weights, num_heads, eps):
     torch._check(B > 0, lambda: _OP + "hidden_states has an empty batch (B = 0)")
     torch._check(num_heads >= 1, lambda: _OP + f"num_heads must be >= 1, got {num_heads}")
     torch._check(math.isfinite(eps) and eps > 0, lambda: _OP + f"eps must be finite and > 0, got {eps}")
+    torch._check(hidden_states.dtype == torch.float64 or eps >= torch.finfo(torch.float32).tiny,
+                 lambda: _OP + f"eps={eps} is too small for {hidden_states.dtype} inputs: it must be at least "
+                               "float32's smallest normal number")
     w = dict(zip(_WEIGHT_NAMES, weights))
     for name, t in w.items():
         torch._check(t.device == hidden_states.device,

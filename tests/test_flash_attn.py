@@ -309,12 +309,30 @@ def test_torch_compile_inductor():
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
+_MODE = {"fake": False}
+
+
 def _bad(match, *args, op=None):
+    """The op (or, in fake mode, its fake kernel: what torch.compile traces) raises an error matching `match`."""
+    if _MODE["fake"]:
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            with pytest.raises(ERR_TYPES, match=match):
+                (op or ops.flash_attn)(*args)
+        return
     with pytest.raises(ERR_TYPES, match=match):
         (op or ops.flash_attn)(*args)
 
 
-def test_bad_inputs():
+@pytest.fixture(params=["eager", "fake"])
+def check_mode(request, monkeypatch):
+    monkeypatch.setitem(_MODE, "fake", request.param == "fake")
+    return request.param
+
+
+def test_bad_inputs(check_mode):
+    """Every bad argument is an error naming the op and the argument, in eager mode and from the fake kernel (a
+    compiled graph refuses it when traced, as eager does)."""
     q, k, v = _inputs(2, 5, 7, 4, 2, 32, dtype=torch.float32)
     _bad(r"nvembed::flash_attn: q must be 4-D", q[0], k, v)
     _bad(r"nvembed::flash_attn: k must be 4-D", q, k[0], v)
@@ -341,6 +359,16 @@ def test_bad_varlen_inputs():
     q, k, v, cu_q, cu_k = _varlen_inputs([3, 5], [4, 2], 4, 2, 32, dtype=torch.float32)
     f = ops.flash_attn_varlen
     _bad(r"nvembed::flash_attn_varlen: q must be 3-D", q[None], k, v, cu_q, cu_k, 5, 4, op=f)
+    for mode in ("eager", "fake"):  # the checks of q / k / v the fake kernel repeats
+        _MODE["fake"] = mode == "fake"
+        try:
+            _bad(r"nvembed::flash_attn_varlen: k has dtype Double but q has dtype Float", q, k.double(), v, cu_q, cu_k,
+                 5, 4, op=f)
+            _bad(r"nvembed::flash_attn_varlen: q heads \(4\) must be a multiple of k/v heads \(3\)", q,
+                 torch.randn(6, 3, 32), torch.randn(6, 3, 32), cu_q, cu_k, 5, 4, op=f)
+            _bad(r"nvembed::flash_attn_varlen: scale must be finite", q, k, v, cu_q, cu_k, 5, 4, float("inf"), op=f)
+        finally:
+            _MODE["fake"] = False
     _bad(r"nvembed::flash_attn_varlen: cu_seqlens_q must be int32", q, k, v, cu_q.long(), cu_k, 5, 4, op=f)
     _bad(r"nvembed::flash_attn_varlen: cu_seqlens_q\[-1\]=8 must equal the packed length 7", q[:7], k, v, cu_q,
          cu_k, 5, 4, op=f)

@@ -2,9 +2,11 @@
 
 #include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 // torch's x86-64 wheels link MKL statically and export its Fortran-style BLAS entry points. They are declared
@@ -24,6 +26,13 @@ void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, in
 
 namespace nvembed::cpu {
 namespace {
+
+// The BLAS interfaces take 32-bit sizes: a larger one would wrap around into a wrong (or negative) size.
+int blas_int(int64_t v) {
+  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "nvembed: a CPU GEMM size or leading dimension (", v,
+              ") exceeds the 32-bit range of the BLAS interface");
+  return static_cast<int>(v);
+}
 
 template <typename T>
 void gemm_loops(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda, const T* b,
@@ -50,11 +59,11 @@ template <typename T, typename Fn>
 void gemm_fortran(Fn fn, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
                   const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   const char tA = tb ? 'T' : 'N', tB = ta ? 'T' : 'N';
-  const int M = static_cast<int>(n), N = static_cast<int>(m), K = static_cast<int>(k);
+  const int M = blas_int(n), N = blas_int(m), K = blas_int(k);
   // BLAS rejects leading dimensions smaller than the stored row length even when that dim is 1.
-  const int la = static_cast<int>(std::max<int64_t>(ldb, tb ? k : n));
-  const int lb = static_cast<int>(std::max<int64_t>(lda, ta ? m : k));
-  const int lc = static_cast<int>(std::max<int64_t>(ldc, n));
+  const int la = blas_int(std::max<int64_t>(ldb, tb ? k : n));
+  const int lb = blas_int(std::max<int64_t>(lda, ta ? m : k));
+  const int lc = blas_int(std::max<int64_t>(ldc, n));
   fn(&tA, &tB, &M, &N, &K, &alpha, b, &la, a, &lb, &beta, c, &lc);
 }
 
@@ -88,10 +97,9 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
           const uint16_t* b, int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k > 0 && cblas_gemm_bf16bf16f32) {
-    cblas_gemm_bf16bf16f32(101, ta ? 112 : 111, tb ? 112 : 111, static_cast<int>(m), static_cast<int>(n),
-                           static_cast<int>(k), alpha, a, static_cast<int>(std::max<int64_t>(lda, ta ? m : k)), b,
-                           static_cast<int>(std::max<int64_t>(ldb, tb ? k : n)), beta, c,
-                           static_cast<int>(std::max<int64_t>(ldc, n)));
+    cblas_gemm_bf16bf16f32(101, ta ? 112 : 111, tb ? 112 : 111, blas_int(m), blas_int(n), blas_int(k), alpha, a,
+                           blas_int(std::max<int64_t>(lda, ta ? m : k)), b,
+                           blas_int(std::max<int64_t>(ldb, tb ? k : n)), beta, c, blas_int(std::max<int64_t>(ldc, n)));
     return;
   }
   auto widen = [](const uint16_t* src, int64_t rows, int64_t cols, int64_t ld) {

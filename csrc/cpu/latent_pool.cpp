@@ -7,6 +7,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 #include "checks.h"
 #include "latent_pool_aten.h"
@@ -48,6 +49,11 @@ LatentPoolShapes latent_pool_check_args(const Tensor& hs, const std::optional<Te
   NVE_CHECK_VALUE(d > 0, kOp, "hidden_states has hidden size 0, shape ", hs.sizes());
   NVE_CHECK_VALUE(num_heads >= 1, kOp, "num_heads must be >= 1, got ", num_heads);
   check_finite_positive(eps, kOp, "eps");
+  // LayerNorm adds eps in float32 for float32 / bf16 / fp16 inputs: below its smallest normal number it is 0 there
+  // (or flushed), and a constant token's variance + eps = 0 gives NaN
+  NVE_CHECK_VALUE(hs.scalar_type() == at::kDouble || eps >= std::numeric_limits<float>::min(), kOp, "eps=", eps,
+                  " is too small for ", hs.scalar_type(), " inputs: it must be at least float32's smallest normal "
+                  "number (", std::numeric_limits<float>::min(), ")");
   const std::pair<const Tensor*, const char*> weights[] = {
       {&latents, "latents"},     {&norm_w, "norm_weight"},        {&norm_b, "norm_bias"},
       {&ctx_w, "norm_context_weight"}, {&ctx_b, "norm_context_bias"}, {&wq, "to_q_weight"},
