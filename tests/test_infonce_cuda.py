@@ -270,13 +270,13 @@ ERR = (RuntimeError, ValueError, TypeError)
 
 def test_docs_count_rules():
     q = torch.randn(4, 16, device="cuda", dtype=torch.bfloat16)
-    with pytest.raises(ERR, match=r"nvembed::infonce: docs\.size\(0\)=10 must equal queries\.size\(0\)\*group_size=8 "
-                                  r"\(extra negative rows are allowed only with in_batch_negatives=True\)"):
+    with pytest.raises(ERR, match=r"nvembed::infonce: docs\.size\(0\)=10 is not queries\.size\(0\)\*group_size=8 "
+                                  r"\(extra negative docs need in_batch_negatives=True\)"):
         ops._infonce_fwd(q, torch.randn(10, 16, device="cuda", dtype=torch.bfloat16), 2, 0.1, False)
-    with pytest.raises(ERR, match=r"nvembed::infonce: docs\.size\(0\)=7 must be at least queries\.size\(0\)\*group_size=8"):
+    with pytest.raises(ERR, match=r"nvembed::infonce: docs\.size\(0\)=7 is less than queries\.size\(0\)\*group_size=8"):
         ops._infonce_fwd(q, torch.randn(7, 16, device="cuda", dtype=torch.bfloat16), 2, 0.1, True)
     lse = torch.zeros(4, device="cuda")
-    with pytest.raises(ERR, match=r"nvembed::infonce: docs\.size\(0\)=10 must equal"):
+    with pytest.raises(ERR, match=r"nvembed::infonce: docs\.size\(0\)=10 is not queries"):
         ops._infonce_bwd(torch.tensor(1.0, device="cuda"), q, torch.randn(10, 16, device="cuda",
                                                                           dtype=torch.bfloat16), lse, 2, 0.1, False)
 
@@ -290,5 +290,11 @@ def test_bad_inputs():
         ops._infonce_fwd(q, docs.cpu(), 2, 0.1, True)
     with pytest.raises(ERR, match=r"nvembed::infonce: .*temperature"):
         ops._infonce_fwd(q, docs, 2, math.nan, True)
+    # the CPU launcher's checks, shared: 1/t beyond float32 (the loss was NaN) and B*G wrapping around int64 (a wrapped
+    # count passed the docs checks and the kernels indexed docs[i*G] out of bounds)
+    with pytest.raises(ERR, match=r"nvembed::infonce: temperature=1e-39 is too small"):
+        ops._infonce_fwd(q, docs, 2, 1e-39, True)
+    with pytest.raises(ERR, match=r"nvembed::infonce: queries\.size\(0\)\*group_size overflows int64"):
+        ops._infonce_fwd(q, docs[:4], 2 ** 62 + 1, 0.1, True)
     with pytest.raises(ERR, match=r"nvembed::infonce: .*lse"):
         ops._infonce_bwd(torch.tensor(1.0, device="cuda"), q, docs, torch.zeros(3, device="cuda"), 2, 0.1, True)

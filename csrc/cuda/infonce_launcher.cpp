@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string_view>
 
 #include "checks.h"
@@ -34,7 +35,9 @@
 
 namespace nvembed {
 
-// cpu/infonce.cpp: the backward's extra-argument checks are the same on every device.
+// cpu/infonce.cpp: the argument checks are the same on every device (the dtypes aside).
+void infonce_check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
+                          std::initializer_list<at::ScalarType> dtypes, bool in_batch_negatives);
 void infonce_check_bwd_inputs(const Tensor& grad_loss, const Tensor& queries, const Tensor& lse);
 
 namespace {
@@ -50,30 +53,12 @@ cuda::InfoNCEDType kernel_dtype(at::ScalarType t) {
   return cuda::InfoNCEDType::kFloat32;
 }
 
-// The CPU launcher's checks (same messages), with the docs count rule of the CUDA op: with in-batch negatives docs
-// may hold E >= 0 extra rows after the B*G grouped ones (negatives shared by every query); without, exactly B*G.
+// The CPU launcher's checks (one function, cpu/infonce.cpp: the same messages, the int64 overflow check of B*G and
+// the float32 range of 1/temperature), with the CUDA dtypes.
 void check_inputs(const Tensor& queries, const Tensor& docs, int64_t group_size, double temperature,
                   bool in_batch_negatives) {
-  check_rank(queries, kOp, "queries", 2, "[B, d]");
-  check_rank(docs, kOp, "docs", 2, "[B*G (+ extra), d]");
-  check_same_device(docs, queries, kOp, "docs", "queries");
-  check_dtype(queries, kOp, "queries", {at::kFloat, at::kBFloat16, at::kHalf});
-  check_same_dtype(docs, queries, kOp, "docs", "queries");
-  NVE_CHECK_VALUE(group_size >= 1, kOp, "group_size must be >= 1, got ", group_size);
-  check_finite_positive(temperature, kOp, "temperature");
-  NVE_CHECK_VALUE(queries.size(0) > 0, kOp, "queries.size(0) must be > 0 (empty batch)");
-  NVE_CHECK_VALUE(docs.size(1) == queries.size(1), kOp, "docs.size(1)=", docs.size(1),
-                  " is not queries.size(1)=", queries.size(1));
-  const int64_t grouped = queries.size(0) * group_size;
-  if (in_batch_negatives) {
-    NVE_CHECK_VALUE(docs.size(0) >= grouped, kOp, "docs.size(0)=", docs.size(0),
-                    " must be at least queries.size(0)*group_size=", grouped,
-                    " (rows after the first B*G are extra negatives shared by all queries)");
-  } else {
-    NVE_CHECK_VALUE(docs.size(0) == grouped, kOp, "docs.size(0)=", docs.size(0),
-                    " must equal queries.size(0)*group_size=", grouped,
-                    " (extra negative rows are allowed only with in_batch_negatives=True)");
-  }
+  infonce_check_inputs(queries, docs, group_size, temperature, {at::kFloat, at::kBFloat16, at::kHalf},
+                       in_batch_negatives);
   NVE_CHECK_VALUE(queries.is_cuda(), kOp, "queries must be a CUDA tensor here, got ", queries.device());
 }
 
