@@ -105,6 +105,91 @@ def test_eval_tiny_beir_hand_computed(tmp_path, capsys):
     assert "nDCG@10" in table and "0.4669" in table and "Recall@100" in table and "0.7500" in table
 
 
+def test_eval_refuses_nothing_to_score_and_reads_qrels_headers(tmp_path, capsys):
+    """qrels whose ids match no query (or a header only) are an error, not metrics of 0 with exit 0; the first line
+    is a header only if its score is not a number (a header-less file's first judgement was dropped)."""
+    data = _tiny_beir(tmp_path / "tiny")
+    cli._MODELS[("fake", "cpu", "float32")] = _FakeModel()
+    try:
+        _write(data / "qrels" / "test.tsv", "Q1\td1\t1\n")
+        assert cli.main(["eval", "--model", "fake", "--data", str(data), "-q", *CPU]) == 2
+        assert "no query to score" in capsys.readouterr().err
+        _write(data / "qrels" / "test.tsv", "q1\td1\t2\nq1\td3\t1\n")  # no header: both lines are judgements
+        assert retrieval.read_qrels(str(data / "qrels" / "test.tsv")) == {"q1": {"d1": 2, "d3": 1}}
+        _write(data / "qrels" / "test.tsv", "q1\td1\t1.0\n")
+        with pytest.raises(retrieval.InputError, match=r"test.tsv:1: score '1.0' is not an integer"):
+            retrieval.read_qrels(str(data / "qrels" / "test.tsv"))
+        assert cli.main(["eval", "--model", "fake", "--data", str(data), "--out", str(tmp_path / "no" / "r.json"),
+                         "-q", *CPU]) == 2
+        assert "does not exist" in capsys.readouterr().err
+    finally:
+        cli._MODELS.pop(("fake", "cpu", "float32"))
+
+
+def test_equal_scores_rank_like_trec_eval():
+    """Documents with equal scores are ordered as trec_eval / pytrec_eval order them (by id, descending), so the
+    metrics equal BEIR's on ties."""
+    q = torch.tensor([[1.0, 0.0]])
+    d = torch.tensor([[0.6, 0.8], [0.6, 0.8], [1.0, 0.0], [0.6, 0.8]])
+    run = retrieval.retrieve(q, d, ["q"], ["a", "c", "top", "b"], 4, device="cpu")
+    assert run == {"q": ["top", "c", "b", "a"]}
+
+
+def test_bad_text_and_nesting_are_clean_errors(model, tmp_path, capsys):
+    """A JSON string with a lone surrogate escape, or a command-line query that is not valid UTF-8, is an error naming
+    the line / argument (the tokenizer raised a TypeError traceback); so is a line nested past the JSON parser."""
+    src = _write(tmp_path / "sur.jsonl", '{"text": "fine"}\n{"text": "ok \\ud800 x"}\n')
+    assert cli.main(["encode", "--model", "default", src, "-o", str(tmp_path / "e.npy"), *CPU]) == 2
+    assert f"{src}:2: field 'text' is not valid Unicode" in capsys.readouterr().err
+    deep = _write(tmp_path / "deep.jsonl", "[" * 100000 + "\n")
+    assert cli.main(["encode", "--model", "default", deep, "-o", str(tmp_path / "e.npy"), *CPU]) == 2
+    assert f"{deep}:1: invalid JSON (nested too deeply)" in capsys.readouterr().err
+    corpus = _write(tmp_path / "c.jsonl", json.dumps({"_id": "a", "text": "alpha"}) + "\n")
+    index = tmp_path / "idx"
+    assert cli.main(["search", "index", "--model", "default", "--corpus", corpus, "--out", str(index), "-q", *CPU]) == 0
+    capsys.readouterr()
+    assert cli.main(["search", "query", "--index", str(index), "caf\udce9", *CPU]) == 2  # argv of b"caf\xe9"
+    assert "is not valid UTF-8 text" in capsys.readouterr().err
+    assert not (tmp_path / "e.npy").exists()
+
+
+@pytest.mark.parametrize("edit,message", [
+    (lambda d: (d / "index.json").write_text("{}"), "must be an object with a string 'model'"),
+    (lambda d: (d / "index.json").write_text("[]"), "must be an object with a string 'model'"),
+    (lambda d: (d / "docs.jsonl").write_text(json.dumps({"title": "", "text": "alpha"}) + "\n"),
+     "docs.jsonl:1: missing field '_id'"),
+    (lambda d: (d / "docs.jsonl").write_text(json.dumps({"_id": "a", "text": 3}) + "\n"),
+     "docs.jsonl:1: field 'text' is int"),
+])
+def test_corrupt_index_files_are_clean_errors(model, tmp_path, capsys, edit, message):
+    corpus = _write(tmp_path / "c.jsonl", json.dumps({"_id": "a", "text": "alpha"}) + "\n")
+    index = tmp_path / "idx"
+    assert cli.main(["search", "index", "--model", "default", "--corpus", corpus, "--out", str(index), "-q", *CPU]) == 0
+    edit(index)
+    capsys.readouterr()
+    assert cli.main(["search", "query", "--index", str(index), "alpha", *CPU]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_corrupt_index_embeddings_are_clean_errors(tmp_path):
+    from safetensors.torch import save_file
+    retrieval.save_index(str(tmp_path), np.ones((1, 3), dtype=np.float32), ["a"], [""], ["alpha"], {"model": "m"})
+    for bad in (torch.ones(3), torch.ones(1, 3, dtype=torch.int64), torch.full((1, 3), float("nan"))):
+        save_file({"embeddings": bad}, str(tmp_path / retrieval.INDEX_EMBEDDINGS))
+        with pytest.raises(retrieval.InputError, match="must hold a 2-D float matrix of finite values"):
+            retrieval.load_index(str(tmp_path))
+
+
+def test_demo_device_is_checked(capsys):
+    assert cli.main(["demo", "--device", "gpu"]) == 2
+    assert "--device must be auto, cpu, cuda or cuda:N, got 'gpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert cli.main(["demo", "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "nvembed: error:" in err and "Traceback" not in err
+
+
 # ------------------------------------------------------------------------------------------------ encode
 def test_encode_npy_and_safetensors(model, tmp_path):
     from safetensors.torch import load_file

@@ -602,6 +602,19 @@ def _check_streams(cfg: TrainConfig, stage1: List[Example], stage2: Optional[Lis
             raise TrainError(f"train: {what}{' (blended with data)' if what == 'stage2_data' else ''}: {e}") from None
 
 
+def _check_eval_data(cfg: TrainConfig) -> None:
+    """The evaluation folder reads and has queries to score, checked on every rank before training (rank 0 alone
+    evaluates, at step 0 first: a bad folder would fail there while the other ranks wait)."""
+    if not cfg.eval_data:
+        return
+    from nvembed import retrieval
+    try:
+        _, _, _, queries, qrels = retrieval.load_beir(cfg.eval_data)
+        retrieval.evaluate({}, {q: r for q, r in qrels.items() if q in queries})
+    except retrieval.InputError as e:
+        raise TrainError(f"train: eval_data: {e}") from None
+
+
 def _check_instructions(model, cfg: TrainConfig, streams, eval_instruction: str) -> None:
     """Every instruction leaves room for query text within query_max_length (checked before training: the batch
     that holds a too-long one may come late in stage 2)."""
@@ -631,6 +644,7 @@ class Trainer:
                 # The stage-2 blend: the stage-1 retrieval data plus the stage-2 file's tasks.
                 self.stage2 = self.stage1 + _load_data(cfg.stage2_data, cfg.group_size, "stage2_data")
             _check_streams(cfg, self.stage1, self.stage2)
+            _check_eval_data(cfg)
             self.data_digests = {"data": data_digest(self.stage1),
                                  "stage2_data": data_digest(self.stage2[len(self.stage1):]) if self.stage2 else None}
             self.eval_instruction = (cfg.eval_instruction if cfg.eval_instruction is not None

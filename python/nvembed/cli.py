@@ -99,6 +99,13 @@ def _encode(model, texts: Sequence[str], args, instruction: str = "", normalize:
     if args.max_length is not None:
         kwargs["max_length"] = args.max_length
     import numpy as np
+
+    from .retrieval import is_valid_text
+    if not is_valid_text(instruction):
+        raise CLIError("--instruction is not valid UTF-8 text")
+    bad = next((i for i, t in enumerate(texts) if not is_valid_text(t)), None)
+    if bad is not None:  # a command-line query that is not valid UTF-8 (files are checked line by line on reading)
+        raise CLIError(f"text {bad + 1} ({texts[bad][:40]!r}) is not valid UTF-8 text")
     if not texts:
         return np.zeros((0, model.embedding_dim), dtype=np.float32)
     try:
@@ -248,6 +255,9 @@ def cmd_search_query(args) -> int:
 def cmd_eval(args) -> int:
     from . import retrieval
     device, dtype = resolve_device_dtype(args)
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+    if out_dir is not None and not os.path.isdir(out_dir):  # before minutes of encoding, not after
+        raise CLIError(f"--out {args.out}: the folder {out_dir} does not exist")
     ids, titles, texts, queries, qrels = retrieval.load_beir(args.data, args.split)
     doc_texts = [retrieval.document_text(a, b) for a, b in zip(titles, texts)]
     missing = [q for q in qrels if q not in queries]
@@ -293,7 +303,10 @@ def cmd_eval(args) -> int:
 
 def cmd_demo(args) -> int:
     from . import demo
-    demo.main(["--device", args.device])
+    try:
+        demo.run(args.device)
+    except ValueError as e:  # a device this machine does not have
+        raise CLIError(str(e)) from None
     return 0
 
 
@@ -373,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="the kernel + search demo (python -m nvembed.demo)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=_device_arg, default="cpu", help="auto, cpu (default), cuda or cuda:N")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("make-stdlib-beir", help="write the offline stdlib docstring retrieval set (BEIR layout)",

@@ -11,6 +11,7 @@ import nvembed
 from nvembed_ext import reference as ref
 
 from .corpora import stdlib_corpus as _stdlib_corpus
+from .device import resolve_device
 from .retrieval import evaluate, exact_topk
 
 
@@ -32,9 +33,19 @@ def _rel(a, b):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--device", default="cpu", help="auto, cpu (default), cuda or cuda:N")
     args = ap.parse_args(argv)
-    dev = args.device
+    try:
+        run(args.device)
+    except ValueError as e:
+        ap.error(str(e))
+
+
+def run(device: str = "cpu"):
+    """The demo on `device` (auto, cpu, cuda or cuda:N; ValueError where this machine has no such device). On CUDA
+    the attention inputs are bf16 (its CUDA kernels take bf16 / fp16)."""
+    dev = resolve_device(device, where="nvembed demo: --device")
+    adt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     torch.manual_seed(0)
     info = nvembed.build_info()
     print(f"nvembed {info['version']}  torch {info['torch']}  CUDA kernels: {info['with_cuda']}  "
@@ -42,9 +53,9 @@ def main(argv=None):
 
     print("\n[1] nvembed::flash_attn — non-causal attention with GQA and a key padding mask")
     B, L, Hq, Hkv, D = 4, 512, 8, 2, 64
-    q = torch.randn(B, L, Hq, D, device=dev)
-    k = torch.randn(B, L, Hkv, D, device=dev)
-    v = torch.randn(B, L, Hkv, D, device=dev)
+    q = torch.randn(B, L, Hq, D, device=dev, dtype=adt)
+    k = torch.randn(B, L, Hkv, D, device=dev, dtype=adt)
+    v = torch.randn(B, L, Hkv, D, device=dev, dtype=adt)
     mask = torch.rand(B, L, device=dev) > 0.2
     with torch.no_grad():
         out = torch.ops.nvembed.flash_attn(q, k, v, mask)

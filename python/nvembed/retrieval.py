@@ -55,6 +55,8 @@ def _jsonl_objects(name: str, text: str) -> Iterable[Tuple[int, dict]]:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{name}:{lineno}: invalid JSON ({e.msg})") from None
+        except RecursionError:
+            raise InputError(f"{name}:{lineno}: invalid JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise InputError(f"{name}:{lineno}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, obj
@@ -69,7 +71,20 @@ def _field(name: str, lineno: int, obj: dict, key: str, required: bool = True, t
     if not isinstance(value, types) or isinstance(value, bool):
         raise InputError(f"{name}:{lineno}: field {key!r} is {type(value).__name__}, expected "
                          f"{' or '.join(t.__name__ for t in types)}")
+    if isinstance(value, str) and not is_valid_text(value):
+        raise InputError(f"{name}:{lineno}: field {key!r} is not valid Unicode (a lone surrogate, e.g. a \\ud800 "
+                         "escape without its pair)")
     return value
+
+
+def is_valid_text(text: str) -> bool:
+    """Whether `text` can be encoded (and so tokenized): JSON escapes can spell half a surrogate pair, and command-line
+    arguments that are not valid UTF-8 arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def detect_format(path: str, text: str) -> str:
@@ -156,8 +171,8 @@ def read_qrels(path: str) -> Dict[str, Dict[str, int]]:
             raise InputError(f"{name}:{lineno}: expected 3 tab-separated fields (query-id corpus-id score), "
                              f"got {len(parts)}")
         qid, did, score = (p.strip() for p in parts)
-        if lineno == 1 and not _is_int(score):
-            continue  # header
+        if lineno == 1 and not _is_number(score):
+            continue  # a header (query-id corpus-id score); a numeric score is data and must be an integer
         if not _is_int(score):
             raise InputError(f"{name}:{lineno}: score {score!r} is not an integer")
         qrels.setdefault(qid, {})[did] = int(score)
@@ -165,8 +180,14 @@ def read_qrels(path: str) -> Dict[str, Dict[str, int]]:
 
 
 def _is_int(s: str) -> bool:
+    """An integer as trec_eval / BEIR's int() read it: optional sign and ASCII digits (not "1_0" or other digits)."""
+    body = s[1:] if s[:1] in "+-" else s
+    return body.isascii() and body.isdigit()
+
+
+def _is_number(s: str) -> bool:
     try:
-        int(s)
+        float(s)
         return True
     except ValueError:
         return False
@@ -227,14 +248,29 @@ def retrieve(q_emb, d_emb, qids: Sequence[str], ids: Sequence[str], k: int, devi
     """The run of an evaluation: query id -> the ids of its top-k documents, best first. With ignore_identical_ids
     (BEIR's EvaluateRetrieval.evaluate default) a document whose id equals the query's is dropped from that query's
     list (ArguAna- / Quora-style sets hold each query in the corpus too), and the next one moves up."""
-    _, idx = exact_topk(q_emb, d_emb, k + 1 if ignore_identical_ids else k, device=device)
+    scores, idx = exact_topk(q_emb, d_emb, k + 1 if ignore_identical_ids else k, device=device)
     run = {}
-    for q, row in zip(qids, idx.tolist()):
-        hits = [ids[i] for i in row]
+    for q, srow, row in zip(qids, scores.tolist(), idx.tolist()):
+        # equal scores in trec_eval's order (pytrec_eval, BEIR): by document id, descending
+        hits = [ids[i] for _, i in sorted(zip(srow, row), key=lambda p: (-p[0], _Desc(ids[p[1]])))]
         if ignore_identical_ids:
             hits = [d for d in hits if d != q]
         run[q] = hits[:k]
     return run
+
+
+class _Desc:
+    """A sort key that orders strings descending."""
+    __slots__ = ("s",)
+
+    def __init__(self, s: str):
+        self.s = s
+
+    def __lt__(self, other: "_Desc") -> bool:
+        return self.s > other.s
+
+    def __eq__(self, other) -> bool:
+        return self.s == other.s
 
 
 INDEX_EMBEDDINGS, INDEX_META, INDEX_DOCS = "embeddings.safetensors", "index.json", "docs.jsonl"
@@ -272,11 +308,25 @@ def load_index(index_dir: str):
         emb = load_file(os.path.join(index_dir, INDEX_EMBEDDINGS))["embeddings"]
     except Exception as e:  # corrupt JSON, missing or corrupt safetensors file
         raise InputError(f"{index_dir}: unreadable index ({type(e).__name__}: {e})") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("model"), str)
+            and (meta.get("max_length") is None or (isinstance(meta["max_length"], int)
+                                                    and not isinstance(meta["max_length"], bool)
+                                                    and meta["max_length"] > 0))):
+        raise InputError(f"{index_dir}: unreadable index ({INDEX_META} must be an object with a string 'model' and an "
+                         "integer or null 'max_length')")
+    if emb.dim() != 2 or not emb.is_floating_point() or not bool(emb.isfinite().all()):
+        raise InputError(f"{index_dir}: unreadable index ({INDEX_EMBEDDINGS} must hold a 2-D float matrix of finite "
+                         f"values, got {emb.dtype} of shape {list(emb.shape)})")
     name, docs_text = _read_text(os.path.join(index_dir, INDEX_DOCS))
-    docs = [obj for _, obj in _jsonl_objects(name, docs_text)]
+    docs = []
+    for lineno, obj in _jsonl_objects(name, docs_text):
+        for key in ("_id", "text"):
+            _field(name, lineno, obj, key)
+        _field(name, lineno, obj, "title", required=False)
+        docs.append(obj)
     if len(docs) != emb.shape[0]:
         raise InputError(f"{index_dir}: {len(docs)} documents but {emb.shape[0]} embeddings")
-    return emb, docs, meta
+    return emb.float(), docs, meta
 
 
 def _write(path: str, text: str) -> None:
@@ -328,8 +378,11 @@ def evaluate(run: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, 
     """Mean of each metric over the queries that have at least one relevant document in qrels (as BEIR / trec_eval
     do); `run` maps query id -> document ids, best first (a query missing from run scores 0)."""
     judged = [q for q, rels in qrels.items() if any(r > 0 for r in rels.values())]
+    if not judged:
+        raise InputError("no query to score: no query of the qrels has a relevant document (score > 0) among the "
+                         "queries (check the query ids of the qrels file against queries.jsonl)")
     out = {}
     for name, fn, k in metrics:
-        out[name] = sum(fn(list(run.get(q, ())), qrels[q], k) for q in judged) / len(judged) if judged else 0.0
+        out[name] = sum(fn(list(run.get(q, ())), qrels[q], k) for q in judged) / len(judged)
     out["queries"] = len(judged)
     return out
