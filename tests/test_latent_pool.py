@@ -391,6 +391,20 @@ def test_module_init_and_config():
     m = nvembed.LatentAttentionPooling.from_config(dict(num_latents_value=3, num_cross_heads=1, cross_dim_head=5,
                                                         latent_dim=8, hidden_dim=8, output_normalize=False))
     assert (m.num_latents, m.num_heads, m.dim_head, m.hidden_dim, m.normalize) == (3, 1, 5, 8, False)
+    # keyword arguments override the config's fields (they raised "multiple values for keyword argument")
+    m = nvembed.LatentAttentionPooling.from_config(dict(num_latents_value=3, latent_dim=8, hidden_dim=8),
+                                                   normalize=False, num_heads=2, dim_head=4)
+    assert (m.num_latents, m.num_heads, m.dim_head, m.normalize) == (3, 2, 4, False)
+    # bad arguments name the class and the argument when the module is built, not at its first forward
+    for kwargs, match in ((dict(num_heads=0), "num_heads must be an int >= 1"),
+                          (dict(num_heads=-1), "num_heads must be an int >= 1"),
+                          (dict(num_heads=2.0), "num_heads must be an int >= 1"),
+                          (dict(hidden_dim=True), "hidden_dim must be an int >= 1"),
+                          (dict(normalize=1), "normalize must be True or False"),
+                          (dict(eps=0.0), "eps must be a finite number > 0"),
+                          (dict(eps=float("nan")), "eps must be a finite number > 0")):
+        with pytest.raises((ValueError, TypeError), match="LatentAttentionPooling: " + match):
+            nvembed.LatentAttentionPooling(**{**dict(hidden_dim=16, num_latents=4, num_heads=2, dim_head=8), **kwargs})
 
 
 # ---- torch.library / autograd / compile ---------------------------------------------------------------------------

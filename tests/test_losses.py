@@ -4,6 +4,7 @@ import os
 import sys
 import time
 import traceback
+from contextlib import nullcontext
 from datetime import timedelta
 
 import pytest
@@ -573,6 +574,57 @@ def test_cached_bad_init():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="CachedInfoNCE: chunk_size must be an int >= 1"):
             CachedInfoNCE(lambda b: b["x"], loss, bad)
+
+
+def test_cached_partly_frozen_and_upstream_graphs():
+    """GradCache equals the unchunked loss where only some chunks' embeddings need gradients (a frozen query tower; a
+    frozen encoder whose query inputs require grad) and where the inputs are outputs of a trainable graph (each
+    chunk's backward freed that shared graph before)."""
+    torch.manual_seed(0)
+    B, G, D = 4, 2, 6
+    qenc, denc = nn.Linear(D, 5).double(), nn.Linear(D, 5).double()
+    xq, xd = torch.randn(B, D, dtype=torch.float64), torch.randn(B * G, D, dtype=torch.float64)
+    loss_fn = InfoNCELoss(0.1)
+
+    def towers(b):
+        return F.normalize((denc if b["doc"] else qenc)(b["x"]), dim=-1)
+
+    qenc.requires_grad_(False)
+    ref = loss_fn(towers({"x": xq, "doc": False}), towers({"x": xd, "doc": True}), G)
+    ref.backward()
+    g_ref, denc.weight.grad = denc.weight.grad.clone(), None
+    loss = CachedInfoNCE(towers, loss_fn, 2).forward_backward({"x": xq, "doc": False}, {"x": xd, "doc": True}, G)
+    assert abs(loss - ref).item() < 1e-12 and torch.allclose(denc.weight.grad, g_ref, atol=1e-12)
+    with pytest.raises(RuntimeError, match=r"doc_inputs rows 6:8, the last chunk, does not require grad"):
+        qenc.requires_grad_(True), denc.requires_grad_(False)
+        CachedInfoNCE(towers, loss_fn, 2).forward_backward({"x": xq, "doc": False}, {"x": xd, "doc": True}, G,
+                                                           no_sync=nullcontext)
+    denc.requires_grad_(True)
+
+    def single(b):
+        return F.normalize(denc(b["x"]), dim=-1)
+
+    for frozen_encoder in (True, False):
+        denc.requires_grad_(not frozen_encoder)
+        denc.zero_grad()
+        W = torch.randn(D, D, dtype=torch.float64, requires_grad=True)
+        xq_leaf = xq.clone().requires_grad_()
+        ref = loss_fn(single({"x": xq_leaf @ W}), single({"x": xd @ W}), G)
+        ref.backward()
+        refs = [t.grad.clone() for t in (W, xq_leaf)]
+        W.grad = xq_leaf.grad = None
+        loss = CachedInfoNCE(single, loss_fn, 3).forward_backward({"x": xq_leaf @ W}, {"x": xd @ W}, G)
+        assert abs(loss - ref).item() < 1e-12
+        for got, want in zip((W.grad, xq_leaf.grad), refs):
+            assert torch.allclose(got, want, atol=1e-12)
+    # a frozen encoder, only the queries require grad: the doc chunks have nothing to push back
+    xq_leaf = xq.clone().requires_grad_()
+    ref = loss_fn(single({"x": xq_leaf}), single({"x": xd}), G)
+    ref.backward()
+    want, xq_leaf.grad = xq_leaf.grad.clone(), None
+    loss = CachedInfoNCE(single, loss_fn, 3).forward_backward({"x": xq_leaf}, {"x": xd}, G)
+    assert abs(loss - ref).item() < 1e-12 and torch.allclose(xq_leaf.grad, want, atol=1e-12)
+    denc.requires_grad_(True)
 
 
 @pytest.mark.parametrize("case,match", [

@@ -194,7 +194,8 @@ def test_attention_runs_on_nvembed_kernel_with_native_gqa(tiny_model, monkeypatc
 
 
 def test_attention_accepts_prepared_4d_masks():
-    """A caller-prepared 4-D mask (bool or additive, causal or not) reduces to its key padding; no causality."""
+    """A caller-prepared 4-D mask (bool or additive, causal or not, finfo.min or BERT's -10000) reduces to its key
+    padding; no causality."""
     from nvembed.attention import nvembed_attention_forward
     torch.manual_seed(0)
     B, H, KV, L, D = 2, 4, 2, 6, 8
@@ -204,7 +205,11 @@ def test_attention_accepts_prepared_4d_masks():
     ref, _ = nvembed_attention_forward(module, q, k, v, pad, scaling=0.3)
     causal = torch.ones(L, L).tril().bool()[None, None] & pad[:, None, None, :]
     additive = torch.zeros(B, 1, L, L).masked_fill(~causal, torch.finfo(torch.float32).min)
-    for mask in (causal, additive, pad.long()):
+    # BERT's legacy (1 - mask) * -10000.0 (read as "attend everywhere" before); a mask with more columns than keys,
+    # cut to the keys as transformers' eager attention cuts it
+    legacy = (1.0 - pad.float())[:, None, None, :].expand(B, 1, L, L) * -10000.0
+    longer = torch.cat([additive, torch.zeros(B, 1, L, 3)], dim=-1)
+    for mask in (causal, additive, pad.long(), legacy, longer):
         assert torch.equal(nvembed_attention_forward(module, q, k, v, mask, scaling=0.3)[0], ref)
     full, _ = nvembed_attention_forward(module, q, k, v, None, scaling=0.3)
     assert torch.equal(full[0], ref[0]) and ref.shape == (B, L, H, D)

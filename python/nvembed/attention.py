@@ -40,11 +40,15 @@ def _key_padding_mask(attention_mask: Optional[torch.Tensor], batch: int, kv_len
     if attention_mask.dim() == 4:
         # A caller-prepared [B, 1|H, Lq, Lk] mask (transformers passes 4-D masks through untouched). For padding,
         # causal and sliding-window masks alike, key j is a real token iff some query row may attend to it (the
-        # diagonal), so the key padding is the any-reduction; any other structure is dropped (non-causal).
+        # diagonal), so the key padding is the any-reduction; any other structure is dropped (non-causal). Columns
+        # past kv_length are cut off as transformers' eager attention cuts them ([..., :kv_length]).
+        attention_mask = attention_mask[..., :kv_length]
         if attention_mask.dtype == torch.bool:
             allowed = attention_mask
-        else:  # additive: 0 = attend, finfo.min = masked
-            allowed = attention_mask > torch.finfo(attention_mask.dtype).min / 2
+        else:
+            # additive: 0 = attend; a bias of -1e3 or below is a masked key under softmax (exp(-1000) is 0 in every
+            # float type): transformers' finfo.min and the legacy (1 - mask) * -10000.0 alike
+            allowed = attention_mask > -1e3
         return allowed.any(dim=2).any(dim=1).expand(batch, kv_length)
     raise ValueError(f"nvembed attention: attention_mask must be 2-D [B, Lk] or 4-D [B, 1, Lq, Lk], "
                      f"got shape {tuple(attention_mask.shape)}")

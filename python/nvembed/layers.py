@@ -1,6 +1,7 @@
 """nn.Module faces of the ops."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -53,6 +54,14 @@ class LatentAttentionPooling(nn.Module):
     def __init__(self, hidden_dim: int = 4096, num_latents: int = 512, num_heads: int = 8, dim_head: int = 4096,
                  ff_mult: int = 4, normalize: bool = True, eps: float = 1e-5):
         super().__init__()
+        for name, value in (("hidden_dim", hidden_dim), ("num_latents", num_latents), ("num_heads", num_heads),
+                            ("dim_head", dim_head), ("ff_mult", ff_mult)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LatentAttentionPooling: {name} must be an int >= 1, got {value!r}")
+        if not isinstance(normalize, bool):
+            raise TypeError(f"LatentAttentionPooling: normalize must be True or False, got {normalize!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"LatentAttentionPooling: eps must be a finite number > 0, got {eps!r}")
         self.hidden_dim = hidden_dim
         self.num_latents = num_latents
         self.num_heads = num_heads
@@ -75,9 +84,10 @@ class LatentAttentionPooling(nn.Module):
         if latent_dim != hidden_dim:
             raise ValueError(f"LatentAttentionPooling: latent_dim ({latent_dim}) must equal hidden_dim ({hidden_dim}) "
                              "(the released layer applies norm(latent_dim) to the token states)")
-        return cls(hidden_dim=hidden_dim, num_latents=cfg.get("num_latents_value", 512),
-                   num_heads=cfg.get("num_cross_heads", 8), dim_head=cfg.get("cross_dim_head", 4096),
-                   normalize=cfg.get("output_normalize", True), **kwargs)
+        fields = dict(hidden_dim=hidden_dim, num_latents=cfg.get("num_latents_value", 512),
+                      num_heads=cfg.get("num_cross_heads", 8), dim_head=cfg.get("cross_dim_head", 4096),
+                      normalize=cfg.get("output_normalize", True))
+        return cls(**{**fields, **kwargs})  # keyword arguments override the config's fields
 
     def extra_repr(self) -> str:
         return (f"hidden_dim={self.hidden_dim}, num_latents={self.num_latents}, num_heads={self.num_heads}, "

@@ -402,17 +402,43 @@ class CachedInfoNCE:
             d.grad.split([e - b for _, _, (b, e) in chunks[nq:]]))
         del q, d, cached
 
-        # (c) re-encode chunk by chunk with a graph and push the cached gradients through it
+        # (c) re-encode chunk by chunk with a graph and push the cached gradients through it. Input tensors that are
+        # outputs of a graph (e.g. inputs_embeds from a trainable module) are re-encoded from detached leaf copies, and
+        # their gradients go up that graph once at the end (each chunk's backward would free the shared graph).
+        upstream = {}  # id(original input tensor) -> (original, leaf copy)
+
+        def leafed(inputs):
+            out = {}
+            for key, v in inputs.items():
+                if isinstance(v, torch.Tensor) and v.requires_grad and v.grad_fn is not None:
+                    if id(v) not in upstream:
+                        upstream[id(v)] = (v, v.detach().requires_grad_())
+                    v = upstream[id(v)][1]
+                out[key] = v
+            return out
+
+        leaf_inputs = {"query_inputs": leafed(query_inputs), "doc_inputs": leafed(doc_inputs)}
+        frozen = []  # chunks whose embeddings need no gradient (e.g. a frozen query tower): nothing to push
         with torch.enable_grad():
-            for k, ((inputs, what, (b, e)), state, grad) in enumerate(zip(chunks, states, grads)):
+            for k, ((_, what, (b, e)), state, grad) in enumerate(zip(chunks, states, grads)):
                 last = k == len(chunks) - 1
                 sync = nullcontext() if (last or no_sync is None) else no_sync()
                 with sync:  # DDP prepares its reduction in forward: the forward belongs inside too
                     with state:
-                        emb = self._embed(inputs, b, e, what, dim)
+                        emb = self._embed(leaf_inputs[what], b, e, what, dim)
                     if not emb.requires_grad:
-                        raise RuntimeError(f"CachedInfoNCE: embed_fn's output for {what} rows {b}:{e} does not "
-                                           "require grad: the encoder has no trainable parameters in use, or "
-                                           "embed_fn disables gradients")
+                        frozen.append(f"{what} rows {b}:{e}")
+                        if last and no_sync is not None and len(frozen) < len(chunks):
+                            raise RuntimeError(f"CachedInfoNCE: embed_fn's output for {what} rows {b}:{e}, the last "
+                                               "chunk, does not require grad, so the gradient synchronization that "
+                                               "no_sync defers to it never happens: give the trainable inputs last")
+                        continue
                     emb.backward(grad.to(emb.dtype))
+        if len(frozen) == len(chunks):
+            raise RuntimeError(f"CachedInfoNCE: embed_fn's output for {frozen[0]} does not require grad (nor does any "
+                               "other chunk's): the encoder has no trainable parameters in use, or embed_fn disables "
+                               "gradients")
+        pairs = [(orig, leaf.grad) for orig, leaf in upstream.values() if leaf.grad is not None]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return loss.detach()
