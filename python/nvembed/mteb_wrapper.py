@@ -204,9 +204,10 @@ def check_instructions(instructions: Optional[Instructions]) -> Dict[str, Tuple[
 
 
 def _override(task_name: str, task_type: Optional[str], instructions) -> Optional[Tuple[str, str]]:
-    """(query, corpus) of the `instructions=` entry for this task (by name, else by instructions.json's type
-    key), or None. An entry decides both sides."""
-    for key in (task_name, RELEASED_TYPE_KEYS.get(task_type)):
+    """(query, corpus) of the `instructions=` entry for this task (by name, then by the base task a renamed mteb
+    variant derives from, as the built-in tables look it up, else by instructions.json's type key), or None. An
+    entry decides both sides."""
+    for key in (task_name, base_task_name(task_name), RELEASED_TYPE_KEYS.get(task_type)):
         if instructions and key is not None and key in instructions:
             return _entry(key, instructions[key])
     return None
@@ -280,7 +281,14 @@ def _texts_from_inputs(inputs: Iterable) -> List[str]:
             if "text" not in item:
                 raise ValueError(f"NVEmbedMTEB: a batch without a 'text' field (fields: {sorted(item)}); only text "
                                  "inputs are supported")
-            texts.extend(item["text"])
+            text = item["text"]
+            if isinstance(text, str):  # one row ({"text": "..."}), not a batch: its characters are not texts
+                texts.append(text)
+            elif isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+                texts.extend(text)
+            else:
+                raise TypeError(f"NVEmbedMTEB: a batch's 'text' must be a str or a list of str, got "
+                                f"{type(text).__name__}")
         else:
             raise TypeError(f"NVEmbedMTEB: unsupported input item {type(item).__name__} (expected mteb batches or str)")
     return texts

@@ -80,10 +80,12 @@ class NVEmbedSTModule(InputModule):
         texts = _check_texts(inputs)
         prompt = prompt or ""
         # the strings encode() tokenizes (eos, lowercasing), capped like encode() and checked to leave room for text
-        check_instruction_fits(self.model, prompt, self.max_seq_length, "NVEmbedSTModule")
+        # this module's max_seq_length rules, also raised past the config's (as in sentence-transformers); only a
+        # BERT position table caps it
+        check_instruction_fits(self.model, prompt, self.max_seq_length, "NVEmbedSTModule", cap_at_config=False)
         batch = self.tokenizer(row_texts(self.model, texts, [prompt] * len(texts)),
-                               max_length=_effective_max_length(self.model, self.max_seq_length), padding=True,
-                               truncation=True, return_token_type_ids=False, return_tensors="pt")
+                               max_length=_effective_max_length(self.model, self.max_seq_length, cap_at_config=False),
+                               padding=True, truncation=True, return_token_type_ids=False, return_tensors="pt")
         attention_mask = batch["attention_mask"]
         pool_mask = attention_mask.clone()
         n = self.prompt_length(prompt)
@@ -98,8 +100,10 @@ class NVEmbedSTModule(InputModule):
 
     # ------------------------------------------------------------------ forward
     def forward(self, features: Dict[str, Any], **kwargs) -> Dict[str, Any]:
-        out = self.model(features["input_ids"], features["attention_mask"], features.get("pool_mask"))
+        out = self.model(features["input_ids"], features["attention_mask"], features.get("pool_mask"),
+                         return_token_embeddings=True)
         features["sentence_embedding"] = out["sentence_embeddings"]
+        features["token_embeddings"] = out["token_embeddings"]  # encode(output_value="token_embeddings")
         return features
 
     def get_embedding_dimension(self) -> int:
@@ -123,11 +127,33 @@ class NVEmbedSTModule(InputModule):
         if os.path.isfile(cfg_path):
             with open(cfg_path) as f:
                 config = json.load(f)
-        return cls(NVEmbedModel.from_pretrained(folder), **config)
+        return cls(NVEmbedModel.from_pretrained(folder, dtype=_load_dtype(folder, kwargs.get("model_kwargs"))),
+                   **config)
 
     def __repr__(self) -> str:
         return (f"NVEmbedSTModule(pooling={self.model.config['pooling']!r}, dim={self.model.embedding_dim}, "
                 f"max_seq_length={self.max_seq_length}, include_prompt={self.include_prompt})")
+
+
+def _load_dtype(folder: str, model_kwargs: Optional[Dict[str, Any]]):
+    """The weights' dtype for SentenceTransformer(folder, model_kwargs={"torch_dtype" or "dtype": ...}): a torch
+    dtype or its name, "auto" = the saved config's torch_dtype; float32 without one (transformers' default)."""
+    import torch
+
+    from .device import DTYPES
+    model_kwargs = model_kwargs or {}
+    dtype = model_kwargs.get("torch_dtype", model_kwargs.get("dtype"))
+    if dtype == "auto":
+        with open(os.path.join(folder, "config.json")) as f:
+            dtype = json.load(f).get("torch_dtype") or "float32"
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"NVEmbedSTModule.load: model_kwargs dtype must be one of {', '.join(DTYPES)} or 'auto', "
+                         f"got {dtype!r}")
+    return dtype
 
 
 def to_sentence_transformer(model: NVEmbedModel, prompts: Optional[Dict[str, str]] = None,
