@@ -158,6 +158,15 @@ def _dist_scenarios(rank, world, seed):
         out["mismatch"] = None
     except ValueError as e:
         out["mismatch"] = str(e)
+    # a tensor only one rank cannot describe (more than 8 dims; a dtype outside the list): every rank raises after the
+    # header exchange (the one rank raised before it and the other waited)
+    for key, t in (("too_many_dims", torch.zeros([2] + [1] * (7 if rank == 0 else 8))),
+                   ("odd_dtype", torch.zeros(2, 3, dtype=torch.complex64 if rank == 1 else torch.float32))):
+        try:
+            all_gather_with_grad(t)
+            out[key] = None
+        except ValueError as e:
+            out[key] = str(e)
     # (6) bad inputs on one rank only, or ranks that disagree on the loss's settings: every rank raises at once
     # (before, the other rank waited in the docs gather until the process group's timeout)
     q, d = torch.randn(3, 4), torch.randn(6, 4)
@@ -350,6 +359,8 @@ def test_all_gather_with_grad_shape_mismatch(dist_results):
     for res in results:
         assert res["mismatch"] is not None and res["mismatch"].startswith("all_gather_with_grad: rank 1 holds")
         assert "only dim 0 may differ" in res["mismatch"]
+        assert res["too_many_dims"] == "all_gather_with_grad: rank 1 holds a tensor of more than 8 dims (at most 8)"
+        assert res["odd_dtype"].startswith("all_gather_with_grad: rank 1 holds a tensor of a dtype that cannot be")
 
 
 # ---- CachedInfoNCE -------------------------------------------------------------------------------------------------

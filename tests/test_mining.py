@@ -214,6 +214,10 @@ def test_cli_mine_errors(model, examples, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err, (extra, err)
     data.write_text(json.dumps(examples[0].to_json()) + "\n")
+    for extra, message in ((["--max-length", "1"], "leaves no room for text"),  # was a traceback, exit 1
+                           (["--device", "cuda:7"], "--device")):  # --device / --dtype were ignored
+        assert cli.main(["mine", "--model", "default", "--data", str(data), "--out", str(out), "-q"] + extra) == 2
+        assert message in capsys.readouterr().err
     assert cli.main(["mine", "--model", "default", "--data", str(data), "--out",
                      str(tmp_path / "missing" / "m.jsonl")]) == 2
     assert "output directory" in capsys.readouterr().err

@@ -77,7 +77,7 @@ def cmd_mine(args) -> int:
             corpus = [retrieval.document_text(a, b) for a, b in zip(titles, texts)]
         else:
             corpus = corpus_from_examples(examples)
-        model = cli.load_model(args.model)
+        model = cli._load(args)  # on --device / --dtype
         t = time.perf_counter()
         mined = mine_hard_negatives(examples, corpus, model, top_k=args.top_k, perc_pos=args.perc_pos,
                                     max_candidates=args.max_candidates, batch_size=args.batch_size,
@@ -91,7 +91,7 @@ def cmd_mine(args) -> int:
             raise cli.CLIError("no example got a negative (try a larger --max-candidates or --perc-pos, or "
                                "--instruction ''); nothing written")
         write_jsonl(args.out, kept)
-    except DataError as e:
+    except (DataError, ValueError) as e:  # ValueError: settings the model cannot honour (e.g. --max-length)
         raise cli.CLIError(str(e)) from None
     n_none = sum(c == 0 for c in counts)
     print(f"nvembed: mined {len(mined)} examples against {len({c for c in corpus if c.strip()})} corpus texts in "

@@ -40,17 +40,25 @@ _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.in
 def _exchange_shapes(tensor: torch.Tensor, group, what: str) -> List[int]:
     """Every rank's dim-0 size. Checks, identically on every rank (so all raise together, none hangs), that the
     ranks agree on ndim, dtype and the trailing dims."""
-    if tensor.dim() > _MAX_DIMS:
-        raise ValueError(f"{what}: tensor must have at most {_MAX_DIMS} dims, got shape {tuple(tensor.shape)}")
+    # a rank whose tensor cannot be described (too many dims, a dtype outside _DTYPES) says so in its header, so that
+    # every rank raises after the exchange instead of one raising before it and the others waiting
+    fits = tensor.dim() <= _MAX_DIMS
     code = _DTYPES.index(tensor.dtype) if tensor.dtype in _DTYPES else len(_DTYPES)
     header = torch.full((2 + _MAX_DIMS,), -1, dtype=torch.int64, device=tensor.device)
-    header[0], header[1] = tensor.dim(), code
-    header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
+    header[0], header[1] = (tensor.dim() if fits else -2), code
+    if fits:
+        header[2:2 + tensor.dim()] = torch.tensor(tensor.shape, dtype=torch.int64)
     headers = [torch.empty_like(header) for _ in range(dist.get_world_size(group))]
     dist.all_gather(headers, header, group=group)
     headers = [h.tolist() for h in headers]
+    for r, h in enumerate(headers):
+        if h[0] == -2:
+            raise ValueError(f"{what}: rank {r} holds a tensor of more than {_MAX_DIMS} dims (at most {_MAX_DIMS})")
+        if h[1] == len(_DTYPES):
+            raise ValueError(f"{what}: rank {r} holds a tensor of a dtype that cannot be gathered (one of "
+                             f"{', '.join(str(d) for d in _DTYPES)})")
     shapes = [tuple(h[2:2 + h[0]]) for h in headers]
-    dtypes = [str(_DTYPES[h[1]]) if h[1] < len(_DTYPES) else "another dtype" for h in headers]
+    dtypes = [str(_DTYPES[h[1]]) for h in headers]
     for r in range(len(headers)):
         if len(shapes[r]) != len(shapes[0]) or dtypes[r] != dtypes[0] or shapes[r][1:] != shapes[0][1:]:
             raise ValueError(f"{what}: rank {r} holds a tensor of shape {shapes[r]} and {dtypes[r]}, rank 0 one of "
