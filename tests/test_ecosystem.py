@@ -134,6 +134,24 @@ def test_imported_folder_keeps_its_pooling_include_prompt(tmp_path):
     assert _maxdiff(nvembed.load(str(tmp_path / "saved")).encode(SENTENCES, instruction=QUERY_INSTR), theirs) <= 1e-5
 
 
+def test_import_refuses_decoders_and_warns_about_default_prompts(tmp_path):
+    """A sentence-transformers folder of a decoder is refused (sentence-transformers runs it causally; it would run
+    bidirectionally here: 0.37 apart); a folder whose default_prompt_name sentence-transformers applies to every text
+    warns that encode() does not."""
+    folder = _minilm_copy(tmp_path, lambda f: _edit_json(f / "config.json", model_type="llama"))
+    with pytest.raises(ValueError, match="holds a 'llama' model; the sentence-transformers import takes BERT"):
+        nvembed.load(folder)
+    shutil.rmtree(folder)
+
+    def prompts(f):
+        (f / "config_sentence_transformers.json").write_text(json.dumps(
+            {"prompts": {"query": "query: "}, "default_prompt_name": "query"}))
+
+    folder = _minilm_copy(tmp_path, prompts)
+    with pytest.warns(UserWarning, match="default_prompt_name 'query'"):
+        nvembed.load(folder)
+
+
 def test_imported_folder_lowercases_like_sentence_transformers(tmp_path):
     """sentence_bert_config.json's do_lower_case: sentence-transformers lowercases the texts before a cased tokenizer
     sees them; the import does the same (it once tokenized the cased text: [UNK] for every capitalized word)."""

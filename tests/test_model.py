@@ -243,6 +243,46 @@ def test_instruction_that_fills_max_length_is_an_error(tiny_model):
     assert tiny_model.encode(TEXTS, INSTRUCTION, max_length=n + 2).shape == (len(TEXTS), 32)
 
 
+def test_from_pretrained_dtype_names_and_devices(released_folder):
+    """from_pretrained takes dtype names like nvembed.load, and refuses float16 for the CPU up front (it loaded and
+    failed at the first forward); cpu:0 is the CPU."""
+    from nvembed.device import resolve_device
+    assert nvembed.NVEmbedModel.from_pretrained(released_folder[0], dtype="bfloat16").dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="NVEmbedModel.from_pretrained: dtype float16 is not supported on the CPU"):
+        nvembed.NVEmbedModel.from_pretrained(released_folder[0], dtype=torch.float16)
+    assert resolve_device("cpu:0") == torch.device("cpu") and resolve_device(torch.device("cpu", 0)).type == "cpu"
+    with pytest.raises(ValueError, match="must be auto, cpu, cuda or cuda:N"):
+        resolve_device("cpu:1")
+
+
+def test_concurrent_encodes_keep_the_model_mode(tiny_model):
+    """encode() runs in eval mode; overlapping encodes (threads) restore the caller's mode only when the last one
+    ends (the first to end switched train mode back on under the other, and the model could stay in eval)."""
+    from nvembed.encode import _eval_mode
+    tiny_model.train()
+    try:
+        with _eval_mode(tiny_model):
+            with _eval_mode(tiny_model):
+                assert not tiny_model.training
+            assert not tiny_model.training  # the other encode is still running
+        assert tiny_model.training
+        import threading
+        ref = None
+        tiny_model.eval()
+        ref = tiny_model.encode(TEXTS * 20, INSTRUCTION, batch_size=2, convert_to_numpy=False)
+        tiny_model.train()
+        outs = []
+        threads = [threading.Thread(target=lambda: outs.append(
+            tiny_model.encode(TEXTS * 20, INSTRUCTION, batch_size=2, convert_to_numpy=False))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert tiny_model.training and len(outs) == 3 and all(torch.equal(o, ref) for o in outs)
+    finally:
+        tiny_model.eval()
+
+
 def test_loader_lists_every_mismatch(released_folder, tmp_path):
     folder, sd = released_folder
     bad = str(tmp_path / "bad")

@@ -24,7 +24,8 @@ _DEVICE_RE = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 def check_device_syntax(device: str, where: str = "device") -> str:
     """`device` if it reads auto, cpu, cuda or cuda:N (nothing about this machine is checked)."""
     m = _DEVICE_RE.match(device) if isinstance(device, str) else None
-    if m is None or (m.group(2) is not None and m.group(1) != "cuda"):
+    # an index only for cuda (and cpu:0, the CPU as torch names it with an index)
+    if m is None or (m.group(2) is not None and m.group(1) != "cuda" and device != "cpu:0"):
         raise ValueError(f"{where} must be auto, cpu, cuda or cuda:N, got {device!r}")
     return device
 
@@ -55,7 +56,7 @@ def resolve_device(device: Union[str, torch.device, None], where: str = "device"
     check_device_syntax(device, where)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() and model_ops_have_cuda() else "cpu")
-    if device == "cpu":
+    if device in ("cpu", "cpu:0"):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ValueError(f"{where} {device!r}: CUDA is not available on this machine "

@@ -14,6 +14,8 @@ the closing one, i.e. [CLS] and every instruction token).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Sequence
 
 import torch
@@ -117,14 +119,40 @@ def tokenize_batch(model, texts: Sequence[str], instructions: Sequence[str], max
     return {k: v.to(device) for k, v in out.items()} if device is not None else out
 
 
+_MODE_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode (no dropout) while any encode() on it runs, its own mode restored when the last one
+    ends: concurrent encodes on one model (threads) no longer restore train mode under each other, nor leave it in
+    eval mode. (A training forward in another thread during an encode still sees eval mode: the mode is the
+    module's.)"""
+    with _MODE_LOCK:
+        state = model.__dict__.setdefault("_nvembed_encode_state", {"active": 0, "training": False})
+        if state["active"] == 0:
+            state["training"] = model.training
+            model.eval()
+        state["active"] += 1
+    try:
+        yield
+    finally:
+        with _MODE_LOCK:
+            state["active"] -= 1
+            if state["active"] == 0:
+                model.train(state["training"])
+
+
 @torch.inference_mode()
 def encode_texts(model, texts: Sequence[str], instruction: str = "", max_length: int = 4096, batch_size: int = 32,
                  normalize: bool = False, convert_to_numpy: bool = True, show_progress_bar: bool = False):
     texts = _check_texts(texts)
     if not isinstance(instruction, str):
         raise TypeError(f"encode: instruction is {type(instruction).__name__}, expected str")
-    if batch_size < 1:
-        raise ValueError(f"encode: batch_size must be >= 1, got {batch_size}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"encode: batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"encode: max_length must be an int >= 1, got {max_length!r}")
     tokenizer = model.tokenizer
     if tokenizer is None:
         raise ValueError("encode: the model has no tokenizer (load it with from_pretrained / nvembed.load)")
@@ -136,16 +164,12 @@ def encode_texts(model, texts: Sequence[str], instruction: str = "", max_length:
     if show_progress_bar:
         from tqdm.auto import tqdm
         starts = tqdm(starts, desc="encode")
-    was_training = model.training
-    model.eval()
-    try:
+    with _eval_mode(model):
         for start in starts:
             idx = order[start:start + batch_size]
             batch = tokenize_batch(model, [texts[i] for i in idx], [instruction] * len(idx), max_length, device)
             emb = model(batch["input_ids"], batch["attention_mask"], batch["pool_mask"])["sentence_embeddings"]
             out[idx] = emb.float().cpu()
-    finally:
-        model.train(was_training)
     if normalize:
         out = torch.nn.functional.normalize(out, p=2, dim=-1)
     return out.numpy() if convert_to_numpy else out

@@ -37,6 +37,22 @@ def _read_json(path: str):
             raise ValueError(f"nvembed: cannot read {path}: {e}") from None
 
 
+def _warn_default_prompt(folder: str) -> None:
+    """sentence-transformers applies config_sentence_transformers.json's default_prompt_name to every encode; encode()
+    here takes its instruction from the caller only, so say so instead of embedding differently in silence."""
+    path = os.path.join(folder, "config_sentence_transformers.json")
+    if not os.path.isfile(path):
+        return
+    cfg = _read_json(path)
+    name = cfg.get("default_prompt_name") if isinstance(cfg, dict) else None
+    prompt = (cfg.get("prompts") or {}).get(name) if name else None
+    if prompt:
+        import warnings
+        warnings.warn(f"nvembed.load: {folder} sets default_prompt_name {name!r} ({prompt!r}), which "
+                      "sentence-transformers prepends to every text; encode() adds no instruction unless given one: "
+                      f"pass instruction={prompt!r} to embed as sentence-transformers does", stacklevel=3)
+
+
 def from_sentence_transformers(folder: str, dtype: Optional[torch.dtype] = torch.float32) -> NVEmbedModel:
     """Import a sentence-transformers folder: Transformer (at the folder root) -> Pooling (mean only) ->
     optional Normalize. The backbone's `pooler.*` weights are dropped (mean pooling does not use them)."""
@@ -62,6 +78,13 @@ def from_sentence_transformers(folder: str, dtype: Optional[torch.dtype] = torch
         raise ValueError(f"nvembed: {folder}/{modules[1]['path']}/config.json include_prompt must be true or false, "
                          f"got {include_prompt!r}")
     text_config = _read_json(os.path.join(folder, "config.json"))
+    if text_config.get("model_type") != "bert":
+        # sentence-transformers runs a decoder (llama, mistral, qwen2, ...) causally; this import would build it on the
+        # non-causal attention backend and embed differently
+        raise ValueError(f"nvembed: {folder} holds a {text_config.get('model_type')!r} model; the "
+                         "sentence-transformers import takes BERT encoders (a decoder runs causally there and "
+                         "bidirectionally here)")
+    _warn_default_prompt(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     st_config_path = os.path.join(folder, "sentence_bert_config.json")
     st_config = _read_json(st_config_path) if os.path.isfile(st_config_path) else {}
@@ -103,7 +126,7 @@ def load(name_or_path: str = "default", dtype: Union[str, torch.dtype, None] = N
     elif os.path.isdir(name_or_path):
         config_path = os.path.join(name_or_path, "config.json")
         if os.path.isfile(config_path) and _read_json(config_path).get("model_type") == "nvembed":
-            model = NVEmbedModel.from_pretrained(name_or_path, dtype=dtype)
+            model = NVEmbedModel.from_pretrained(name_or_path, dtype=dtype, device=target)
         elif os.path.isfile(os.path.join(name_or_path, "modules.json")):
             model = from_sentence_transformers(name_or_path, dtype=dtype)
         else:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -186,8 +186,13 @@ class NVEmbedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str, dtype: Optional[torch.dtype] = torch.float32,
-                        device: Optional[str] = None) -> "NVEmbedModel":
-        """Load an NV-Embed-v1/v2 folder (config.json, safetensors single or sharded + index, tokenizer)."""
+                        device: Optional[Union[str, torch.device]] = None) -> "NVEmbedModel":
+        """Load an NV-Embed-v1/v2 folder (config.json, safetensors single or sharded + index, tokenizer). dtype: a
+        torch dtype or its name (float32 / bfloat16 / float16; float16 needs a CUDA device), None = the checkpoint's."""
+        if dtype is not None:
+            from .device import resolve_dtype
+            target = torch.device(device) if device is not None else torch.device("cpu")
+            dtype = resolve_dtype(dtype, target, where="NVEmbedModel.from_pretrained: dtype")
         with open(os.path.join(path, CONFIG_FILE)) as f:
             config = json.load(f)
         has_tokenizer = any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json",
