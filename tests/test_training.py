@@ -386,6 +386,13 @@ def _agree_worker(rank, world, port, result_dir):
     except TrainError as e:
         out["differ"] = str(e)
     d.same_on_all_ranks("step-7", "the checkpoint to resume")  # equal: no error, and the group still works
+    # a rank-0-only file write that fails: every rank raises (the other rank waited in the next collective)
+    try:
+        d.on_main(lambda: open(os.path.join(result_dir, "no-such-dir", "f"), "w"), "cannot write f")
+        out["on_main"] = "no error"
+    except TrainError as e:
+        out["on_main"] = str(e)
+    out["on_main_ok"] = d.on_main(lambda: "written", "cannot write g")
     d.barrier()
     with open(os.path.join(result_dir, f"agree{rank}.json"), "w") as f:
         json.dump(out, f)
@@ -412,6 +419,14 @@ def test_processes_check_they_resume_the_same_checkpoint(tmp_path):
         assert out["world"] == 2
         assert out["differ"] == ("train: the processes disagree on the checkpoint to resume: "
                                  "['step-0', 'step-1']"), out
+        assert out["on_main"].startswith("train: cannot write f: No such file or directory"), out
+        assert out["on_main_ok"] == ("written" if r == 0 else None)
+
+
+def test_output_that_is_a_file_is_refused_before_loading(tmp_path, data_file):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(TrainError, match="--output .*afile exists and is not a folder"):
+        Trainer(_cfg(tmp_path, data_file, output=str(tmp_path / "afile")))
 
 
 def test_distributed_timeout_and_device_rules(monkeypatch):

@@ -65,7 +65,9 @@ def cmd_mine(args) -> int:
 
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(out_dir):
-        raise cli.CLIError(f"output directory {out_dir} does not exist")
+        raise cli.CLIError(f"output directory {out_dir} does not exist or is not a directory")
+    if os.path.isdir(args.out):  # before the mining, not when writing its result
+        raise cli.CLIError(f"--out {args.out} is a directory; give the output file's path")
     if args.max_candidates < args.top_k:
         raise cli.CLIError(f"--max-candidates ({args.max_candidates}) must be >= --top-k ({args.top_k})")
     try:

@@ -242,6 +242,26 @@ class Dist:
         if any(v != values[0] for v in values):
             raise TrainError(f"train: the processes disagree on {what}: {values}")
 
+    def on_main(self, fn, what: str):
+        """fn() on rank 0 (file writes: the output folder, checkpoints, the export), then every rank raises TrainError
+        together if it failed with an OSError (the other ranks waited in the next collective while rank 0 exited:
+        a traceback there, or on NCCL a wait of NVEMBED_DIST_TIMEOUT_MIN). Also a barrier. Returns fn's result on
+        rank 0, None elsewhere."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = fn()
+            except OSError as e:
+                error = f"train: {what}: {e.strerror or e}" + (f": {e.filename}" if getattr(e, "filename", None)
+                                                                  else "")
+        if self.world > 1:
+            errors = [None] * self.world
+            torch.distributed.all_gather_object(errors, error)
+            error = errors[0]
+        if error is not None:
+            raise TrainError(error)
+        return result
+
     def mean(self, value: float) -> float:
         if self.world == 1:
             return value
@@ -471,7 +491,8 @@ def save_checkpoint(output: str, step: int, model, optimizer, scheduler, cfg: Tr
         torch.distributed.all_gather_object(rngs, rng)
     else:
         rngs = [rng]
-    if dist.main:
+
+    def write():
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
@@ -484,7 +505,7 @@ def save_checkpoint(output: str, step: int, model, optimizer, scheduler, cfg: Tr
         os.replace(tmp, final)
         for old in checkpoint_dirs(output)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
+    dist.on_main(write, f"cannot save the checkpoint {final}")
     return final
 
 
@@ -635,6 +656,9 @@ class Trainer:
         self.dist = init_distributed(cfg.device if cfg.device != "auto" else resolve("auto").type)
         try:
             self.device = resolve_device(cfg.device, self.dist)
+            # before minutes of loading: every rank sees the same filesystem (README), so all raise together
+            if os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+                raise TrainError(f"train: --output {cfg.output} exists and is not a folder")
             if cfg.batch_size % self.dist.world:
                 raise TrainError(f"train: batch_size ({cfg.batch_size}) must be divisible by the number of "
                                  f"processes ({self.dist.world})")
@@ -783,13 +807,14 @@ class Trainer:
 
     def run(self) -> Dict[str, Any]:
         cfg, dist = self.cfg, self.dist
-        if dist.main:
+        def prepare_output():
             os.makedirs(cfg.output, exist_ok=True)
-            removed = _clear_stale_checkpoints(cfg.output, cfg.resume)
-            if removed:
-                print(f"nvembed train: not resuming: removed {removed} checkpoint(s) of an earlier run in "
-                      f"{os.path.join(cfg.output, 'checkpoints')}", file=sys.stderr)
-        dist.barrier()
+            return _clear_stale_checkpoints(cfg.output, cfg.resume)
+
+        removed = dist.on_main(prepare_output, f"cannot use --output {cfg.output}")
+        if removed:
+            print(f"nvembed train: not resuming: removed {removed} checkpoint(s) of an earlier run in "
+                  f"{os.path.join(cfg.output, 'checkpoints')}", file=sys.stderr)
         start = 0
         ckpts = checkpoint_dirs(cfg.output) if cfg.resume else []
         # every rank must resume the same checkpoint (a rank on a node that does not see rank 0's files would
@@ -804,9 +829,10 @@ class Trainer:
                 print(f"nvembed train: resumed from {ckpts[-1]} (step {start})", file=sys.stderr)
         elif dist.main and os.path.isfile(os.path.join(cfg.output, LOG_FILE)):
             os.remove(os.path.join(cfg.output, LOG_FILE))
-        if dist.main:  # after the resume check: a refused resume leaves the earlier run's settings in place
-            atomic_write_text(os.path.join(cfg.output, "train_config.json"),
-                              json.dumps(dataclasses.asdict(cfg), indent=2))
+        # after the resume check: a refused resume leaves the earlier run's settings in place
+        dist.on_main(lambda: atomic_write_text(os.path.join(cfg.output, "train_config.json"),
+                                               json.dumps(dataclasses.asdict(cfg), indent=2)),
+                     f"cannot write {os.path.join(cfg.output, 'train_config.json')}")
         self._truncate_log(start)
         evals: List[Dict[str, Any]] = self._earlier_evals(start) if start else []
         if start == 0:
@@ -852,9 +878,7 @@ class Trainer:
         elapsed = time.perf_counter() - t_run
         save_checkpoint(cfg.output, cfg.total_steps, self.model, self.optimizer, self.scheduler, cfg, dist,
                         self.data_digests)
-        if dist.main:
-            export_model(self.model, cfg.output)
-        dist.barrier()
+        dist.on_main(lambda: export_model(self.model, cfg.output), f"cannot export the model to {cfg.output}")
         if not any(e["step"] == cfg.total_steps for e in evals):  # a finished run started again has it already
             self._evaluate(cfg.total_steps, evals)
         summary = {"steps": cfg.total_steps, "resumed_from": start, "losses": losses,
