@@ -120,10 +120,10 @@ SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sani
 # one line per test as it finishes, so the log says what ran even without the XML (gpu_verdict reads it then).
 PYTEST="python3 -m pytest -v -p no:cacheprovider -rfE -n 8 --timeout 60 -o timeout_method=thread"
 
-# The order puts first what decides the paths still unverified on a GPU (the k...Verified = false flags in csrc:
-# InfoNCE's GEMM forward / backward and fused gradients, latent_pool's fused stages and saved activations): their
-# tests, sanitizer cases and benchmarks. The flash attention kernels, verified on an H200 on 2026-11-26 and unchanged
-# since, come after.
+# The order puts first the paths verified last (on an H100 on 2026-11-28; the k...Verified flags in csrc: InfoNCE's
+# GEMM forward / backward and fused gradients, latent_pool's fused stages and saved activations): their tests,
+# sanitizer cases and benchmarks. The flash attention kernels, verified on an H200 on 2026-11-26 and unchanged since,
+# come after.
 # 1. Every kernel family on a few awkward shapes against the float64 references: seconds, and says which kernel
 #    hangs if one does.
 step smoke 90 python3 bench/gpu_smoke.py
@@ -180,8 +180,8 @@ tail -3 "$LOGS/cuda_tests.log" "$LOGS/flash_tests.log" 2>/dev/null
 for f in gpu_infonce gpu_latent_pool gpu_attention gpu_model_e2e; do
   [ -f "$LOGS/$f.log" ] && { echo "--- $f"; tail -12 "$LOGS/$f.log"; }
 done
-# What this run says about each path not yet verified on a GPU (tests, smoke, sanitizers, speed against auto's
-# path): verdict.md, its verdict lines here.
+# What this run says about each of those paths (tests, smoke, sanitizers, speed against the path auto ran before
+# them): verdict.md, its verdict lines here.
 if python3 bench/gpu_verdict.py "$LOGS" --out "$LOGS/verdict.md" > "$LOGS/verdict.log" 2>&1; then
   grep -E "^## |verdict:" "$LOGS/verdict.md"
 else

@@ -70,7 +70,7 @@ LATENT_POOL_CASES = [
     ({"NVEMBED_LATENT_POOL_KERNELS": "fused"}, FP32, 2, 70, 32, 5, 2, 16, 37),     # odd F: one column per thread
     # saved activations (ATen stages): the forward writes y1 / u rows and zeroes the rest, the backward reads them
     ({"NVEMBED_LATENT_POOL_KERNELS": "aten", "NVEMBED_LATENT_POOL_SAVE_MB": "4096"}, BF16, 3, 150, 64, 8, 2, 32, 96),
-    # ... with the fused stages (the saved path's stages once they are verified), fp16
+    # ... with the fused stages (auto's stages), fp16
     ({"NVEMBED_LATENT_POOL_KERNELS": "fused", "NVEMBED_LATENT_POOL_SAVE_MB": "4096"}, FP16, 2, 70, 64, 8, 2, 32, 96),
 ]
 

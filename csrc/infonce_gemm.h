@@ -25,17 +25,21 @@ namespace nvembed {
 // library's rate plus 8 bytes of memory traffic per logit.
 
 // Whether the CUDA blocked-GEMM backward has run on a GPU (bench/gpu_check.sh: CUDA tests, memcheck, benchmark);
-// until then auto keeps the tile kernels and NVEMBED_INFONCE_BWD=gemm opts in.
-constexpr bool kInfonceGemmBwdVerified = false;
+// until then auto keeps the tile kernels and NVEMBED_INFONCE_BWD=gemm opts in. Verified on an H100 on 2026-11-28
+// (bench/results/h100_2026-11-28): 3.0-3.7x the tile backward's fwd + bwd, so auto picks it for bf16 / fp16.
+constexpr bool kInfonceGemmBwdVerified = true;
 
 // Which backward runs an in-batch InfoNCE (NVEMBED_INFONCE_BWD = auto | tiles | gemm): "gemm" (this file) or
 // "tiles" (the op's own tile kernels). auto picks gemm only where `gemm_default` (a device path verified on a GPU).
 // Any other value raises an error naming the op and the variable.
 const char* infonce_bwd_choice(bool gemm_default);
 
-// Whether the CUDA GEMM forward has run on a GPU; NVEMBED_INFONCE_FWD = auto | tiles | gemm picks the forward of an
-// in-batch InfoNCE as infonce_bwd_choice does the backward.
-constexpr bool kInfonceGemmFwdVerified = false;
+// Whether the CUDA GEMM forward has run on a GPU (verified on an H100 on 2026-11-28); NVEMBED_INFONCE_FWD = auto |
+// tiles | gemm picks the forward of an in-batch InfoNCE as infonce_bwd_choice does the backward. auto keeps the tile
+// forward (kInfonceGemmFwdDefault): measured alone there, the Hopper tile forward took 0.515 ms against the GEMM
+// forward's 0.686 (B 4096, N 32768, d 1024, bf16), and on other GPUs the pair has not been timed.
+constexpr bool kInfonceGemmFwdVerified = true;
+constexpr bool kInfonceGemmFwdDefault = false;
 const char* infonce_fwd_choice(bool gemm_default);
 
 // Columns per chunk of the GEMM forward: NVEMBED_INFONCE_CHUNK_COLS if set, else the largest multiple of 256 whose
@@ -124,8 +128,10 @@ struct InfoNCEFusedPlan {
 
 // Whether the fused forward has run on a GPU; NVEMBED_INFONCE_GRAD = auto | backward | fused picks, for an in-batch
 // InfoNCE whose inputs need gradients, between the backward (infonce_bwd_choice's) and gradients formed in the
-// forward. Any other value raises an error naming the op and the variable.
-constexpr bool kInfonceFusedGradVerified = false;
+// forward. Any other value raises an error naming the op and the variable. Verified on an H100 on 2026-11-28
+// (bench/results/h100_2026-11-28): fwd + bwd 1.18-2.09x the naive loss, 609 TFLOP/s at B 16384, d 4096, a tenth of
+// its memory; auto picks it for bf16 / fp16 on CUDA.
+constexpr bool kInfonceFusedGradVerified = true;
 const char* infonce_grad_choice(bool fused_default);
 
 // The fused forward's row blocks and accumulator for B queries, N docs of width d and inputs of elem_bytes bytes.

@@ -91,7 +91,8 @@ std::vector<Tensor> latent_pool_bwd_saved_cpu(
     const Tensor& ff_hidden, NVE_LATENT_POOL_PARAMS);
 // Whether to keep those activations: their size within NVEMBED_LATENT_POOL_SAVE_MB (MiB; 0 = always recompute).
 // Default: 1024 for the CPU kernel; 0 for the ATen implementation (CUDA, and CPU tensors under
-// NVEMBED_LATENT_POOL_ATEN=1) until a GPU run verifies it there (kLatentPoolSavedVerified).
+// NVEMBED_LATENT_POOL_ATEN=1): verified on a GPU, but slower there than the fused stages' recomputation
+// (kLatentPoolSaveByDefault).
 bool latent_pool_saves_activations(const Tensor& hidden_states, const Tensor& ff_in_weight);
 #ifdef NVEMBED_WITH_CUDA
 // The same two on CUDA (float32 / bfloat16 / float16): csrc/cuda/latent_pool_launcher.cpp.

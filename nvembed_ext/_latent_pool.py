@@ -6,10 +6,10 @@ backward needs; _latent_pool_bwd recomputes the per-token activations itself. po
 output: its gradient is ignored.
 
 When gradients are needed and they fit NVEMBED_LATENT_POOL_SAVE_MB (MiB; default 1024 for the CPU kernel, 0 for the
-CUDA path until a GPU run verifies it), the wrapper calls _latent_pool_fwd_save instead: it also returns geglu_mean
-[B, F], resid [B*L, d] and ff_hidden [B*L, 2F] (the GEGLU's pooled output, the attention block's output + residual,
-the GEGLU's input before its bias; rows = active tokens in order, then zeros), and _latent_pool_bwd_saved reads them
-instead of recomputing the attention output and the feed-forward's first GEMM.
+CUDA path: verified there, but slower than the fused stages' recomputation), the wrapper calls _latent_pool_fwd_save
+instead: it also returns geglu_mean [B, F], resid [B*L, d] and ff_hidden [B*L, 2F] (the GEGLU's pooled output, the
+attention block's output + residual, the GEGLU's input before its bias; rows = active tokens in order, then zeros),
+and _latent_pool_bwd_saved reads them instead of recomputing the attention output and the feed-forward's first GEMM.
 """
 import math
 

@@ -36,10 +36,10 @@ OP = torch.ops.nvembed.latent_pool
 
 @pytest.fixture(autouse=True, params=["aten", "fused", "saved", "fused-saved"])
 def kernels(request, monkeypatch):
-    # read by the launcher on every call; "saved": the default stages, with the forward keeping y1 and u for the
-    # backward (_latent_pool_fwd_save / _latent_pool_bwd_saved, off by default on CUDA until verified);
-    # "fused-saved": both, what "saved" becomes once the fused stages are verified and the default
-    stages = {"aten": "aten", "fused": "fused", "saved": "auto", "fused-saved": "fused"}[request.param]
+    # read by the launcher on every call; "saved": the ATen stages, with the forward keeping y1 and u for the
+    # backward (_latent_pool_fwd_save / _latent_pool_bwd_saved, opt-in on CUDA: kLatentPoolSaveByDefault);
+    # "fused-saved": both with the fused stages (auto's stages since the H100 run of 2026-11-28)
+    stages = {"aten": "aten", "fused": "fused", "saved": "aten", "fused-saved": "fused"}[request.param]
     monkeypatch.setenv("NVEMBED_LATENT_POOL_KERNELS", stages)
     monkeypatch.setenv("NVEMBED_LATENT_POOL_SAVE_MB", "4096" if request.param.endswith("saved") else "0")
     return request.param

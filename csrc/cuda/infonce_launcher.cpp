@@ -9,12 +9,15 @@
 //     plain fp32-FMA tiles of infonce.cu.
 //   * own-group negatives (in_batch_negatives=False), any dtype: one warp per query, G dot products (infonce.cu).
 //   * backward with in-batch negatives and NVEMBED_INFONCE_BWD=gemm (any dtype): the chunked cuBLAS GEMMs of
-//     infonce_gemm.cpp around the chunk kernel of infonce.cu (auto picks it once kInfonceGemmBwdVerified).
+//     infonce_gemm.cpp around the chunk kernel of infonce.cu (auto's backward for bf16 / fp16:
+//     kInfonceGemmBwdVerified).
 //   * forward with in-batch negatives and NVEMBED_INFONCE_FWD=gemm (any dtype): chunks of cuBLAS GEMMs with fp32
-//     output around the online log-sum-exp kernel of infonce.cu (auto picks it once kInfonceGemmFwdVerified).
+//     output around the online log-sum-exp kernel of infonce.cu (verified; auto keeps the tiles:
+//     kInfonceGemmFwdDefault).
 //   * _infonce_fwd_grad (in-batch negatives; NVEMBED_INFONCE_GRAD=fused, the composite op calls it when the inputs
 //     need gradients): row blocks of cuBLAS GEMMs around both chunk kernels, the gradients formed in the forward
-//     (infonce_gemm.h; auto picks it once kInfonceFusedGradVerified). Own-group: the forward, then the backward.
+//     (infonce_gemm.h; auto's choice for bf16 / fp16: kInfonceFusedGradVerified). Own-group: the forward, then
+//     the backward.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -158,7 +161,7 @@ std::tuple<Tensor, Tensor> infonce_fwd_cuda(const Tensor& queries, const Tensor&
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto f32 = queries.options().dtype(at::kFloat);
   const int64_t B = queries.size(0);
-  if (in_batch_negatives && std::string_view(infonce_fwd_choice(kInfonceGemmFwdVerified &&
+  if (in_batch_negatives && std::string_view(infonce_fwd_choice(kInfonceGemmFwdDefault &&
                                                                 queries.scalar_type() != at::kFloat)) == "gemm") {
     NVE_CHECK_VALUE(B <= int64_t{0x7fffffff}, kOp, "queries.size(0)=", B, " is too large for the gemm forward");
     return infonce_fwd_gemm(queries.contiguous(), docs.contiguous(), group_size, temperature, &cuda_chunk_lse);

@@ -1,7 +1,7 @@
 // CUDA registration of nvembed::_latent_pool_{fwd,bwd}: the op's checks, then the device-generic implementation
 // (latent_pool_aten.cpp: cuBLAS GEMMs in the input dtype, folded algebra, chunked recomputation in the backward) with
 // its elementwise stages on the fused kernels of latent_pool.cu where NVEMBED_LATENT_POOL_KERNELS picks them
-// (auto: ATen ops until a GPU run has verified the kernels, kLatentPoolFusedVerified).
+// (auto: the fused kernels, verified on an H100 on 2026-11-28: kLatentPoolFusedVerified).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
