@@ -31,7 +31,8 @@ class DataError(ValueError):
 
 
 def _encodable(text: str) -> bool:
-    """JSON's \\uXXXX escapes can spell half a surrogate pair, which json.loads accepts and no tokenizer can encode."""
+    """JSON's \\uXXXX escapes can spell half a surrogate pair, which json.loads accepts and no tokenizer can encode.
+    (nvembed.retrieval.is_valid_text's twin: importing nvembed loads torch, which this module does not need.)"""
     try:
         text.encode("utf-8")
         return True

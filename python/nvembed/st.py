@@ -79,9 +79,9 @@ class NVEmbedSTModule(InputModule):
     def preprocess(self, inputs: Sequence[str], prompt: Optional[str] = None, **kwargs) -> Dict[str, Any]:
         texts = _check_texts(inputs)
         prompt = prompt or ""
-        # the strings encode() tokenizes (eos, lowercasing), capped like encode() and checked to leave room for text
-        # this module's max_seq_length rules, also raised past the config's (as in sentence-transformers); only a
-        # BERT position table caps it
+        # the strings encode() tokenizes (eos, lowercasing), checked to leave room for text; the length is this
+        # module's max_seq_length, which may be raised past the config's (as in sentence-transformers): only a BERT
+        # position table caps it
         check_instruction_fits(self.model, prompt, self.max_seq_length, "NVEmbedSTModule", cap_at_config=False)
         batch = self.tokenizer(row_texts(self.model, texts, [prompt] * len(texts)),
                                max_length=_effective_max_length(self.model, self.max_seq_length, cap_at_config=False),
