@@ -16,8 +16,11 @@ Protocol (the CUDA InfoNCE issue): d in {1024, 4096}, B in {4096, 16384, 65536} 
            queries against all docs, three cuBLAS GEMMs of 2 B N d in all, no recomputation in the backward, which
            only scales them), through the public op; its row blocks and dD accumulator are the default plan (the
            CSV's fused_plan column).
-  (nvembed and nvembed-sm90 pin the tile backward, NVEMBED_INFONCE_BWD=tiles; all but nvembed-gemm-fwd and
-  nvembed-fused the tile forward, NVEMBED_INFONCE_FWD=tiles.)
+  nvembed-auto  the public op with every choice at auto: what a user gets (since the H100 run of 2026-11-28 the fused
+           gradients for bf16 / fp16; the tile forward with the blocked-GEMM backward for calls that do not form
+           them), so a run shows the default's own row.
+  (nvembed and nvembed-sm90 pin the tile backward, NVEMBED_INFONCE_BWD=tiles; all but nvembed-gemm-fwd,
+  nvembed-fused and nvembed-auto the tile forward, NVEMBED_INFONCE_FWD=tiles.)
 Per configuration: one warm-up round, then timed rounds, each on fresh random inputs; the time of a round is the
 CUDA-event time of loss = f(q, docs); loss.backward(). Reported: median (p20, p80) time, TFLOP/s counting
 2 B N d (forward) + 4 B N d (backward) flops, and the peak memory one fwd+bwd adds above its inputs
@@ -60,7 +63,9 @@ OURS = {"nvembed": {"NVEMBED_INFONCE_KERNEL": "sm80", "NVEMBED_INFONCE_FWD": "ti
                          "NVEMBED_INFONCE_BWD": "gemm"},
         "nvembed-gemm-fwd": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_FWD": "gemm",
                              "NVEMBED_INFONCE_BWD": "gemm"},
-        "nvembed-fused": {"NVEMBED_INFONCE_GRAD": "fused"}}
+        "nvembed-fused": {"NVEMBED_INFONCE_GRAD": "fused"},
+        "nvembed-auto": {"NVEMBED_INFONCE_KERNEL": "auto", "NVEMBED_INFONCE_FWD": "auto", "NVEMBED_INFONCE_BWD": "auto",
+                         "NVEMBED_INFONCE_GRAD": "auto"}}
 
 
 def environment(device: str) -> dict:
@@ -97,9 +102,9 @@ def loss_fn(variant: str):
     if variant not in OURS:
         return infonce_ref
     settings = OURS[variant]
-    if settings.get("NVEMBED_INFONCE_GRAD") == "fused":
-        # the public op: with inputs that need gradients its forward calls _infonce_fwd_grad (the variable is read
-        # there only; the backward scales the saved gradients)
+    if settings.get("NVEMBED_INFONCE_GRAD") in ("fused", "auto"):
+        # the public op: with inputs that need gradients its forward calls _infonce_fwd_grad where the variable
+        # picks it (it is read there only; the backward scales the saved gradients); nvembed-auto: whatever auto picks
         def fused(q, docs, group_size, t, inb):
             with env_vars(settings):
                 return torch.ops.nvembed.infonce(q, docs, group_size, t, inb)
@@ -230,13 +235,13 @@ def run(args, on_rows=None) -> list[dict]:
             for variant in variants:
                 row = {**env, "variant": variant, "dtype": "bfloat16", "B": B, "G": G, "N": N, "d": d,
                        "temperature": TEMPERATURE, "in_batch_negatives": True, "status": "ok", "fused_plan": ""}
-                if variant == "nvembed-fused":
+                if variant in ("nvembed-fused", "nvembed-auto"):
                     import nvembed_ext
 
                     plan = nvembed_ext._C.infonce_fused_plan(B, N, d, 2)
                     row["fused_plan"] = f"rows {plan['rows']}, dD accumulator {plan['accumulator']}"
                 need = {"naive": naive_bytes, "nvembed-gemm": gemm_bytes, "nvembed-gemm-fwd": gemm_bytes,
-                        "nvembed-fused": fused_bytes}.get(variant, nvembed_bytes)(B, d)
+                        "nvembed-fused": fused_bytes, "nvembed-auto": fused_bytes}.get(variant, nvembed_bytes)(B, d)
                 free = torch.cuda.mem_get_info()[0] if device == "cuda" else None
                 if variant == "nvembed-sm90" and sm90_why is not None:
                     row["status"] = f"skipped: {sm90_why}"

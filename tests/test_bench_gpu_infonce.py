@@ -23,16 +23,17 @@ def test_gpu_infonce_variants_cpu(tmp_path):
     """--variants picks the rows (the GEMM forward's and backward's and the fused variants run on CPU tensors too);
     unknown names fail."""
     out = run_bench("gpu_infonce.py", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--variants",
-                    "nvembed-gemm,nvembed-gemm-fwd,nvembed-fused,naive")
+                    "nvembed-gemm,nvembed-gemm-fwd,nvembed-fused,nvembed-auto,naive")
     assert out.returncode == 0, out.stdout + out.stderr
     with open(tmp_path / "gpu_infonce_smoke.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["variant"] for r in rows] == ["nvembed-gemm", "nvembed-gemm-fwd", "nvembed-fused", "naive"]
+    assert [r["variant"] for r in rows] == ["nvembed-gemm", "nvembed-gemm-fwd", "nvembed-fused", "nvembed-auto",
+                                            "naive"]
     assert all(r["status"] == "ok" for r in rows)
-    assert all(float(r["speedup_vs_naive"]) > 0 for r in rows[:3])
+    assert all(float(r["speedup_vs_naive"]) > 0 for r in rows[:4])
     # each variant's own agreement with the naive loss (the fused one through its own path: inputs need gradients)
-    assert all(float(r["grad_docs_rel_diff_vs_naive"]) < 5e-2 for r in rows[:3])
-    assert rows[3]["grad_docs_rel_diff_vs_naive"] == ""
+    assert all(float(r["grad_docs_rel_diff_vs_naive"]) < 5e-2 for r in rows[:4])
+    assert rows[4]["grad_docs_rel_diff_vs_naive"] == ""
     bad = run_bench("gpu_infonce.py", "--smoke", "--device", "cpu", "--out", str(tmp_path), "--variants",
                     "nvembed-cublas")
     assert bad.returncode == 2 and "unknown --variants ['nvembed-cublas']" in bad.stderr
