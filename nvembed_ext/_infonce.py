@@ -77,16 +77,12 @@ def _setup_context(ctx, inputs, output):
     ctx.args = (group_size, temperature, in_batch_negatives)
 
 
-def _first_order(*grads):
-    return first_order("infonce", grads)
-
-
 def _backward(ctx, grad_loss, grad_lse):
     # lse is a by-product for the backward; it is not differentiable (grad_lse is ignored).
     queries, docs, lse = ctx.saved_tensors
     if grad_loss is None:
         return None, None, None, None, None
-    dq, dd = _first_order(*torch.ops.nvembed._infonce_bwd(grad_loss, queries, docs, lse, *ctx.args))
+    dq, dd = first_order("infonce", torch.ops.nvembed._infonce_bwd(grad_loss, queries, docs, lse, *ctx.args))
     return dq, dd, None, None, None
 
 
@@ -134,7 +130,7 @@ def _fwd_grad_backward(ctx, grad_loss, grad_gq, grad_gd):
     else:  # a retained graph (its saved gradients must stay intact for the next pass) or a traced one
         dq = gq * g if need_q else None
         dd = gd * g if need_d else None
-    dq, dd = _first_order(dq, dd)
+    dq, dd = first_order("infonce", (dq, dd))
     return dq, dd, None, None, None
 
 

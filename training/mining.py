@@ -3,9 +3,10 @@
 A teacher model embeds every query (with its instruction, excluded from pooling where the model's config says
 so, exactly as model.encode does) and every corpus text. For each query the corpus is ranked by cosine score
 (exact top-k by chunked matrix product, nvembed.retrieval.exact_topk); the positives of every example with the same
-query text and the query text itself are dropped (text equality), only the first max_candidates remaining candidates are considered, and of those the
-ones scoring below perc_pos x the positive's score are kept, best first, up to top_k. The threshold removes
-candidates that score almost as high as the positive, which are often unlabelled positives (false negatives).
+query text and the query text itself are dropped (text equality), only the first max_candidates remaining
+candidates are considered, and of those the ones scoring below perc_pos x the positive's score are kept, best first,
+up to top_k. The threshold removes candidates that score almost as high as the positive, which are often unlabelled
+positives (false negatives).
 For a positive scoring s < 0 the margin is taken below s as well: the threshold is s - (1 - perc_pos) |s| (equal
 to perc_pos x s for s >= 0), so a candidate that beats the positive is never kept as a negative.
 

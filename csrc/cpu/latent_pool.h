@@ -16,8 +16,8 @@
 // saves only pooled [B, d]), accumulates the weight gradients over the blocks with beta = 1 GEMMs, then chains the
 // latent side (dKx -> dWq, dK; dCx -> dWo, dV; dK, dV -> dWkv, dctx -> LN_ctx backward -> dlatents).
 // Optionally (Saved, below) the forward also keeps y1 [T, d] and u [T, 2F] (13.5 MiB at the MiniLM benchmark size,
-// against 65.8 MiB of saved tensors in the eager layer, counted with saved-tensor hooks), and the backward recomputes only LN(x), the attention
-// probabilities (and the plain path's q, o) and LN_ff(y1).
+// against 65.8 MiB of saved tensors in the eager layer, counted with saved-tensor hooks), and the backward
+// recomputes only LN(x), the attention probabilities (and the plain path's q, o) and LN_ff(y1).
 #pragma once
 #include <algorithm>
 #include <cmath>

@@ -251,26 +251,13 @@ def retrieve(q_emb, d_emb, qids: Sequence[str], ids: Sequence[str], k: int, devi
     scores, idx = exact_topk(q_emb, d_emb, k + 1 if ignore_identical_ids else k, device=device)
     run = {}
     for q, srow, row in zip(qids, scores.tolist(), idx.tolist()):
-        # equal scores in trec_eval's order (pytrec_eval, BEIR): by document id, descending
-        hits = [ids[i] for _, i in sorted(zip(srow, row), key=lambda p: (-p[0], _Desc(ids[p[1]])))]
+        # equal scores in trec_eval's order (pytrec_eval, BEIR): by document id, descending (reverse keeps the sort
+        # stable: equal (score, id) pairs stay in their top-k order)
+        hits = [ids[i] for _, i in sorted(zip(srow, row), key=lambda p: (p[0], ids[p[1]]), reverse=True)]
         if ignore_identical_ids:
             hits = [d for d in hits if d != q]
         run[q] = hits[:k]
     return run
-
-
-class _Desc:
-    """A sort key that orders strings descending."""
-    __slots__ = ("s",)
-
-    def __init__(self, s: str):
-        self.s = s
-
-    def __lt__(self, other: "_Desc") -> bool:
-        return self.s > other.s
-
-    def __eq__(self, other) -> bool:
-        return self.s == other.s
 
 
 INDEX_EMBEDDINGS, INDEX_META, INDEX_DOCS = "embeddings.safetensors", "index.json", "docs.jsonl"
